@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# .ci/autobahn/setup.sh — owns the Autobahn|Testsuite toolchain for CI.
+#
+# Creates (idempotently) a Python 2.7 virtualenv at ${AUTOBAHN_VENV:-/tmp/autobahn-venv}
+# from pyenv's Python 2.7.18 and installs wstest (autobahntestsuite) with pinned
+# dependencies from PyPI. Does nothing if "$AUTOBAHN_VENV/bin/wstest --help" already works.
+#
+# Needs: pyenv Python 2.7.18, gcc + make (Twisted 19.10.0, wsaccel and ujson are sdists
+# with C extensions; build-essential on Debian). cryptography/pyOpenSSL/zope.interface/
+# markupsafe come as cp27mu manylinux wheels, so libssl-dev/libffi-dev are not required.
+set -euo pipefail
+
+VENV="${AUTOBAHN_VENV:-/tmp/autobahn-venv}"
+
+log() { printf 'autobahn-setup: %s\n' "$*" >&2; }
+
+if [ -x "$VENV/bin/wstest" ] && "$VENV/bin/wstest" --help >/dev/null 2>&1; then
+  log "wstest already working in $VENV; nothing to do"
+  exit 0
+fi
+
+# --- locate Python 2.7.18 --------------------------------------------------------------
+PY27=""
+for cand in \
+  "/root/.pyenv/versions/2.7.18/bin/python2.7" \
+  "${PYENV_ROOT:-}/versions/2.7.18/bin/python2.7" \
+  "$(pyenv root 2>/dev/null || true)/versions/2.7.18/bin/python2.7"; do
+  case "$cand" in /versions/*) continue ;; esac
+  if [ -x "$cand" ]; then PY27="$cand"; break; fi
+done
+if [ -z "$PY27" ]; then
+  log "Python 2.7.18 not found (looked in /root/.pyenv and \$(pyenv root)); install it with: pyenv install 2.7.18"
+  exit 1
+fi
+log "using $PY27"
+
+if ! command -v cc >/dev/null 2>&1; then
+  log "WARNING: no C compiler found; Twisted/wsaccel/ujson need one (apt-get install build-essential)"
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONWARNINGS="ignore:DEPRECATION"
+
+# --- virtualenv (<20.22 is the last line that can create Python 2.7 envs) -------------------
+if ! "$PY27" -c 'import virtualenv, sys; v = tuple(int(x) for x in virtualenv.__version__.split(".")[:2]); sys.exit(0 if v < (20, 22) else 1)' >/dev/null 2>&1; then
+  log "installing virtualenv<20.22 into $PY27"
+  site="$("$PY27" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  if [ -w "$site" ]; then
+    "$PY27" -m pip install --quiet 'virtualenv<20.22'
+  else
+    "$PY27" -m pip install --quiet --user 'virtualenv<20.22'
+  fi
+fi
+
+# --- the venv ----------------------------------------------------------------------------
+# A half-built venv from an earlier failed run is thrown away and rebuilt.
+if [ -e "$VENV" ]; then
+  log "removing incomplete venv at $VENV"
+  rm -rf "$VENV"
+fi
+log "creating venv at $VENV"
+"$PY27" -m virtualenv --quiet --python "$PY27" "$VENV"
+
+log "installing autobahntestsuite and pinned deps (takes a couple of minutes: Twisted builds from sdist)"
+"$VENV/bin/python" -m pip install --quiet --prefer-binary \
+  'Twisted==19.10.0' \
+  'autobahn[twisted]==0.10.9' \
+  'autobahntestsuite==25.10.1' \
+  'cryptography==3.3.2' \
+  'pyOpenSSL==19.1.0' \
+  'txaio==2.1.0' \
+  'klein==17.10.0' \
+  'jinja2==2.11.3' \
+  'markupsafe==1.1.1' \
+  'Werkzeug==1.0.1' \
+  'service_identity==18.1.0' \
+  'unittest2==1.1.0' \
+  'zope.interface==4.6.0' \
+  'incremental==16.10.1' \
+  'six==1.16.0'
+
+if ! "$VENV/bin/wstest" --help >/dev/null; then
+  log "wstest --help failed after install"
+  exit 1
+fi
+log "ok: $("$VENV/bin/python" -c 'import autobahntestsuite, autobahn, twisted; print("autobahntestsuite %s, autobahn %s, Twisted %s" % (autobahntestsuite.__version__, autobahn.__version__, twisted.__version__))' 2>/dev/null || echo 'wstest ready')"

@@ -1,0 +1,96 @@
+//! The seam between gateway nodes and the store that orders publications.
+//!
+//! A backplane owns, per channel, an epoch (which changes only when the channel's history is lost)
+//! and a gap-free offset sequence assigned at publish time, the channel's bounded history, and the
+//! live fan-out of publications to every node interested in the channel. The gateway talks to it
+//! only through the [`Backplane`] trait; [`memory::MemoryBackplane`] serves a single node with no
+//! external dependency, and a Redis implementation serves a cluster behind the same trait.
+
+pub mod json;
+pub mod memory;
+mod publication;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use publication::{Position, Publication, PublishAck};
+
+/// One page of a channel's history, read at a single instant.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// The channel's epoch at the time of the read.
+    pub epoch: Arc<str>,
+    /// The channel's newest offset at the time of the read (0 for a channel never published to).
+    pub top: u64,
+    /// Publications with offset greater than the requested one, in order, contiguous.
+    pub publications: Vec<Arc<Publication>>,
+}
+
+/// How long and how much history a channel keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most publications kept per channel.
+    pub max_count: usize,
+    /// Publications older than this are dropped from history.
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_count: 1000,
+            max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Failure of a backplane operation. Nothing that failed was acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum BackplaneError {
+    /// The store cannot be reached or did not answer in time; retrying later may succeed.
+    #[error("backplane unavailable: {0}")]
+    Unavailable(String),
+    /// The request cannot be served as asked (for example data that is not JSON).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// Receives every live publication of the channels a node subscribed to, in offset order per
+/// channel. Called on the backplane's delivery path: implementations must not block.
+pub trait PublicationSink: Send + Sync + 'static {
+    fn deliver(&self, publication: Arc<Publication>);
+}
+
+/// The store and fan-out that every gateway node shares.
+#[async_trait]
+pub trait Backplane: Send + Sync + 'static {
+    /// Appends `data` (compact JSON, see [`json::compact`]) to the channel's history and fans it
+    /// out. An `Ok` means the publication is in history and will reach every current subscriber.
+    async fn publish(&self, channel: &str, data: Bytes) -> Result<PublishAck, BackplaneError>;
+
+    /// Reads up to `limit` publications with offset greater than `since`, in order.
+    async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<HistoryPage, BackplaneError>;
+
+    /// Starts delivering the channel's live publications to this node's sink. The node calls it
+    /// when its first local subscriber arrives; once it returns, no later publication is missed.
+    async fn subscribe(&self, channel: &str) -> Result<(), BackplaneError>;
+
+    /// Stops live delivery of the channel to this node (its last local subscriber left).
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError>;
+
+    /// Whether the backplane can take traffic now; `Err` says why not.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// A short name for logs and metrics ("memory", "redis").
+    fn kind(&self) -> &'static str;
+}

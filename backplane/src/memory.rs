@@ -1,0 +1,330 @@
+//! The embedded backplane: one node, no external store. History lives in this process, so a
+//! restart loses it, and a channel gets a fresh epoch when it is created again.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::{
+    Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck, Retention,
+};
+
+const SHARDS: usize = 64;
+
+/// In-process backplane: per-channel offset, epoch, bounded history and synchronous fan-out.
+pub struct MemoryBackplane {
+    shards: Box<[Mutex<HashMap<Arc<str>, Arc<Mutex<Channel>>>>]>,
+    hasher: RandomState,
+    retention: Retention,
+    /// How long an idle channel with no history and no subscribers keeps its epoch and offset.
+    idle_ttl: Duration,
+    sink: Arc<dyn PublicationSink>,
+}
+
+struct Channel {
+    name: Arc<str>,
+    epoch: Arc<str>,
+    top: u64,
+    history: VecDeque<Entry>,
+    node_subscribed: bool,
+    touched: Instant,
+    /// Set when the sweeper removed the channel from its shard; a holder must look it up again.
+    removed: bool,
+}
+
+struct Entry {
+    at: Instant,
+    publication: Arc<Publication>,
+}
+
+impl Channel {
+    fn new(name: Arc<str>, now: Instant) -> Self {
+        Channel {
+            name,
+            epoch: new_epoch(),
+            top: 0,
+            history: VecDeque::new(),
+            node_subscribed: false,
+            touched: now,
+            removed: false,
+        }
+    }
+
+    fn trim(&mut self, now: Instant, retention: &Retention) {
+        while self.history.len() > retention.max_count {
+            self.history.pop_front();
+        }
+        while let Some(front) = self.history.front() {
+            if now.duration_since(front.at) < retention.max_age {
+                break;
+            }
+            self.history.pop_front();
+        }
+    }
+}
+
+/// A random epoch: a restarted process or a recreated channel never reuses one.
+fn new_epoch() -> Arc<str> {
+    let bits: u64 = rand::random();
+    format!("{bits:016x}").into()
+}
+
+impl MemoryBackplane {
+    /// Creates the backplane and starts its sweeper, which expires old history and forgets idle
+    /// channels; the sweeper stops when the backplane is dropped. Needs a Tokio runtime.
+    pub fn new(retention: Retention, sink: Arc<dyn PublicationSink>) -> Arc<Self> {
+        let backplane = Arc::new(MemoryBackplane {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            retention,
+            idle_ttl: retention.max_age.max(Duration::from_secs(60)),
+            sink,
+        });
+        let period = (retention.max_age / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        tokio::spawn(sweep(Arc::downgrade(&backplane), period));
+        backplane
+    }
+
+    fn shard(&self, channel: &str) -> &Mutex<HashMap<Arc<str>, Arc<Mutex<Channel>>>> {
+        &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
+    }
+
+    /// Runs `f` on the channel's state, creating the channel if needed.
+    fn with_channel<R>(&self, channel: &str, f: impl FnOnce(&mut Channel, Instant) -> R) -> R {
+        loop {
+            let now = Instant::now();
+            let state = {
+                let mut shard = self.shard(channel).lock();
+                match shard.get(channel) {
+                    Some(state) => state.clone(),
+                    None => {
+                        let name: Arc<str> = channel.into();
+                        let state = Arc::new(Mutex::new(Channel::new(name.clone(), now)));
+                        shard.insert(name, state.clone());
+                        state
+                    }
+                }
+            };
+            let mut state = state.lock();
+            if state.removed {
+                continue;
+            }
+            state.touched = now;
+            return f(&mut state, now);
+        }
+    }
+
+    fn sweep_once(&self) {
+        let now = Instant::now();
+        for shard in self.shards.iter() {
+            shard.lock().retain(|_, state| {
+                let mut state = state.lock();
+                state.trim(now, &self.retention);
+                let idle = now.duration_since(state.touched) >= self.idle_ttl;
+                let keep = state.node_subscribed || !state.history.is_empty() || !idle;
+                state.removed = !keep;
+                keep
+            });
+        }
+    }
+
+    /// Number of channels currently known (for tests and metrics).
+    pub fn channel_count(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+}
+
+async fn sweep(backplane: Weak<MemoryBackplane>, period: Duration) {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match backplane.upgrade() {
+            Some(backplane) => backplane.sweep_once(),
+            None => return,
+        }
+    }
+}
+
+#[async_trait]
+impl Backplane for MemoryBackplane {
+    async fn publish(&self, channel: &str, data: Bytes) -> Result<PublishAck, BackplaneError> {
+        self.with_channel(channel, |state, now| {
+            state.top += 1;
+            let publication = Arc::new(Publication::new(
+                state.name.clone(),
+                state.top,
+                state.epoch.clone(),
+                &data,
+            ));
+            state.history.push_back(Entry {
+                at: now,
+                publication: publication.clone(),
+            });
+            state.trim(now, &self.retention);
+            let ack = PublishAck {
+                channel: state.name.clone(),
+                offset: state.top,
+                epoch: state.epoch.clone(),
+            };
+            // Delivered under the channel lock, so every node-level consumer sees offsets in order.
+            if state.node_subscribed {
+                self.sink.deliver(publication);
+            }
+            Ok(ack)
+        })
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<HistoryPage, BackplaneError> {
+        Ok(self.with_channel(channel, |state, now| {
+            state.trim(now, &self.retention);
+            let first = state.history.front().map_or(state.top + 1, |e| e.publication.offset);
+            let skip = since.saturating_add(1).saturating_sub(first) as usize;
+            HistoryPage {
+                epoch: state.epoch.clone(),
+                top: state.top,
+                publications: state
+                    .history
+                    .iter()
+                    .skip(skip)
+                    .take(limit)
+                    .map(|e| e.publication.clone())
+                    .collect(),
+            }
+        }))
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BackplaneError> {
+        self.with_channel(channel, |state, _| state.node_subscribed = true);
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError> {
+        self.with_channel(channel, |state, _| state.node_subscribed = false);
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Arc<Publication>>>);
+    impl PublicationSink for Collect {
+        fn deliver(&self, publication: Arc<Publication>) {
+            self.0.lock().push(publication);
+        }
+    }
+
+    fn backplane(max_count: usize, max_age: Duration) -> (Arc<MemoryBackplane>, Arc<Collect>) {
+        let sink = Arc::new(Collect::default());
+        let retention = Retention { max_count, max_age };
+        (MemoryBackplane::new(retention, sink.clone()), sink)
+    }
+
+    fn data(n: u64) -> Bytes {
+        Bytes::from(n.to_string())
+    }
+
+    #[tokio::test]
+    async fn offsets_are_gap_free_and_history_pages_in_order() {
+        let (bp, _) = backplane(100, Duration::from_secs(60));
+        for n in 1..=10 {
+            let ack = bp.publish("a", data(n)).await.unwrap();
+            assert_eq!(ack.offset, n);
+        }
+        let other = bp.publish("b", data(1)).await.unwrap();
+        assert_eq!(other.offset, 1);
+        assert_ne!(other.epoch, bp.history("a", 0, 1).await.unwrap().epoch);
+
+        let page = bp.history("a", 3, 4).await.unwrap();
+        assert_eq!(page.top, 10);
+        let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![4, 5, 6, 7]);
+        assert_eq!(page.publications[0].data(), b"4");
+        assert!(bp.history("a", 10, 4).await.unwrap().publications.is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_channel_has_empty_history_and_a_stable_epoch() {
+        let (bp, _) = backplane(100, Duration::from_secs(60));
+        let first = bp.history("nobody", 0, 10).await.unwrap();
+        assert_eq!((first.top, first.publications.len()), (0, 0));
+        let ack = bp.publish("nobody", data(1)).await.unwrap();
+        assert_eq!(ack.epoch, first.epoch);
+    }
+
+    #[tokio::test]
+    async fn history_is_trimmed_by_count() {
+        let (bp, _) = backplane(3, Duration::from_secs(60));
+        for n in 1..=5 {
+            bp.publish("a", data(n)).await.unwrap();
+        }
+        let page = bp.history("a", 0, 10).await.unwrap();
+        let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![3, 4, 5], "offsets keep counting; old entries go");
+        assert_eq!(page.top, 5);
+    }
+
+    #[tokio::test]
+    async fn history_is_trimmed_by_age() {
+        let (bp, _) = backplane(100, Duration::from_secs(10));
+        bp.publish("a", data(1)).await.unwrap();
+        bp.publish("a", data(2)).await.unwrap();
+        // Age the entries by rewriting their timestamps rather than waiting ten seconds.
+        bp.with_channel("a", |state, now| {
+            state.history[0].at = now - Duration::from_secs(11);
+            state.history[1].at = now - Duration::from_secs(5);
+        });
+        let page = bp.history("a", 0, 10).await.unwrap();
+        let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn live_delivery_only_while_subscribed_and_in_order() {
+        let (bp, sink) = backplane(100, Duration::from_secs(60));
+        bp.publish("a", data(1)).await.unwrap();
+        bp.subscribe("a").await.unwrap();
+        bp.publish("a", data(2)).await.unwrap();
+        bp.publish("a", data(3)).await.unwrap();
+        bp.unsubscribe("a").await.unwrap();
+        bp.publish("a", data(4)).await.unwrap();
+        let got: Vec<u64> = sink.0.lock().iter().map(|p| p.offset).collect();
+        assert_eq!(got, vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn idle_empty_channels_are_forgotten_but_subscribed_ones_kept() {
+        let (bp, _) = backplane(100, Duration::from_secs(60));
+        bp.history("idle", 0, 1).await.unwrap();
+        bp.subscribe("kept").await.unwrap();
+        for shard in bp.shards.iter() {
+            for state in shard.lock().values() {
+                state.lock().touched -= Duration::from_secs(3600);
+            }
+        }
+        bp.sweep_once();
+        assert_eq!(bp.channel_count(), 1);
+        // A forgotten channel comes back with a new epoch: its history is gone.
+        let kept = bp.history("kept", 0, 1).await.unwrap().epoch;
+        bp.publish("kept", data(1)).await.unwrap();
+        assert_eq!(bp.history("kept", 0, 1).await.unwrap().epoch, kept);
+    }
+}

@@ -1,0 +1,83 @@
+//! A publication and its one wire form, built once and shared by every subscriber and transport.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A message in a channel's history: `{"channel":C,"offset":N,"epoch":E,"data":D}`.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub channel: Arc<str>,
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    json: Bytes,
+    data: Range<usize>,
+}
+
+impl Publication {
+    /// Builds the publication and its JSON text; `data` must be compact JSON.
+    pub fn new(channel: Arc<str>, offset: u64, epoch: Arc<str>, data: &[u8]) -> Self {
+        let mut json = Vec::with_capacity(data.len() + channel.len() + epoch.len() + 48);
+        json.extend_from_slice(b"{\"channel\":");
+        serde_json::to_writer(&mut json, &*channel).expect("writing to a Vec cannot fail");
+        json.extend_from_slice(b",\"offset\":");
+        json.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+        json.extend_from_slice(b",\"epoch\":");
+        serde_json::to_writer(&mut json, &*epoch).expect("writing to a Vec cannot fail");
+        json.extend_from_slice(b",\"data\":");
+        let start = json.len();
+        json.extend_from_slice(data);
+        let data = start..json.len();
+        json.push(b'}');
+        Publication {
+            channel,
+            offset,
+            epoch,
+            json: Bytes::from(json),
+            data,
+        }
+    }
+
+    /// The publication as one compact JSON object, the bytes every transport sends.
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+
+    /// The `data` member's compact JSON text.
+    pub fn data(&self) -> &[u8] {
+        &self.json[self.data.clone()]
+    }
+}
+
+/// What a successful publish returns: where the publication landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishAck {
+    pub channel: Arc<str>,
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// A position in a channel's stream: every publication up to `offset` of `epoch` was seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_form_is_valid_json_with_escaped_names() {
+        let p = Publication::new("chat:\"x\"".into(), 7, "e1".into(), b"{\"a\":[1,2]}");
+        let v: serde_json::Value = serde_json::from_slice(p.json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"channel": "chat:\"x\"", "offset": 7, "epoch": "e1", "data": {"a": [1, 2]}})
+        );
+        assert_eq!(p.data(), b"{\"a\":[1,2]}");
+    }
+}
