@@ -45,8 +45,11 @@ python3 - "$URL" "$WAIT" <<'PY'
 import socket, sys, time
 from urllib.parse import urlsplit
 u = urlsplit(sys.argv[1])
+def fail(msg):
+    print("autobahn: " + msg, file=sys.stderr)
+    sys.exit(2)
 if u.scheme not in ("ws", "wss") or not u.hostname:
-    sys.exit("autobahn: URL must be ws:// or wss://, got %r" % sys.argv[1])
+    fail("URL must be ws:// or wss://, got %r" % sys.argv[1])
 port = u.port or (443 if u.scheme == "wss" else 80)
 deadline = time.time() + float(sys.argv[2])
 while True:
@@ -55,7 +58,7 @@ while True:
         break
     except OSError as e:
         if time.time() >= deadline:
-            sys.exit("autobahn: %s:%d not reachable: %s" % (u.hostname, port, e))
+            fail("%s:%d not reachable after %ss: %s" % (u.hostname, port, sys.argv[2], e))
         time.sleep(0.5)
 PY
 

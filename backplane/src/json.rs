@@ -43,7 +43,10 @@ mod tests {
             b"{\"a b\":[1,2,3],\"q\":\"x \\\" y\\\\\",\"n\":null}"
         );
         let round: serde_json::Value = serde_json::from_slice(&compact(text)).unwrap();
-        assert_eq!(round, serde_json::from_str::<serde_json::Value>(text).unwrap());
+        assert_eq!(
+            round,
+            serde_json::from_str::<serde_json::Value>(text).unwrap()
+        );
     }
 
     #[test]

@@ -17,9 +17,11 @@ use crate::{
 
 const SHARDS: usize = 64;
 
+type Shard = Mutex<HashMap<Arc<str>, Arc<Mutex<Channel>>>>;
+
 /// In-process backplane: per-channel offset, epoch, bounded history and synchronous fan-out.
 pub struct MemoryBackplane {
-    shards: Box<[Mutex<HashMap<Arc<str>, Arc<Mutex<Channel>>>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     retention: Retention,
     /// How long an idle channel with no history and no subscribers keeps its epoch and offset.
@@ -86,12 +88,13 @@ impl MemoryBackplane {
             idle_ttl: retention.max_age.max(Duration::from_secs(60)),
             sink,
         });
-        let period = (retention.max_age / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let period =
+            (retention.max_age / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::spawn(sweep(Arc::downgrade(&backplane), period));
         backplane
     }
 
-    fn shard(&self, channel: &str) -> &Mutex<HashMap<Arc<str>, Arc<Mutex<Channel>>>> {
+    fn shard(&self, channel: &str) -> &Shard {
         &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
     }
 
@@ -189,7 +192,10 @@ impl Backplane for MemoryBackplane {
     ) -> Result<HistoryPage, BackplaneError> {
         Ok(self.with_channel(channel, |state, now| {
             state.trim(now, &self.retention);
-            let first = state.history.front().map_or(state.top + 1, |e| e.publication.offset);
+            let first = state
+                .history
+                .front()
+                .map_or(state.top + 1, |e| e.publication.offset);
             let skip = since.saturating_add(1).saturating_sub(first) as usize;
             HistoryPage {
                 epoch: state.epoch.clone(),
@@ -258,7 +264,12 @@ mod tests {
         let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
         assert_eq!(offsets, vec![4, 5, 6, 7]);
         assert_eq!(page.publications[0].data(), b"4");
-        assert!(bp.history("a", 10, 4).await.unwrap().publications.is_empty());
+        assert!(bp
+            .history("a", 10, 4)
+            .await
+            .unwrap()
+            .publications
+            .is_empty());
     }
 
     #[tokio::test]
@@ -278,7 +289,11 @@ mod tests {
         }
         let page = bp.history("a", 0, 10).await.unwrap();
         let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
-        assert_eq!(offsets, vec![3, 4, 5], "offsets keep counting; old entries go");
+        assert_eq!(
+            offsets,
+            vec![3, 4, 5],
+            "offsets keep counting; old entries go"
+        );
         assert_eq!(page.top, 5);
     }
 

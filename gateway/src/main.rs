@@ -1,1 +1,81 @@
-fn main(){}
+//! The `gateway` binary: reads configuration, starts the node and stops it on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gateway::config::{Config, LogFormat, Overrides};
+use gateway::Gateway;
+use tracing_subscriber::EnvFilter;
+
+/// Realtime gateway node: WebSocket and SSE with lossless resume.
+///
+/// Configuration comes from built-in defaults, then the --config file, then GATEWAY__SECTION__KEY
+/// environment variables (e.g. GATEWAY__SERVER__LISTEN=0.0.0.0:8080), then these flags.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on for every endpoint [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Serve the WebSocket echo endpoint /ws/echo (conformance testing).
+    #[arg(long)]
+    ws_echo: bool,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        file: cli.config,
+        listen: cli.listen,
+        ws_echo: cli.ws_echo,
+        log_json: cli.log_json,
+    };
+    let config = match Config::load(&overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = tokio::runtime::Runtime::new().expect("cannot start the Tokio runtime");
+    runtime.block_on(async {
+        let running = match Gateway::start(config).await {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        running.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("cannot install the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,202 @@
+//! The hub: which local connections subscribe to which channel, and the fan-out of live
+//! publications to them. Fan-out takes a shard's read lock, pushes the same `Arc<Publication>`
+//! (serialised once) into each subscriber's bounded queue and never awaits.
+//!
+//! Local membership changes synchronously; the node's interest at the backplane follows it through
+//! [`Hub::reconcile`], which re-reads the membership under a per-channel stripe lock, so racing
+//! subscribes and unsubscribes always leave the backplane matching the hub.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use backplane::{Backplane, BackplaneError, Publication, PublicationSink};
+use indexmap::IndexMap;
+use parking_lot::RwLock;
+
+use crate::metrics::Metrics;
+use crate::queue::{Pushed, QueueSender};
+
+const SHARDS: usize = 64;
+const STRIPES: usize = 256;
+
+/// A connection's identity within this node.
+pub type ConnId = u64;
+
+#[derive(Default)]
+struct Entry {
+    subscribers: IndexMap<ConnId, QueueSender>,
+    /// Whether the backplane delivers this channel to the node.
+    node_subscribed: bool,
+}
+
+type Shard = RwLock<HashMap<Arc<str>, Entry>>;
+
+/// Channel → local subscribers, and the node's interest in each channel at the backplane.
+pub struct Hub {
+    shards: Box<[Shard]>,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+    hasher: RandomState,
+    metrics: Metrics,
+}
+
+impl Hub {
+    pub fn new(metrics: Metrics) -> Self {
+        Hub {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: RandomState::new(),
+            metrics,
+        }
+    }
+
+    fn shard(&self, channel: &str) -> &Shard {
+        &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
+    }
+
+    /// Adds a local subscriber. It receives every publication the backplane delivers from now on;
+    /// call [`Hub::reconcile`] to make sure the backplane delivers the channel at all.
+    pub fn add(&self, channel: &Arc<str>, conn: ConnId, queue: QueueSender) {
+        let mut shard = self.shard(channel).write();
+        let entry = shard.entry(channel.clone()).or_default();
+        if entry.subscribers.insert(conn, queue).is_none() {
+            self.metrics.subscriptions.inc();
+        }
+    }
+
+    /// Removes a local subscriber if present. Returns true when the channel has no local
+    /// subscriber left, so the caller should [`Hub::reconcile`] it.
+    pub fn remove(&self, channel: &str, conn: ConnId) -> bool {
+        let mut shard = self.shard(channel).write();
+        let Some(entry) = shard.get_mut(channel) else {
+            return false;
+        };
+        if entry.subscribers.swap_remove(&conn).is_none() {
+            return false;
+        }
+        self.metrics.subscriptions.dec();
+        entry.subscribers.is_empty()
+    }
+
+    /// Makes the node's subscription at the backplane match local membership: subscribed while
+    /// the channel has local subscribers, unsubscribed otherwise. Idempotent.
+    pub async fn reconcile(
+        &self,
+        backplane: &dyn Backplane,
+        channel: &str,
+    ) -> Result<(), BackplaneError> {
+        let stripe = self.hasher.hash_one(channel) as usize % STRIPES;
+        let _serialised = self.stripes[stripe].lock().await;
+        let (wanted, have) = {
+            let shard = self.shard(channel).read();
+            shard.get(channel).map_or((false, false), |e| {
+                (!e.subscribers.is_empty(), e.node_subscribed)
+            })
+        };
+        if wanted && !have {
+            backplane.subscribe(channel).await?;
+            self.metrics.channels.inc();
+            let mut shard = self.shard(channel).write();
+            shard.entry(channel.into()).or_default().node_subscribed = true;
+        } else if !wanted && have {
+            let result = backplane.unsubscribe(channel).await;
+            self.metrics.channels.dec();
+            let mut shard = self.shard(channel).write();
+            if let Some(entry) = shard.get_mut(channel) {
+                entry.node_subscribed = false;
+                if entry.subscribers.is_empty() {
+                    shard.remove(channel);
+                }
+            }
+            result?;
+        } else if !wanted {
+            let mut shard = self.shard(channel).write();
+            if shard
+                .get(channel)
+                .is_some_and(|e| e.subscribers.is_empty() && !e.node_subscribed)
+            {
+                shard.remove(channel);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of channels known to the hub (with local subscribers or node interest).
+    pub fn channel_count(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}
+
+impl PublicationSink for Hub {
+    fn deliver(&self, publication: Arc<Publication>) {
+        let shard = self.shard(&publication.channel).read();
+        let Some(entry) = shard.get(&*publication.channel) else {
+            return;
+        };
+        let mut slow = 0;
+        for queue in entry.subscribers.values() {
+            if queue.push(&publication) == Pushed::Overflowed {
+                slow += 1;
+            }
+        }
+        drop(shard);
+        if slow > 0 {
+            self.metrics.slow_consumer_disconnects.inc_by(slow);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::outbound;
+    use backplane::memory::MemoryBackplane;
+    use backplane::Retention;
+
+    #[tokio::test]
+    async fn fans_out_to_subscribers_only_and_tracks_node_interest() {
+        let hub = Arc::new(Hub::new(Metrics::new()));
+        let bp = MemoryBackplane::new(Retention::default(), hub.clone());
+        let channel: Arc<str> = "c".into();
+        let (tx1, mut rx1) = outbound(1 << 20);
+        let (tx2, mut rx2) = outbound(1 << 20);
+        hub.add(&channel, 1, tx1);
+        hub.add(&channel, 2, tx2);
+        hub.reconcile(&*bp, "c").await.unwrap();
+        bp.publish("c", "1".into()).await.unwrap();
+        bp.publish("other", "1".into()).await.unwrap();
+        let a = rx1.try_recv().unwrap();
+        let b = rx2.try_recv().unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "one serialisation shared by every subscriber"
+        );
+        assert!(rx1.try_recv().is_none());
+
+        assert!(!hub.remove("c", 1));
+        bp.publish("c", "2".into()).await.unwrap();
+        assert!(rx1.try_recv().is_none());
+        assert_eq!(rx2.try_recv().unwrap().offset, 2);
+        assert!(hub.remove("c", 2));
+        assert!(!hub.remove("c", 2), "removing twice is harmless");
+        hub.reconcile(&*bp, "c").await.unwrap();
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn reconcile_follows_membership_whatever_the_order() {
+        let hub = Arc::new(Hub::new(Metrics::new()));
+        let bp = MemoryBackplane::new(Retention::default(), hub.clone());
+        let channel: Arc<str> = "c".into();
+        let (tx, mut rx) = outbound(1 << 20);
+        // Subscribe, unsubscribe and subscribe again before any reconcile runs.
+        hub.add(&channel, 1, tx.clone());
+        hub.remove("c", 1);
+        hub.add(&channel, 1, tx);
+        hub.reconcile(&*bp, "c").await.unwrap();
+        hub.reconcile(&*bp, "c").await.unwrap();
+        bp.publish("c", "1".into()).await.unwrap();
+        assert_eq!(rx.try_recv().unwrap().offset, 1);
+    }
+}

@@ -1,0 +1,256 @@
+//! The client protocol's wire forms: commands a client sends, replies and errors it gets back,
+//! and the channel-name rule shared by every transport and the HTTP API.
+
+use std::borrow::Cow;
+
+use backplane::Position;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Longest channel name accepted, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 255;
+
+/// A protocol-level error: a stable snake_case code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorBody {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks a channel name: 1 to 255 bytes, no whitespace or control characters.
+pub fn check_channel(channel: &str) -> Result<(), ErrorBody> {
+    if channel.is_empty() {
+        return Err(ErrorBody::new(
+            "invalid_channel",
+            "channel must not be empty",
+        ));
+    }
+    if channel.len() > MAX_CHANNEL_LEN {
+        return Err(ErrorBody::new(
+            "invalid_channel",
+            format!("channel is longer than {MAX_CHANNEL_LEN} bytes"),
+        ));
+    }
+    if channel.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ErrorBody::new(
+            "invalid_channel",
+            "channel must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A client command, as parsed from one WebSocket text message.
+#[derive(Debug)]
+pub enum Command<'a> {
+    Subscribe {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+        since: Option<Position>,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+    },
+    Publish {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    Ping {
+        id: Option<u64>,
+    },
+}
+
+/// Why a message is not a command; answered with an error reply, the connection stays.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CommandError {
+    pub id: Option<u64>,
+    pub error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct RawCommand<'a> {
+    id: Option<u64>,
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    since: Option<Position>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<u64>,
+}
+
+impl<'a> Command<'a> {
+    /// Parses one command. Syntax errors give `malformed_json`; JSON of the wrong shape gives
+    /// `bad_request` or `unknown_op`, with the command's id when it can be read.
+    pub fn parse(text: &'a [u8]) -> Result<Command<'a>, CommandError> {
+        let raw: RawCommand<'a> = serde_json::from_slice(text).map_err(|e| {
+            if e.is_data() {
+                let id = serde_json::from_slice::<IdOnly>(text)
+                    .ok()
+                    .and_then(|c| c.id);
+                CommandError {
+                    id,
+                    error: ErrorBody::new("bad_request", e.to_string()),
+                }
+            } else {
+                CommandError {
+                    id: None,
+                    error: ErrorBody::new("malformed_json", e.to_string()),
+                }
+            }
+        })?;
+        let id = raw.id;
+        let fail = |code, message: &str| CommandError {
+            id,
+            error: ErrorBody::new(code, message),
+        };
+        let Some(op) = raw.op else {
+            return Err(fail("bad_request", "missing field `op`"));
+        };
+        let channel = |c: Option<Cow<'a, str>>| {
+            let channel = c.ok_or_else(|| fail("bad_request", "missing field `channel`"))?;
+            check_channel(&channel).map_err(|error| CommandError { id, error })?;
+            Ok(channel)
+        };
+        match &*op {
+            "subscribe" => Ok(Command::Subscribe {
+                id,
+                channel: channel(raw.channel)?,
+                since: raw.since,
+            }),
+            "unsubscribe" => Ok(Command::Unsubscribe {
+                id,
+                channel: channel(raw.channel)?,
+            }),
+            "publish" => {
+                let channel = channel(raw.channel)?;
+                let data = raw
+                    .data
+                    .ok_or_else(|| fail("bad_request", "missing field `data`"))?;
+                Ok(Command::Publish { id, channel, data })
+            }
+            "ping" => Ok(Command::Ping { id }),
+            other => Err(fail("unknown_op", &format!("unknown op `{other}`"))),
+        }
+    }
+}
+
+/// The subscribe result sent to a client.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscribeResult {
+    pub channel: std::sync::Arc<str>,
+    pub epoch: std::sync::Arc<str>,
+    pub offset: u64,
+    pub recovered: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ReplyOk<'a, T: Serialize> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    result: &'a T,
+}
+
+#[derive(Serialize)]
+struct ReplyErr<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    error: &'a ErrorBody,
+}
+
+/// `{"id": N, "result": ...}`
+pub fn reply_ok<T: Serialize>(id: Option<u64>, result: &T) -> Bytes {
+    serde_json::to_vec(&ReplyOk { id, result })
+        .expect("reply serialisation cannot fail")
+        .into()
+}
+
+/// `{"id": N, "error": {"code": ..., "message": ...}}`
+pub fn reply_err(id: Option<u64>, error: &ErrorBody) -> Bytes {
+    serde_json::to_vec(&ReplyErr { id, error })
+        .expect("reply serialisation cannot fail")
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> (Option<u64>, &'static str) {
+        let e = Command::parse(text.as_bytes()).unwrap_err();
+        (e.id, e.error.code)
+    }
+
+    #[test]
+    fn parses_every_op() {
+        let c = Command::parse(
+            br#"{"id":1,"op":"subscribe","channel":"a","since":{"epoch":"e","offset":3}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(c, Command::Subscribe { id: Some(1), ref channel, since: Some(ref s) } if channel == "a" && s.offset == 3)
+        );
+        let c =
+            Command::parse(br#"{"id":2,"op":"publish","channel":"a","data":{"x": [1]}}"#).unwrap();
+        assert!(matches!(c, Command::Publish { data, .. } if data.get() == r#"{"x": [1]}"#));
+        assert!(matches!(
+            Command::parse(br#"{"op":"ping","id":4}"#).unwrap(),
+            Command::Ping { id: Some(4) }
+        ));
+        assert!(matches!(
+            Command::parse(br#"{"op":"unsubscribe","channel":"a"}"#).unwrap(),
+            Command::Unsubscribe { id: None, .. }
+        ));
+    }
+
+    #[test]
+    fn errors_carry_codes_and_ids() {
+        assert_eq!(code("{nope"), (None, "malformed_json"));
+        assert_eq!(code(r#"{"id":7,"op":"dance"}"#), (Some(7), "unknown_op"));
+        assert_eq!(
+            code(r#"{"id":8,"op":"subscribe"}"#),
+            (Some(8), "bad_request")
+        );
+        assert_eq!(
+            code(r#"{"id":9,"op":"publish","channel":"a"}"#),
+            (Some(9), "bad_request")
+        );
+        assert_eq!(
+            code(r#"{"id":10,"op":"subscribe","channel":""}"#),
+            (Some(10), "invalid_channel")
+        );
+        assert_eq!(
+            code(r#"{"id":11,"op":"subscribe","channel":5}"#),
+            (Some(11), "bad_request")
+        );
+        assert_eq!(code(r#"[1,2]"#), (None, "bad_request"));
+    }
+
+    #[test]
+    fn channel_rule() {
+        assert!(check_channel("chat:room-1/x").is_ok());
+        assert!(check_channel("a b").is_err());
+        assert!(check_channel("a\nb").is_err());
+        assert!(check_channel(&"x".repeat(256)).is_err());
+        assert!(check_channel(&"x".repeat(255)).is_ok());
+    }
+}

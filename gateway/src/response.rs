@@ -1,0 +1,65 @@
+//! HTTP response bodies and the JSON error shape every endpoint shares:
+//! `{"error": {"code": "<snake_case>", "message": "..."}}`.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
+use hyper::{header, Response, StatusCode};
+use tokio::sync::mpsc;
+
+use crate::protocol::ErrorBody;
+
+/// The body type of every response.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A JSON response with the given status.
+pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body))
+        .expect("static parts are valid")
+}
+
+/// A JSON error response.
+pub fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response<Body> {
+    #[derive(serde::Serialize)]
+    struct Wrapper<'a> {
+        error: &'a ErrorBody,
+    }
+    let body = ErrorBody::new(code, message);
+    json(
+        status,
+        serde_json::to_vec(&Wrapper { error: &body }).expect("cannot fail"),
+    )
+}
+
+/// A streaming body fed by a task through a channel; the stream ends when the sender is dropped.
+pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}

@@ -1,0 +1,208 @@
+//! The HTTP server: binds the listener, serves HTTP/1.1 and cleartext HTTP/2 on one port, routes
+//! requests, and shuts down in order (not ready, stop accepting, close clients, wait).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{header, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::node::Node;
+use crate::response::{self, Body};
+use crate::{api, sse, ws};
+
+/// Starts gateway nodes.
+pub struct Gateway;
+
+/// A node that is serving.
+pub struct RunningGateway {
+    addr: SocketAddr,
+    node: Arc<Node>,
+    accept: JoinHandle<()>,
+    http: TaskTracker,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl Gateway {
+    /// Binds `config.server.listen` and serves until [`RunningGateway::shutdown`].
+    pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let node = Node::new(config);
+        let http = TaskTracker::new();
+        let accept = tokio::spawn(accept_loop(listener, node.clone(), http.clone()));
+        tracing::info!(%addr, backplane = node.backplane.kind(), "listening on {addr}");
+        Ok(RunningGateway {
+            addr,
+            node,
+            accept,
+            http,
+        })
+    }
+}
+
+impl RunningGateway {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Readiness goes 503 and new connections are refused; WebSockets get 1001, SSE streams end;
+    /// returns when every connection is closed or `server.shutdown_timeout` has passed.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.node.begin_shutdown();
+        let _ = self.accept.await;
+        self.http.close();
+        let deadline = self.node.config.server.shutdown_timeout;
+        let all_closed = async {
+            self.node.connections.wait().await;
+            self.http.wait().await;
+        };
+        if tokio::time::timeout(deadline, all_closed).await.is_err() {
+            tracing::warn!(?deadline, "connections still open at the shutdown deadline");
+        }
+        tracing::info!("stopped");
+    }
+}
+
+async fn accept_loop(listener: TcpListener, node: Arc<Node>, http: TaskTracker) {
+    loop {
+        let stream = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        http.spawn(serve_connection(stream, node.clone()));
+    }
+}
+
+async fn serve_connection(stream: TcpStream, node: Arc<Node>) {
+    let _ = stream.set_nodelay(true);
+    let service = {
+        let node = node.clone();
+        service_fn(move |request| {
+            let node = node.clone();
+            async move { Ok::<_, Infallible>(route(&node, request).await) }
+        })
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = node.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Body> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let allowed = match path.as_str() {
+        "/healthz" | "/readyz" | "/metrics" | "/api/history" | "/ws" | "/sse" => "GET",
+        "/ws/echo" if node.config.websocket.echo => "GET",
+        "/api/publish" => "POST",
+        _ => {
+            return response::error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route for {path}"),
+            )
+        }
+    };
+    if method != allowed {
+        let mut response = response::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{path} accepts {allowed} only"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+        return response;
+    }
+    match path.as_str() {
+        "/healthz" => response::json(StatusCode::OK, &b"{\"status\":\"ok\"}"[..]),
+        "/readyz" => match node.readiness() {
+            Ok(()) => response::json(StatusCode::OK, &b"{\"status\":\"ready\"}"[..]),
+            Err(reason) => response::error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason),
+        },
+        "/metrics" => Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(response::full(node.metrics.encode()))
+            .expect("static parts are valid"),
+        "/api/publish" => api::publish(node, request).await,
+        "/api/history" => api::history(node, request.uri().query()).await,
+        "/sse" => {
+            if node.shutdown.is_cancelled() {
+                return shutting_down();
+            }
+            sse::open(node, request.uri().query(), request.headers())
+        }
+        "/ws" | "/ws/echo" => {
+            if node.shutdown.is_cancelled() {
+                return shutting_down();
+            }
+            if !fastwebsockets::upgrade::is_upgrade_request(&request) {
+                return response::error(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "upgrade_required",
+                    "this endpoint speaks WebSocket only",
+                );
+            }
+            let mode = if path == "/ws" {
+                ws::Mode::Protocol
+            } else {
+                ws::Mode::Echo
+            };
+            match ws::accept(node, &mut request, mode) {
+                Ok(response) => response.map(|_| response::empty()),
+                Err(e) => response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+            }
+        }
+        _ => unreachable!("every routed path is matched above"),
+    }
+}
+
+fn shutting_down() -> Response<Body> {
+    response::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "this node is shutting down; connect to another",
+    )
+}

@@ -1,0 +1,354 @@
+//! Server-Sent Events transport (`GET /sse?channel=A&channel=B`): one WHATWG event stream per
+//! request, over HTTP/1.1 or HTTP/2. Every event's `id:` is a cursor holding the position of every
+//! channel of the stream, so EventSource's automatic `Last-Event-ID` resumes all of them exactly
+//! once.
+
+use std::sync::Arc;
+
+use backplane::Position;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{header, HeaderMap, Response, StatusCode};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::client::{Output, Session};
+use crate::cursor;
+use crate::node::Node;
+use crate::protocol::{check_channel, SubscribeResult};
+use crate::response::{self, Body, ChannelBody};
+
+const BATCH: usize = 256;
+
+/// Validates the request and starts the stream.
+pub fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Response<Body> {
+    if !accepts_event_stream(headers) {
+        return response::error(
+            StatusCode::NOT_ACCEPTABLE,
+            "not_acceptable",
+            "this endpoint only produces text/event-stream",
+        );
+    }
+    let mut channels: Vec<Arc<str>> = Vec::new();
+    let mut query_cursor = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "channel" => {
+                if let Err(e) = check_channel(&value) {
+                    return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
+                }
+                if !channels.iter().any(|c| **c == *value) {
+                    channels.push(value.as_ref().into());
+                }
+            }
+            "last_event_id" => query_cursor = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    if channels.is_empty() {
+        return response::error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "at least one `channel` query parameter is required",
+        );
+    }
+    let max = node.config.client.max_subscriptions;
+    if channels.len() > max {
+        return response::error(
+            StatusCode::BAD_REQUEST,
+            "too_many_subscriptions",
+            format!("a stream may carry at most {max} channels"),
+        );
+    }
+    // EventSource keeps the original URL when it reconnects, so its header is the newer position.
+    let header_cursor = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let positions = match header_cursor
+        .or(query_cursor.as_deref())
+        .filter(|c| !c.is_empty())
+    {
+        None => Vec::new(),
+        Some(c) => match cursor::decode(c) {
+            Ok(p) => p,
+            Err(message) => {
+                return response::error(StatusCode::BAD_REQUEST, "invalid_cursor", message)
+            }
+        },
+    };
+
+    let mut session = Session::new(node.clone());
+    let mut starts = Vec::with_capacity(channels.len());
+    let mut out = Vec::new();
+    for channel in &channels {
+        let since =
+            positions
+                .iter()
+                .find(|(c, _, _)| **c == **channel)
+                .map(|(_, epoch, offset)| Position {
+                    epoch: epoch.clone(),
+                    offset: *offset,
+                });
+        starts.push(since.as_ref().map(|s| s.offset));
+        session.subscribe(None, channel.clone(), since, &mut out);
+    }
+    debug_assert!(
+        out.is_empty(),
+        "fresh sessions accept every distinct channel"
+    );
+
+    let (tx, rx) = mpsc::channel(64);
+    let stream = Stream {
+        node: node.clone(),
+        tx,
+        positions: channels
+            .iter()
+            .map(|c| (c.clone(), Arc::<str>::from(""), 0))
+            .collect(),
+    };
+    node.connections.spawn(stream.run(session, starts));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(ChannelBody(rx).boxed_unsync())
+        .expect("static parts are valid")
+}
+
+/// True unless `Accept` is present and rules out `text/event-stream`.
+fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    let mut present = false;
+    for value in headers.get_all(header::ACCEPT) {
+        present = true;
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let mut parts = item.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                let p = p.trim().replace(' ', "");
+                p == "q=0" || p == "q=0.0" || p == "q=0.00" || p == "q=0.000"
+            });
+            if !refused && matches!(media.as_str(), "text/event-stream" | "text/*" | "*/*") {
+                return true;
+            }
+        }
+    }
+    !present
+}
+
+struct Stream {
+    node: Arc<Node>,
+    tx: mpsc::Sender<Bytes>,
+    /// (channel, epoch, offset delivered) for every channel, in request order.
+    positions: Vec<(Arc<str>, Arc<str>, u64)>,
+}
+
+#[derive(Serialize)]
+struct Connected<'a> {
+    channels: &'a [SubscribeResult],
+}
+
+#[derive(Serialize)]
+struct Reset<'a> {
+    channel: &'a str,
+    reason: &'a str,
+    epoch: &'a str,
+    offset: u64,
+}
+
+#[derive(Serialize)]
+struct StreamError<'a> {
+    channel: &'a str,
+    code: &'a str,
+    message: &'a str,
+}
+
+impl Stream {
+    async fn run(mut self, mut session: Session, starts: Vec<Option<u64>>) {
+        let gauge = self.node.metrics.connections.with_label_values(&["sse"]);
+        gauge.inc();
+        let _ = self.stream(&mut session, starts).await;
+        gauge.dec();
+    }
+
+    /// Runs until the client leaves, the node shuts down or the client falls too far behind.
+    /// `Err` means the client is gone.
+    async fn stream(&mut self, session: &mut Session, starts: Vec<Option<u64>>) -> Result<(), ()> {
+        let retry = self.node.config.sse.retry.as_millis();
+        self.send(Bytes::from(format!("retry: {retry}\n\n")))
+            .await?;
+
+        // Every channel's starting position first, so the `connected` event's id is a cursor.
+        let mut out = Vec::new();
+        let mut held = Vec::new();
+        let mut results: Vec<Option<SubscribeResult>> = vec![None; self.positions.len()];
+        while results.iter().any(Option::is_none) {
+            tokio::select! {
+                _ = self.node.shutdown.cancelled() => return Ok(()),
+                _ = self.tx.closed() => return Err(()),
+                event = session.next() => session.apply(event, &mut out),
+            }
+            for output in out.drain(..) {
+                match output {
+                    Output::Subscribed { result, .. } => {
+                        let i = self.index(&result.channel);
+                        let start = match (result.recovered, starts[i]) {
+                            (true, Some(since)) => since,
+                            _ => result.offset,
+                        };
+                        self.positions[i].1 = result.epoch.clone();
+                        self.positions[i].2 = start;
+                        results[i] = Some(result);
+                    }
+                    Output::SubscribeFailed { channel, error, .. } => {
+                        let data = serde_json::to_vec(&StreamError {
+                            channel: &channel,
+                            code: error.code,
+                            message: &error.message,
+                        })
+                        .expect("cannot fail");
+                        self.send_event(Some("error"), false, Bytes::from(data))
+                            .await?;
+                        return Ok(());
+                    }
+                    other => held.push(other),
+                }
+            }
+        }
+        let results: Vec<SubscribeResult> = results.into_iter().flatten().collect();
+        let connected = serde_json::to_vec(&Connected { channels: &results }).expect("cannot fail");
+        self.send_event(Some("connected"), true, Bytes::from(connected))
+            .await?;
+        for result in &results {
+            if let Some(reason) = result.reason {
+                self.emit_reset(&result.channel, &result.epoch, result.offset, reason)
+                    .await?;
+            }
+        }
+        self.emit(&mut held).await?;
+
+        let mut heartbeat = tokio::time::interval(self.node.config.sse.heartbeat_interval);
+        heartbeat.reset();
+        loop {
+            tokio::select! {
+                _ = self.node.shutdown.cancelled() => return Ok(()),
+                _ = self.tx.closed() => return Err(()),
+                _ = heartbeat.tick() => self.send(Bytes::from_static(b": heartbeat\n\n")).await?,
+                event = session.next() => session.apply(event, &mut out),
+            }
+            while out.len() < BATCH {
+                match session.try_next() {
+                    Some(event) => session.apply(event, &mut out),
+                    None => break,
+                }
+            }
+            if session.overflowed() {
+                // The client reconnects with its Last-Event-ID and resumes losslessly.
+                return Ok(());
+            }
+            self.emit(&mut out).await?;
+        }
+    }
+
+    fn index(&self, channel: &str) -> usize {
+        self.positions
+            .iter()
+            .position(|(c, _, _)| **c == *channel)
+            .expect("outputs only name the stream's channels")
+    }
+
+    async fn emit(&mut self, outputs: &mut Vec<Output>) -> Result<(), ()> {
+        let mut delivered = 0;
+        let result = async {
+            for output in outputs.drain(..) {
+                match output {
+                    Output::Publication(p) => {
+                        let i = self.index(&p.channel);
+                        self.positions[i].1 = p.epoch.clone();
+                        self.positions[i].2 = p.offset;
+                        delivered += 1;
+                        self.send_event(None, true, p.json().clone()).await?;
+                    }
+                    Output::Reset {
+                        channel,
+                        epoch,
+                        offset,
+                        reason,
+                    } => self.emit_reset(&channel, &epoch, offset, reason).await?,
+                    Output::Reply(_)
+                    | Output::Subscribed { .. }
+                    | Output::SubscribeFailed { .. } => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        outputs.clear();
+        if delivered > 0 {
+            self.node
+                .metrics
+                .deliveries
+                .with_label_values(&["sse"])
+                .inc_by(delivered);
+        }
+        result
+    }
+
+    async fn emit_reset(
+        &mut self,
+        channel: &str,
+        epoch: &Arc<str>,
+        offset: u64,
+        reason: &str,
+    ) -> Result<(), ()> {
+        let i = self.index(channel);
+        self.positions[i].1 = epoch.clone();
+        self.positions[i].2 = offset;
+        let data = serde_json::to_vec(&Reset {
+            channel,
+            reason,
+            epoch,
+            offset,
+        })
+        .expect("cannot fail");
+        self.send_event(Some("reset"), true, Bytes::from(data))
+            .await
+    }
+
+    /// Sends one event; `data` is one line of compact JSON, shared, not copied.
+    async fn send_event(
+        &mut self,
+        event: Option<&str>,
+        with_id: bool,
+        data: Bytes,
+    ) -> Result<(), ()> {
+        let mut head = String::with_capacity(128);
+        if with_id {
+            head.push_str("id: ");
+            head.push_str(&cursor::encode(
+                self.positions.iter().map(|(c, e, o)| (&**c, &**e, *o)),
+            ));
+            head.push('\n');
+        }
+        if let Some(event) = event {
+            head.push_str("event: ");
+            head.push_str(event);
+            head.push('\n');
+        }
+        head.push_str("data: ");
+        self.send(Bytes::from(head)).await?;
+        self.send(data).await?;
+        self.send(Bytes::from_static(b"\n\n")).await
+    }
+
+    /// Queues a chunk for the response body; a client that takes longer than the write timeout
+    /// to make room is dropped.
+    async fn send(&self, chunk: Bytes) -> Result<(), ()> {
+        let timeout = self.node.config.websocket.write_timeout;
+        match tokio::time::timeout(timeout, self.tx.send(chunk)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+}
