@@ -120,7 +120,13 @@ async fn read_loop(
         let result = reader
             .read_frame(&mut |frame: Frame<'_>| {
                 let tx = tx.clone();
-                let control = Inbound::Control(frame.opcode, frame.payload.to_vec());
+                // RFC 6455 §5.5: control frames carry at most 125 bytes; fastwebsockets checks
+                // only pings, so an oversized close is failed here instead of being echoed.
+                let control = if frame.payload.len() > 125 {
+                    Inbound::Failed(1002, "control frame longer than 125 bytes")
+                } else {
+                    Inbound::Control(frame.opcode, frame.payload.to_vec())
+                };
                 async move { tx.send(control).await }
             })
             .await;
