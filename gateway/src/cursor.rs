@@ -11,9 +11,34 @@ pub const MAX_CURSOR_LEN: usize = 64 * 1024;
 
 /// Encodes positions as a cursor.
 pub fn encode<'a>(positions: impl IntoIterator<Item = (&'a str, &'a str, u64)>) -> String {
-    let list: Vec<(&str, &str, u64)> = positions.into_iter().collect();
-    let json = serde_json::to_vec(&list).expect("cannot fail");
-    URL_SAFE_NO_PAD.encode(json)
+    let mut out = String::new();
+    encode_into(positions, &mut Vec::new(), &mut out);
+    out
+}
+
+/// Appends the cursor to `out`, using `scratch` for the JSON form, so a stream can reuse both
+/// buffers for every event.
+pub fn encode_into<'a>(
+    positions: impl IntoIterator<Item = (&'a str, &'a str, u64)>,
+    scratch: &mut Vec<u8>,
+    out: &mut String,
+) {
+    scratch.clear();
+    scratch.push(b'[');
+    for (i, (channel, epoch, offset)) in positions.into_iter().enumerate() {
+        if i > 0 {
+            scratch.push(b',');
+        }
+        scratch.push(b'[');
+        serde_json::to_writer(&mut *scratch, channel).expect("cannot fail");
+        scratch.push(b',');
+        serde_json::to_writer(&mut *scratch, epoch).expect("cannot fail");
+        scratch.push(b',');
+        scratch.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+        scratch.push(b']');
+    }
+    scratch.push(b']');
+    URL_SAFE_NO_PAD.encode_string(&scratch[..], out);
 }
 
 /// Decodes a cursor into `(channel, epoch, offset)` triples.

@@ -106,6 +106,7 @@ pub fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Respo
             .iter()
             .map(|c| (c.clone(), Arc::<str>::from(""), 0))
             .collect(),
+        scratch: Vec::new(),
     };
     node.connections.spawn(stream.run(session, starts));
     Response::builder()
@@ -142,6 +143,8 @@ struct Stream {
     tx: mpsc::Sender<Bytes>,
     /// (channel, epoch, offset delivered) for every channel, in request order.
     positions: Vec<(Arc<str>, Arc<str>, u64)>,
+    /// Reused for every event's cursor.
+    scratch: Vec<u8>,
 }
 
 #[derive(Serialize)]
@@ -326,9 +329,8 @@ impl Stream {
         let mut head = String::with_capacity(128);
         if with_id {
             head.push_str("id: ");
-            head.push_str(&cursor::encode(
-                self.positions.iter().map(|(c, e, o)| (&**c, &**e, *o)),
-            ));
+            let positions = self.positions.iter().map(|(c, e, o)| (&**c, &**e, *o));
+            cursor::encode_into(positions, &mut self.scratch, &mut head);
             head.push('\n');
         }
         if let Some(event) = event {
