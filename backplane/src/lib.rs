@@ -9,6 +9,7 @@
 pub mod json;
 pub mod memory;
 mod publication;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,40 @@ impl Default for Retention {
     }
 }
 
+/// What every backplane keeps per channel, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub retention: Retention,
+    /// How long a channel's epoch and top offset outlive its last activity. When they are gone,
+    /// the channel starts again with a new epoch (its history is lost).
+    pub meta_ttl: Duration,
+    /// A publish repeating an idempotency key within this window returns the first result.
+    pub idempotency_window: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            retention: Retention::default(),
+            meta_ttl: Duration::from_secs(24 * 3600),
+            idempotency_window: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Counters and state a backplane reports for metrics and readiness.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Whether live delivery from the store works now (always true for the embedded backplane).
+    pub pubsub_healthy: bool,
+    /// Times the pub/sub link was re-established.
+    pub pubsub_reconnects: u64,
+    /// Times a gap in live delivery was filled from history.
+    pub gap_fills: u64,
+    /// Commands that failed.
+    pub errors: u64,
+}
+
 /// Failure of a backplane operation. Nothing that failed was acknowledged.
 #[derive(Debug, thiserror::Error)]
 pub enum BackplaneError {
@@ -69,7 +104,13 @@ pub trait PublicationSink: Send + Sync + 'static {
 pub trait Backplane: Send + Sync + 'static {
     /// Appends `data` (compact JSON, see [`json::compact`]) to the channel's history and fans it
     /// out. An `Ok` means the publication is in history and will reach every current subscriber.
-    async fn publish(&self, channel: &str, data: Bytes) -> Result<PublishAck, BackplaneError>;
+    /// A repeated `idempotency_key` within the window returns the first publish's result.
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+        idempotency_key: Option<&str>,
+    ) -> Result<PublishAck, BackplaneError>;
 
     /// Reads up to `limit` publications with offset greater than `since`, in order.
     async fn history(
@@ -79,8 +120,10 @@ pub trait Backplane: Send + Sync + 'static {
         limit: usize,
     ) -> Result<HistoryPage, BackplaneError>;
 
-    /// Starts delivering the channel's live publications to this node's sink. The node calls it
-    /// when its first local subscriber arrives; once it returns, no later publication is missed.
+    /// Starts delivering the channel's live publications to this node's sink, in offset order and
+    /// without gaps (a gap in transport is filled from history before delivery goes on). The node
+    /// calls it when its first local subscriber arrives; once it returns, no later publication is
+    /// missed.
     async fn subscribe(&self, channel: &str) -> Result<(), BackplaneError>;
 
     /// Stops live delivery of the channel to this node (its last local subscriber left).
@@ -89,6 +132,14 @@ pub trait Backplane: Send + Sync + 'static {
     /// Whether the backplane can take traffic now; `Err` says why not.
     fn health(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Counters for metrics.
+    fn stats(&self) -> Stats {
+        Stats {
+            pubsub_healthy: true,
+            ..Stats::default()
+        }
     }
 
     /// A short name for logs and metrics ("memory", "redis").

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 
 use crate::{
     Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck, Retention,
+    Settings,
 };
 
 const SHARDS: usize = 64;
@@ -26,6 +27,7 @@ pub struct MemoryBackplane {
     retention: Retention,
     /// How long an idle channel with no history and no subscribers keeps its epoch and offset.
     idle_ttl: Duration,
+    idempotency_window: Duration,
     sink: Arc<dyn PublicationSink>,
 }
 
@@ -36,6 +38,8 @@ struct Channel {
     history: VecDeque<Entry>,
     node_subscribed: bool,
     touched: Instant,
+    /// Idempotency keys of recent publishes and what they returned.
+    recent_keys: HashMap<Box<str>, (PublishAck, Instant)>,
     /// Set when the sweeper removed the channel from its shard; a holder must look it up again.
     removed: bool,
 }
@@ -54,6 +58,7 @@ impl Channel {
             history: VecDeque::new(),
             node_subscribed: false,
             touched: now,
+            recent_keys: HashMap::new(),
             removed: false,
         }
     }
@@ -80,12 +85,14 @@ fn new_epoch() -> Arc<str> {
 impl MemoryBackplane {
     /// Creates the backplane and starts its sweeper, which expires old history and forgets idle
     /// channels; the sweeper stops when the backplane is dropped. Needs a Tokio runtime.
-    pub fn new(retention: Retention, sink: Arc<dyn PublicationSink>) -> Arc<Self> {
+    pub fn new(settings: Settings, sink: Arc<dyn PublicationSink>) -> Arc<Self> {
+        let retention = settings.retention;
         let backplane = Arc::new(MemoryBackplane {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             retention,
-            idle_ttl: retention.max_age.max(Duration::from_secs(60)),
+            idle_ttl: settings.meta_ttl,
+            idempotency_window: settings.idempotency_window,
             sink,
         });
         let period =
@@ -129,8 +136,15 @@ impl MemoryBackplane {
             shard.lock().retain(|_, state| {
                 let mut state = state.lock();
                 state.trim(now, &self.retention);
+                let window = self.idempotency_window;
+                state
+                    .recent_keys
+                    .retain(|_, (_, at)| now.duration_since(*at) < window);
                 let idle = now.duration_since(state.touched) >= self.idle_ttl;
-                let keep = state.node_subscribed || !state.history.is_empty() || !idle;
+                let keep = state.node_subscribed
+                    || !state.history.is_empty()
+                    || !state.recent_keys.is_empty()
+                    || !idle;
                 state.removed = !keep;
                 keep
             });
@@ -157,8 +171,20 @@ async fn sweep(backplane: Weak<MemoryBackplane>, period: Duration) {
 
 #[async_trait]
 impl Backplane for MemoryBackplane {
-    async fn publish(&self, channel: &str, data: Bytes) -> Result<PublishAck, BackplaneError> {
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+        idempotency_key: Option<&str>,
+    ) -> Result<PublishAck, BackplaneError> {
         self.with_channel(channel, |state, now| {
+            if let Some(key) = idempotency_key {
+                if let Some((ack, at)) = state.recent_keys.get(key) {
+                    if now.duration_since(*at) < self.idempotency_window {
+                        return Ok(ack.clone());
+                    }
+                }
+            }
             state.top += 1;
             let publication = Arc::new(Publication::new(
                 state.name.clone(),
@@ -176,6 +202,9 @@ impl Backplane for MemoryBackplane {
                 offset: state.top,
                 epoch: state.epoch.clone(),
             };
+            if let Some(key) = idempotency_key {
+                state.recent_keys.insert(key.into(), (ack.clone(), now));
+            }
             // Delivered under the channel lock, so every node-level consumer sees offsets in order.
             if state.node_subscribed {
                 self.sink.deliver(publication);
@@ -240,8 +269,12 @@ mod tests {
 
     fn backplane(max_count: usize, max_age: Duration) -> (Arc<MemoryBackplane>, Arc<Collect>) {
         let sink = Arc::new(Collect::default());
-        let retention = Retention { max_count, max_age };
-        (MemoryBackplane::new(retention, sink.clone()), sink)
+        let settings = Settings {
+            retention: Retention { max_count, max_age },
+            meta_ttl: Duration::from_secs(1),
+            ..Settings::default()
+        };
+        (MemoryBackplane::new(settings, sink.clone()), sink)
     }
 
     fn data(n: u64) -> Bytes {
@@ -252,10 +285,10 @@ mod tests {
     async fn offsets_are_gap_free_and_history_pages_in_order() {
         let (bp, _) = backplane(100, Duration::from_secs(60));
         for n in 1..=10 {
-            let ack = bp.publish("a", data(n)).await.unwrap();
+            let ack = bp.publish("a", data(n), None).await.unwrap();
             assert_eq!(ack.offset, n);
         }
-        let other = bp.publish("b", data(1)).await.unwrap();
+        let other = bp.publish("b", data(1), None).await.unwrap();
         assert_eq!(other.offset, 1);
         assert_ne!(other.epoch, bp.history("a", 0, 1).await.unwrap().epoch);
 
@@ -277,7 +310,7 @@ mod tests {
         let (bp, _) = backplane(100, Duration::from_secs(60));
         let first = bp.history("nobody", 0, 10).await.unwrap();
         assert_eq!((first.top, first.publications.len()), (0, 0));
-        let ack = bp.publish("nobody", data(1)).await.unwrap();
+        let ack = bp.publish("nobody", data(1), None).await.unwrap();
         assert_eq!(ack.epoch, first.epoch);
     }
 
@@ -285,7 +318,7 @@ mod tests {
     async fn history_is_trimmed_by_count() {
         let (bp, _) = backplane(3, Duration::from_secs(60));
         for n in 1..=5 {
-            bp.publish("a", data(n)).await.unwrap();
+            bp.publish("a", data(n), None).await.unwrap();
         }
         let page = bp.history("a", 0, 10).await.unwrap();
         let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
@@ -300,8 +333,8 @@ mod tests {
     #[tokio::test]
     async fn history_is_trimmed_by_age() {
         let (bp, _) = backplane(100, Duration::from_secs(10));
-        bp.publish("a", data(1)).await.unwrap();
-        bp.publish("a", data(2)).await.unwrap();
+        bp.publish("a", data(1), None).await.unwrap();
+        bp.publish("a", data(2), None).await.unwrap();
         // Age the entries by rewriting their timestamps rather than waiting ten seconds.
         bp.with_channel("a", |state, now| {
             state.history[0].at = now - Duration::from_secs(11);
@@ -315,14 +348,30 @@ mod tests {
     #[tokio::test]
     async fn live_delivery_only_while_subscribed_and_in_order() {
         let (bp, sink) = backplane(100, Duration::from_secs(60));
-        bp.publish("a", data(1)).await.unwrap();
+        bp.publish("a", data(1), None).await.unwrap();
         bp.subscribe("a").await.unwrap();
-        bp.publish("a", data(2)).await.unwrap();
-        bp.publish("a", data(3)).await.unwrap();
+        bp.publish("a", data(2), None).await.unwrap();
+        bp.publish("a", data(3), None).await.unwrap();
         bp.unsubscribe("a").await.unwrap();
-        bp.publish("a", data(4)).await.unwrap();
+        bp.publish("a", data(4), None).await.unwrap();
         let got: Vec<u64> = sink.0.lock().iter().map(|p| p.offset).collect();
         assert_eq!(got, vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_returns_the_first_result() {
+        let (bp, sink) = backplane(100, Duration::from_secs(60));
+        bp.subscribe("a").await.unwrap();
+        let first = bp.publish("a", data(1), Some("k")).await.unwrap();
+        let again = bp.publish("a", data(1), Some("k")).await.unwrap();
+        let other = bp.publish("a", data(1), Some("k2")).await.unwrap();
+        assert_eq!(first, again);
+        assert_eq!(other.offset, 2);
+        assert_eq!(
+            sink.0.lock().len(),
+            2,
+            "a repeated key is not fanned out again"
+        );
     }
 
     #[tokio::test]
@@ -332,14 +381,13 @@ mod tests {
         bp.subscribe("kept").await.unwrap();
         for shard in bp.shards.iter() {
             for state in shard.lock().values() {
-                state.lock().touched -= Duration::from_secs(3600);
+                state.lock().touched -= Duration::from_secs(2);
             }
         }
         bp.sweep_once();
         assert_eq!(bp.channel_count(), 1);
-        // A forgotten channel comes back with a new epoch: its history is gone.
         let kept = bp.history("kept", 0, 1).await.unwrap().epoch;
-        bp.publish("kept", data(1)).await.unwrap();
+        bp.publish("kept", data(1), None).await.unwrap();
         assert_eq!(bp.history("kept", 0, 1).await.unwrap().epoch, kept);
     }
 }

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::client::backplane_error;
 use crate::node::Node;
-use crate::protocol::check_channel;
+use crate::protocol::{check_channel, check_idempotency_key};
 use crate::response::{self, Body};
 
 #[derive(Deserialize)]
@@ -20,6 +20,8 @@ struct PublishRequest<'a> {
     channel: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
+    #[serde(borrow, default)]
+    idempotency_key: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// `POST /api/publish {"channel": C, "data": <json>}` → `{"channel": C, "offset": N, "epoch": E}`.
@@ -49,8 +51,12 @@ pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<B
     if let Err(e) = check_channel(&request.channel) {
         return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
     }
+    if let Err(e) = check_idempotency_key(request.idempotency_key.as_deref()) {
+        return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
+    }
     let data = backplane::json::compact(request.data.get());
-    match node.publish(&request.channel, data).await {
+    let key = request.idempotency_key.as_deref();
+    match node.publish(&request.channel, data, key).await {
         Ok(ack) => response::json(
             StatusCode::OK,
             serde_json::to_vec(&ack).expect("cannot fail"),

@@ -213,22 +213,38 @@ impl Session {
 
     /// Ends a subscription at once.
     pub fn unsubscribe(&mut self, channel: &str) -> Result<(), ErrorBody> {
-        if self.subs.remove(channel).is_none() {
+        let Some(sub) = self.subs.remove(channel) else {
             return Err(ErrorBody::new(
                 "not_subscribed",
                 format!("not subscribed to {channel}"),
             ));
-        }
+        };
+        self.forget(&sub);
         self.leave_hub(channel);
         Ok(())
     }
 
+    /// Keeps the catching-up gauge right when a subscription goes away.
+    fn forget(&self, sub: &Subscription) {
+        if matches!(sub.state, State::CatchingUp { .. }) {
+            self.node.metrics.catching_up.dec();
+        }
+    }
+
     /// Publishes on behalf of the client; the reply arrives as [`Output::Reply`].
-    pub fn publish(&mut self, id: Option<u64>, channel: Arc<str>, data: Bytes) {
+    pub fn publish(
+        &mut self,
+        id: Option<u64>,
+        channel: Arc<str>,
+        data: Bytes,
+        idempotency_key: Option<String>,
+    ) {
         let node = self.node.clone();
         self.pending.push(
             async move {
-                let result = node.publish(&channel, data).await;
+                let result = node
+                    .publish(&channel, data, idempotency_key.as_deref())
+                    .await;
                 Completion::Published { id, result }
             }
             .boxed(),
@@ -322,6 +338,7 @@ impl Session {
                     out.push(Output::Publication(p));
                 } else if p.offset > sub.delivered + 1 {
                     sub.state = State::CatchingUp { live_max: p.offset };
+                    self.node.metrics.catching_up.inc();
                     let (gen, since) = (sub.gen, sub.delivered);
                     self.fetch(gen, p.channel.clone(), since, Duration::ZERO);
                 }
@@ -430,6 +447,7 @@ impl Session {
             sub.epoch = page.epoch.clone();
             sub.delivered = page.top;
             sub.state = State::Live;
+            self.node.metrics.catching_up.dec();
             out.push(Output::Reset {
                 channel,
                 epoch: page.epoch,
@@ -452,11 +470,18 @@ impl Session {
         let Some(sub) = self.subs.get_mut(&channel) else {
             return;
         };
+        let was_catching_up = matches!(sub.state, State::CatchingUp { .. });
         if more || live_max > sub.delivered {
+            if !was_catching_up {
+                self.node.metrics.catching_up.inc();
+            }
             sub.state = State::CatchingUp { live_max };
             let since = sub.delivered;
             self.fetch(gen, channel, since, Duration::ZERO);
         } else {
+            if was_catching_up {
+                self.node.metrics.catching_up.dec();
+            }
             sub.state = State::Live;
         }
     }
@@ -524,7 +549,8 @@ pub fn backplane_error(e: &BackplaneError) -> ErrorBody {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for channel in std::mem::take(&mut self.subs).into_keys() {
+        for (channel, sub) in std::mem::take(&mut self.subs) {
+            self.forget(&sub);
             self.leave_hub(&channel);
         }
     }

@@ -18,6 +18,7 @@ pub struct Config {
     pub sse: SseConfig,
     pub client: ClientConfig,
     pub history: HistoryConfig,
+    pub redis: RedisSection,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -95,6 +96,53 @@ pub struct HistoryConfig {
     pub max_age: Duration,
     /// Largest `limit` accepted by `GET /api/history`.
     pub max_page: usize,
+    /// How long a channel's epoch and top offset outlive its last activity.
+    #[serde(with = "humantime_serde")]
+    pub meta_ttl: Duration,
+    /// A publish repeating an `idempotency_key` within this window returns the first result.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+}
+
+/// The Redis backplane; with neither `url` nor `cluster_nodes` the node runs on the embedded
+/// in-memory backplane.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSection {
+    /// A single Redis server, e.g. `redis://127.0.0.1:6379`.
+    pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`host:port` or `redis://host:port`).
+    pub cluster_nodes: Vec<String>,
+    /// Command connections to a single server.
+    pub pool_size: usize,
+    /// Prefix of every key.
+    pub prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A Redis command slower than this fails; a publish then answers 503.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Period of the round trip through pub/sub that proves live delivery works.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// How long the node stays subscribed after a channel's last local subscriber left.
+    #[serde(with = "humantime_serde")]
+    pub subscribe_linger: Duration,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        RedisSection {
+            url: None,
+            cluster_nodes: Vec::new(),
+            pool_size: 32,
+            prefix: "gw".into(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(500),
+            health_interval: Duration::from_secs(1),
+            subscribe_linger: Duration::from_secs(2),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -152,6 +200,8 @@ impl Default for HistoryConfig {
             max_count: 1000,
             max_age: Duration::from_secs(600),
             max_page: 1000,
+            meta_ttl: Duration::from_secs(24 * 3600),
+            idempotency_window: Duration::from_secs(300),
         }
     }
 }
@@ -163,6 +213,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub ws_echo: bool,
     pub log_json: bool,
+    pub redis_url: Option<String>,
+    pub redis_cluster_nodes: Option<Vec<String>>,
 }
 
 /// A configuration that cannot be used, with the key at fault where one is known.
@@ -187,7 +239,9 @@ impl Config {
             config::Environment::with_prefix("GATEWAY")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("redis.cluster_nodes"),
         );
         let err = |e: config::ConfigError| ConfigError(e.to_string());
         if let Some(listen) = overrides.listen {
@@ -197,6 +251,16 @@ impl Config {
         }
         if overrides.ws_echo {
             builder = builder.set_override("websocket.echo", true).map_err(err)?;
+        }
+        if let Some(url) = &overrides.redis_url {
+            builder = builder
+                .set_override("redis.url", url.as_str())
+                .map_err(err)?;
+        }
+        if let Some(nodes) = &overrides.redis_cluster_nodes {
+            builder = builder
+                .set_override("redis.cluster_nodes", nodes.clone())
+                .map_err(err)?;
         }
         if overrides.log_json {
             builder = builder.set_override("log.format", "json").map_err(err)?;
@@ -219,6 +283,14 @@ impl Config {
             ("websocket.write_timeout", self.websocket.write_timeout),
             ("sse.heartbeat_interval", self.sse.heartbeat_interval),
             ("history.max_age", self.history.max_age),
+            ("history.meta_ttl", self.history.meta_ttl),
+            (
+                "history.idempotency_window",
+                self.history.idempotency_window,
+            ),
+            ("redis.connect_timeout", self.redis.connect_timeout),
+            ("redis.command_timeout", self.redis.command_timeout),
+            ("redis.health_interval", self.redis.health_interval),
         ];
         for (key, value) in positive {
             if value.is_zero() {
@@ -236,6 +308,7 @@ impl Config {
             ("client.max_subscriptions", self.client.max_subscriptions, 1),
             ("history.max_count", self.history.max_count, 1),
             ("history.max_page", self.history.max_page, 1),
+            ("redis.pool_size", self.redis.pool_size, 1),
         ];
         for (key, value, min) in at_least {
             if value < min {
@@ -244,13 +317,64 @@ impl Config {
                 )));
             }
         }
+        if self.redis.url.is_some() && !self.redis.cluster_nodes.is_empty() {
+            return Err(ConfigError(
+                "redis.url and redis.cluster_nodes are exclusive: set one".into(),
+            ));
+        }
+        if let Some(url) = &self.redis.url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError(format!(
+                    "redis.url must start with redis:// or rediss://, got {url:?}"
+                )));
+            }
+        }
+        if self.redis.prefix.is_empty() || self.redis.prefix.contains(['{', '}']) {
+            return Err(ConfigError(
+                "redis.prefix must be non-empty and contain no braces".into(),
+            ));
+        }
         Ok(())
     }
 
-    pub fn retention(&self) -> backplane::Retention {
-        backplane::Retention {
-            max_count: self.history.max_count,
-            max_age: self.history.max_age,
+    pub fn settings(&self) -> backplane::Settings {
+        backplane::Settings {
+            retention: backplane::Retention {
+                max_count: self.history.max_count,
+                max_age: self.history.max_age,
+            },
+            meta_ttl: self.history.meta_ttl,
+            idempotency_window: self.history.idempotency_window,
         }
+    }
+
+    /// The Redis backplane to use, if one is configured.
+    pub fn redis(&self) -> Option<backplane::redis::RedisConfig> {
+        let r = &self.redis;
+        let target = match (&r.url, r.cluster_nodes.is_empty()) {
+            (Some(url), _) => backplane::redis::Target::Single(url.clone()),
+            (None, false) => backplane::redis::Target::Cluster(
+                r.cluster_nodes
+                    .iter()
+                    .map(|n| {
+                        if n.contains("://") {
+                            n.clone()
+                        } else {
+                            format!("redis://{n}")
+                        }
+                    })
+                    .collect(),
+            ),
+            (None, true) => return None,
+        };
+        Some(backplane::redis::RedisConfig {
+            target,
+            pool_size: r.pool_size,
+            prefix: r.prefix.clone(),
+            connect_timeout: r.connect_timeout,
+            command_timeout: r.command_timeout,
+            health_interval: r.health_interval,
+            subscribe_linger: r.subscribe_linger,
+        })
     }
 }

@@ -122,6 +122,24 @@ impl Hub {
         Ok(())
     }
 
+    /// Bytes queued for sending over all connections, and in the fullest connection's queue.
+    pub fn queued_bytes(&self) -> (usize, usize) {
+        let mut seen = std::collections::HashSet::new();
+        let (mut total, mut largest) = (0, 0);
+        for shard in self.shards.iter() {
+            for entry in shard.read().values() {
+                for (conn, queue) in &entry.subscribers {
+                    if seen.insert(*conn) {
+                        let bytes = queue.queued_bytes();
+                        total += bytes;
+                        largest = largest.max(bytes);
+                    }
+                }
+            }
+        }
+        (total, largest)
+    }
+
     /// Number of channels known to the hub (with local subscribers or node interest).
     pub fn channel_count(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
@@ -152,20 +170,20 @@ mod tests {
     use super::*;
     use crate::queue::outbound;
     use backplane::memory::MemoryBackplane;
-    use backplane::Retention;
+    use backplane::Settings;
 
     #[tokio::test]
     async fn fans_out_to_subscribers_only_and_tracks_node_interest() {
         let hub = Arc::new(Hub::new(Metrics::new()));
-        let bp = MemoryBackplane::new(Retention::default(), hub.clone());
+        let bp = MemoryBackplane::new(Settings::default(), hub.clone());
         let channel: Arc<str> = "c".into();
         let (tx1, mut rx1) = outbound(1 << 20);
         let (tx2, mut rx2) = outbound(1 << 20);
         hub.add(&channel, 1, tx1);
         hub.add(&channel, 2, tx2);
         hub.reconcile(&*bp, "c").await.unwrap();
-        bp.publish("c", "1".into()).await.unwrap();
-        bp.publish("other", "1".into()).await.unwrap();
+        bp.publish("c", "1".into(), None).await.unwrap();
+        bp.publish("other", "1".into(), None).await.unwrap();
         let a = rx1.try_recv().unwrap();
         let b = rx2.try_recv().unwrap();
         assert!(
@@ -175,7 +193,7 @@ mod tests {
         assert!(rx1.try_recv().is_none());
 
         assert!(!hub.remove("c", 1));
-        bp.publish("c", "2".into()).await.unwrap();
+        bp.publish("c", "2".into(), None).await.unwrap();
         assert!(rx1.try_recv().is_none());
         assert_eq!(rx2.try_recv().unwrap().offset, 2);
         assert!(hub.remove("c", 2));
@@ -187,7 +205,7 @@ mod tests {
     #[tokio::test]
     async fn reconcile_follows_membership_whatever_the_order() {
         let hub = Arc::new(Hub::new(Metrics::new()));
-        let bp = MemoryBackplane::new(Retention::default(), hub.clone());
+        let bp = MemoryBackplane::new(Settings::default(), hub.clone());
         let channel: Arc<str> = "c".into();
         let (tx, mut rx) = outbound(1 << 20);
         // Subscribe, unsubscribe and subscribe again before any reconcile runs.
@@ -196,7 +214,7 @@ mod tests {
         hub.add(&channel, 1, tx);
         hub.reconcile(&*bp, "c").await.unwrap();
         hub.reconcile(&*bp, "c").await.unwrap();
-        bp.publish("c", "1".into()).await.unwrap();
+        bp.publish("c", "1".into(), None).await.unwrap();
         assert_eq!(rx.try_recv().unwrap().offset, 1);
     }
 }

@@ -28,6 +28,12 @@ struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
+    /// Use a single Redis server as the backplane, e.g. redis://127.0.0.1:6379.
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+    /// Use a Redis Cluster as the backplane, given seed nodes.
+    #[arg(long, value_name = "HOST:PORT,HOST:PORT,...", value_delimiter = ',')]
+    redis_cluster_nodes: Option<Vec<String>>,
 }
 
 fn main() -> ExitCode {
@@ -37,6 +43,8 @@ fn main() -> ExitCode {
         listen: cli.listen,
         ws_echo: cli.ws_echo,
         log_json: cli.log_json,
+        redis_url: cli.redis_url,
+        redis_cluster_nodes: cli.redis_cluster_nodes,
     };
     let config = match Config::load(&overrides) {
         Ok(config) => config,
@@ -48,6 +56,10 @@ fn main() -> ExitCode {
     init_logging(&config);
     let runtime = tokio::runtime::Runtime::new().expect("cannot start the Tokio runtime");
     runtime.block_on(async {
+        // Installed before the node announces itself, so a SIGTERM right after start is graceful.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("cannot install the SIGINT handler");
         let running = match Gateway::start(config).await {
             Ok(running) => running,
             Err(e) => {
@@ -55,7 +67,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
         running.shutdown().await;
         ExitCode::SUCCESS
     })
@@ -68,14 +83,5 @@ fn init_logging(config: &Config) {
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
-    }
-}
-
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("cannot install the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }

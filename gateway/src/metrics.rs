@@ -15,6 +15,13 @@ pub struct Metrics {
     pub slow_consumer_disconnects: IntCounter,
     pub resumes: IntCounterVec,
     pub protocol_errors: IntCounterVec,
+    pub catching_up: IntGauge,
+    queued_bytes: IntGauge,
+    queued_bytes_max: IntGauge,
+    pubsub_healthy: IntGauge,
+    pubsub_reconnects: IntCounter,
+    gap_fills: IntCounter,
+    backplane_errors: IntCounter,
 }
 
 impl Default for Metrics {
@@ -78,12 +85,49 @@ impl Metrics {
             &["code"],
         )
         .unwrap();
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap();
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).unwrap();
+        let catching_up = gauge(
+            "gateway_catching_up_subscriptions",
+            "Subscriptions reading history to catch up (resume or gap fill).",
+        );
+        let queued_bytes = gauge(
+            "gateway_queued_bytes",
+            "Bytes waiting in all connections' outbound queues.",
+        );
+        let queued_bytes_max = gauge(
+            "gateway_queued_bytes_max",
+            "Bytes waiting in the fullest connection's outbound queue.",
+        );
+        let pubsub_healthy = gauge(
+            "gateway_backplane_pubsub_healthy",
+            "1 while live delivery from the backplane works end to end, else 0.",
+        );
+        let pubsub_reconnects = counter(
+            "gateway_backplane_pubsub_reconnects_total",
+            "Times the backplane's pub/sub link was lost and re-established.",
+        );
+        let gap_fills = counter(
+            "gateway_backplane_gap_fills_total",
+            "Gaps in live delivery filled from history.",
+        );
+        let backplane_errors = counter(
+            "gateway_backplane_errors_total",
+            "Backplane commands that failed.",
+        );
         for transport in ["ws", "sse"] {
             connections.with_label_values(&[transport]);
             deliveries.with_label_values(&[transport]);
         }
         resumes.with_label_values(&["recovered", "none"]);
-        let families: [Box<dyn prometheus::core::Collector>; 8] = [
+        let families: [Box<dyn prometheus::core::Collector>; 15] = [
+            Box::new(catching_up.clone()),
+            Box::new(queued_bytes.clone()),
+            Box::new(queued_bytes_max.clone()),
+            Box::new(pubsub_healthy.clone()),
+            Box::new(pubsub_reconnects.clone()),
+            Box::new(gap_fills.clone()),
+            Box::new(backplane_errors.clone()),
             Box::new(connections.clone()),
             Box::new(subscriptions.clone()),
             Box::new(channels.clone()),
@@ -106,7 +150,28 @@ impl Metrics {
             slow_consumer_disconnects,
             resumes,
             protocol_errors,
+            catching_up,
+            queued_bytes,
+            queued_bytes_max,
+            pubsub_healthy,
+            pubsub_reconnects,
+            gap_fills,
+            backplane_errors,
         }
+    }
+
+    /// Copies values kept elsewhere (backplane counters, queue sizes) into the families.
+    pub fn observe(&self, stats: backplane::Stats, queued: usize, largest: usize) {
+        self.pubsub_healthy.set(i64::from(stats.pubsub_healthy));
+        for (counter, value) in [
+            (&self.pubsub_reconnects, stats.pubsub_reconnects),
+            (&self.gap_fills, stats.gap_fills),
+            (&self.backplane_errors, stats.errors),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+        self.queued_bytes.set(queued as i64);
+        self.queued_bytes_max.set(largest as i64);
     }
 
     /// The text exposition format served on `/metrics`.

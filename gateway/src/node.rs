@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use backplane::memory::MemoryBackplane;
-use backplane::Backplane;
+use backplane::redis::RedisBackplane;
+use backplane::{Backplane, BackplaneError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,12 +29,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node on the embedded in-memory backplane.
-    pub fn new(config: Config) -> Arc<Node> {
+    /// A node on the configured backplane: Redis if configured, else the embedded one.
+    pub async fn start(config: Config) -> Result<Arc<Node>, BackplaneError> {
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let backplane = MemoryBackplane::new(config.retention(), hub.clone());
-        Arc::new(Node {
+        let backplane: Arc<dyn Backplane> = match config.redis() {
+            Some(redis) => RedisBackplane::connect(redis, config.settings(), hub.clone()).await?,
+            None => MemoryBackplane::new(config.settings(), hub.clone()),
+        };
+        Ok(Arc::new(Node {
             config,
             hub,
             backplane,
@@ -42,7 +46,7 @@ impl Node {
             connections: TaskTracker::new(),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
-        })
+        }))
     }
 
     pub fn next_conn_id(&self) -> ConnId {
@@ -55,6 +59,14 @@ impl Node {
             return Err("node is shutting down".into());
         }
         self.backplane.health()
+    }
+
+    /// The metrics text, with values read from the backplane and the hub at scrape time.
+    pub fn encode_metrics(&self) -> Vec<u8> {
+        let (queued, largest) = self.hub.queued_bytes();
+        self.metrics
+            .observe(self.backplane.stats(), queued, largest);
+        self.metrics.encode()
     }
 
     /// Marks the node not ready and tells every connection to close.
@@ -71,8 +83,12 @@ impl Node {
         &self,
         channel: &str,
         data: bytes::Bytes,
-    ) -> Result<backplane::PublishAck, backplane::BackplaneError> {
-        let ack = self.backplane.publish(channel, data).await?;
+        idempotency_key: Option<&str>,
+    ) -> Result<backplane::PublishAck, BackplaneError> {
+        let ack = self
+            .backplane
+            .publish(channel, data, idempotency_key)
+            .await?;
         self.metrics.publications.inc();
         Ok(ack)
     }

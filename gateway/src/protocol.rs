@@ -50,6 +50,20 @@ pub fn check_channel(channel: &str) -> Result<(), ErrorBody> {
     Ok(())
 }
 
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// Checks an optional idempotency key: 1 to 256 bytes.
+pub fn check_idempotency_key(key: Option<&str>) -> Result<(), ErrorBody> {
+    match key {
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN => Err(ErrorBody::new(
+            "bad_request",
+            format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A client command, as parsed from one WebSocket text message.
 #[derive(Debug)]
 pub enum Command<'a> {
@@ -66,6 +80,7 @@ pub enum Command<'a> {
         id: Option<u64>,
         channel: Cow<'a, str>,
         data: &'a RawValue,
+        idempotency_key: Option<Cow<'a, str>>,
     },
     Ping {
         id: Option<u64>,
@@ -89,6 +104,8 @@ struct RawCommand<'a> {
     since: Option<Position>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -144,7 +161,14 @@ impl<'a> Command<'a> {
                 let data = raw
                     .data
                     .ok_or_else(|| fail("bad_request", "missing field `data`"))?;
-                Ok(Command::Publish { id, channel, data })
+                check_idempotency_key(raw.idempotency_key.as_deref())
+                    .map_err(|error| CommandError { id, error })?;
+                Ok(Command::Publish {
+                    id,
+                    channel,
+                    data,
+                    idempotency_key: raw.idempotency_key,
+                })
             }
             "ping" => Ok(Command::Ping { id }),
             other => Err(fail("unknown_op", &format!("unknown op `{other}`"))),

@@ -55,6 +55,11 @@ pub enum Pushed {
 }
 
 impl QueueSender {
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Relaxed)
+    }
+
     /// Queues a publication without waiting.
     pub fn push(&self, publication: &Arc<Publication>) -> Pushed {
         let shared = &*self.shared;

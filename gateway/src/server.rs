@@ -38,6 +38,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the backplane: {0}")]
+    Backplane(#[from] backplane::BackplaneError),
 }
 
 impl Gateway {
@@ -50,7 +52,7 @@ impl Gateway {
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let node = Node::new(config);
+        let node = Node::start(config).await?;
         let http = TaskTracker::new();
         let accept = tokio::spawn(accept_loop(listener, node.clone(), http.clone()));
         tracing::info!(%addr, backplane = node.backplane.kind(), "listening on {addr}");
@@ -164,7 +166,7 @@ async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
         },
         "/metrics" => Response::builder()
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(response::full(node.metrics.encode()))
+            .body(response::full(node.encode_metrics()))
             .expect("static parts are valid"),
         "/api/publish" => api::publish(node, request).await,
         "/api/history" => api::history(node, request.uri().query()).await,

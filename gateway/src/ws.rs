@@ -381,9 +381,17 @@ fn handle_command(node: &Node, session: &mut Session, text: &Bytes, out: &mut Ve
                 Err(error) => reply_err(id, &error),
             }));
         }
-        Command::Publish { id, channel, data } => {
-            session.publish(id, channel.into(), backplane::json::compact(data.get()))
-        }
+        Command::Publish {
+            id,
+            channel,
+            data,
+            idempotency_key,
+        } => session.publish(
+            id,
+            channel.into(),
+            backplane::json::compact(data.get()),
+            idempotency_key.map(|k| k.into_owned()),
+        ),
         Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
     }
 }

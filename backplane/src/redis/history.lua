@@ -1,0 +1,25 @@
+-- Read a page of a channel's history together with its epoch and top offset, atomically.
+--
+-- KEYS[1]  meta hash   {e = epoch, t = top offset}
+-- KEYS[2]  history stream
+-- ARGV[1]  since: return entries with offset > since
+-- ARGV[2]  limit (0: only epoch and top)
+-- ARGV[3]  epoch to record if the channel has none, so every node and reader agrees on it
+-- ARGV[4]  history max age (ms)
+-- ARGV[5]  expiry of the meta hash (ms), refreshed when the meta is created
+-- Returns {epoch, top, {{id, {field, value, ...}}, ...}}.
+
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('HSET', KEYS[1], 'e', epoch)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
+local entries = {}
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  trim_by_age(KEYS[2], now_ms() - tonumber(ARGV[4]))
+  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-0', '+', 'COUNT', limit)
+end
+return {epoch, top, entries}

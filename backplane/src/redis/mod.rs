@@ -1,0 +1,234 @@
+//! The Redis backplane: history, offsets and epochs in Redis, fan-out through Redis pub/sub, so
+//! any number of stateless gateway nodes share every channel.
+//!
+//! - Publish is one Lua script (`publish.lua`): epoch, offset, history append (XADD with the offset
+//!   as entry id), trim by count and by per-entry age, key expiry and the PUBLISH (SPUBLISH on
+//!   Cluster) happen atomically. History reads are one script too (`history.lua`), so a page, the
+//!   epoch and the top offset are read at one instant.
+//! - Live delivery runs on a dedicated pub/sub link ([`pubsub`]) that fills gaps from history,
+//!   re-syncs channels after reconnects and checks itself with round trips through pub/sub.
+
+mod commands;
+mod keys;
+mod pubsub;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{
+    Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck, Settings,
+    Stats,
+};
+use commands::{Commands, HISTORY, PUBLISH};
+use keys::Keys;
+
+/// Which Redis to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One Redis server, e.g. `redis://127.0.0.1:6379` (`rediss://` for TLS, credentials in the URL).
+    Single(String),
+    /// Seed nodes of a Redis Cluster (7+), e.g. `redis://10.0.0.1:7000`. Uses sharded pub/sub.
+    Cluster(Vec<String>),
+}
+
+/// Connection settings of the Redis backplane.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub target: Target,
+    /// Command connections (single server).
+    pub pool_size: usize,
+    /// Prefix of every key, so several deployments can share a Redis.
+    pub prefix: String,
+    pub connect_timeout: Duration,
+    /// A command slower than this fails (and a publish is refused with 503).
+    pub command_timeout: Duration,
+    /// Period of the round trip through pub/sub that proves live delivery works.
+    pub health_interval: Duration,
+    /// How long the node stays subscribed to a channel after its last local subscriber left.
+    pub subscribe_linger: Duration,
+}
+
+/// The Redis implementation of [`Backplane`].
+pub struct RedisBackplane {
+    shared: Arc<pubsub::Shared>,
+    link: pubsub::Link,
+}
+
+impl RedisBackplane {
+    /// Connects the command path and the pub/sub link; fails if Redis cannot be reached now.
+    pub async fn connect(
+        config: RedisConfig,
+        settings: Settings,
+        sink: Arc<dyn PublicationSink>,
+    ) -> Result<Arc<RedisBackplane>, BackplaneError> {
+        let commands = match &config.target {
+            Target::Single(url) => {
+                Commands::single(
+                    url,
+                    config.pool_size,
+                    config.connect_timeout,
+                    config.command_timeout,
+                )
+                .await?
+            }
+            Target::Cluster(nodes) => {
+                Commands::cluster(nodes, config.connect_timeout, config.command_timeout).await?
+            }
+        };
+        let mut settings = settings;
+        // The epoch and top must outlive the history they describe.
+        settings.meta_ttl = settings.meta_ttl.max(settings.retention.max_age);
+        let shared = Arc::new(pubsub::Shared {
+            keys: Keys::new(&config.prefix),
+            sharded: matches!(config.target, Target::Cluster(_)),
+            commands,
+            settings,
+            sink,
+            health: pubsub::Health::default(),
+        });
+        // Fail at start rather than serve with a store that is not there.
+        history(&shared, "__gateway_startup_check", u64::MAX, 0).await?;
+        let link = pubsub::Link::start(shared.clone(), &config).await?;
+        Ok(Arc::new(RedisBackplane { shared, link }))
+    }
+}
+
+fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX).max(1)
+}
+
+/// Reads a page of history (and the epoch and top) in one script call.
+pub(crate) async fn history(
+    shared: &pubsub::Shared,
+    channel: &str,
+    since: u64,
+    limit: usize,
+) -> Result<HistoryPage, BackplaneError> {
+    let keys = &shared.keys;
+    let settings = &shared.settings;
+    let mut invocation = HISTORY.key(keys.meta(channel));
+    invocation
+        .key(keys.history(channel))
+        .arg(since)
+        .arg(limit)
+        .arg(new_epoch())
+        .arg(millis(settings.retention.max_age))
+        .arg(millis(settings.meta_ttl));
+    type Entry = (String, Vec<Vec<u8>>);
+    let (epoch, top, entries): (String, u64, Vec<Entry>) = shared.commands.run(&invocation).await?;
+    let epoch: Arc<str> = epoch.into();
+    let channel: Arc<str> = channel.into();
+    let mut publications = Vec::with_capacity(entries.len());
+    for (id, fields) in entries {
+        let offset = id
+            .split('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                BackplaneError::Unavailable(format!("unexpected history entry id {id}"))
+            })?;
+        let data = fields
+            .chunks(2)
+            .find(|pair| pair.len() == 2 && pair[0] == b"d")
+            .map(|pair| &pair[1][..])
+            .ok_or_else(|| {
+                BackplaneError::Unavailable(format!("history entry {id} has no data"))
+            })?;
+        publications.push(Arc::new(Publication::new(
+            channel.clone(),
+            offset,
+            epoch.clone(),
+            data,
+        )));
+    }
+    Ok(HistoryPage {
+        epoch,
+        top,
+        publications,
+    })
+}
+
+#[async_trait]
+impl Backplane for RedisBackplane {
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+        idempotency_key: Option<&str>,
+    ) -> Result<PublishAck, BackplaneError> {
+        let shared = &*self.shared;
+        let keys = &shared.keys;
+        let settings = &shared.settings;
+        let (idempotency, window) = match idempotency_key {
+            Some(key) => (
+                keys.idempotency(channel, key),
+                millis(settings.idempotency_window),
+            ),
+            None => (keys.meta(channel), 0),
+        };
+        let mut invocation = PUBLISH.key(keys.meta(channel));
+        invocation
+            .key(keys.history(channel))
+            .key(idempotency)
+            .arg(&data[..])
+            .arg(new_epoch())
+            .arg(settings.retention.max_count)
+            .arg(millis(settings.retention.max_age))
+            .arg(millis(settings.retention.max_age))
+            .arg(millis(settings.meta_ttl))
+            .arg(keys.pubsub(channel))
+            .arg(if shared.sharded { "1" } else { "0" })
+            .arg(window)
+            .arg(channel);
+        let result: Result<(u64, String, u8), _> = shared.commands.run(&invocation).await;
+        let (offset, epoch, _duplicate) = result.inspect_err(|_| shared.health.count_error())?;
+        Ok(PublishAck {
+            channel: channel.into(),
+            offset,
+            epoch: epoch.into(),
+        })
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<HistoryPage, BackplaneError> {
+        history(&self.shared, channel, since, limit)
+            .await
+            .inspect_err(|_| self.shared.health.count_error())
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BackplaneError> {
+        self.link.subscribe(channel).await
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError> {
+        self.link.unsubscribe(channel);
+        Ok(())
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.shared.health.check()
+    }
+
+    fn stats(&self) -> Stats {
+        self.shared.health.stats()
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.shared.sharded {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
+    }
+}

@@ -1,0 +1,50 @@
+-- Publish one message to a channel, atomically: epoch, offset, history append, trims, expiry and
+-- fan-out happen together or not at all.
+--
+-- KEYS[1]  meta hash   {e = epoch, t = top offset}
+-- KEYS[2]  history stream, entry id "<offset>-0", fields d = data, t = publish time (ms)
+-- KEYS[3]  idempotency key (used only when ARGV[9] > 0)
+-- ARGV[1]  data (compact JSON)
+-- ARGV[2]  epoch to use if the channel has none (new channel, or its history was lost)
+-- ARGV[3]  history max count
+-- ARGV[4]  history max age (ms)
+-- ARGV[5]  expiry of the history stream (ms)
+-- ARGV[6]  expiry of the meta hash (ms)
+-- ARGV[7]  pub/sub channel
+-- ARGV[8]  "1": SPUBLISH (Redis Cluster sharded pub/sub), "0": PUBLISH
+-- ARGV[9]  idempotency window (ms), 0 for none
+-- ARGV[10] channel name (goes into the pub/sub message)
+-- Returns {offset, epoch, duplicate (0/1)}.
+-- Pub/sub message: "<offset> <epoch> <channel>\n<data>" (channel names have no whitespace).
+
+local idem_ms = tonumber(ARGV[9])
+if idem_ms > 0 then
+  local previous = redis.call('GET', KEYS[3])
+  if previous then
+    local sep = string.find(previous, ' ', 1, true)
+    return {tonumber(string.sub(previous, 1, sep - 1)), string.sub(previous, sep + 1), 1}
+  end
+end
+
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('HSET', KEYS[1], 'e', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 't', 1)
+local now = now_ms()
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', now)
+trim_by_age(KEYS[2], now - tonumber(ARGV[4]))
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+
+local message = offset .. ' ' .. epoch .. ' ' .. ARGV[10] .. '\n' .. ARGV[1]
+if ARGV[8] == '1' then
+  redis.call('SPUBLISH', ARGV[7], message)
+else
+  redis.call('PUBLISH', ARGV[7], message)
+end
+if idem_ms > 0 then
+  redis.call('SET', KEYS[3], offset .. ' ' .. epoch, 'PX', idem_ms)
+end
+return {offset, epoch, 0}
