@@ -94,6 +94,27 @@ impl Commands {
         }
     }
 
+    /// A round trip to Redis (to every primary on a cluster).
+    pub(crate) async fn ping(&self) -> Result<(), BackplaneError> {
+        match self {
+            Commands::Single(pool) => {
+                let mut connection = pool.get().await.map_err(unavailable)?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut *connection)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            Commands::Cluster(connection) => {
+                let mut connection = connection.clone();
+                redis::cmd("PING")
+                    .query_async::<redis::Value>(&mut connection)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Publishes a raw pub/sub message (PUBLISH, or SPUBLISH on a cluster).
     pub(crate) async fn publish_raw(
         &self,

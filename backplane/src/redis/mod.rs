@@ -90,7 +90,7 @@ impl RedisBackplane {
             health: pubsub::Health::default(),
         });
         // Fail at start rather than serve with a store that is not there.
-        history(&shared, "__gateway_startup_check", u64::MAX, 0).await?;
+        shared.commands.ping().await?;
         let link = pubsub::Link::start(shared.clone(), &config).await?;
         Ok(Arc::new(RedisBackplane { shared, link }))
     }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# deploy/local-cluster.sh — a cluster on this machine for trying things out: one Redis and three
+# gateway nodes on loopback ports, in the foreground. Ctrl-C (or SIGTERM) stops them all cleanly:
+# the nodes drain (WebSockets closed with 1001), then Redis shuts down.
+#
+#   deploy/local-cluster.sh            # Redis on 127.0.0.1:6390, nodes on 127.0.0.1:8081-8083
+#   REDIS_PORT=7000 FIRST_PORT=9001 deploy/local-cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REDIS_PORT="${REDIS_PORT:-6390}"
+FIRST_PORT="${FIRST_PORT:-8081}"
+command -v redis-server >/dev/null || { echo "redis-server not found (apt-get install redis-server)" >&2; exit 1; }
+
+cargo build --release --locked -p gateway
+DATA="$(mktemp -d)"
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo "stopping nodes…"
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  wait 2>/dev/null || true
+  rm -rf "$DATA"
+  echo "stopped"
+}
+trap stop INT TERM EXIT
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$DATA" --save '' --appendonly no \
+  --logfile "$DATA/redis.log" &
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
+echo "redis      redis://127.0.0.1:$REDIS_PORT"
+
+for i in 0 1 2; do
+  port=$((FIRST_PORT + i))
+  ./target/release/gateway --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+    >"$DATA/node$i.log" 2>&1 &
+  pids+=("$!")
+  until curl -fs "127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.1; done
+  echo "node $i     http://127.0.0.1:$port   (ws://127.0.0.1:$port/ws, /sse, /api/publish)"
+done
+echo "logs in $DATA; Ctrl-C stops everything"
+wait -n "${pids[@]}" || true
