@@ -535,7 +535,9 @@ impl Task {
         match &state.last {
             Some((_, last)) => {
                 let last = *last;
-                self.deliver_from_history(channel, last, None).await;
+                if self.deliver_from_history(channel, last, None).await > 0 {
+                    self.shared.health.gap_fills.fetch_add(1, Ordering::Relaxed);
+                }
             }
             None => {
                 if let Ok(page) = super::history(&self.shared, channel, u64::MAX, 0).await {
@@ -547,16 +549,18 @@ impl Task {
         }
     }
 
+    /// Returns how many publications it delivered.
     async fn deliver_from_history(
         &mut self,
         channel: &Arc<str>,
         mut after: u64,
         until: Option<u64>,
-    ) {
+    ) -> usize {
         const PAGE: usize = 1000;
+        let mut delivered = 0;
         loop {
             let limit = match until {
-                Some(until) if until <= after => return,
+                Some(until) if until <= after => return delivered,
                 Some(until) => ((until - after) as usize).min(PAGE),
                 None => PAGE,
             };
@@ -566,25 +570,26 @@ impl Task {
                     // Sessions notice the gap themselves and read history when it is back.
                     tracing::warn!(%channel, error = %e, "gap fill from history failed");
                     self.shared.health.count_error();
-                    return;
+                    return delivered;
                 }
             };
             let Some(state) = self.channels.get_mut(channel) else {
-                return;
+                return delivered;
             };
             if state.last.as_ref().is_some_and(|(e, _)| *e != page.epoch) {
                 // History was lost: continue from the new epoch's top.
                 state.last = Some((page.epoch, page.top));
-                return;
+                return delivered;
             }
             let count = page.publications.len();
+            delivered += count;
             for publication in page.publications {
                 after = publication.offset;
                 state.last = Some((publication.epoch.clone(), publication.offset));
                 self.shared.sink.deliver(publication);
             }
             if count < limit {
-                return;
+                return delivered;
             }
         }
     }

@@ -2,17 +2,26 @@
 -- Stream entry ids are "<offset>-0"; every entry carries its publish time in field "t" (ms), so
 -- age is per entry, not per key. Entries are appended in time order, so expired ones form a
 -- prefix; each call removes at most 16 batches of 64 to keep the script short.
+local function entry_time(entry)
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 't' then return tonumber(fields[i + 1]) end
+  end
+  return nil
+end
+
 local function trim_by_age(stream, cutoff_ms)
+  -- Common case first: the oldest entry is still fresh, so nothing has expired.
+  local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  if #oldest == 0 then return end
+  local t = entry_time(oldest[1])
+  if t == nil or t >= cutoff_ms then return end
   for _ = 1, 16 do
     local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
     if #batch == 0 then return end
     local keep_from = nil
     for _, entry in ipairs(batch) do
-      local fields = entry[2]
-      local t = nil
-      for i = 1, #fields, 2 do
-        if fields[i] == 't' then t = tonumber(fields[i + 1]) end
-      end
+      local t = entry_time(entry)
       if t ~= nil and t >= cutoff_ms then
         keep_from = entry[1]
         break
