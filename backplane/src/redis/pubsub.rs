@@ -208,22 +208,7 @@ impl Connection {
         names: &[String],
         timeout: Duration,
     ) -> Result<(), BackplaneError> {
-        let work = async {
-            match self {
-                Connection::Single(c) => c.subscribe(names).await,
-                Connection::Cluster(c) => {
-                    // Each shard channel may live on another node: one SSUBSCRIBE each.
-                    for name in names {
-                        c.ssubscribe(name).await?;
-                    }
-                    Ok(())
-                }
-            }
-        };
-        match tokio::time::timeout(timeout * (names.len() as u32).clamp(1, 8), work).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(unavailable("subscribe timed out")),
-        }
+        self.change(true, names, timeout).await
     }
 
     async fn unsubscribe(
@@ -231,12 +216,28 @@ impl Connection {
         names: &[String],
         timeout: Duration,
     ) -> Result<(), BackplaneError> {
+        self.change(false, names, timeout).await
+    }
+
+    /// (Un)subscribes, bounded by the command timeout per shard round trip.
+    async fn change(
+        &mut self,
+        subscribe: bool,
+        names: &[String],
+        timeout: Duration,
+    ) -> Result<(), BackplaneError> {
         let work = async {
             match self {
+                Connection::Single(c) if subscribe => c.subscribe(names).await,
                 Connection::Single(c) => c.unsubscribe(names).await,
                 Connection::Cluster(c) => {
+                    // Each shard channel may live on another node: one command each.
                     for name in names {
-                        c.sunsubscribe(name).await?;
+                        if subscribe {
+                            c.ssubscribe(name).await?;
+                        } else {
+                            c.sunsubscribe(name).await?;
+                        }
                     }
                     Ok(())
                 }
@@ -244,7 +245,7 @@ impl Connection {
         };
         match tokio::time::timeout(timeout * (names.len() as u32).clamp(1, 8), work).await {
             Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(unavailable("unsubscribe timed out")),
+            Err(_) => Err(unavailable("pub/sub (un)subscribe timed out")),
         }
     }
 }
