@@ -19,6 +19,13 @@ use bytes::Bytes;
 
 pub use publication::{Position, Publication, PublishAck};
 
+/// Microseconds since the Unix epoch, the clock publications are stamped with.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// One page of a channel's history, read at a single instant.
 #[derive(Debug, Clone)]
 pub struct HistoryPage {

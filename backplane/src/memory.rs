@@ -186,12 +186,10 @@ impl Backplane for MemoryBackplane {
                 }
             }
             state.top += 1;
-            let publication = Arc::new(Publication::new(
-                state.name.clone(),
-                state.top,
-                state.epoch.clone(),
-                &data,
-            ));
+            let publication = Arc::new(
+                Publication::new(state.name.clone(), state.top, state.epoch.clone(), &data)
+                    .published_at(crate::now_us()),
+            );
             state.history.push_back(Entry {
                 at: now,
                 publication: publication.clone(),

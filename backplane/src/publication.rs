@@ -12,6 +12,8 @@ pub struct Publication {
     pub channel: Arc<str>,
     pub offset: u64,
     pub epoch: Arc<str>,
+    /// When the publish was accepted, microseconds since the Unix epoch (0 if unknown).
+    pub published_us: u64,
     json: Bytes,
     data: Range<usize>,
 }
@@ -35,9 +37,16 @@ impl Publication {
             channel,
             offset,
             epoch,
+            published_us: 0,
             json: Bytes::from(json),
             data,
         }
+    }
+
+    /// Records when the publish was accepted (microseconds since the Unix epoch).
+    pub fn published_at(mut self, published_us: u64) -> Self {
+        self.published_us = published_us;
+        self
     }
 
     /// The publication as one compact JSON object, the bytes every transport sends.

@@ -107,7 +107,7 @@ pub async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
     if let Err(e) = check_channel(&channel) {
         return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
     }
-    let page = match node.backplane.history(&channel, since, limit).await {
+    let page = match node.history(&channel, since, limit).await {
         Ok(page) => page,
         Err(e) => {
             let error = backplane_error(&e);

@@ -43,7 +43,10 @@ pub enum Output {
         channel: Arc<str>,
         error: ErrorBody,
     },
+    /// A publication read from history (resume or gap fill).
     Publication(Arc<Publication>),
+    /// A publication delivered live, as fanned out.
+    Live(Arc<Publication>),
     /// The channel's stream could not be continued: what was missed is lost. Delivery goes on
     /// after `offset` of `epoch`.
     Reset {
@@ -188,14 +191,10 @@ impl Session {
         let page_size = self.node.config.client.history_page_size;
         self.pending.push(
             async move {
-                let result = match node.hub.reconcile(&*node.backplane, &channel).await {
+                let result = match node.reconcile(&channel).await {
                     Ok(()) => match &since {
-                        Some(since) => {
-                            node.backplane
-                                .history(&channel, since.offset, page_size)
-                                .await
-                        }
-                        None => node.backplane.history(&channel, u64::MAX, 0).await,
+                        Some(since) => node.history(&channel, since.offset, page_size).await,
+                        None => node.history(&channel, u64::MAX, 0).await,
                     },
                     Err(e) => Err(e),
                 };
@@ -335,7 +334,7 @@ impl Session {
                 }
                 if p.offset == sub.delivered + 1 {
                     sub.delivered = p.offset;
-                    out.push(Output::Publication(p));
+                    out.push(Output::Live(p));
                 } else if p.offset > sub.delivered + 1 {
                     sub.state = State::CatchingUp { live_max: p.offset };
                     self.node.metrics.catching_up.inc();
@@ -494,7 +493,8 @@ impl Session {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                let result = node.backplane.history(&channel, since, limit).await;
+                let result = node.history(&channel, since, limit).await;
+                node.metrics.history_pages.inc();
                 Completion::Page {
                     gen,
                     channel,
@@ -537,6 +537,19 @@ fn deliver_page(
         }
     }
     page.publications.len() >= page_size && sub.delivered < page.top
+}
+
+/// The publish time of the oldest live publication among `outputs` (0 if none), for the
+/// fan-out latency of a written batch.
+pub fn oldest_live(outputs: &[Output]) -> u64 {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Live(p) if p.published_us > 0 => Some(p.published_us),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(0)
 }
 
 /// The error a client sees when the backplane fails.

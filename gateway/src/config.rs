@@ -19,6 +19,24 @@ pub struct Config {
     pub client: ClientConfig,
     pub history: HistoryConfig,
     pub redis: RedisSection,
+    pub drain: DrainConfig,
+}
+
+/// How a node stopping on SIGTERM lets go of its clients (SIGINT and the in-process `shutdown`
+/// close everything at once). Kubernetes deployments set both, e.g. 5s and 20s.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainConfig {
+    /// After SIGTERM, report not ready but keep serving this long, so load balancers stop
+    /// routing new clients here before any is closed.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// Then close connections in batches spread evenly over this window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Each closed client is told to wait a random delay below this before reconnecting.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_jitter: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -316,6 +334,13 @@ impl Config {
                     "{key} must be at least {min}, got {value}"
                 )));
             }
+        }
+        if self.drain.delay + self.drain.window >= self.server.shutdown_timeout {
+            return Err(ConfigError(format!(
+                "server.shutdown_timeout ({:?}) must exceed drain.delay + drain.window ({:?})",
+                self.server.shutdown_timeout,
+                self.drain.delay + self.drain.window
+            )));
         }
         if self.redis.url.is_some() && !self.redis.cluster_nodes.is_empty() {
             return Err(ConfigError(

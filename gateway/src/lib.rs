@@ -8,6 +8,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod cursor;
+pub mod drain;
 pub mod hub;
 pub mod metrics;
 pub mod node;

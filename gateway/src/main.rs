@@ -68,10 +68,15 @@ fn main() -> ExitCode {
             }
         };
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received: draining");
+                running.drain().await;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT received: stopping now");
+                running.shutdown().await;
+            }
         }
-        running.shutdown().await;
         ExitCode::SUCCESS
     })
 }

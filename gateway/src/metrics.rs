@@ -1,7 +1,10 @@
 //! The node's Prometheus metrics. Labels are bounded sets (transport, result, reason): never a
 //! channel name or a user.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 /// Handles to every metric family; cheap to clone.
 #[derive(Clone)]
@@ -16,6 +19,12 @@ pub struct Metrics {
     pub resumes: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub catching_up: IntGauge,
+    pub history_pages: IntCounter,
+    pub fanout_latency: HistogramVec,
+    pub backplane_duration: HistogramVec,
+    pub draining: IntGauge,
+    pub drain_remaining: IntGauge,
+    pub drain_closed: IntCounter,
     queued_bytes: IntGauge,
     queued_bytes_max: IntGauge,
     pubsub_healthy: IntGauge,
@@ -115,12 +124,58 @@ impl Metrics {
             "gateway_backplane_errors_total",
             "Backplane commands that failed.",
         );
+        let history_pages = counter(
+            "gateway_history_pages_total",
+            "History pages read for client catch-up (resume and gap fill).",
+        );
+        let draining = gauge("gateway_draining", "1 while the node is draining, else 0.");
+        let drain_remaining = gauge(
+            "gateway_drain_connections_remaining",
+            "Connections a drain has still to close.",
+        );
+        let drain_closed = counter(
+            "gateway_drain_closed_total",
+            "Connections closed by draining.",
+        );
+        let latency_buckets = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0,
+        ];
+        let fanout_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_fanout_latency_seconds",
+                "Publish accepted to written to the client socket, live deliveries (the oldest publication of each written batch).",
+            )
+            .buckets(latency_buckets.clone()),
+            &["transport"],
+        )
+        .unwrap();
+        let backplane_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_backplane_command_duration_seconds",
+                "Duration of backplane operations, by operation.",
+            )
+            .buckets(latency_buckets),
+            &["op"],
+        )
+        .unwrap();
+        for op in ["publish", "history", "subscribe"] {
+            backplane_duration.with_label_values(&[op]);
+        }
         for transport in ["ws", "sse"] {
+            fanout_latency.with_label_values(&[transport]);
             connections.with_label_values(&[transport]);
             deliveries.with_label_values(&[transport]);
         }
         resumes.with_label_values(&["recovered", "none"]);
-        let families: [Box<dyn prometheus::core::Collector>; 15] = [
+        let families: [Box<dyn prometheus::core::Collector>; 22] = [
+            Box::new(history_pages.clone()),
+            Box::new(fanout_latency.clone()),
+            Box::new(backplane_duration.clone()),
+            Box::new(draining.clone()),
+            Box::new(drain_remaining.clone()),
+            Box::new(drain_closed.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
             Box::new(catching_up.clone()),
             Box::new(queued_bytes.clone()),
             Box::new(queued_bytes_max.clone()),
@@ -151,6 +206,12 @@ impl Metrics {
             resumes,
             protocol_errors,
             catching_up,
+            history_pages,
+            fanout_latency,
+            backplane_duration,
+            draining,
+            drain_remaining,
+            drain_closed,
             queued_bytes,
             queued_bytes_max,
             pubsub_healthy,

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::drain::Registry;
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
 
@@ -20,8 +21,10 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub backplane: Arc<dyn Backplane>,
     pub metrics: Metrics,
-    /// Cancelled when the node starts shutting down: every connection task watches it.
+    /// Cancelled when the node stops accepting: the listener and plain HTTP connections watch it.
     pub shutdown: CancellationToken,
+    /// WebSocket and SSE connections, each closable on its own (for staggered draining).
+    pub registry: Arc<Registry>,
     /// Every WebSocket and SSE connection task, so shutdown can wait for them.
     pub connections: TaskTracker,
     draining: AtomicBool,
@@ -43,6 +46,7 @@ impl Node {
             backplane,
             metrics,
             shutdown: CancellationToken::new(),
+            registry: Arc::new(Registry::default()),
             connections: TaskTracker::new(),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
@@ -69,9 +73,15 @@ impl Node {
         self.metrics.encode()
     }
 
-    /// Marks the node not ready and tells every connection to close.
-    pub fn begin_shutdown(&self) {
+    /// Marks the node not ready; it keeps serving.
+    pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.metrics.draining.set(1);
+        self.metrics.drain_remaining.set(self.registry.len() as i64);
+    }
+
+    /// Stops accepting connections and HTTP requests on kept-alive connections.
+    pub fn stop_accepting(&self) {
         self.shutdown.cancel();
         self.connections.close();
     }
@@ -85,11 +95,55 @@ impl Node {
         data: bytes::Bytes,
         idempotency_key: Option<&str>,
     ) -> Result<backplane::PublishAck, BackplaneError> {
-        let ack = self
-            .backplane
-            .publish(channel, data, idempotency_key)
-            .await?;
-        self.metrics.publications.inc();
-        Ok(ack)
+        let metrics = &self.metrics;
+        let timer = metrics
+            .backplane_duration
+            .with_label_values(&["publish"])
+            .start_timer();
+        let ack = self.backplane.publish(channel, data, idempotency_key).await;
+        timer.observe_duration();
+        metrics.publications.inc_by(u64::from(ack.is_ok()));
+        ack
+    }
+
+    /// Reads history through the backplane, timed.
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<backplane::HistoryPage, BackplaneError> {
+        let metrics = &self.metrics;
+        let timer = metrics
+            .backplane_duration
+            .with_label_values(&["history"])
+            .start_timer();
+        let page = self.backplane.history(channel, since, limit).await;
+        timer.observe_duration();
+        page
+    }
+
+    /// Makes the node's backplane subscription to `channel` follow local membership, timed.
+    pub async fn reconcile(&self, channel: &str) -> Result<(), BackplaneError> {
+        let metrics = &self.metrics;
+        let timer = metrics
+            .backplane_duration
+            .with_label_values(&["subscribe"])
+            .start_timer();
+        let result = self.hub.reconcile(&*self.backplane, channel).await;
+        timer.observe_duration();
+        result
+    }
+
+    /// Records the fan-out latency of a written batch from its oldest live publication.
+    pub fn observe_fanout(&self, transport: &str, oldest_published_us: u64) {
+        if oldest_published_us == 0 {
+            return;
+        }
+        let latency_us = backplane::now_us().saturating_sub(oldest_published_us);
+        self.metrics
+            .fanout_latency
+            .with_label_values(&[transport])
+            .observe(latency_us as f64 / 1e6);
     }
 }

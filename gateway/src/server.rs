@@ -10,8 +10,11 @@ use hyper::service::service_fn;
 use hyper::{header, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use std::time::Duration;
+
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -74,21 +77,49 @@ impl RunningGateway {
         &self.node
     }
 
-    /// Readiness goes 503 and new connections are refused; WebSockets get 1001, SSE streams end;
-    /// returns when every connection is closed or `server.shutdown_timeout` has passed.
+    /// Stops at once: readiness goes 503, new connections are refused, WebSockets get 1001 and SSE
+    /// streams end; returns when every connection is closed or `server.shutdown_timeout` passed.
     pub async fn shutdown(self) {
-        tracing::info!("shutting down");
-        self.node.begin_shutdown();
+        self.stop(Duration::ZERO, Duration::ZERO).await
+    }
+
+    /// Stops gradually (SIGTERM): not ready but still serving for `drain.delay`, then new
+    /// connections are refused and existing ones closed in batches over `drain.window`.
+    pub async fn drain(self) {
+        let drain = self.node.config.drain.clone();
+        self.stop(drain.delay, drain.window).await
+    }
+
+    async fn stop(self, delay: Duration, window: Duration) {
+        let deadline = Instant::now() + self.node.config.server.shutdown_timeout;
+        tracing::info!(?delay, ?window, "shutting down");
+        self.node.set_draining();
+        tokio::time::sleep(delay).await;
+        self.node.stop_accepting();
         let _ = self.accept.await;
         self.http.close();
-        let deadline = self.node.config.server.shutdown_timeout;
+        let registry = &self.node.registry;
+        if window.is_zero() {
+            registry.close_all();
+        } else {
+            let spread = registry.close_spread(window, &self.node.metrics);
+            if tokio::time::timeout_at(deadline, spread).await.is_err() {
+                tracing::warn!("drain window overran the shutdown deadline");
+            }
+            // Connections accepted while the listener was closing.
+            registry.close_all();
+        }
         let all_closed = async {
             self.node.connections.wait().await;
             self.http.wait().await;
         };
-        if tokio::time::timeout(deadline, all_closed).await.is_err() {
-            tracing::warn!(?deadline, "connections still open at the shutdown deadline");
+        if tokio::time::timeout_at(deadline, all_closed).await.is_err() {
+            tracing::warn!(
+                remaining = registry.len(),
+                "connections still open at the shutdown deadline"
+            );
         }
+        self.node.metrics.drain_remaining.set(registry.len() as i64);
         tracing::info!("stopped");
     }
 }

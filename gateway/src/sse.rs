@@ -4,6 +4,7 @@
 //! once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use backplane::Position;
 use bytes::Bytes;
@@ -12,8 +13,9 @@ use hyper::{header, HeaderMap, Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::client::{Output, Session};
+use crate::client::{oldest_live, Output, Session};
 use crate::cursor;
+use crate::drain::{reconnect_hint, Registration};
 use crate::node::Node;
 use crate::protocol::{check_channel, SubscribeResult};
 use crate::response::{self, Body, ChannelBody};
@@ -108,7 +110,9 @@ pub fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Respo
             .collect(),
         scratch: Vec::new(),
     };
-    node.connections.spawn(stream.run(session, starts));
+    let registration = node.registry.register();
+    node.connections
+        .spawn(stream.run(session, starts, registration));
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -168,10 +172,24 @@ struct StreamError<'a> {
 }
 
 impl Stream {
-    async fn run(mut self, mut session: Session, starts: Vec<Option<u64>>) {
+    async fn run(
+        mut self,
+        mut session: Session,
+        starts: Vec<Option<u64>>,
+        registration: Registration,
+    ) {
         let gauge = self.node.metrics.connections.with_label_values(&["sse"]);
         gauge.inc();
-        let _ = self.stream(&mut session, starts).await;
+        let closing = tokio::select! {
+            _ = self.stream(&mut session, starts) => false,
+            _ = registration.closing() => true,
+        };
+        if closing {
+            // Tell EventSource when to come back (jittered), then end the stream.
+            let hint = reconnect_hint(self.node.config.drain.reconnect_jitter);
+            let retry = hint.max(Duration::from_millis(1)).as_millis();
+            let _ = self.send(Bytes::from(format!("retry: {retry}\n\n"))).await;
+        }
         gauge.dec();
     }
 
@@ -188,7 +206,6 @@ impl Stream {
         let mut results: Vec<Option<SubscribeResult>> = vec![None; self.positions.len()];
         while results.iter().any(Option::is_none) {
             tokio::select! {
-                _ = self.node.shutdown.cancelled() => return Ok(()),
                 _ = self.tx.closed() => return Err(()),
                 event = session.next() => session.apply(event, &mut out),
             }
@@ -235,7 +252,6 @@ impl Stream {
         heartbeat.reset();
         loop {
             tokio::select! {
-                _ = self.node.shutdown.cancelled() => return Ok(()),
                 _ = self.tx.closed() => return Err(()),
                 _ = heartbeat.tick() => self.send(Bytes::from_static(b": heartbeat\n\n")).await?,
                 event = session.next() => session.apply(event, &mut out),
@@ -263,10 +279,11 @@ impl Stream {
 
     async fn emit(&mut self, outputs: &mut Vec<Output>) -> Result<(), ()> {
         let mut delivered = 0;
+        let oldest_live = oldest_live(outputs);
         let result = async {
             for output in outputs.drain(..) {
                 match output {
-                    Output::Publication(p) => {
+                    Output::Publication(p) | Output::Live(p) => {
                         let i = self.index(&p.channel);
                         self.positions[i].1 = p.epoch.clone();
                         self.positions[i].2 = p.offset;
@@ -288,6 +305,9 @@ impl Stream {
         }
         .await;
         outputs.clear();
+        if result.is_ok() {
+            self.node.observe_fanout("sse", oldest_live);
+        }
         if delivered > 0 {
             self.node
                 .metrics

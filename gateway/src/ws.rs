@@ -3,6 +3,7 @@
 //! half, the client session, the heartbeat and the close handshake. Both endpoints share the same
 //! reader, limits and writer; only what is done with a message differs.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,7 +18,8 @@ use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
-use crate::client::{Output, Session};
+use crate::client::{oldest_live, Output, Session};
+use crate::drain::{reconnect_hint, Registration};
 use crate::node::Node;
 use crate::protocol::{reply_err, reply_ok, Command};
 use crate::ws_message::{Assembler, Message, MessageError};
@@ -99,6 +101,7 @@ async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
     gauge.inc();
     let mut conn = Connection {
         heartbeat: Heartbeat::new(&node, activity),
+        registration: node.registry.register(),
         node,
         writer,
         rx,
@@ -176,6 +179,7 @@ fn close_code_for(e: &WebSocketError) -> Option<(u16, &'static str)> {
 
 struct Connection {
     node: Arc<Node>,
+    registration: Registration,
     writer: Writer,
     rx: mpsc::Receiver<Inbound>,
     heartbeat: Heartbeat,
@@ -184,7 +188,7 @@ struct Connection {
 /// Why the connection ends.
 enum End {
     /// Send a Close frame with this code and reason, then wait briefly for the peer's.
-    Close(u16, &'static str),
+    Close(u16, Cow<'static, str>),
     /// The peer closed or vanished, or a write failed: nothing more to send.
     Gone,
 }
@@ -195,7 +199,7 @@ impl Connection {
         let end = loop {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
             let step = tokio::select! {
-                _ = self.node.shutdown.cancelled() => Err(End::Close(1001, "server shutting down")),
+                _ = self.registration.closing() => Err(End::Close(1001, self.going_away())),
                 inbound = self.rx.recv(), if accepts => self.on_inbound(inbound, session.as_mut(), &mut out).await,
                 event = next_event(&mut session) => {
                     if let Some(session) = session.as_mut() {
@@ -206,7 +210,7 @@ impl Connection {
                 _ = self.heartbeat.expired() => match self.heartbeat.check() {
                     Beat::Idle => Ok(()),
                     Beat::Ping => self.send(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await,
-                    Beat::Dead => Err(End::Close(close_code::HEARTBEAT_TIMEOUT, "no pong")),
+                    Beat::Dead => Err(End::Close(close_code::HEARTBEAT_TIMEOUT, "no pong".into())),
                 },
             };
             if let Err(end) = step {
@@ -220,7 +224,7 @@ impl Connection {
                     }
                 }
                 if session.overflowed() {
-                    break End::Close(close_code::SLOW_CONSUMER, "slow consumer");
+                    break End::Close(close_code::SLOW_CONSUMER, "slow consumer".into());
                 }
             }
             if let Err(end) = self.write_outputs(&mut out).await {
@@ -228,8 +232,19 @@ impl Connection {
             }
         };
         if let End::Close(code, reason) = end {
-            self.close(code, reason).await;
+            self.close(code, &reason).await;
         }
+    }
+
+    /// The 1001 close reason: JSON with a jittered reconnect delay, so clients closed together
+    /// by a drain do not all come back in the same instant.
+    fn going_away(&self) -> Cow<'static, str> {
+        let hint = reconnect_hint(self.node.config.drain.reconnect_jitter);
+        format!(
+            "{{\"reason\":\"shutting_down\",\"reconnect_ms\":{}}}",
+            hint.as_millis()
+        )
+        .into()
     }
 
     async fn on_inbound(
@@ -240,7 +255,7 @@ impl Connection {
     ) -> Result<(), End> {
         match inbound {
             None => Err(End::Gone),
-            Some(Inbound::Failed(code, reason)) => Err(End::Close(code, reason)),
+            Some(Inbound::Failed(code, reason)) => Err(End::Close(code, reason.into())),
             Some(Inbound::Control(opcode, payload)) => {
                 let frame = Frame::new(true, opcode, None, Payload::Owned(payload));
                 self.send(frame).await?;
@@ -259,7 +274,7 @@ impl Connection {
                 }
                 Some(session) => match message {
                     Message::Binary(_) => {
-                        Err(End::Close(1003, "binary messages are not supported"))
+                        Err(End::Close(1003, "binary messages are not supported".into()))
                     }
                     Message::Text(text) => {
                         handle_command(&self.node, session, &text, out);
@@ -290,11 +305,12 @@ impl Connection {
         }
         let timeout = self.node.config.websocket.write_timeout;
         let mut delivered = 0;
+        let oldest_live = oldest_live(out);
         let writer = &mut self.writer;
         let write = async {
             for output in out.drain(..) {
                 let text = match output {
-                    Output::Publication(p) => {
+                    Output::Publication(p) | Output::Live(p) => {
                         delivered += 1;
                         writer
                             .write_frame(Frame::text(Payload::Borrowed(p.json())))
@@ -325,6 +341,9 @@ impl Connection {
                 .deliveries
                 .with_label_values(&["ws"])
                 .inc_by(delivered);
+        }
+        if matches!(result, Ok(Ok(()))) {
+            self.node.observe_fanout("ws", oldest_live);
         }
         match result {
             Ok(Ok(())) => Ok(()),

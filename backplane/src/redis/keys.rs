@@ -6,7 +6,7 @@
 //! | `{prefix}:{<tag>}:m` | hash | `e` epoch, `t` top offset |
 //! | `{prefix}:{<tag>}:h` | stream | history: id `<offset>-0`, fields `d` data, `t` publish ms |
 //! | `{prefix}:{<tag>}:i:<key>` | string | `"<offset> <epoch>"` of an idempotent publish |
-//! | `{prefix}:{<tag>}:p` | pub/sub (sharded on Cluster) | `"<offset> <epoch> <channel>\n<data>"` |
+//! | `{prefix}:{<tag>}:p` | pub/sub (sharded on Cluster) | `"<offset> <epoch> <us> <channel>\n<data>"` |
 //!
 //! `<tag>` is the channel name with `%`, `{` and `}` percent-encoded, so any channel name gives a
 //! well-formed, injective hash tag.

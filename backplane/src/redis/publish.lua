@@ -15,7 +15,8 @@
 -- ARGV[9]  idempotency window (ms), 0 for none
 -- ARGV[10] channel name (goes into the pub/sub message)
 -- Returns {offset, epoch, duplicate (0/1)}.
--- Pub/sub message: "<offset> <epoch> <channel>\n<data>" (channel names have no whitespace).
+-- Pub/sub message: "<offset> <epoch> <publish time, us> <channel>\n<data>" (channel names have
+-- no whitespace).
 
 local idem_ms = tonumber(ARGV[9])
 if idem_ms > 0 then
@@ -32,13 +33,15 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 't', 1)
-local now = now_ms()
+local now_us = now_micros()
+local now = math.floor(now_us / 1000)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', now)
 trim_by_age(KEYS[2], now - tonumber(ARGV[4]))
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 
-local message = offset .. ' ' .. epoch .. ' ' .. ARGV[10] .. '\n' .. ARGV[1]
+local message = offset .. ' ' .. epoch .. ' ' .. string.format('%.0f', now_us) .. ' ' .. ARGV[10]
+  .. '\n' .. ARGV[1]
 if ARGV[8] == '1' then
   redis.call('SPUBLISH', ARGV[7], message)
 else

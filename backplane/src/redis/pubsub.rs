@@ -487,7 +487,7 @@ impl Task {
     }
 
     async fn on_message(&mut self, payload: &[u8]) {
-        let Some((offset, epoch, channel, data)) = parse_message(payload) else {
+        let Some((offset, epoch, published_us, channel, data)) = parse_message(payload) else {
             tracing::warn!("malformed pub/sub message ignored");
             return;
         };
@@ -518,7 +518,7 @@ impl Task {
         }
         let epoch = epoch_arc.unwrap_or_else(|| epoch.into());
         state.last = Some((epoch.clone(), offset));
-        let publication = Publication::new(name, offset, epoch, data);
+        let publication = Publication::new(name, offset, epoch, data).published_at(published_us);
         self.shared.sink.deliver(Arc::new(publication));
     }
 
@@ -596,15 +596,22 @@ impl Task {
     }
 }
 
-/// Splits `"<offset> <epoch> <channel>\n<data>"`.
-fn parse_message(payload: &[u8]) -> Option<(u64, &str, &str, &[u8])> {
+/// Splits `"<offset> <epoch> <publish time, us> <channel>\n<data>"`.
+fn parse_message(payload: &[u8]) -> Option<(u64, &str, u64, &str, &[u8])> {
     let newline = payload.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&payload[..newline]).ok()?;
-    let mut parts = head.splitn(3, ' ');
+    let mut parts = head.splitn(4, ' ');
     let offset = parts.next()?.parse().ok()?;
     let epoch = parts.next()?;
+    let published_us = parts.next()?.parse().ok()?;
     let channel = parts.next()?;
-    Some((offset, epoch, channel, &payload[newline + 1..]))
+    Some((
+        offset,
+        epoch,
+        published_us,
+        channel,
+        &payload[newline + 1..],
+    ))
 }
 
 #[cfg(test)]
@@ -613,11 +620,15 @@ mod tests {
 
     #[test]
     fn parses_the_script_message() {
-        let (offset, epoch, channel, data) =
-            parse_message(b"42 e1 chat:a\n{\"x\":\"a b\\nc\"}").unwrap();
-        assert_eq!((offset, epoch, channel), (42, "e1", "chat:a"));
+        let (offset, epoch, at, channel, data) =
+            parse_message(b"42 e1 1700000000000123 chat:a\n{\"x\":\"a b\\nc\"}").unwrap();
+        assert_eq!(
+            (offset, epoch, at, channel),
+            (42, "e1", 1700000000000123, "chat:a")
+        );
         assert_eq!(data, b"{\"x\":\"a b\\nc\"}");
-        assert!(parse_message(b"x e c\n1").is_none());
-        assert!(parse_message(b"1 e c").is_none());
+        assert!(parse_message(b"x e 1 c\n1").is_none());
+        assert!(parse_message(b"1 e 1 c").is_none());
+        assert!(parse_message(b"1 e c\n1").is_none());
     }
 }

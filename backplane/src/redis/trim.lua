@@ -38,7 +38,11 @@ local function trim_by_age(stream, cutoff_ms)
   end
 end
 
-local function now_ms()
+local function now_micros()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function now_ms()
+  return math.floor(now_micros() / 1000)
 end
