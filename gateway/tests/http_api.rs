@@ -241,6 +241,82 @@ async fn publish_body_over_max_message_size_is_413() {
     assert_eq!(body["offset"], 1);
 }
 
+/// A publish body of exactly `len` bytes.
+fn body_of_len(channel: &str, len: usize) -> String {
+    let base = json!({"channel": channel, "data": ""}).to_string();
+    let body = json!({"channel": channel, "data": "z".repeat(len - base.len())}).to_string();
+    assert_eq!(body.len(), len);
+    body
+}
+
+#[tokio::test]
+async fn publish_body_size_limit_is_inclusive() {
+    let node = Node::with(|c| c.websocket.max_message_size = 1000).await;
+    let ch = channel("edge");
+    let (status, body) = post_raw(&node, "/api/publish", body_of_len(&ch, 1000)).await;
+    assert_eq!(
+        status, 200,
+        "a body of exactly max_message_size must be accepted: {body}"
+    );
+    assert_error(
+        &post_raw(&node, "/api/publish", body_of_len(&ch, 1001)).await,
+        413,
+        "payload_too_large",
+    );
+}
+
+#[tokio::test]
+async fn chunked_publish_body_over_limit_is_413() {
+    let node = Node::with(|c| c.websocket.max_message_size = 1000).await;
+    let ch = channel("chunked");
+    // No Content-Length: the limit must hold while the body streams in.
+    let body = body_of_len(&ch, 3000).into_bytes();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(500).map(|c| Ok(c.to_vec())).collect();
+    let stream = futures_util::stream::iter(chunks);
+    let got = post_raw(&node, "/api/publish", reqwest::Body::wrap_stream(stream)).await;
+    assert_error(&got, 413, "payload_too_large");
+
+    // A small chunked body is fine.
+    let small = body_of_len(&ch, 400).into_bytes();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        small.chunks(100).map(|c| Ok(c.to_vec())).collect();
+    let (status, ack) = post_raw(
+        &node,
+        "/api/publish",
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
+    )
+    .await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(
+        ack["offset"], 1,
+        "the oversized body must not have been published"
+    );
+}
+
+#[tokio::test]
+async fn percent_encoded_unicode_channels() {
+    let node = Node::default().await;
+    let ch = "news/été:1";
+    let mut ws = WsClient::connect(&node).await;
+    ws.subscribe(ch).await;
+    let mut sse = Sse::open(&node, &[ch]).await;
+    let connected = sse.connected().await;
+    assert!(
+        connected_channels(&connected).contains_key(ch),
+        "{connected:?}"
+    );
+    publish(&node, ch, json!("ü")).await;
+    assert_eq!(ws.push().await["channel"], ch);
+    let (_, p) = sse.publication().await;
+    assert_eq!(p["channel"], ch);
+    assert_eq!(p["data"], "ü");
+    let (status, body) = history(&node, &format!("channel={}", enc(ch))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["channel"], ch);
+    assert_eq!(body["top"], 1);
+}
+
 #[tokio::test]
 async fn unknown_paths_and_wrong_methods() {
     let node = Node::default().await;

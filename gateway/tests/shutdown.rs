@@ -30,7 +30,9 @@ async fn assert_refused(addr: SocketAddr) {
 /// Reads an SSE stream until it ends; panics (via timeout) if it never does.
 async fn assert_sse_ends(sse: &mut Sse) {
     while let Some(block) = sse.next_block().await {
-        assert_ne!(block.kind(), "message", "unexpected publication: {block:?}");
+        if block.is_event() {
+            assert_ne!(block.kind(), "message", "unexpected publication: {block:?}");
+        }
     }
 }
 
@@ -67,12 +69,15 @@ async fn in_process_shutdown_with_idle_node() {
 }
 
 /// Spawns the binary on an ephemeral port with fast shutdown, connects a WebSocket and an SSE
-/// client, sends `signal` and checks the graceful sequence and exit status 0.
-async fn binary_exits_cleanly_on(signal: &str) {
-    let mut proc = Proc::spawn(
-        &["--listen", "127.0.0.1:0"],
-        &[("GATEWAY__SERVER__SHUTDOWN_TIMEOUT", "3s")],
-    );
+/// client, sends `signal` and checks the graceful sequence and exit status 0. With
+/// `drain_delay`, the node must report not ready while it still serves during that delay.
+async fn binary_exits_cleanly_on(signal: &str, drain_delay: Option<&str>) {
+    let mut envs = vec![
+        ("GATEWAY__SERVER__SHUTDOWN_TIMEOUT", "5s"),
+        ("GATEWAY__DRAIN__WINDOW", "0s"),
+    ];
+    envs.push(("GATEWAY__DRAIN__DELAY", drain_delay.unwrap_or("0s")));
+    let mut proc = Proc::spawn(&["--listen", "127.0.0.1:0"], &envs);
     let addr = proc.listening().await;
     let node_url = |p: &str| format!("http://{addr}{p}");
     let resp = within("readyz", http().get(node_url("/readyz")).send())
@@ -103,6 +108,26 @@ async fn binary_exits_cleanly_on(signal: &str) {
     }
 
     proc.signal(signal).await;
+
+    if drain_delay.is_some() {
+        // Still serving, but no longer ready.
+        within("readyz to turn 503", async {
+            loop {
+                let resp = http()
+                    .get(node_url("/readyz"))
+                    .send()
+                    .await
+                    .expect("the node must keep serving during the drain delay");
+                if resp.status().as_u16() == 200 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+                assert_error(&json_response(resp).await, 503, "not_ready");
+                return;
+            }
+        })
+        .await;
+    }
 
     assert_eq!(
         close_code(&mut ws).await,
@@ -137,19 +162,23 @@ async fn close_code(ws: &mut Ws) -> Option<u16> {
 
 #[tokio::test]
 async fn binary_sigterm() {
-    binary_exits_cleanly_on("TERM").await;
+    binary_exits_cleanly_on("TERM", Some("1s")).await;
 }
 
 #[tokio::test]
 async fn binary_sigint() {
-    binary_exits_cleanly_on("INT").await;
+    binary_exits_cleanly_on("INT", None).await;
 }
 
 #[tokio::test]
 async fn binary_exits_within_shutdown_timeout_despite_unresponsive_client() {
     let mut proc = Proc::spawn(
         &["--listen", "127.0.0.1:0"],
-        &[("GATEWAY__SERVER__SHUTDOWN_TIMEOUT", "500ms")],
+        &[
+            ("GATEWAY__SERVER__SHUTDOWN_TIMEOUT", "500ms"),
+            ("GATEWAY__DRAIN__DELAY", "0s"),
+            ("GATEWAY__DRAIN__WINDOW", "0s"),
+        ],
     );
     let addr = proc.listening().await;
     // A client that completed the handshake and then neither reads nor answers the close.
@@ -165,6 +194,21 @@ async fn binary_exits_within_shutdown_timeout_despite_unresponsive_client() {
             .await
             .unwrap();
     }
+    proc.signal("TERM").await;
+    let status = proc.wait().await;
+    assert!(
+        status.success(),
+        "exit status {status:?}; output:\n{}",
+        proc.output.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn sigterm_right_after_listening_is_graceful() {
+    // The `listening on` line announces a node that can be stopped: a SIGTERM sent the moment it
+    // appears must still be a graceful stop with exit status 0, not death by signal.
+    let mut proc = Proc::spawn(&["--listen", "127.0.0.1:0"], &[]);
+    proc.listening().await;
     proc.signal("TERM").await;
     let status = proc.wait().await;
     assert!(

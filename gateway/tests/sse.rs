@@ -155,7 +155,7 @@ async fn last_event_id_query_param_resumes_from_connected_cursor() {
 #[tokio::test]
 async fn large_gap_resume_is_paged_and_complete() {
     let node = Node::with(|c| {
-        c.history.max_count = 5000;
+        c.history.max_count = 10_000;
         c.client.history_page_size = 50;
     })
     .await;
@@ -163,12 +163,19 @@ async fn large_gap_resume_is_paged_and_complete() {
     let mut sse = Sse::open(&node, &[&ch]).await;
     let cursor = sse.connected().await.id.unwrap();
     drop(sse);
-    publish_many(node.addr, &ch, 1200, |i| json!(i + 1)).await;
-    let live = {
-        let ch = ch.clone();
-        let addr = node.addr;
-        tokio::spawn(async move { publish_many(addr, &ch, 300, |i| json!(1201 + i)).await })
+    // ~1 KB each: more than the stream's buffers hold, so catch-up stalls while nobody reads.
+    let pad = "p".repeat(1000);
+    let gap = {
+        let pad = pad.clone();
+        publish_many(node.addr, &ch, 6000, move |i| json!({"gap": i, "pad": pad})).await
     };
+    let mut expected: HashMap<u64, Value> = gap
+        .iter()
+        .enumerate()
+        .map(|(i, off)| (*off, json!({"gap": i, "pad": pad})))
+        .collect();
+    // Publishing continues from before the resume until the stream is past the gap.
+    let live = ContinuousPublisher::start(node.addr, &ch, |i| json!({"live": i})).await;
     let mut sse = Sse::open_with(
         &sse_client(),
         &node,
@@ -178,13 +185,42 @@ async fn large_gap_resume_is_paged_and_complete() {
     .await;
     sse.assert_stream();
     let connected = sse.connected().await;
-    assert_eq!(connected_channels(&connected)[&ch]["recovered"], true);
-    for n in 1..=1500u64 {
+    let state = &connected_channels(&connected)[&ch];
+    assert_eq!(state["recovered"], true, "{connected:?}");
+    let top = state["offset"].as_u64().unwrap();
+    assert!(top > 6000, "{connected:?}");
+    // Not reading: the catch-up is stuck while publishing goes on.
+    live.published_at_least(live.published() + 100).await;
+
+    let mut got = Vec::new();
+    let mut next = 1;
+    while next <= top + 150 {
         let (_, p) = sse.publication().await;
-        assert_eq!(p["offset"], n);
-        assert_eq!(p["data"], n);
+        assert_eq!(
+            p["offset"], next,
+            "SSE catch-up out of order, duplicated or gapped"
+        );
+        got.push(p);
+        next += 1;
     }
-    live.await.unwrap();
+    let offsets = live.stop().await;
+    for (i, off) in offsets.iter().enumerate() {
+        expected.insert(*off, json!({"live": i}));
+    }
+    let last = *offsets.iter().max().unwrap();
+    while next <= last {
+        let (_, p) = sse.publication().await;
+        assert_eq!(
+            p["offset"], next,
+            "SSE delivery out of order, duplicated or gapped"
+        );
+        got.push(p);
+        next += 1;
+    }
+    assert_eq!(expected.len() as u64, last);
+    for p in &got {
+        assert_eq!(p["data"], expected[&p["offset"].as_u64().unwrap()], "{p}");
+    }
 }
 
 #[tokio::test]

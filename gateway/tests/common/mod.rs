@@ -316,9 +316,32 @@ impl WsClient {
     }
 
     pub async fn connect_path(node: &Node, path: &str) -> WsClient {
+        Self::connect_addr(node.addr, path).await
+    }
+
+    /// A client over an already connected TCP stream.
+    pub async fn over(stream: TcpStream, addr: SocketAddr, path: &str) -> WsClient {
+        let (ws, _) = within(
+            "websocket handshake",
+            tokio_tungstenite::client_async_with_config(
+                format!("ws://{addr}{path}"),
+                MaybeTlsStream::Plain(stream),
+                None,
+            ),
+        )
+        .await
+        .expect("websocket handshake failed");
+        WsClient {
+            ws,
+            next_id: 1,
+            pushes: VecDeque::new(),
+        }
+    }
+
+    pub async fn connect_addr(addr: SocketAddr, path: &str) -> WsClient {
         let (ws, resp) = within(
             "websocket handshake",
-            tokio_tungstenite::connect_async(node.ws_url(path)),
+            tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
         )
         .await
         .expect("websocket handshake failed");
@@ -515,6 +538,99 @@ pub async fn publish_many(
     let (mut sink, offsets) = tokio::join!(writer, reader);
     let _ = sink.close().await;
     offsets
+}
+
+/// A publisher that keeps publishing to one channel, in paced windows of a few pipelined
+/// requests, until stopped. Its `i`-th publication carries `data(i)`.
+pub struct ContinuousPublisher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Number of publications acknowledged so far.
+    progress: tokio::sync::watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<Vec<u64>>,
+}
+
+impl ContinuousPublisher {
+    /// Starts publishing and returns once the first window has been acknowledged.
+    pub async fn start(
+        addr: SocketAddr,
+        channel: &str,
+        data: impl Fn(usize) -> Value + Send + 'static,
+    ) -> ContinuousPublisher {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        const WINDOW: usize = 10;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (progress_tx, progress) = tokio::sync::watch::channel(0);
+        let task = {
+            let stop = stop.clone();
+            let channel = channel.to_string();
+            tokio::spawn(async move {
+                let mut ws = WsClient::connect_addr(addr, "/ws").await;
+                let mut offsets = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let first = offsets.len();
+                    for i in first..first + WINDOW {
+                        ws.send_json(&json!({"id": i, "op": "publish", "channel": channel,
+                                             "data": data(i)}))
+                            .await;
+                    }
+                    offsets.resize(first + WINDOW, 0);
+                    for _ in 0..WINDOW {
+                        let reply = ws.recv().await;
+                        let i = reply["id"].as_u64().expect("reply id") as usize;
+                        offsets[i] = reply["result"]["offset"]
+                            .as_u64()
+                            .unwrap_or_else(|| panic!("publish failed: {reply}"));
+                    }
+                    let _ = progress_tx.send(offsets.len());
+                    // Pacing only (about 2000 publications a second), so a slow reader on a
+                    // loaded machine still catches up in bounded time.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                offsets
+            })
+        };
+        let publisher = ContinuousPublisher {
+            stop,
+            progress,
+            task,
+        };
+        publisher.published_at_least(1).await;
+        publisher
+    }
+
+    /// How many publications have been acknowledged so far.
+    pub fn published(&self) -> usize {
+        *self.progress.borrow()
+    }
+
+    /// Waits until at least `n` publications have been acknowledged.
+    pub async fn published_at_least(&self, n: usize) {
+        let mut progress = self.progress.clone();
+        within(
+            "continuous publisher progress",
+            progress.wait_for(|c| *c >= n),
+        )
+        .await
+        .expect("continuous publisher stopped");
+    }
+
+    /// Stops and returns the offset of every publication, indexed by `i`.
+    pub async fn stop(self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        within("continuous publisher to stop", self.task)
+            .await
+            .expect("continuous publisher panicked")
+    }
+}
+
+/// A TCP connection to `addr` whose receive buffer is tiny, so a client that stops reading
+/// quickly pushes back on the server.
+pub async fn small_buffer_stream(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    within("connect", socket.connect(addr))
+        .await
+        .expect("connect")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1005,15 +1121,22 @@ impl Proc {
         self.child.id().expect("child already reaped")
     }
 
-    /// Sends a signal by name (TERM, INT) to this child only.
+    /// Sends SIGTERM or SIGINT ("TERM", "INT") to this child only.
     pub async fn signal(&self, sig: &str) {
-        let status = tokio::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .await
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} failed");
+        let signo = match sig {
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            other => panic!("unsupported signal {other}"),
+        };
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with the pid of a child this test spawned and has not reaped.
+        let rc = unsafe { libc::kill(pid, signo) };
+        assert_eq!(
+            rc,
+            0,
+            "kill -{sig} failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     pub async fn wait(&mut self) -> std::process::ExitStatus {
