@@ -73,6 +73,11 @@ impl Node {
         self.metrics.encode()
     }
 
+    /// Whether a drain has begun (the node no longer takes new streaming clients).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// Marks the node not ready; it keeps serving.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);

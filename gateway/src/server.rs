@@ -202,13 +202,17 @@ async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
         "/api/publish" => api::publish(node, request).await,
         "/api/history" => api::history(node, request.uri().query()).await,
         "/sse" => {
-            if node.shutdown.is_cancelled() {
+            // A draining node takes no new streams, so proxies that do not watch /readyz
+            // (nginx retries 503 on another upstream) move new clients elsewhere at once.
+            if node.is_draining() {
                 return shutting_down();
             }
             sse::open(node, request.uri().query(), request.headers())
         }
         "/ws" | "/ws/echo" => {
-            if node.shutdown.is_cancelled() {
+            // A draining node takes no new streams, so proxies that do not watch /readyz
+            // (nginx retries 503 on another upstream) move new clients elsewhere at once.
+            if node.is_draining() {
                 return shutting_down();
             }
             if !fastwebsockets::upgrade::is_upgrade_request(&request) {
