@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Behaviour of the chart's template logic: renders helm/ with chosen values and asserts on the
+result (or on the refusal to render).
+
+usage: helm_cases.py HELM_BIN CHART_DIR [GATEWAY_BIN]
+
+Covers: Redis modes (dev, plain URL/host/cluster, Secret URL, Secret password + host/cluster) and
+their conflicts; the shutdown timing guards; checksum/config rolling on config changes only;
+replicas vs HPA; the connections metric; the reserved auth wiring; values.schema.json refusing
+unknown keys. With GATEWAY_BIN, the gateway binary must accept every rendered gateway.toml.
+"""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import tomllib
+
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gatewaybin
+
+HELM, CHART = sys.argv[1], sys.argv[2]
+GATEWAY_BIN = sys.argv[3] if len(sys.argv) > 3 else None
+FAILURES = []
+
+
+def render(*sets, values_files=()):
+    cmd = [HELM, "template", "t", CHART, "--namespace", "ns", "--kube-version", "1.30.0"]
+    for f in values_files:
+        cmd += ["-f", f]
+    for s in sets:
+        cmd += ["--set-string" if s.startswith("str:") else "--set", s.removeprefix("str:")]
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if p.returncode != 0:
+        return None, p.stderr
+    return [o for o in yaml.safe_load_all(p.stdout) if o], ""
+
+
+def find(objs, kind, name=None):
+    for o in objs:
+        if o["kind"] == kind and (name is None or o["metadata"]["name"] == name):
+            return o
+    return None
+
+
+def container(objs, name="t-gateway"):
+    return find(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(objs):
+    return {e["name"]: e for e in container(objs).get("env", [])}
+
+
+def toml(objs):
+    return tomllib.loads(find(objs, "ConfigMap", "t-gateway")["data"]["gateway.toml"])
+
+
+def case(title, fn):
+    try:
+        fn()
+        return None
+    except AssertionError as e:
+        return f"{title}: {e}"
+
+
+def ok(*sets):
+    objs, errtext = render(*sets)
+    assert objs is not None, f"render failed: {errtext.strip()}"
+    if GATEWAY_BIN:
+        text = find(objs, "ConfigMap", "t-gateway")["data"]["gateway.toml"]
+        problem = gatewaybin.check_config(GATEWAY_BIN, text, label="gateway.toml")
+        assert problem is None, problem
+    return objs
+
+
+def refused(expect, *sets):
+    objs, errtext = render(*sets)
+    assert objs is None, f"rendered although {sets} should be refused"
+    assert expect in errtext, f"refused, but without {expect!r}: {errtext.strip()}"
+
+
+def c_default():
+    objs = ok()
+    assert toml(objs)["redis"]["url"] == "redis://t-gateway-redis:6379"
+    assert toml(objs)["server"]["listen"] == "0.0.0.0:8080"
+    assert find(objs, "Deployment", "t-gateway-redis"), "dev Redis missing"
+    assert "replicas" not in find(objs, "Deployment", "t-gateway")["spec"], "replicas set although the HPA owns them"
+    assert find(objs, "HorizontalPodAutoscaler"), "HPA missing"
+    assert "env" not in container(objs), "unexpected env"
+    for kind in ("Ingress", "NetworkPolicy", "ServiceMonitor", "PrometheusRule"):
+        assert not find(objs, kind), f"{kind} rendered by default"
+
+
+def c_plain_url():
+    objs = ok("redis.enabled=false", "externalRedis.url=redis://redis.example:6379/0")
+    assert toml(objs)["redis"]["url"] == "redis://redis.example:6379/0"
+    assert not find(objs, "Deployment", "t-gateway-redis")
+
+
+def c_plain_host_tls():
+    objs = ok("redis.enabled=false", "externalRedis.host=r.example", "externalRedis.port=6380", "externalRedis.tls=true")
+    assert toml(objs)["redis"]["url"] == "rediss://r.example:6380"
+
+
+def c_plain_cluster():
+    objs = ok("redis.enabled=false", "externalRedis.clusterNodes={a:7000,b:7001}", "networkPolicy.enabled=true")
+    assert toml(objs)["redis"]["cluster_nodes"] == ["a:7000", "b:7001"]
+    assert "url" not in toml(objs)["redis"]
+    ports = {p["port"] for r in find(objs, "NetworkPolicy")["spec"]["egress"] for p in r["ports"]}
+    assert {7000, 7001, 6379} <= ports, f"egress ports {ports}"
+
+
+def c_secret_url():
+    objs = ok("redis.enabled=false", "externalRedis.existingSecret=r", "externalRedis.existingSecretUrlKey=url")
+    e = env(objs)["GATEWAY__REDIS__URL"]["valueFrom"]["secretKeyRef"]
+    assert e == {"name": "r", "key": "url"}, e
+    assert "url" not in toml(objs).get("redis", {})
+
+
+def c_secret_password_cluster():
+    objs = ok("redis.enabled=false", "externalRedis.existingSecret=r", "externalRedis.existingSecretPasswordKey=pw",
+              "externalRedis.clusterNodes={a:7000,redis://b:7001}")
+    e = env(objs)
+    assert list(e)[:2] == ["REDIS_PASSWORD", "GATEWAY__REDIS__CLUSTER_NODES"], list(e)
+    assert e["GATEWAY__REDIS__CLUSTER_NODES"]["value"] == "redis://:$(REDIS_PASSWORD)@a:7000,redis://:$(REDIS_PASSWORD)@b:7001"
+    assert "cluster_nodes" not in toml(objs).get("redis", {})
+
+
+def c_conflicts():
+    refused("exclusive", "externalRedis.host=x")  # dev Redis still on
+    refused("exclusive", "redis.enabled=false", "externalRedis.host=x", "externalRedis.clusterNodes={a:1}")
+    refused("needs existingSecretUrlKey", "redis.enabled=false", "externalRedis.existingSecret=r")
+    refused("needs externalRedis.host", "redis.enabled=false", "externalRedis.existingSecret=r",
+            "externalRedis.existingSecretPasswordKey=pw")
+
+
+def c_timing():
+    refused("terminationGracePeriodSeconds (40) must exceed", "terminationGracePeriodSeconds=40")
+    refused("must exceed lifecycle.preStopSleepSeconds", "lifecycle.preStopSleepSeconds=5")
+    refused("must exceed config.drain.delay + config.drain.window", "config.server.shutdown_timeout=25s")
+    objs = ok("lifecycle.preStopSleepSeconds=5", "terminationGracePeriodSeconds=50")
+    assert container(objs)["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    ok("config.server.shutdown_timeout=1m", "config.drain.window=50s", "terminationGracePeriodSeconds=70")
+
+
+def c_checksum():
+    def checksum(*sets):
+        objs = ok(*sets)
+        return find(objs, "Deployment", "t-gateway")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    base = checksum()
+    assert checksum("config.log.level=debug") != base, "config change does not roll the pods"
+    assert checksum("resources.limits.memory=2Gi") == base, "checksum moves without a config change"
+
+
+def c_replicas():
+    objs = ok("autoscaling.enabled=false", "replicaCount=5")
+    assert find(objs, "Deployment", "t-gateway")["spec"]["replicas"] == 5
+    assert not find(objs, "HorizontalPodAutoscaler")
+
+
+def c_connections_metric():
+    objs = ok("autoscaling.connections.enabled=true", "str:autoscaling.connections.targetAverageValue=2500")
+    metrics = find(objs, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    pods = [m for m in metrics if m["type"] == "Pods"]
+    assert pods and pods[0]["pods"]["metric"]["name"] == "gateway_connections", metrics
+    assert pods[0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "2500"}
+
+
+def c_auth_reserved():
+    objs = ok("auth.apiKeys.existingSecret=keys", "auth.jwt.existingSecret=jwt")
+    assert env(objs)["GATEWAY__AUTH__API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-keys"}
+    mounts = {m["mountPath"]: m for m in container(objs)["volumeMounts"]}
+    assert mounts["/etc/gateway/jwt"]["readOnly"] is True
+    assert mounts["/etc/gateway/gateway.toml"]["subPath"] == "gateway.toml"
+
+
+def c_ingress():
+    objs = ok("ingress.enabled=true", "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-read-timeout=7200")
+    ann = find(objs, "Ingress")["metadata"]["annotations"]
+    assert ann["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "7200", "user annotation does not win"
+    assert ann["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert ann["nginx.ingress.kubernetes.io/proxy-http-version"] == "1.1"
+    assert ann["nginx.org/websocket-services"] == "t-gateway"
+    objs = ok("ingress.enabled=true", "ingress.longLivedConnectionAnnotations=false")
+    assert not find(objs, "Ingress")["metadata"].get("annotations")
+
+
+def c_schema():
+    refused("additional properties", "config.auth.api_keys=x")
+    refused("additional properties", "config.redis.url=redis://x:6379")
+    refused("additional properties", "replicas=3")
+    refused("want string", "config.drain.delay=5")
+
+
+def c_notes():
+    def notes(*sets):
+        cmd = [HELM, "install", "t", CHART, "--namespace", "ns", "--dry-run=client"]
+        for s in sets:
+            cmd += ["--set", s]
+        p = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split("NOTES:", 1)[1]
+    assert "DEV-ONLY Redis" in notes()
+    assert "in-memory backplane" in notes("redis.enabled=false")
+    text = notes("redis.enabled=false", "externalRedis.host=r", "auth.apiKeys.existingSecret=k")
+    assert "WARNING" in text and "refuses to start" in text and "DEV-ONLY" not in text
+
+
+# The cases are independent: run them side by side (each mostly waits for helm or the gateway).
+CASES = [(t[2:], fn) for t, fn in list(globals().items()) if t.startswith("c_") and callable(fn)]
+with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    for result in pool.map(lambda c: case(*c), CASES):
+        if result:
+            FAILURES.append(result)
+PASSED = len(CASES) - len(FAILURES)
+
+for f in FAILURES:
+    print(f"  error: {f}")
+print(f"  chart behaviour: {PASSED} passed, {len(FAILURES)} failed")
+sys.exit(1 if FAILURES else 0)
