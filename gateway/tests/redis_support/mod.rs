@@ -22,6 +22,12 @@ use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::protocol::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+#[path = "../shared/mod.rs"]
+mod shared;
+// Not every test crate uses every helper.
+#[allow(unused_imports)]
+pub use shared::{enc, listening_addr, metric};
+
 /// Upper bound for one awaited event or condition: only there to fail instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -535,17 +541,6 @@ pub async fn start_nodes(backend: &Backend, n: usize, env: &[(&str, &str)]) -> V
     nodes
 }
 
-/// The socket address on a line that says `listening on` (human or JSON logs).
-pub fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let at = line.find("listening on")?;
-    let split = |s: &str| -> Option<SocketAddr> {
-        s.split(|c: char| !(c.is_ascii_hexdigit() || ".:[]".contains(c)))
-            .filter_map(|s| s.parse::<SocketAddr>().ok())
-            .next()
-    };
-    split(&line[at..]).or_else(|| split(line))
-}
-
 // ---------------------------------------------------------------------------------------------
 // HTTP
 // ---------------------------------------------------------------------------------------------
@@ -615,18 +610,6 @@ pub async fn full_history(addr: SocketAddr, channel: &str) -> (String, u64, Vec<
     }
 }
 
-pub fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 pub async fn metrics_text(addr: SocketAddr) -> String {
     let resp = http()
         .get(format!("http://{addr}/metrics"))
@@ -635,31 +618,6 @@ pub async fn metrics_text(addr: SocketAddr) -> String {
         .expect("GET /metrics");
     assert_eq!(resp.status().as_u16(), 200, "/metrics status");
     resp.text().await.expect("/metrics body")
-}
-
-/// The value of sample `name` whose labels include all of `labels`.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (sname, slabels) = match series.find('{') {
-                Some(i) => (&series[..i], &series[i + 1..series.len() - 1]),
-                None => (series, ""),
-            };
-            if sname != name {
-                return None;
-            }
-            let ok = labels
-                .iter()
-                .all(|(k, v)| slabels.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
-            if ok {
-                value.parse().ok()
-            } else {
-                None
-            }
-        })
 }
 
 pub async fn metric_of(addr: SocketAddr, name: &str) -> f64 {
