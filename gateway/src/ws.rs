@@ -85,6 +85,8 @@ enum Inbound {
     Control(OpCode, Vec<u8>),
     /// The peer broke the protocol; close with this code.
     Failed(u16, &'static str),
+    /// The peer answered a ping.
+    Pong,
 }
 
 async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
@@ -146,7 +148,8 @@ async fn read_loop(
         let inbound = match frame.opcode {
             // The echo of the peer's close went out through the obligated send.
             OpCode::Close => return,
-            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Ping => continue,
+            OpCode::Pong => Inbound::Pong,
             _ => match assembler.push(frame) {
                 Ok(None) => continue,
                 Ok(Some(message)) => Inbound::Message(message),
@@ -256,6 +259,10 @@ impl Connection {
         match inbound {
             None => Err(End::Gone),
             Some(Inbound::Failed(code, reason)) => Err(End::Close(code, reason.into())),
+            Some(Inbound::Pong) => {
+                self.heartbeat.pong();
+                Ok(())
+            }
             Some(Inbound::Control(opcode, payload)) => {
                 let frame = Frame::new(true, opcode, None, Payload::Owned(payload));
                 self.send(frame).await?;
@@ -464,6 +471,15 @@ impl Heartbeat {
             interval,
             timeout: node.config.websocket.pong_timeout,
             activity,
+        }
+    }
+
+    /// A pong restarts the idle period at once rather than when the pong timeout fires.
+    fn pong(&mut self) {
+        if self.awaiting_pong {
+            self.awaiting_pong = false;
+            self.activity.store(false, Ordering::Relaxed);
+            self.sleep.as_mut().reset(Instant::now() + self.interval);
         }
     }
 
