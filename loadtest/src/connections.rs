@@ -90,7 +90,7 @@ pub async fn run(p: Params) -> (Value, bool) {
                     drop(opened);
                     let _ = release.wait_for(|v| *v).await;
                     if let Conn::Ws(mut ws) = conn {
-                        let _ = ws.close(None).await;
+                        let _ = futures_util::SinkExt::close(&mut ws).await;
                     }
                 }
                 Err(e) => {
