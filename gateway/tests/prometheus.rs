@@ -304,49 +304,78 @@ fn dashboard_is_importable_and_parameterised() {
 // Alert expressions: the query without its threshold
 // ---------------------------------------------------------------------------------------------
 
+/// Walks a PromQL expression and yields the byte positions that are outside strings and at
+/// bracket depth 0 (the brackets and quotes themselves are not yielded).
+struct TopLevel<'a> {
+    bytes: &'a [u8],
+    i: usize,
+    depth: i32,
+    quote: Option<u8>,
+}
+
+impl<'a> TopLevel<'a> {
+    fn new(expr: &'a str) -> Self {
+        TopLevel {
+            bytes: expr.as_bytes(),
+            i: 0,
+            depth: 0,
+            quote: None,
+        }
+    }
+
+    /// Continues the walk at `pos`, past a token the caller consumed.
+    fn skip_to(&mut self, pos: usize) {
+        self.i = pos;
+    }
+}
+
+impl Iterator for TopLevel<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        while self.i < self.bytes.len() {
+            let (i, c) = (self.i, self.bytes[self.i]);
+            self.i += 1;
+            if let Some(q) = self.quote {
+                if c == b'\\' {
+                    self.i += 1;
+                } else if c == q {
+                    self.quote = None;
+                }
+                continue;
+            }
+            match c {
+                b'"' | b'\'' | b'`' => self.quote = Some(c),
+                b'(' | b'[' | b'{' => self.depth += 1,
+                b')' | b']' | b'}' => self.depth -= 1,
+                _ if self.depth == 0 => return Some(i),
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
 /// Splits `expr` at top-level occurrences of the set operators `and`, `or`, `unless` (outside
 /// parentheses, brackets, braces and strings).
 fn split_set_ops(expr: &str) -> Vec<String> {
     let bytes = expr.as_bytes();
     let mut parts = Vec::new();
-    let mut depth = 0i32;
-    let mut quote: Option<u8> = None;
     let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        let c = bytes[i];
-        if let Some(q) = quote {
-            if c == b'\\' {
-                i += 1;
-            } else if c == q {
-                quote = None;
-            }
-            i += 1;
+    let mut scan = TopLevel::new(expr);
+    while let Some(i) = scan.next() {
+        if i > 0 && is_ident(bytes[i - 1]) {
             continue;
         }
-        match c {
-            b'"' | b'\'' | b'`' => quote = Some(c),
-            b'(' | b'[' | b'{' => depth += 1,
-            b')' | b']' | b'}' => depth -= 1,
-            _ if depth == 0 => {
-                let boundary_before = i == 0 || !is_ident(bytes[i - 1]);
-                if boundary_before {
-                    for op in ["and", "or", "unless"] {
-                        let end = i + op.len();
-                        if expr[i..].starts_with(op)
-                            && (end == bytes.len() || !is_ident(bytes[end]))
-                        {
-                            parts.push(expr[start..i].trim().to_string());
-                            start = end;
-                            i = end - 1;
-                            break;
-                        }
-                    }
-                }
+        for op in ["and", "or", "unless"] {
+            let end = i + op.len();
+            if expr[i..].starts_with(op) && (end == bytes.len() || !is_ident(bytes[end])) {
+                parts.push(expr[start..i].trim().to_string());
+                start = end;
+                scan.skip_to(end);
+                break;
             }
-            _ => {}
         }
-        i += 1;
     }
     parts.push(expr[start..].trim().to_string());
     parts
@@ -359,43 +388,25 @@ fn is_ident(c: u8) -> bool {
 /// `expr` without a trailing top-level `<op> [bool] <number>` comparison.
 fn strip_threshold(expr: &str) -> String {
     let bytes = expr.as_bytes();
-    let mut depth = 0i32;
-    let mut quote: Option<u8> = None;
     let mut last: Option<(usize, usize)> = None;
-    let mut i = 0;
-    while i < bytes.len() {
+    let mut scan = TopLevel::new(expr);
+    while let Some(i) = scan.next() {
         let c = bytes[i];
-        if let Some(q) = quote {
-            if c == b'\\' {
-                i += 1;
-            } else if c == q {
-                quote = None;
-            }
-            i += 1;
+        if !matches!(c, b'=' | b'!' | b'>' | b'<') {
             continue;
         }
-        match c {
-            b'"' | b'\'' | b'`' => quote = Some(c),
-            b'(' | b'[' | b'{' => depth += 1,
-            b')' | b']' | b'}' => depth -= 1,
-            b'=' | b'!' | b'>' | b'<' if depth == 0 => {
-                let two = expr.get(i..i + 2).unwrap_or("");
-                let len = if ["==", "!=", ">=", "<="].contains(&two) {
-                    2
-                } else if c == b'>' || c == b'<' {
-                    1
-                } else {
-                    0
-                };
-                if len > 0 {
-                    last = Some((i, i + len));
-                    i += len;
-                    continue;
-                }
-            }
-            _ => {}
+        let two = expr.get(i..i + 2).unwrap_or("");
+        let len = if ["==", "!=", ">=", "<="].contains(&two) {
+            2
+        } else if c == b'>' || c == b'<' {
+            1
+        } else {
+            0
+        };
+        if len > 0 {
+            last = Some((i, i + len));
+            scan.skip_to(i + len);
         }
-        i += 1;
     }
     if let Some((at, end)) = last {
         let rhs = expr[end..].trim();

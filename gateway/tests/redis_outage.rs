@@ -198,6 +198,36 @@ async fn outage_checks(nodes: &[GatewayProcess], live: &Sub, channel: &str) {
     }
 }
 
+/// Kills Redis while publishing: publishes are refused and clients stay connected (see
+/// `outage_checks`); then restarts it and waits for `after` successful publishes.
+async fn outage_then_restart(
+    redis: &mut RedisServer,
+    publisher: &PhasePublisher,
+    nodes: &[GatewayProcess],
+    live: &Sub,
+    channel: &str,
+    after: usize,
+) {
+    redis.kill9();
+    publisher.set_phase(DOWN);
+    publisher
+        .wait_attempts(
+            "refused publishes during the outage",
+            4,
+            Attempt::during_outage,
+        )
+        .await;
+    outage_checks(nodes, live, channel).await;
+
+    publisher.set_phase(RESTARTED);
+    redis.restart().await;
+    publisher
+        .wait_attempts("publishes after the restart", after, |a| {
+            a.sent == RESTARTED && a.status == 200
+        })
+        .await;
+}
+
 fn has_tag(pubs: &[Pub], tag: &str) -> bool {
     pubs.iter().any(|p| p.data["tag"] == tag)
 }
@@ -221,24 +251,7 @@ async fn redis_outage_refuses_publishes_and_epoch_changes_without_persistence() 
     live.wait_for("live publications", WAIT, |l| l.pub_count(channel) >= 10)
         .await;
 
-    redis.kill9();
-    publisher.set_phase(DOWN);
-    publisher
-        .wait_attempts(
-            "refused publishes during the outage",
-            4,
-            Attempt::during_outage,
-        )
-        .await;
-    outage_checks(&nodes, &live, channel).await;
-
-    publisher.set_phase(RESTARTED);
-    redis.restart().await;
-    publisher
-        .wait_attempts("publishes after the restart", 30, |a| {
-            a.sent == RESTARTED && a.status == 200
-        })
-        .await;
+    outage_then_restart(&mut redis, &publisher, &nodes, &live, channel, 30).await;
     for node in &nodes {
         node.wait_ready().await;
     }
@@ -386,24 +399,7 @@ async fn redis_outage_with_aof_resume_is_complete() {
         })
         .await;
 
-    redis.kill9();
-    publisher.set_phase(DOWN);
-    publisher
-        .wait_attempts(
-            "refused publishes during the outage",
-            4,
-            Attempt::during_outage,
-        )
-        .await;
-    outage_checks(&nodes, &live, channel).await;
-
-    publisher.set_phase(RESTARTED);
-    redis.restart().await;
-    publisher
-        .wait_attempts("publishes after the restart", 20, |a| {
-            a.sent == RESTARTED && a.status == 200
-        })
-        .await;
+    outage_then_restart(&mut redis, &publisher, &nodes, &live, channel, 20).await;
 
     // Resume from the position taken before the outage, while publishing goes on.
     let resumed = Sub::connect("resumed@node1", nodes[1].addr).await;
