@@ -1,4 +1,5 @@
-//! Echo: clients send messages to /ws/echo and check every echo equals what was sent.
+//! `echo`: clients send messages to the WebSocket echo endpoint and check every echo equals what
+//! was sent (the fastwebsockets benchmark shape); messages per second and round-trip times.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -8,14 +9,23 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::net::cpu_seconds_all;
 use crate::stats::{latency_summary, new_histogram, record_clamped};
 
-pub struct Params {
-    pub url: String,
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[arg(long, default_value_t = 10)]
     pub clients: usize,
+    /// Messages per client.
+    #[arg(long, default_value_t = 1000)]
     pub messages: u64,
+    #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Messages a client may have in flight (1 = strictly sequential).
+    #[arg(long, default_value_t = 1)]
     pub window: usize,
+    /// Send text frames instead of binary.
+    #[arg(long)]
     pub text: bool,
 }
 
@@ -40,11 +50,12 @@ pub fn payload(client: usize, seq: u64, size: usize) -> Vec<u8> {
     p
 }
 
-pub async fn run(p: Params) -> (Value, bool) {
+pub async fn run(url: &str, server_pids: &[u32], p: &Args) -> (Value, bool) {
+    let cpu_before = cpu_seconds_all(server_pids);
     let start = Instant::now();
     let mut handles = Vec::new();
     for c in 0..p.clients {
-        let (url, m, size, window, text) = (p.url.clone(), p.messages, p.size, p.window, p.text);
+        let (url, m, size, window, text) = (url.to_string(), p.messages, p.size, p.window, p.text);
         handles.push(tokio::spawn(async move {
             let mut hist = new_histogram();
             let r = tokio::time::timeout(
@@ -82,6 +93,7 @@ pub async fn run(p: Params) -> (Value, bool) {
         }
     }
     let secs = start.elapsed().as_secs_f64().max(1e-9);
+    let cpu = cpu_seconds_all(server_pids) - cpu_before;
     let expected = p.messages * p.clients as u64;
     let ok = mismatched == 0 && errors == 0 && echoed == expected;
     let result = json!({
@@ -97,6 +109,8 @@ pub async fn run(p: Params) -> (Value, bool) {
         "first_errors": first_errors,
         "elapsed_s": (secs * 1000.0).round() / 1000.0,
         "messages_per_s": (echoed as f64 / secs).round(),
+        "server_cpu_s": (cpu * 100.0).round() / 100.0,
+        "messages_per_cpu_s": (cpu > 0.0).then(|| (echoed as f64 / cpu).round()),
         "bytes_per_s": (echoed as f64 * p.size as f64 / secs).round(),
         "rtt": latency_summary(&hist),
     });

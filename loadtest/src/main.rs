@@ -1,105 +1,122 @@
-//! `loadtest`: load, latency and loss scenarios against the gateway.
+//! `loadtest`: load, latency, loss and chaos scenarios against the gateway and its peers.
 //!
-//! Every scenario is bounded in clients, messages and time, and stops by itself. With `--spawn`
-//! the tool starts its own gateway on a free loopback port and kills it at the end.
+//! Every scenario is bounded in clients, messages and time, and stops by itself. Unless given
+//! `--url`, the tool starts the system under test itself (gateway nodes, Redis, peer servers) on
+//! free loopback ports and stops it at the end, so one command gives one comparable run.
 
+mod charts;
 mod connections;
 mod echo;
 mod fanout;
 mod gateway;
+mod latency;
+mod net;
+mod peers;
+mod progress;
+mod publisher;
+mod pubsub;
+mod report;
+mod socketio;
 mod stats;
+mod storm;
+mod subscriber;
+mod suite;
+mod system;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use system::{Spec, System, SystemKind};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Start the gateway binary on a free loopback port for this run (ignores --url).
-    #[arg(long, global = true)]
-    spawn: bool,
-    /// Gateway binary for --spawn [default: target/release/gateway, else target/debug/gateway].
+    /// Gateway binary [default: target/release/gateway, else target/debug/gateway].
     #[arg(long, global = true, value_name = "PATH")]
     gateway_bin: Option<PathBuf>,
-    /// Also write the result object as JSON to this file.
+    /// Also write the result as JSON to this file.
     #[arg(long, global = true, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also write the result as a markdown table to this file.
+    #[arg(long, global = true, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+    /// Write SVG charts of the result into this directory.
+    #[arg(long, global = true, value_name = "DIR")]
+    charts: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// WebSocket subscribers over K channels, an HTTP publisher at R/s; latency and loss.
-    Fanout {
-        /// Gateway origin (the WebSocket endpoint is URL/ws, publishing URL/api/publish).
-        #[arg(long, default_value = "ws://127.0.0.1:8080")]
-        url: String,
-        #[arg(long, default_value_t = 100)]
-        clients: usize,
-        #[arg(long, default_value_t = 10)]
-        channels: usize,
-        /// Publications per second, over all channels.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        /// Seconds of publishing.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Padding bytes added to each publication's data.
-        #[arg(long, default_value_t = 0)]
-        payload: usize,
-        /// Seconds to wait after the last publication for in-flight deliveries.
-        #[arg(long, default_value_t = 5.0)]
-        drain: f64,
-    },
-    /// Clients send messages to the echo endpoint and check every echo.
-    Echo {
-        #[arg(long, default_value = "ws://127.0.0.1:8080/ws/echo")]
-        url: String,
-        #[arg(long, default_value_t = 10)]
-        clients: usize,
-        /// Messages per client.
-        #[arg(long, default_value_t = 1000)]
-        messages: u64,
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Messages a client may have in flight (1 = strictly sequential).
-        #[arg(long, default_value_t = 1)]
-        window: usize,
-        /// Send text frames instead of binary.
-        #[arg(long)]
-        text: bool,
-    },
-    /// Opens N idle connections and reports the gateway's resident memory per connection.
-    Connections {
-        /// Gateway origin.
-        #[arg(long, default_value = "ws://127.0.0.1:8080")]
-        url: String,
-        #[arg(long, default_value_t = 1000)]
-        count: usize,
-        #[arg(long, value_enum, default_value = "ws")]
-        transport: connections::Transport,
-        /// Gateway process id for VmRSS (the spawned gateway's by default with --spawn).
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Seconds to hold the connections open before measuring.
-        #[arg(long, default_value_t = 2.0)]
-        hold: f64,
-        /// Connections opened concurrently.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-    },
+/// What to load.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SystemArgs {
+    #[arg(long, value_enum, default_value = "gateway")]
+    pub system: SystemKind,
+    /// Servers already running (an origin per node, e.g. http://127.0.0.1:8080); without it the
+    /// tool starts the system itself.
+    #[arg(long = "url", value_name = "ORIGIN")]
+    pub urls: Vec<String>,
+    /// Nodes to start [default: 3 for latency and storm, else 1].
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// Gateway: use a Redis backplane (started by the tool) even with one node.
+    #[arg(long)]
+    pub redis: bool,
 }
 
-fn secs(s: f64) -> Duration {
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// C subscribers over K channels, one publisher: deliveries/s, latency and loss.
+    Fanout {
+        #[command(flatten)]
+        system: SystemArgs,
+        #[command(flatten)]
+        args: fanout::Args,
+    },
+    /// Fixed publish rate through node 0, subscribers over all nodes: latency percentiles.
+    Latency {
+        #[command(flatten)]
+        system: SystemArgs,
+        #[command(flatten)]
+        args: latency::Args,
+    },
+    /// Kill (or drain) the node holding K clients mid-run; time to catch up, loss, reconnect curve.
+    Storm {
+        #[command(flatten)]
+        system: SystemArgs,
+        #[command(flatten)]
+        args: storm::Args,
+    },
+    /// WebSocket echo throughput and round trips.
+    Echo {
+        #[command(flatten)]
+        system: SystemArgs,
+        #[command(flatten)]
+        args: echo::Args,
+    },
+    /// N idle connections: the server's memory per connection and idle CPU.
+    Connections {
+        #[command(flatten)]
+        system: SystemArgs,
+        #[command(flatten)]
+        args: connections::Args,
+    },
+    /// Every scenario against the gateway and the peers in one run: JSON, markdown and charts.
+    Suite(suite::Args),
+}
+
+pub fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.clamp(0.0, 24.0 * 3600.0))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any child starts, so gateways and peers inherit it.
+    net::raise_nofile(1 << 20);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,116 +125,100 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let spawned = if cli.spawn {
-        let bin = match gateway::find_binary(cli.gateway_bin.as_deref()) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("loadtest: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        let echo = matches!(cli.command, Command::Echo { .. });
-        match gateway::spawn(&bin, echo).await {
-            Ok(s) => {
-                eprintln!(
-                    "loadtest: spawned {} on port {} (pid {})",
-                    bin.display(),
-                    s.port,
-                    s.pid()
-                );
-                Some(s)
-            }
-            Err(e) => {
-                eprintln!("loadtest: {e}");
-                return ExitCode::from(2);
-            }
-        }
-    } else {
-        None
+    let outcome = match &cli.command {
+        Command::Suite(args) => suite::run(args, cli.gateway_bin.clone()).await,
+        command => single(command, cli.gateway_bin.clone()).await,
     };
-    let origin_of = |url: &str| match &spawned {
-        Some(s) => s.base_ws(),
-        None => gateway::origin(url),
-    };
-    let (title, (result, ok)) = match cli.command {
-        Command::Fanout {
-            url,
-            clients,
-            channels,
-            rate,
-            duration,
-            payload,
-            drain,
-        } => {
-            let ws_origin = origin_of(&url);
-            let p = fanout::Params {
-                http_origin: gateway::http_origin(&ws_origin),
-                ws_origin,
-                clients,
-                channels,
-                rate,
-                duration: secs(duration),
-                payload,
-                drain: secs(drain),
-            };
-            ("fanout", fanout::run(p).await)
-        }
-        Command::Echo {
-            url,
-            clients,
-            messages,
-            size,
-            window,
-            text,
-        } => {
-            let url = match &spawned {
-                Some(s) => format!("{}/ws/echo", s.base_ws()),
-                None => url,
-            };
-            let p = echo::Params {
-                url,
-                clients,
-                messages,
-                size,
-                window,
-                text,
-            };
-            ("echo", echo::run(p).await)
-        }
-        Command::Connections {
-            url,
-            count,
-            transport,
-            pid,
-            hold,
-            concurrency,
-        } => {
-            let ws_origin = origin_of(&url);
-            let p = connections::Params {
-                http_origin: gateway::http_origin(&ws_origin),
-                ws_origin,
-                count,
-                transport,
-                pid: pid.or(spawned.as_ref().map(|s| s.pid())),
-                hold: secs(hold),
-                concurrency,
-            };
-            ("connections", connections::run(p).await)
-        }
-    };
-    drop(spawned);
-    stats::print_table(title, &result);
-    if let Some(path) = &cli.json {
-        let text = serde_json::to_string_pretty(&result).expect("serializable");
-        if let Err(e) = std::fs::write(path, text + "\n") {
-            eprintln!("loadtest: cannot write {}: {e}", path.display());
+    let (results, ok) = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadtest: {e}");
             return ExitCode::from(2);
         }
+    };
+    for v in &results {
+        stats::print_table(v["scenario"].as_str().unwrap_or("result"), v);
+    }
+    print!("{}", report::markdown(&results));
+    if let Err(e) = write_outputs(&cli, &results) {
+        eprintln!("loadtest: {e}");
+        return ExitCode::from(2);
     }
     if ok {
         ExitCode::SUCCESS
     } else {
-        eprintln!("loadtest: {title} FAILED");
+        eprintln!("loadtest: FAILED (see \"ok\", \"lost\" and \"first_errors\" above)");
         ExitCode::FAILURE
     }
+}
+
+/// Starts (or attaches to) the system, runs one scenario on it, stops the system.
+async fn single(
+    command: &Command,
+    gateway_bin: Option<PathBuf>,
+) -> Result<(Vec<Value>, bool), String> {
+    let (sys, default_nodes) = match command {
+        Command::Fanout { system, .. }
+        | Command::Echo { system, .. }
+        | Command::Connections { system, .. } => (system, 1),
+        Command::Latency { system, .. } | Command::Storm { system, .. } => (system, 3),
+        Command::Suite(_) => unreachable!("handled by the caller"),
+    };
+    if matches!(command, Command::Storm { .. }) && sys.nodes.unwrap_or(3) < 2 && sys.urls.len() < 2
+    {
+        return Err("storm needs at least 2 nodes".into());
+    }
+    let mut system = if sys.urls.is_empty() {
+        System::start(&Spec {
+            kind: sys.system,
+            nodes: sys.nodes.unwrap_or(default_nodes),
+            redis: sys.redis,
+            echo: matches!(command, Command::Echo { .. }),
+            gateway_bin,
+        })
+        .await?
+    } else {
+        System::external(sys.system, &sys.urls)
+    };
+    let (mut v, ok) = match command {
+        Command::Fanout { args, .. } => passed(fanout::run(&mut system, args).await),
+        Command::Latency { args, .. } => passed(latency::run(&mut system, args).await),
+        Command::Storm { args, .. } => passed(storm::run(&mut system, args).await),
+        Command::Echo { args, .. } => {
+            let url = system.echo_url(0);
+            echo::run(&url, &system.pids(), args).await
+        }
+        Command::Connections { args, .. } => connections::run(&mut system, args).await,
+        Command::Suite(_) => unreachable!("handled by the caller"),
+    };
+    v["system"] = sys.system.name().into();
+    drop(system);
+    Ok((vec![v], ok))
+}
+
+/// A result with its verdict.
+pub fn passed(v: Value) -> (Value, bool) {
+    let ok = v["ok"] == true;
+    (v, ok)
+}
+
+fn write_outputs(cli: &Cli, results: &[Value]) -> Result<(), String> {
+    if let Some(path) = &cli.json {
+        let v = if results.len() == 1 {
+            results[0].clone()
+        } else {
+            Value::from(results.to_vec())
+        };
+        let text = serde_json::to_string_pretty(&v).expect("serializable");
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &cli.markdown {
+        std::fs::write(path, report::markdown(results))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(dir) = &cli.charts {
+        charts::write_all(dir, results)?;
+    }
+    Ok(())
 }

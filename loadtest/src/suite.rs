@@ -1,0 +1,375 @@
+//! `suite`: every scenario against the gateway and the peers, one after the other on the same
+//! machine, each system started fresh and stopped after its run. Writes results.json, results.md
+//! (machine, one table per scenario, the targets as same-run ratios) and SVG charts.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use crate::subscriber::Transport;
+use crate::system::{Spec, System, SystemKind};
+use crate::{connections, echo, fanout, latency, report, storm};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scale {
+    /// Seconds in all: proves the tool and every system run (CI).
+    Tiny,
+    /// The published benchmark (docs/benchmarks.md): minutes.
+    Full,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "full")]
+    pub scale: Scale,
+    /// Directory for results.json, results.md and the charts.
+    #[arg(long, default_value = "target/loadtest")]
+    pub out: PathBuf,
+    /// Systems to include (repeat); all by default.
+    #[arg(long = "only", value_enum)]
+    pub only: Vec<SystemKind>,
+}
+
+enum Job {
+    Fanout(fanout::Args),
+    Latency(latency::Args),
+    Storm(storm::Args),
+    Echo(echo::Args),
+    Connections(connections::Args),
+}
+
+struct Run {
+    variant: &'static str,
+    system: SystemKind,
+    nodes: usize,
+    job: Job,
+}
+
+/// The tiny or the full value of a parameter.
+fn pick<T>(full: bool, tiny: T, big: T) -> T {
+    if full {
+        big
+    } else {
+        tiny
+    }
+}
+
+fn plan(scale: Scale) -> Vec<Run> {
+    use SystemKind::*;
+    let full = scale == Scale::Full;
+    let mut runs = Vec::new();
+    let fan = |clients, channels, rate: f64, transport| fanout::Args {
+        clients,
+        channels,
+        rate,
+        duration: pick(full, 1.0, 15.0),
+        payload: 0,
+        transport,
+        drain: 10.0,
+    };
+    for system in [Gateway, Uws, Ws, Socketio] {
+        runs.push(Run {
+            variant: "1 channel",
+            system,
+            nodes: 1,
+            job: Job::Fanout(fan(pick(full, 20, 1000), 1, pick(full, 50.0, 200.0), Transport::Ws)),
+        });
+    }
+    for system in [Gateway, Uws, Ws] {
+        runs.push(Run {
+            variant: "100 channels",
+            system,
+            nodes: 1,
+            job: Job::Fanout(fan(pick(full, 20, 1000), pick(full, 5, 100), pick(full, 50.0, 20_000.0), Transport::Ws)),
+        });
+    }
+    for transport in [Transport::Sse, Transport::SseH2] {
+        runs.push(Run {
+            variant: "1 channel",
+            system: Gateway,
+            nodes: 1,
+            job: Job::Fanout(fan(pick(full, 20, 1000), 1, pick(full, 50.0, 200.0), transport)),
+        });
+    }
+    for system in [Gateway, Uws, Ws] {
+        runs.push(Run {
+            variant: "",
+            system,
+            nodes: 1,
+            job: Job::Echo(echo::Args {
+                clients: pick(full, 4, 50),
+                messages: pick(full, 200, 20_000),
+                size: 64,
+                window: 16,
+                text: false,
+            }),
+        });
+    }
+    let conns = |count, transport| connections::Args {
+        count,
+        transport,
+        hold: pick(full, 0.5, 10.0),
+        concurrency: 256,
+    };
+    for transport in [Transport::Ws, Transport::Sse, Transport::SseH2] {
+        runs.push(Run {
+            variant: "",
+            system: Gateway,
+            nodes: 1,
+            job: Job::Connections(conns(pick(full, 50, 100_000), transport)),
+        });
+    }
+    for system in [Uws, Ws, Socketio] {
+        runs.push(Run {
+            variant: "",
+            system,
+            nodes: 1,
+            job: Job::Connections(conns(pick(full, 50, 100_000), Transport::Ws)),
+        });
+    }
+    for system in [Gateway, Socketio] {
+        runs.push(Run {
+            variant: "3 nodes + Redis",
+            system,
+            nodes: 3,
+            job: Job::Latency(latency::Args {
+                clients: pick(full, 30, 1000),
+                channels: pick(full, 3, 10),
+                rate: pick(full, 50.0, 500.0),
+                duration: pick(full, 1.0, 20.0),
+                payload: 0,
+                transport: Transport::Ws,
+            }),
+        });
+    }
+    let storm_args = |signal| storm::Args {
+        clients: pick(full, 30, 10_000),
+        channels: pick(full, 3, 100),
+        rate: pick(full, 50.0, 200.0),
+        duration: pick(full, 2.0, 15.0),
+        kill_after: pick(full, 0.5, 5.0),
+        signal,
+        jitter_ms: pick(full, 100, 1000),
+        transport: Transport::Ws,
+    };
+    for (system, signal) in [
+        (Gateway, storm::Signal::Kill),
+        (Gateway, storm::Signal::Term),
+        (Socketio, storm::Signal::Kill),
+    ] {
+        runs.push(Run {
+            variant: "3 nodes + Redis",
+            system,
+            nodes: 3,
+            job: Job::Storm(storm_args(signal)),
+        });
+    }
+    runs
+}
+
+pub async fn run(args: &Args, gateway_bin: Option<PathBuf>) -> Result<(Vec<Value>, bool), String> {
+    let runs: Vec<Run> = plan(args.scale)
+        .into_iter()
+        .filter(|r| args.only.is_empty() || args.only.contains(&r.system))
+        .collect();
+    let mut results = Vec::new();
+    let mut all_ok = true;
+    for (i, r) in runs.iter().enumerate() {
+        let name = scenario_name(&r.job);
+        eprintln!(
+            "loadtest suite: [{}/{}] {name} on {} {}",
+            i + 1,
+            runs.len(),
+            r.system.name(),
+            r.variant
+        );
+        let spec = Spec {
+            kind: r.system,
+            nodes: r.nodes,
+            redis: false,
+            echo: matches!(r.job, Job::Echo(_)),
+            gateway_bin: gateway_bin.clone(),
+        };
+        let (mut v, ok) = match System::start(&spec).await {
+            Err(e) => (json!({"scenario": name, "ok": false, "first_errors": [e]}), false),
+            Ok(mut system) => {
+                let out = match &r.job {
+                    Job::Fanout(a) => crate::passed(fanout::run(&mut system, a).await),
+                    Job::Latency(a) => crate::passed(latency::run(&mut system, a).await),
+                    Job::Storm(a) => crate::passed(storm::run(&mut system, a).await),
+                    Job::Echo(a) => echo::run(&system.echo_url(0), &system.pids(), a).await,
+                    Job::Connections(a) => connections::run(&mut system, a).await,
+                };
+                drop(system);
+                out
+            }
+        };
+        v["system"] = r.system.name().into();
+        if !r.variant.is_empty() {
+            v["variant"] = r.variant.into();
+        }
+        if !ok {
+            eprintln!("loadtest suite: {name} on {} FAILED: {}", r.system.name(), v["first_errors"]);
+        }
+        all_ok &= ok;
+        results.push(v);
+    }
+    write(args, &results)?;
+    Ok((results, all_ok))
+}
+
+fn scenario_name(job: &Job) -> &'static str {
+    match job {
+        Job::Fanout(_) => "fanout",
+        Job::Latency(_) => "latency",
+        Job::Storm(_) => "storm",
+        Job::Echo(_) => "echo",
+        Job::Connections(_) => "connections",
+    }
+}
+
+fn write(args: &Args, results: &[Value]) -> Result<(), String> {
+    let dir = &args.out;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let json = serde_json::to_string_pretty(&json!({"machine": machine(), "results": results}))
+        .expect("serializable");
+    std::fs::write(dir.join("results.json"), json + "\n").map_err(|e| e.to_string())?;
+    let charts = crate::charts::write_all(&dir.join("charts"), results)?;
+    let mut md = String::from("## Machine\n\n");
+    for (k, v) in machine().as_object().expect("object") {
+        md.push_str(&format!("- {k}: {}\n", v.as_str().unwrap_or(&v.to_string())));
+    }
+    md.push_str("\n## Targets (ratios from this run)\n\n");
+    md.push_str(&targets(results));
+    md.push_str("\n## Results\n");
+    md.push_str(&report::markdown(results));
+    md.push_str("\n## Charts\n\n");
+    for c in charts {
+        md.push_str(&format!("![{c}](charts/{c})\n"));
+    }
+    std::fs::write(dir.join("results.md"), md).map_err(|e| e.to_string())?;
+    eprintln!("loadtest suite: wrote {}", dir.display());
+    Ok(())
+}
+
+/// What the numbers were measured on.
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let version = |cmd: &str, arg: &str| {
+        std::process::Command::new(cmd)
+            .arg(arg)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
+            .unwrap_or_else(|| "not found".into())
+    };
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory": mem_gib,
+        "kernel": version("uname", "-r"),
+        "node": version("node", "--version"),
+        "redis": version("redis-server", "--version"),
+        "note": "load generator, servers and Redis share the same cores",
+    })
+}
+
+/// The issue's targets as same-run ratios.
+fn targets(results: &[Value]) -> String {
+    let find = |scenario: &str, system: &str, variant: Option<&str>, transport: Option<&str>| {
+        results.iter().find(|v| {
+            v["scenario"] == scenario
+                && v["system"] == system
+                && variant.is_none_or(|x| v["variant"] == x)
+                && transport.is_none_or(|t| v["transport"] == t)
+        })
+    };
+    let f = |v: Option<&Value>, path: &[&str]| -> Option<f64> {
+        let mut cur = v?;
+        for p in path {
+            cur = cur.get(*p)?;
+        }
+        cur.as_f64()
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let verdict = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "missed",
+        None => "not measured",
+    };
+    let fmt = |x: Option<f64>, unit: &str| x.map(|x| format!("{x:.2}{unit}")).unwrap_or("–".into());
+    let mut rows: Vec<(String, String, &str)> = Vec::new();
+    let fan = |s| find("fanout", s, Some("1 channel"), Some("ws"));
+    let cpu = ["deliveries_per_cpu_s"];
+    let rate = ["deliveries_per_s"];
+    for (peer, want) in [("uws", 0.9), ("socketio", 10.0)] {
+        let r_cpu = ratio(f(fan("gateway"), &cpu), f(fan(peer), &cpu));
+        let r_rate = ratio(f(fan("gateway"), &rate), f(fan(peer), &rate));
+        rows.push((
+            format!("fan-out ≥ {want}× {peer} (deliveries per server CPU second)"),
+            format!("{} (deliveries/s ratio {})", fmt(r_cpu, "×"), fmt(r_rate, "×")),
+            verdict(r_cpu.map(|r| r >= want)),
+        ));
+    }
+    for t in ["ws", "sse"] {
+        let b = f(find("connections", "gateway", None, Some(t)), &["bytes_per_connection"]);
+        let n = f(find("connections", "gateway", None, Some(t)), &["opened"]);
+        rows.push((
+            format!("idle memory ≤ 4 KiB per {t} connection"),
+            format!("{} bytes at {} connections", fmt(b, ""), fmt(n, "")),
+            verdict(b.map(|b| b <= 4096.0)),
+        ));
+    }
+    let lat = find("latency", "gateway", None, None);
+    let p99 = f(lat, &["latency", "p99_ms"]);
+    let dps = f(lat, &["deliveries_per_s"]);
+    rows.push((
+        "p99 publish→deliver ≤ 5 ms, 3 nodes + Redis, 50k deliveries/s".into(),
+        format!("{} at {} deliveries/s", fmt(p99, " ms"), fmt(dps, "")),
+        verdict(p99.zip(dps).map(|(p, d)| p <= 5.0 && d >= 50_000.0)),
+    ));
+    let storm = results
+        .iter()
+        .find(|v| v["scenario"] == "storm" && v["system"] == "gateway" && v["storm"]["signal"] == "kill");
+    let caught = f(storm, &["storm", "all_caught_up_ms"]);
+    let clean = storm.map(|v| v["lost"] == 0 && v["duplicated"] == 0 && v["out_of_order"] == 0);
+    rows.push((
+        "kill -9 storm of 10k clients caught up ≤ 5 s, 0 lost / 0 dup".into(),
+        format!(
+            "{} for {} clients, clean: {}",
+            fmt(caught, " ms"),
+            fmt(f(storm, &["clients"]), ""),
+            clean.map(|c| c.to_string()).unwrap_or("–".into())
+        ),
+        verdict(caught.zip(clean).map(|(c, clean)| c <= 5000.0 && clean)),
+    ));
+    let echo = |s| f(find("echo", s, None, None), &["messages_per_s"]);
+    let r = ratio(echo("gateway"), echo("uws"));
+    rows.push((
+        "WebSocket echo ≥ 0.95× uws".into(),
+        fmt(r, "×"),
+        verdict(r.map(|r| r >= 0.95)),
+    ));
+    let mut md = String::from("| target | measured | verdict |\n|---|---|---|\n");
+    for (t, m, v) in rows {
+        md.push_str(&format!("| {t} | {m} | {v} |\n"));
+    }
+    md
+}
