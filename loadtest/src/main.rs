@@ -7,6 +7,11 @@ mod connections;
 mod echo;
 mod fanout;
 mod gateway;
+// The peers' driver pieces, until the scenarios use them.
+#[allow(dead_code)]
+mod peers;
+#[allow(dead_code)]
+mod socketio;
 mod stats;
 
 use std::path::PathBuf;
