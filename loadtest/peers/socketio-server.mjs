@@ -32,7 +32,12 @@ const redisPort = Number(values["redis-port"] ?? 6379);
 // The adapter's duplicates of this client inherit its name: see streamReaderBlocked.
 const clientName = `sio-peer-${process.pid}`;
 const redis = createClient({ url: `redis://127.0.0.1:${redisPort}`, name: clientName });
-redis.on("error", (e) => console.error(`redis: ${e.message}`));
+let listening = false;
+redis.on("error", (e) => {
+  console.error(`redis: ${e.message}`);
+  // Before listening, fail fast (the client would retry forever); after, keep reconnecting.
+  if (!listening) process.exit(1);
+});
 await redis.connect();
 
 const counters = new Counters();
@@ -99,4 +104,7 @@ async function streamReaderBlocked() {
 while (!(await streamReaderBlocked())) {
   await new Promise((resolve) => setTimeout(resolve, 10));
 }
-server.listen(port, "127.0.0.1", () => console.log(`listening on ${port}`));
+server.listen(port, "127.0.0.1", () => {
+  listening = true;
+  console.log(`listening on ${port}`);
+});

@@ -267,3 +267,18 @@ async fn socketio_cluster_recovers_sessions_after_a_node_is_killed() {
     drop(peers);
     drop(redis);
 }
+
+/// A node that cannot start says why: its stderr comes back in the error.
+#[tokio::test]
+async fn a_peer_that_cannot_start_reports_its_stderr() {
+    ensure_installed();
+    // A port just freed: no redis listens there.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let redis_port = unused.local_addr().expect("addr").port();
+    drop(unused);
+    let error = match Peers::start(PeerKind::SocketIo, 1, Some(redis_port)).await {
+        Ok(_) => panic!("a Socket.IO node started without redis"),
+        Err(e) => e,
+    };
+    assert!(error.contains("redis: "), "no reason in: {error}");
+}
