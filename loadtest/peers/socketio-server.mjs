@@ -104,6 +104,9 @@ async function streamReaderBlocked() {
 while (!(await streamReaderBlocked())) {
   await new Promise((resolve) => setTimeout(resolve, 10));
 }
+// Idle keep-alive connections outlive the HTTP client's pool timeout (reqwest: 90 s), so the
+// publisher never sends on a connection the server is closing.
+server.keepAliveTimeout = 120_000;
 server.listen(port, "127.0.0.1", () => {
   listening = true;
   console.log(`listening on ${port}`);

@@ -76,4 +76,7 @@ function subscribe(ws, channel) {
   ws.on("error", () => {});
 }
 
+// Idle keep-alive connections outlive the HTTP client's pool timeout (reqwest: 90 s), so the
+// publisher never sends on a connection the server is closing.
+server.keepAliveTimeout = 120_000;
 server.listen(port, "127.0.0.1", () => console.log(`listening on ${port}`));

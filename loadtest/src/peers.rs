@@ -184,9 +184,10 @@ fn watch_stdout(child: &mut Child, port: u16) -> oneshot::Receiver<()> {
     let wanted = format!("listening on {port}");
     std::thread::spawn(move || {
         let mut tx = Some(tx);
-        for line in BufReader::new(stdout).lines() {
+        // Bytes, not lines of UTF-8: a stray invalid byte must not stop the draining.
+        for line in BufReader::new(stdout).split(b'\n') {
             let Ok(line) = line else { break };
-            if line.trim() == wanted {
+            if String::from_utf8_lossy(&line).trim() == wanted {
                 if let Some(tx) = tx.take() {
                     let _ = tx.send(());
                 }

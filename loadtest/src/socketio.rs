@@ -57,7 +57,7 @@ impl SioClient {
     /// Opens the Engine.IO socket on `ws://127.0.0.1:PORT/socket.io/`, reads the open packet,
     /// connects to the main namespace with auth `{"channel": C}` (plus `pid` and `offset` when
     /// resuming), and waits for the CONNECT answer. Returns the client and whether the server
-    /// recovered the session, i.e. answered with the pid it was given.
+    /// recovered the session, i.e. answered with the pid it was given. No timeout of its own.
     pub async fn connect(
         port: u16,
         channel: &str,
