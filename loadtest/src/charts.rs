@@ -28,7 +28,10 @@ pub fn write_all(dir: &Path, results: &[Value]) -> Result<Vec<String>, String> {
         }
     }
     for scenario in scenarios {
-        let runs: Vec<&Value> = results.iter().filter(|v| v["scenario"] == scenario).collect();
+        let runs: Vec<&Value> = results
+            .iter()
+            .filter(|v| v["scenario"] == scenario)
+            .collect();
         let latency: Vec<Series> = runs
             .iter()
             .filter(|v| v["latency"]["count"].as_u64().unwrap_or(0) > 0)
@@ -62,7 +65,13 @@ pub fn write_all(dir: &Path, results: &[Value]) -> Result<Vec<String>, String> {
         if !timelines.is_empty() {
             let file = format!("{scenario}-deliveries.svg");
             let title = format!("{scenario}: deliveries per second");
-            line_chart(&dir.join(&file), &title, "seconds since the first publish", "deliveries/s", &timelines)?;
+            line_chart(
+                &dir.join(&file),
+                &title,
+                "seconds since the first publish",
+                "deliveries/s",
+                &timelines,
+            )?;
             written.push(file);
         }
         let curves: Vec<Series> = runs
@@ -81,7 +90,13 @@ pub fn write_all(dir: &Path, results: &[Value]) -> Result<Vec<String>, String> {
         if !curves.is_empty() {
             let file = format!("{scenario}-reconnects.svg");
             let y = "reconnects per 100 ms";
-            line_chart(&dir.join(&file), "storm: reconnects after the kill", "ms since the kill", y, &curves)?;
+            line_chart(
+                &dir.join(&file),
+                "storm: reconnects after the kill",
+                "ms since the kill",
+                y,
+                &curves,
+            )?;
             written.push(file);
         }
     }
@@ -108,7 +123,10 @@ fn latency_chart(path: &Path, scenario: &str, series: &[Series]) -> Result<(), S
         .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
         .fold(0.01f64, f64::max);
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{scenario}: publish→deliver latency"), ("sans-serif", 20))
+        .caption(
+            format!("{scenario}: publish→deliver latency"),
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(60)
@@ -119,7 +137,10 @@ fn latency_chart(path: &Path, scenario: &str, series: &[Series]) -> Result<(), S
         .x_labels(5)
         .x_label_formatter(&|x| {
             let i = x.round() as usize;
-            PERCENTILES.get(i).map(|p| p.0.to_string()).unwrap_or_default()
+            PERCENTILES
+                .get(i)
+                .map(|p| p.0.to_string())
+                .unwrap_or_default()
         })
         .y_desc("ms (log scale)")
         .draw()
@@ -128,7 +149,13 @@ fn latency_chart(path: &Path, scenario: &str, series: &[Series]) -> Result<(), S
     root.present().map_err(err)
 }
 
-fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Result<(), String> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+) -> Result<(), String> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let points = || series.iter().flat_map(|(_, p)| p.iter());
@@ -163,10 +190,15 @@ where
     for (i, (name, points)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))
             .map_err(err)?
             .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -194,10 +226,18 @@ mod tests {
         let files = write_all(&dir, &results).unwrap();
         assert_eq!(
             files,
-            ["fanout-latency.svg", "fanout-deliveries.svg", "storm-deliveries.svg", "storm-reconnects.svg"]
+            [
+                "fanout-latency.svg",
+                "fanout-deliveries.svg",
+                "storm-deliveries.svg",
+                "storm-reconnects.svg"
+            ]
         );
         let svg = std::fs::read_to_string(dir.join("storm-reconnects.svg")).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("gateway kill"), "{svg:.300}");
+        assert!(
+            svg.starts_with("<svg") && svg.contains("gateway kill"),
+            "{svg:.300}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -160,7 +160,9 @@ impl Publisher {
         async move {
             let outcome = match req.send().await {
                 Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
-                    Ok(v) => v["offset"].as_u64().ok_or_else(|| format!("no offset in {v}")),
+                    Ok(v) => v["offset"]
+                        .as_u64()
+                        .ok_or_else(|| format!("no offset in {v}")),
                     Err(e) => Err(format!("reply: {e}")),
                 },
                 Ok(r) => Err(format!("status {}", r.status())),

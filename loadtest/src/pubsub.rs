@@ -122,9 +122,16 @@ struct ClientReport {
 
 pub async fn run(system: &mut System, p: &Params) -> Outcome {
     let tag = format!("lt{}", now_micros() % 1_000_000_000);
-    let channels: Arc<Vec<String>> =
-        Arc::new((0..p.channels.max(1)).map(|i| format!("{tag}-{i}")).collect());
-    let publisher = Publisher::new(system.publish_url(p.publish_node), channels.clone(), p.payload);
+    let channels: Arc<Vec<String>> = Arc::new(
+        (0..p.channels.max(1))
+            .map(|i| format!("{tag}-{i}"))
+            .collect(),
+    );
+    let publisher = Publisher::new(
+        system.publish_url(p.publish_node),
+        channels.clone(),
+        p.payload,
+    );
     let sources = Sources::for_connections(p.clients);
     let http = sse_clients(p.transport, p.clients, &sources);
     let shared = Arc::new(Shared {
@@ -282,13 +289,21 @@ fn add_into(total: &mut Vec<u64>, part: &[u64]) {
 
 /// HTTP clients for SSE: one per source address over HTTP/1.1 (a connection per stream), or one
 /// per `H2_STREAMS_PER_CONNECTION` streams over HTTP/2.
-pub fn sse_clients(transport: Transport, clients: usize, sources: &Sources) -> Vec<reqwest::Client> {
+pub fn sse_clients(
+    transport: Transport,
+    clients: usize,
+    sources: &Sources,
+) -> Vec<reqwest::Client> {
     let build = |h2: bool, source| {
         let b = reqwest::Client::builder()
             .local_address(Some(source))
             .tcp_nodelay(true)
             .pool_max_idle_per_host(0);
-        let b = if h2 { b.http2_prior_knowledge() } else { b.http1_only() };
+        let b = if h2 {
+            b.http2_prior_knowledge()
+        } else {
+            b.http1_only()
+        };
         b.build().expect("http client")
     };
     match transport {

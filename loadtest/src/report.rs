@@ -15,7 +15,7 @@ fn num(v: &Value) -> String {
             let f = n.as_f64().unwrap_or(0.0);
             if n.is_f64() && f.fract() != 0.0 {
                 if f.abs() >= 100.0 {
-                    format!("{}", group(f.round() as i64))
+                    group(f.round() as i64)
                 } else {
                     format!("{f:.2}")
                 }
@@ -33,7 +33,7 @@ fn group(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push('\u{202f}');
         }
         out.push(c);
@@ -186,14 +186,20 @@ mod tests {
         let md = markdown(&results);
         assert_eq!(md.matches("**echo**").count(), 1);
         assert_eq!(md.matches("**fanout**").count(), 1);
-        assert!(md.contains("| gateway | 2 | 1 | 64 | 12\u{202f}345 |"), "{md}");
+        assert!(
+            md.contains("| gateway | 2 | 1 | 64 | 12\u{202f}345 |"),
+            "{md}"
+        );
         assert!(md.contains("| uws | 2 | – | – | 99.50 |"), "{md}");
         assert!(md.find("**echo**") < md.find("**fanout**"));
     }
 
     #[test]
     fn labels_name_non_websocket_transports() {
-        assert_eq!(label(&json!({"system": "gateway", "transport": "sse-h2"})), "gateway (sse-h2)");
+        assert_eq!(
+            label(&json!({"system": "gateway", "transport": "sse-h2"})),
+            "gateway (sse-h2)"
+        );
         assert_eq!(label(&json!({"system": "ws", "transport": "ws"})), "ws");
     }
 }

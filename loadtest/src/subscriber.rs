@@ -45,7 +45,10 @@ pub enum Resume {
     #[default]
     Fresh,
     /// Gateway WebSocket: `since` of the subscribe command.
-    Position { epoch: String, offset: u64 },
+    Position {
+        epoch: String,
+        offset: u64,
+    },
     /// Gateway SSE: the last event id.
     Cursor(String),
     SocketIo(socketio::Session),
@@ -64,7 +67,10 @@ pub struct Subscribed {
 
 #[derive(Debug)]
 pub enum Event {
-    Publication { offset: u64, ts_us: Option<u64> },
+    Publication {
+        offset: u64,
+        ts_us: Option<u64>,
+    },
     /// The server could not continue the stream (gateway `reset`).
     Reset,
     /// The connection ended; `reconnect_ms` is the server's drain hint.
@@ -189,7 +195,9 @@ impl Subscriber {
                                 };
                             }
                             Some("reset") => return Event::Reset,
-                            Some("error") => return closed(&format!("error event: {}", ev.data), None),
+                            Some("error") => {
+                                return closed(&format!("error event: {}", ev.data), None)
+                            }
                             _ => continue,
                         }
                     }
@@ -281,7 +289,10 @@ async fn gateway_ws(t: &Target<'_>, resume: &Resume) -> Result<(Subscriber, Subs
     let mut ws = open_ws(&format!("{}/ws", ws_origin(t.origin)), t).await?;
     let since = match resume {
         Resume::Position { epoch, offset } => {
-            format!(r#","since":{{"epoch":{},"offset":{offset}}}"#, json_str(epoch))
+            format!(
+                r#","since":{{"epoch":{},"offset":{offset}}}"#,
+                json_str(epoch)
+            )
         }
         _ => String::new(),
     };
@@ -309,7 +320,8 @@ async fn gateway_ws(t: &Target<'_>, resume: &Resume) -> Result<(Subscriber, Subs
         }
         let r = push.result.ok_or("subscribe reply without result")?;
         let base = r.offset.ok_or("subscribe reply without offset")?;
-        let recovered = matches!(resume, Resume::Position { .. }).then_some(r.recovered == Some(true));
+        let recovered =
+            matches!(resume, Resume::Position { .. }).then_some(r.recovered == Some(true));
         let epoch = r.epoch.unwrap_or_default();
         // Recovered: publications after `since` follow; otherwise delivery starts after `base`.
         let from = match (resume, recovered) {
@@ -440,7 +452,9 @@ impl SseStream {
 
 /// (end of the event's text, end including the blank line) of the first complete event.
 fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2))
+    buf.windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2))
 }
 
 #[cfg(test)]
@@ -461,9 +475,10 @@ mod tests {
         .unwrap();
         assert_eq!(r.id, Some(1));
         assert_eq!(r.result.unwrap().recovered, Some(true));
-        let reset: Push =
-            serde_json::from_str(r#"{"reset":{"channel":"c","epoch":"f","offset":9,"reason":"x"}}"#)
-                .unwrap();
+        let reset: Push = serde_json::from_str(
+            r#"{"reset":{"channel":"c","epoch":"f","offset":9,"reason":"x"}}"#,
+        )
+        .unwrap();
         assert_eq!(reset.reset.unwrap().offset, 9);
     }
 

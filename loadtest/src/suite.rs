@@ -72,7 +72,12 @@ fn plan(scale: Scale) -> Vec<Run> {
             variant: "1 channel",
             system,
             nodes: 1,
-            job: Job::Fanout(fan(pick(full, 20, 1000), 1, pick(full, 50.0, 200.0), Transport::Ws)),
+            job: Job::Fanout(fan(
+                pick(full, 20, 1000),
+                1,
+                pick(full, 50.0, 200.0),
+                Transport::Ws,
+            )),
         });
     }
     for system in [Gateway, Uws, Ws] {
@@ -80,7 +85,12 @@ fn plan(scale: Scale) -> Vec<Run> {
             variant: "100 channels",
             system,
             nodes: 1,
-            job: Job::Fanout(fan(pick(full, 20, 1000), pick(full, 5, 100), pick(full, 50.0, 20_000.0), Transport::Ws)),
+            job: Job::Fanout(fan(
+                pick(full, 20, 1000),
+                pick(full, 5, 100),
+                pick(full, 50.0, 20_000.0),
+                Transport::Ws,
+            )),
         });
     }
     for transport in [Transport::Sse, Transport::SseH2] {
@@ -88,7 +98,12 @@ fn plan(scale: Scale) -> Vec<Run> {
             variant: "1 channel",
             system: Gateway,
             nodes: 1,
-            job: Job::Fanout(fan(pick(full, 20, 1000), 1, pick(full, 50.0, 200.0), transport)),
+            job: Job::Fanout(fan(
+                pick(full, 20, 1000),
+                1,
+                pick(full, 50.0, 200.0),
+                transport,
+            )),
         });
     }
     for system in [Gateway, Uws, Ws] {
@@ -191,7 +206,10 @@ pub async fn run(args: &Args, gateway_bin: Option<PathBuf>) -> Result<(Vec<Value
             gateway_bin: gateway_bin.clone(),
         };
         let (mut v, ok) = match System::start(&spec).await {
-            Err(e) => (json!({"scenario": name, "ok": false, "first_errors": [e]}), false),
+            Err(e) => (
+                json!({"scenario": name, "ok": false, "first_errors": [e]}),
+                false,
+            ),
             Ok(mut system) => {
                 let out = match &r.job {
                     Job::Fanout(a) => crate::passed(fanout::run(&mut system, a).await),
@@ -209,7 +227,11 @@ pub async fn run(args: &Args, gateway_bin: Option<PathBuf>) -> Result<(Vec<Value
             v["variant"] = r.variant.into();
         }
         if !ok {
-            eprintln!("loadtest suite: {name} on {} FAILED: {}", r.system.name(), v["first_errors"]);
+            eprintln!(
+                "loadtest suite: {name} on {} FAILED: {}",
+                r.system.name(),
+                v["first_errors"]
+            );
         }
         all_ok &= ok;
         results.push(v);
@@ -237,7 +259,10 @@ fn write(args: &Args, results: &[Value]) -> Result<(), String> {
     let charts = crate::charts::write_all(&dir.join("charts"), results)?;
     let mut md = String::from("## Machine\n\n");
     for (k, v) in machine().as_object().expect("object") {
-        md.push_str(&format!("- {k}: {}\n", v.as_str().unwrap_or(&v.to_string())));
+        md.push_str(&format!(
+            "- {k}: {}\n",
+            v.as_str().unwrap_or(&v.to_string())
+        ));
     }
     md.push_str("\n## Targets (ratios from this run)\n\n");
     md.push_str(&targets(results));
@@ -274,7 +299,14 @@ fn machine() -> Value {
             .arg(arg)
             .output()
             .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
             .unwrap_or_else(|| "not found".into())
     };
     json!({
@@ -324,12 +356,19 @@ fn targets(results: &[Value]) -> String {
         let r_rate = ratio(f(fan("gateway"), &rate), f(fan(peer), &rate));
         rows.push((
             format!("fan-out ≥ {want}× {peer} (deliveries per server CPU second)"),
-            format!("{} (deliveries/s ratio {})", fmt(r_cpu, "×"), fmt(r_rate, "×")),
+            format!(
+                "{} (deliveries/s ratio {})",
+                fmt(r_cpu, "×"),
+                fmt(r_rate, "×")
+            ),
             verdict(r_cpu.map(|r| r >= want)),
         ));
     }
     for t in ["ws", "sse"] {
-        let b = f(find("connections", "gateway", None, Some(t)), &["bytes_per_connection"]);
+        let b = f(
+            find("connections", "gateway", None, Some(t)),
+            &["bytes_per_connection"],
+        );
         let n = f(find("connections", "gateway", None, Some(t)), &["opened"]);
         rows.push((
             format!("idle memory ≤ 4 KiB per {t} connection"),
@@ -345,9 +384,9 @@ fn targets(results: &[Value]) -> String {
         format!("{} at {} deliveries/s", fmt(p99, " ms"), fmt(dps, "")),
         verdict(p99.zip(dps).map(|(p, d)| p <= 5.0 && d >= 50_000.0)),
     ));
-    let storm = results
-        .iter()
-        .find(|v| v["scenario"] == "storm" && v["system"] == "gateway" && v["storm"]["signal"] == "kill");
+    let storm = results.iter().find(|v| {
+        v["scenario"] == "storm" && v["system"] == "gateway" && v["storm"]["signal"] == "kill"
+    });
     let caught = f(storm, &["storm", "all_caught_up_ms"]);
     let clean = storm.map(|v| v["lost"] == 0 && v["duplicated"] == 0 && v["out_of_order"] == 0);
     rows.push((

@@ -138,7 +138,10 @@ impl System {
             nodes: origins
                 .iter()
                 .map(|o| Node {
-                    http: o.replacen("ws://", "http://", 1).trim_end_matches('/').to_string(),
+                    http: o
+                        .replacen("ws://", "http://", 1)
+                        .trim_end_matches('/')
+                        .to_string(),
                     pid: None,
                 })
                 .collect(),
