@@ -145,6 +145,24 @@ impl Peers {
         }
     }
 
+    /// Runs `install.sh` (npm ci of the pinned versions; quick when already installed).
+    pub fn install() -> Result<(), String> {
+        let script = Self::peers_dir().join("install.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
     /// loadtest/peers as found at compile time, or $LOADTEST_PEERS_DIR.
     pub fn peers_dir() -> PathBuf {
         match std::env::var_os("LOADTEST_PEERS_DIR") {
