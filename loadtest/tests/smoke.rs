@@ -1,4 +1,5 @@
-//! Runs every scenario at tiny scale against a spawned gateway; asserts success and no loss.
+//! Runs every scenario at tiny scale, against the gateway and the peers, so the tool cannot rot:
+//! the gateway's runs must count 0 lost / duplicated / out of order; the peers' runs must have run.
 //! No timing assertions.
 
 use std::path::PathBuf;
@@ -6,6 +7,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use serde_json::Value;
+
+fn temp_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("loadtest-smoke-{name}-{}", std::process::id()))
+}
 
 /// The gateway binary: $GATEWAY_BIN, else the one next to this crate's binary, built with
 /// `cargo build -p gateway --bin gateway` first (`cargo test -p loadtest` does not build it).
@@ -43,92 +48,164 @@ fn gateway_bin() -> PathBuf {
     .clone()
 }
 
-fn run(name: &str, args: &[&str]) -> Value {
-    let json =
-        std::env::temp_dir().join(format!("loadtest-smoke-{name}-{}.json", std::process::id()));
+/// Runs `loadtest ARGS`; returns its exit success and stdout.
+fn loadtest(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .arg("--spawn")
         .arg("--gateway-bin")
         .arg(gateway_bin())
-        .arg("--json")
-        .arg(&json)
         .args(args)
         .output()
         .expect("run loadtest");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "loadtest {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    let text = std::fs::read_to_string(&json).expect("json result written");
-    let _ = std::fs::remove_file(&json);
-    let v: Value = serde_json::from_str(&text).expect("valid json");
-    assert_eq!(v["ok"], true, "{v:#}");
-    v
-}
-
-#[test]
-fn fanout_tiny() {
-    let v = run(
-        "fanout",
-        &[
-            "fanout",
-            "--clients",
-            "20",
-            "--channels",
-            "2",
-            "--rate",
-            "200",
-            "--duration",
-            "2",
-        ],
-    );
-    assert_eq!(v["lost"], 0);
-    assert_eq!(v["duplicated"], 0);
-    assert_eq!(v["out_of_order"], 0);
-    assert_eq!(v["publications"], 400);
-    // Every client sees every publication of its channel.
-    assert_eq!(v["deliveries"], 400 * 10);
-}
-
-#[test]
-fn echo_tiny() {
-    let v = run(
-        "echo",
-        &[
-            "echo",
-            "--clients",
-            "4",
-            "--messages",
-            "200",
-            "--size",
-            "128",
-            "--window",
-            "4",
-        ],
-    );
-    assert_eq!(v["echoed"], 800);
-    assert_eq!(v["mismatched"], 0);
-}
-
-#[test]
-fn connections_tiny() {
-    for transport in ["ws", "sse"] {
-        let v = run(
-            transport,
-            &[
-                "connections",
-                "--count",
-                "50",
-                "--hold",
-                "0.5",
-                "--transport",
-                transport,
-            ],
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        eprintln!(
+            "loadtest {args:?}: {}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(v["opened"], 50);
-        assert!(v["rss_after_bytes"].is_u64(), "{v:#}");
     }
+    (out.status.success(), stdout)
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v:#}"))
+}
+
+#[test]
+fn suite_runs_every_scenario_on_every_system() {
+    let dir = temp_dir("suite");
+    let (_, _) = loadtest(&["suite", "--scale", "tiny", "--out", dir.to_str().unwrap()]);
+    let text = std::fs::read_to_string(dir.join("results.json")).expect("results.json written");
+    let all: Value = serde_json::from_str(&text).expect("valid json");
+    let results = all["results"].as_array().expect("results");
+    let count = |scenario: &str, system: &str| {
+        results
+            .iter()
+            .filter(|v| v["scenario"] == scenario && v["system"] == system)
+            .count()
+    };
+    // The plan: gateway and peers side by side in every scenario they take part in.
+    for (scenario, system, runs) in [
+        ("fanout", "gateway", 4),
+        ("fanout", "uws", 2),
+        ("fanout", "ws", 2),
+        ("fanout", "socketio", 1),
+        ("echo", "gateway", 1),
+        ("echo", "uws", 1),
+        ("echo", "ws", 1),
+        ("connections", "gateway", 3),
+        ("connections", "uws", 1),
+        ("connections", "ws", 1),
+        ("connections", "socketio", 1),
+        ("latency", "gateway", 1),
+        ("latency", "socketio", 1),
+        ("storm", "gateway", 2),
+        ("storm", "socketio", 1),
+    ] {
+        assert_eq!(count(scenario, system), runs, "{scenario} on {system}");
+    }
+    for v in results {
+        let (scenario, system) = (
+            v["scenario"].as_str().unwrap(),
+            v["system"].as_str().unwrap(),
+        );
+        if system == "gateway" {
+            assert_eq!(v["ok"], true, "{scenario} on the gateway: {v:#}");
+        }
+        // Every run did its work (a peer's own losses are its business, not a broken tool).
+        match scenario {
+            "fanout" | "latency" | "storm" => {
+                assert!(u(v, "publications") > 0 && u(v, "deliveries") > 0, "{v:#}");
+                if system == "gateway" {
+                    assert_eq!(
+                        (u(v, "lost"), u(v, "duplicated"), u(v, "out_of_order")),
+                        (0, 0, 0)
+                    );
+                    assert_eq!(
+                        u(v, "deliveries"),
+                        u(v, "publications") * u(v, "clients") / u(v, "channels"),
+                        "{v:#}"
+                    );
+                }
+            }
+            "echo" => assert_eq!(
+                u(v, "echoed"),
+                u(v, "clients") * u(v, "messages_per_client"),
+                "{v:#}"
+            ),
+            "connections" => assert_eq!(u(v, "opened"), u(v, "requested"), "{v:#}"),
+            other => panic!("unexpected scenario {other}"),
+        }
+        if scenario == "storm" {
+            assert_eq!(
+                v["storm"]["reconnects"], v["clients"],
+                "every client reconnected: {v:#}"
+            );
+        }
+    }
+    let md = std::fs::read_to_string(dir.join("results.md")).expect("results.md written");
+    for table in [
+        "**fanout**",
+        "**echo**",
+        "**connections**",
+        "**latency**",
+        "**storm**",
+        "## Targets",
+    ] {
+        assert!(md.contains(table), "{table} missing from results.md");
+    }
+    for chart in [
+        "fanout-latency.svg",
+        "fanout-deliveries.svg",
+        "latency-latency.svg",
+        "storm-reconnects.svg",
+    ] {
+        let svg = std::fs::read_to_string(dir.join("charts").join(chart)).expect(chart);
+        assert!(svg.starts_with("<svg"), "{chart}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A single scenario from its own subcommand, with every output format.
+#[test]
+fn fanout_over_http2_sse_writes_json_markdown_and_charts() {
+    let dir = temp_dir("fanout");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, md, charts) = (dir.join("r.json"), dir.join("r.md"), dir.join("charts"));
+    let (ok, stdout) = loadtest(&[
+        "--json",
+        json.to_str().unwrap(),
+        "--markdown",
+        md.to_str().unwrap(),
+        "--charts",
+        charts.to_str().unwrap(),
+        "fanout",
+        "--transport",
+        "sse-h2",
+        "--clients",
+        "30",
+        "--channels",
+        "3",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+    ]);
+    assert!(ok, "{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        (u(&v, "lost"), u(&v, "duplicated"), u(&v, "out_of_order")),
+        (0, 0, 0)
+    );
+    assert_eq!(u(&v, "publications"), 100);
+    assert_eq!(u(&v, "deliveries"), 100 * 10);
+    assert!(
+        stdout.contains("| gateway (sse-h2) | 30 | 3 | 100 |"),
+        "{stdout}"
+    );
+    assert!(std::fs::read_to_string(&md).unwrap().contains("**fanout**"));
+    assert!(charts.join("fanout-latency.svg").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
