@@ -153,7 +153,7 @@ impl Default for RedisSection {
         RedisSection {
             url: None,
             cluster_nodes: Vec::new(),
-            pool_size: 32,
+            pool_size: 8,
             prefix: "gw".into(),
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(500),
