@@ -323,9 +323,7 @@ impl Config {
                 .map_err(err)?;
         }
         if overrides.demo_publisher {
-            builder = builder
-                .set_override("demo.publisher", true)
-                .map_err(err)?;
+            builder = builder.set_override("demo.publisher", true).map_err(err)?;
         }
         if overrides.log_json {
             builder = builder.set_override("log.format", "json").map_err(err)?;

@@ -19,7 +19,7 @@ use crate::client::{oldest_live, Output, Session};
 use crate::cursor;
 use crate::drain::reconnect_hint;
 use crate::node::Node;
-use crate::protocol::check_channel;
+use crate::protocol::{check_channel, ErrorBody};
 use crate::response::{self, Body};
 
 /// Most outputs gathered into one answer once something is ready; the rest waits for the next
@@ -82,12 +82,12 @@ impl Outcome {
 pub async fn poll(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
     let request = match parse(node, query) {
         Ok(request) => request,
-        Err(response) => {
+        Err(e) => {
             node.metrics
                 .poll_responses
                 .with_label_values(&["rejected"])
                 .inc();
-            return response;
+            return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
         }
     };
     let gauge = node.metrics.connections.with_label_values(&["poll"]);
@@ -97,10 +97,9 @@ pub async fn poll(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
     response
 }
 
-fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, Response<Body>> {
-    let bad = |code: &'static str, message: String| {
-        Err(response::error(StatusCode::BAD_REQUEST, code, message))
-    };
+/// Reads the query; an error is a 400 with its code.
+fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
+    let bad = |code: &'static str, message: String| Err(ErrorBody::new(code, message));
     let max_timeout = node.config.poll.max_timeout;
     let mut channels: Vec<Arc<str>> = Vec::new();
     let mut cursor_text = None;
@@ -108,9 +107,7 @@ fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, Response<Body>
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*key {
             "channel" => {
-                if let Err(e) = check_channel(&value) {
-                    return bad(e.code, e.message);
-                }
+                check_channel(&value)?;
                 if !channels.iter().any(|c| **c == *value) {
                     channels.push(value.as_ref().into());
                 }
