@@ -1405,7 +1405,7 @@ async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
     for n in 2..=5 {
         publish_direct(&stack.nodes[1], &ch, json!(n)).await;
     }
-    // Polls until nginx has offered one to node 0 (round robin: within two polls) and every
+    // Polls until nginx has offered one to node 0 (least_conn over idle nodes alternates) and every
     // publication arrived; node 0's 503 is retried on node 1, so the client only sees 200s.
     let retried = |l: &AccessLine| {
         l.request.starts_with("GET /poll") && l.upstreams.len() >= 2 && l.raw.contains("503")
