@@ -1,7 +1,8 @@
 // The demo page and the client in real Chromium, against real gateway nodes on one Redis:
 // ticker updates over each transport (WebSocket, SSE forced, long-poll forced), a page reload
-// that resumes without loss, and the page's node killed with SIGKILL while publications keep
-// coming: the page moves to the other node and misses nothing. A screenshot is kept at
+// that resumes without loss, a node draining (the page follows the reconnect hint to another
+// node), and the page's node killed with SIGKILL while publications keep coming: the page moves
+// to the other node and misses nothing. A screenshot is kept at
 // target/artifacts/demo.png.
 //
 //   cargo build -p gateway && cd clients/js && npm ci && npm run test:browser
@@ -45,15 +46,23 @@ after(async () => {
   killAll();
 });
 
-/** Opens the demo page and waits until the client is connected over `transport`. */
+/**
+ * Opens the demo page and waits until the client is connected over `transport` and holds a
+ * position on the chat channel: only then is a publication sure to be after its starting point.
+ */
 async function openDemo(base, query, transport, endpoint = base) {
   const page = await browser.context.newPage();
   const problems = [];
   page.on('pageerror', (e) => problems.push(String(e)));
   await page.goto(`${base}/?${query}`);
   await waitConnected(page, transport, endpoint);
+  await waitSubscribed(page);
   page.problems = problems;
   return page;
+}
+
+async function waitSubscribed(page) {
+  await page.waitForFunction((c) => window.demo.client.position(c) !== null, CHAT, { timeout: WAIT_MS });
 }
 
 async function waitConnected(page, transport, endpoint) {
@@ -154,6 +163,31 @@ test('a reload resumes from the stored positions without loss or duplicates', as
   assert.equal(got[0], before.offset + 1);
   assert.deepEqual(await page.evaluate(() => window.demo.resets), []);
   await page.close();
+});
+
+test('the page node drains (SIGTERM): the page follows its reconnect hint to the other node', async () => {
+  const nodeC = await startGateway('C', ['--redis-url', redis.url], {
+    GATEWAY__DRAIN__RECONNECT_JITTER: '300ms',
+  });
+  try {
+    const page = await openDemo(nodeC.url, `endpoints=${nodeC.url},${nodeB.url}&persist=off`, 'websocket', nodeC.url);
+    const before = await publish(nodeB.url, CHAT, { name: 'bot', text: 'before the drain' });
+    await waitReceived(page, CHAT, (o) => o.includes(before.offset), 'the message before the drain');
+    nodeC.child.kill('SIGTERM');
+    await waitConnected(page, 'websocket', nodeB.url);
+    const afterDrain = await publish(nodeB.url, CHAT, { name: 'bot', text: 'after the drain' });
+    const got = await waitReceived(page, CHAT, (o) => o.at(-1) === afterDrain.offset, 'the message after the drain');
+    assertConsecutive(got, 'chat across the drain');
+    const states = await page.evaluate(() => window.demo.states);
+    const wait = states.find((s) => s.state === 'disconnected');
+    assert.ok(wait && wait.endpoint === nodeB.url, `straight to the next node: ${JSON.stringify(states)}`);
+    assert.ok(wait.retryInMs < 300, `the hint (below drain.reconnect_jitter) is the delay: ${wait.retryInMs}`);
+    assert.equal(states.filter((s) => s.state === 'connecting' && s.endpoint === nodeC.url).length, 1, 'no retry on the draining node');
+    await page.close();
+    await nodeC.exited;
+  } finally {
+    await nodeC.kill();
+  }
 });
 
 test('the page node is killed: the page resumes on the other node and misses nothing', async () => {
