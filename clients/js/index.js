@@ -456,12 +456,12 @@ class PollTransport {
         return;
       } finally {
         clearTimeout(guard);
+        this.abort = null;
       }
       if (this.done) return;
-      if (this.restarting) {
-        // The channel set changed while this answer travelled: its events are still valid.
-        this.restarting = false;
-      }
+      // A channel change that came too late to abort this answer: its events are still valid,
+      // and the next poll carries the new channel set.
+      this.restarting = false;
       this.apply(answer);
       if (!this.open) {
         this.open = true;
@@ -499,9 +499,11 @@ class PollTransport {
       this.wake = null;
       wake();
     } else if (this.abort) {
+      // A poll is in flight for the old channel set: abort it and poll again at once.
       this.restarting = true;
       this.abort.abort();
     }
+    // Otherwise the next poll, about to start, reads the channel set anyway.
   }
 
   subscribe() {

@@ -310,3 +310,30 @@ test('publish: over the open WebSocket, else over HTTP, retried with one idempot
   client.close();
   other.close();
 });
+
+test('long-poll: a new subscription aborts the waiting poll and polls again with every channel', async () => {
+  const requests = [];
+  const fetch = (url, init) => {
+    const u = new URL(url);
+    requests.push(u);
+    const channels = u.searchParams.getAll('channel');
+    const known = decodeCursor(u.searchParams.get('cursor'));
+    if (channels.some((c) => !known.has(c))) {
+      // A channel without a position: the server answers at once with positions.
+      const positions = channels.map((channel) => ({ channel, epoch: 'e', offset: 0 }));
+      return Promise.resolve({ ok: true, status: 200, json: async () => ({ cursor: 'c', positions, events: [] }) });
+    }
+    // Otherwise the poll waits until aborted.
+    return new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(new Error('aborted'))));
+  };
+  const client = connect(A, { ...fast, transports: ['poll'], fetch });
+  client.subscribe('a', () => {});
+  await until(() => requests.length === 2, 'a waiting poll');
+  client.subscribe('b', () => {});
+  await until(() => requests.length >= 3, 'a new poll');
+  assert.deepEqual(requests[2].searchParams.getAll('channel'), ['a', 'b']);
+  assert.deepEqual(decodeCursor(requests[2].searchParams.get('cursor')), new Map([['a', { epoch: 'e', offset: 0 }]]));
+  await until(() => client.position('b'), 'b positioned');
+  assert.equal(client.currentState, 'connected', 'a channel change is no reconnect');
+  client.close();
+});
