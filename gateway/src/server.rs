@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::node::Node;
 use crate::response::{self, Body};
-use crate::{api, sse, ws};
+use crate::{api, assets, demo, poll, sse, ws};
 
 /// Starts gateway nodes.
 pub struct Gateway;
@@ -58,6 +58,9 @@ impl Gateway {
         let node = Node::start(config).await?;
         let http = TaskTracker::new();
         let accept = tokio::spawn(accept_loop(listener, node.clone(), http.clone()));
+        if node.config.demo.publisher {
+            tokio::spawn(demo::run_publisher(node.clone()));
+        }
         tracing::info!(%addr, backplane = node.backplane.kind(), "listening on {addr}");
         Ok(RunningGateway {
             addr,
@@ -167,7 +170,9 @@ async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let allowed = match path.as_str() {
-        "/healthz" | "/readyz" | "/metrics" | "/api/history" | "/ws" | "/sse" => "GET",
+        "/healthz" | "/readyz" | "/metrics" | "/api/history" | "/ws" | "/sse" | "/poll"
+        | "/client.js" => "GET",
+        "/" if node.config.demo.page => "GET",
         "/ws/echo" if node.config.websocket.echo => "GET",
         "/api/publish" => "POST",
         _ => {
@@ -201,6 +206,27 @@ async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
             .expect("static parts are valid"),
         "/api/publish" => api::publish(node, request).await,
         "/api/history" => api::history(node, request.uri().query()).await,
+        "/poll" => {
+            // Like a new stream: a draining node sends pollers to another node at once.
+            if node.is_draining() {
+                return poll::no_store(shutting_down());
+            }
+            poll::no_store(poll::poll(node, request.uri().query()).await)
+        }
+        "/client.js" | "/" => {
+            let if_none_match = request
+                .headers()
+                .get(header::IF_NONE_MATCH)
+                .map(|v| v.as_bytes());
+            match path.as_str() {
+                "/client.js" => assets::serve(
+                    assets::CLIENT_JS,
+                    "text/javascript; charset=utf-8",
+                    if_none_match,
+                ),
+                _ => assets::serve(assets::DEMO_HTML, "text/html; charset=utf-8", if_none_match),
+            }
+        }
         "/sse" => {
             // A draining node takes no new streams, so proxies that do not watch /readyz
             // (nginx retries 503 on another upstream) move new clients elsewhere at once.
