@@ -5,6 +5,7 @@
 //! [`Gateway::start`] binds the listener and serves until [`RunningGateway::shutdown`].
 
 pub mod api;
+mod batch_writer;
 pub mod client;
 pub mod config;
 pub mod cursor;
