@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod cursor;
 pub mod drain;
+mod frame_reader;
 pub mod hub;
 pub mod metrics;
 pub mod node;

@@ -4,15 +4,12 @@
 //! done with a message differs.
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{
-    CloseCode, Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite,
-};
+use fastwebsockets::{CloseCode, Frame, OpCode, Payload, Role, WebSocketError, WebSocketWrite};
 use futures_util::stream::{Stream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -23,6 +20,7 @@ use tokio::time::{Instant, Sleep};
 use crate::batch_writer::BatchWriter;
 use crate::client::{oldest_live, Output, Session};
 use crate::drain::{reconnect_hint, Registration};
+use crate::frame_reader::FrameReader;
 use crate::node::Node;
 use crate::protocol::{reply_err, reply_ok, Command};
 use crate::ws_message::{Assembler, Message, MessageError};
@@ -45,7 +43,7 @@ pub enum Mode {
 }
 
 type Io = TokioIo<Upgraded>;
-type Reader = WebSocketRead<ReadHalf<Io>>;
+type Reader = FrameReader<ReadHalf<Io>>;
 type Writer = WebSocketWrite<BatchWriter<WriteHalf<Io>>>;
 type ReadResult = Result<Frame<'static>, WebSocketError>;
 
@@ -65,16 +63,16 @@ pub fn accept(
     node.connections.clone().spawn(async move {
         match upgrade.await {
             Ok(ws) => {
-                let (mut reader, mut writer) = ws.split(|io| {
-                    let (r, w) = tokio::io::split(io);
-                    (r, BatchWriter::new(w))
-                });
-                // Pings and Closes are answered by the connection task itself, in order with
-                // its other writes, so no second task or channel is needed for them.
-                reader.set_auto_close(false);
-                reader.set_auto_pong(false);
+                let (read, write) = tokio::io::split(ws.into_inner());
+                // fastwebsockets' writer comes with a reader; frames are read by FrameReader
+                // instead, so that reader gets nothing to read and is dropped at once.
+                let (_, mut writer) = fastwebsockets::after_handshake_split(
+                    tokio::io::empty(),
+                    BatchWriter::new(write),
+                    Role::Server,
+                );
                 // fastwebsockets refuses frames of at least this size before reading them.
-                reader.set_max_message_size(node.config.websocket.max_message_size + 1);
+                let reader = FrameReader::new(read, node.config.websocket.max_message_size + 1);
                 // Every frame goes out as header and payload slices straight into the batch,
                 // so fastwebsockets keeps no copy buffer of its own.
                 writer.set_writev_threshold(0);
@@ -105,24 +103,13 @@ async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
 }
 
 /// The peer's frames, one at a time. The read in progress lives inside the stream, so a
-/// `select!` that picks another branch never loses part of a frame.
+/// `select!` that picks another branch never loses part of a frame. Pings and Closes come too:
+/// the connection task answers them itself, in order with its other writes.
 fn frames(reader: Reader) -> impl Stream<Item = ReadResult> + Send {
     futures_util::stream::unfold(reader, |mut reader| async move {
-        // Never called: automatic pongs and closes are off.
-        let mut no_obligated_send = |_: Frame<'_>| async { Ok::<(), Infallible>(()) };
-        let result = reader.read_frame(&mut no_obligated_send).await.map(owned);
+        let result = reader.next().await;
         Some((result, reader))
     })
-}
-
-/// Detaches a frame from the reader's lifetime; the payload is moved, not copied.
-fn owned(frame: Frame<'_>) -> Frame<'static> {
-    let payload = match frame.payload {
-        Payload::Bytes(b) => Payload::Bytes(b),
-        Payload::Owned(v) => Payload::Owned(v),
-        other => Payload::Owned(other.to_vec()),
-    };
-    Frame::new(frame.fin, frame.opcode, None, payload)
 }
 
 /// The RFC 6455 close code for a read error, or `None` when the transport itself is gone.
