@@ -43,7 +43,6 @@ pub enum Mode {
 }
 
 type Io = TokioIo<Upgraded>;
-type Reader = FrameReader<ReadHalf<Io>>;
 type Writer = WebSocketWrite<BatchWriter<WriteHalf<Io>>>;
 type ReadResult = Result<Frame<'static>, WebSocketError>;
 
@@ -71,12 +70,10 @@ pub fn accept(
                     BatchWriter::new(write),
                     Role::Server,
                 );
-                // fastwebsockets refuses frames of at least this size before reading them.
-                let reader = FrameReader::new(read, node.config.websocket.max_message_size + 1);
                 // Every frame goes out as header and payload slices straight into the batch,
                 // so fastwebsockets keeps no copy buffer of its own.
                 writer.set_writev_threshold(0);
-                run(node, reader, writer, mode).await;
+                run(node, read, writer, mode).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -84,7 +81,7 @@ pub fn accept(
     Ok(response)
 }
 
-async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
+async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode) {
     let transport = if mode == Mode::Echo { "echo" } else { "ws" };
     let gauge = node.metrics.connections.with_label_values(&[transport]);
     gauge.inc();
@@ -92,7 +89,8 @@ async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
         heartbeat: Heartbeat::new(&node),
         registration: node.registry.register(),
         assembler: Assembler::new(node.config.websocket.max_message_size),
-        frames: pin!(frames(reader)),
+        // fastwebsockets refuses frames of at least this size before reading them.
+        frames: pin!(frames(read, node.config.websocket.max_message_size + 1)),
         reading: true,
         node,
         writer,
@@ -105,7 +103,8 @@ async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
 /// The peer's frames, one at a time. The read in progress lives inside the stream, so a
 /// `select!` that picks another branch never loses part of a frame. Pings and Closes come too:
 /// the connection task answers them itself, in order with its other writes.
-fn frames(reader: Reader) -> impl Stream<Item = ReadResult> + Send {
+fn frames(read: ReadHalf<Io>, max_frame_size: usize) -> impl Stream<Item = ReadResult> + Send {
+    let reader = FrameReader::new(read, max_frame_size);
     futures_util::stream::unfold(reader, |mut reader| async move {
         let result = reader.next().await;
         Some((result, reader))
