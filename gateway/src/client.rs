@@ -267,7 +267,7 @@ impl Session {
     /// Waits for the next live publication or finished step. Cancel-safe.
     pub async fn next(&mut self) -> Event {
         tokio::select! {
-            Some(p) = self.queue.recv() => Event::Live(p),
+            p = self.queue.recv() => Event::Live(p),
             Some(c) = self.pending.next(), if !self.pending.is_empty() => Event::Done(c),
         }
     }
