@@ -6,6 +6,7 @@
 
 pub mod api;
 mod batch_writer;
+mod body_channel;
 pub mod client;
 pub mod config;
 pub mod cursor;
