@@ -14,8 +14,9 @@ use std::task::{ready, Context, Poll};
 use fastwebsockets::{Frame, Role, WebSocket, WebSocketError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes read while no frame reader exists: pongs and most commands fit whole.
-const WAIT_BUFFER: usize = 128;
+/// Bytes read while no frame reader exists: pongs and short commands (a subscribe is ~55 bytes)
+/// fit whole; it is part of every idle connection, so it is kept small.
+const WAIT_BUFFER: usize = 64;
 /// RFC 6455 §5.2: 2 bytes, up to 8 of extended length, 4 of mask.
 const MAX_HEADER: usize = 14;
 
@@ -29,7 +30,8 @@ pub struct FrameReader<R> {
 enum State<R> {
     /// Between frames, with no fastwebsockets buffer.
     Waiting(Source<R>),
-    Reading(WebSocket<Source<R>>),
+    /// Boxed: the reader is allocated only while reading anyway, and the idle state stays small.
+    Reading(Box<WebSocket<Source<R>>>),
     /// After a read error, or while switching between the other two.
     Failed,
 }
@@ -68,7 +70,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     else {
                         unreachable!("matched above")
                     };
-                    self.state = State::Reading(self.reader(source));
+                    self.state = State::Reading(Box::new(self.reader(source)));
                 }
                 State::Reading(ws) => match ws.read_frame().await {
                     Ok(frame) => return Ok(frame),
@@ -78,7 +80,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         else {
                             unreachable!("matched above")
                         };
-                        self.state = State::Waiting(ws.into_inner());
+                        self.state = State::Waiting((*ws).into_inner());
                     }
                     Err(e) => {
                         self.state = State::Failed;

@@ -95,8 +95,7 @@ async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode) {
         node,
         writer,
     };
-    let session = (mode == Mode::Protocol).then(|| Session::new(conn.node.clone()));
-    conn.serve(session).await;
+    conn.serve(mode).await;
     gauge.dec();
 }
 
@@ -166,7 +165,8 @@ enum End {
 }
 
 impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
-    async fn serve(&mut self, mut session: Option<Session>) {
+    async fn serve(&mut self, mode: Mode) {
+        let mut session = (mode == Mode::Protocol).then(|| Session::new(self.node.clone()));
         let mut out: Vec<Output> = Vec::new();
         let end = loop {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
