@@ -110,7 +110,9 @@ pub struct Session {
     sender: QueueSender,
     queue: QueueReceiver,
     subs: HashMap<Arc<str>, Subscription>,
-    pending: FuturesUnordered<BoxFuture<'static, Completion>>,
+    /// Commands and catch-ups in progress; `None` when there are none, so an idle session
+    /// holds no allocation for them.
+    pending: Option<FuturesUnordered<BoxFuture<'static, Completion>>>,
     next_gen: u64,
 }
 
@@ -123,14 +125,14 @@ impl Session {
             sender,
             queue,
             subs: HashMap::new(),
-            pending: FuturesUnordered::new(),
+            pending: None,
             next_gen: 0,
         }
     }
 
     /// Whether the transport may hand over another command now.
     pub fn accepts_commands(&self) -> bool {
-        self.pending.len() < MAX_PENDING
+        self.pending.as_ref().map_or(0, FuturesUnordered::len) < MAX_PENDING
     }
 
     /// True once the outbound queue overflowed: the connection must be closed.
@@ -189,7 +191,7 @@ impl Session {
         self.node.hub.add(&channel, self.conn, self.sender.clone());
         let node = self.node.clone();
         let page_size = self.node.config.client.history_page_size;
-        self.pending.push(
+        self.pending().push(
             async move {
                 let result = match node.reconcile(&channel).await {
                     Ok(()) => match &since {
@@ -239,7 +241,7 @@ impl Session {
         idempotency_key: Option<String>,
     ) {
         let node = self.node.clone();
-        self.pending.push(
+        self.pending().push(
             async move {
                 let result = node
                     .publish(&channel, data, idempotency_key.as_deref())
@@ -266,10 +268,14 @@ impl Session {
 
     /// Waits for the next live publication or finished step. Cancel-safe.
     pub async fn next(&mut self) -> Event {
-        tokio::select! {
-            Some(p) = self.queue.recv() => Event::Live(p),
-            Some(c) = self.pending.next(), if !self.pending.is_empty() => Event::Done(c),
-        }
+        let busy = self.pending.as_ref().is_some_and(|p| !p.is_empty());
+        let (queue, pending) = (&mut self.queue, &mut self.pending);
+        let completion = tokio::select! {
+            p = queue.recv() => return Event::Live(p),
+            Some(c) = async { pending.as_mut()?.next().await }, if busy => c,
+        };
+        self.release_pending();
+        Event::Done(completion)
     }
 
     /// The next event if one is ready now, so a transport can batch its writes.
@@ -277,14 +283,24 @@ impl Session {
         if let Some(p) = self.queue.try_recv() {
             return Some(Event::Live(p));
         }
-        if self.pending.is_empty() {
-            return None;
+        let completion = self.pending.as_mut()?.next().now_or_never().flatten()?;
+        self.release_pending();
+        Some(Event::Done(completion))
+    }
+
+    fn pending(&mut self) -> &mut FuturesUnordered<BoxFuture<'static, Completion>> {
+        self.pending.get_or_insert_with(FuturesUnordered::new)
+    }
+
+    /// Frees the set of steps in progress once it is empty.
+    fn release_pending(&mut self) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(FuturesUnordered::is_empty)
+        {
+            self.pending = None;
         }
-        self.pending
-            .next()
-            .now_or_never()
-            .flatten()
-            .map(Event::Done)
     }
 
     /// Applies an event, writing what must be sent to `out`.
@@ -488,7 +504,7 @@ impl Session {
     fn fetch(&mut self, gen: u64, channel: Arc<str>, since: u64, delay: Duration) {
         let node = self.node.clone();
         let limit = self.node.config.client.history_page_size;
-        self.pending.push(
+        self.pending().push(
             async move {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;

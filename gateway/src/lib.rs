@@ -6,11 +6,14 @@
 
 pub mod api;
 pub mod assets;
+mod batch_writer;
+mod body_channel;
 pub mod client;
 pub mod config;
 pub mod cursor;
 pub mod demo;
 pub mod drain;
+mod frame_reader;
 pub mod hub;
 pub mod metrics;
 pub mod node;

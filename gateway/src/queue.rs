@@ -1,46 +1,58 @@
 //! A connection's outbound queue of publications, bounded in bytes. The fan-out path only ever
 //! pushes without waiting; a connection whose queue overflows is marked and then cut off by its
 //! own task, so one slow consumer never slows the others.
+//!
+//! One small allocation per connection (a tokio mpsc cost ~800 bytes even when empty): a deque
+//! that grows only while publications wait, under a lock never held across an await.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use backplane::Publication;
-use tokio::sync::mpsc;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// A drained deque keeps at most this capacity, so a burst's memory does not outlive it.
+const KEEP_CAPACITY: usize = 64;
 
 struct Shared {
+    queued: Mutex<VecDeque<Arc<Publication>>>,
+    /// Wakes the connection task; a notification sent while it is busy is kept for it.
+    ready: Notify,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
     overflowed: AtomicBool,
+    /// The connection task is gone: pushes are dropped.
+    closed: AtomicBool,
 }
 
 /// The hub's handle on a connection's queue.
 #[derive(Clone)]
 pub struct QueueSender {
-    tx: mpsc::UnboundedSender<Arc<Publication>>,
     shared: Arc<Shared>,
 }
 
 /// The connection task's end of its queue.
 pub struct QueueReceiver {
-    rx: mpsc::UnboundedReceiver<Arc<Publication>>,
     shared: Arc<Shared>,
 }
 
 /// Creates a queue that holds at most `max_bytes` of publication JSON.
 pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        queued: Mutex::new(VecDeque::new()),
+        ready: Notify::new(),
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
         overflowed: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
     });
     (
         QueueSender {
-            tx,
             shared: shared.clone(),
         },
-        QueueReceiver { rx, shared },
+        QueueReceiver { shared },
     )
 }
 
@@ -63,7 +75,7 @@ impl QueueSender {
     /// Queues a publication without waiting.
     pub fn push(&self, publication: &Arc<Publication>) -> Pushed {
         let shared = &*self.shared;
-        if shared.overflowed.load(Ordering::Relaxed) {
+        if shared.overflowed.load(Ordering::Relaxed) || shared.closed.load(Ordering::Relaxed) {
             return Pushed::Dropped;
         }
         let len = publication.json().len();
@@ -76,38 +88,48 @@ impl QueueSender {
                 Pushed::Overflowed
             };
         }
-        match self.tx.send(publication.clone()) {
-            Ok(()) => Pushed::Queued,
-            Err(_) => Pushed::Dropped,
-        }
+        shared.queued.lock().push_back(publication.clone());
+        shared.ready.notify_one();
+        Pushed::Queued
     }
 }
 
 impl QueueReceiver {
-    /// Waits for the next publication. Never returns `None` while a sender (the session's own)
-    /// is alive.
-    pub async fn recv(&mut self) -> Option<Arc<Publication>> {
-        let publication = self.rx.recv().await?;
-        self.taken(&publication);
-        Some(publication)
+    /// Waits for the next publication. Cancel-safe.
+    pub async fn recv(&mut self) -> Arc<Publication> {
+        loop {
+            if let Some(publication) = self.try_recv() {
+                return publication;
+            }
+            self.shared.ready.notified().await;
+        }
     }
 
     /// The next publication if one is queued now.
     pub fn try_recv(&mut self) -> Option<Arc<Publication>> {
-        let publication = self.rx.try_recv().ok()?;
-        self.taken(&publication);
-        Some(publication)
-    }
-
-    fn taken(&self, publication: &Publication) {
+        let publication = {
+            let mut queued = self.shared.queued.lock();
+            let publication = queued.pop_front()?;
+            if queued.is_empty() && queued.capacity() > KEEP_CAPACITY {
+                queued.shrink_to(KEEP_CAPACITY);
+            }
+            publication
+        };
         self.shared
             .queued_bytes
             .fetch_sub(publication.json().len(), Ordering::Relaxed);
+        Some(publication)
     }
 
     /// True once a push found the queue full: the connection must be cut off.
     pub fn overflowed(&self) -> bool {
         self.shared.overflowed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for QueueReceiver {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
     }
 }
 
@@ -133,6 +155,23 @@ mod tests {
         assert!(rx.try_recv().is_some());
         assert!(rx.try_recv().is_some());
         assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn recv_wakes_on_push_and_pushes_after_the_receiver_are_dropped() {
+        let p = publication(10);
+        let (tx, mut rx) = outbound(1 << 20);
+        let waiter = tokio::spawn(async move {
+            let got = rx.recv().await;
+            (got, rx)
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(tx.push(&p), Pushed::Queued);
+        let (got, rx) = waiter.await.unwrap();
+        assert!(Arc::ptr_eq(&got, &p));
+        assert_eq!(tx.queued_bytes(), 0);
+        drop(rx);
+        assert_eq!(tx.push(&p), Pushed::Dropped);
     }
 
     #[test]

@@ -2,15 +2,11 @@
 //! `{"error": {"code": "<snake_case>", "message": "..."}}`.
 
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Frame;
 use hyper::{header, Response, StatusCode};
-use tokio::sync::mpsc;
 
 use crate::protocol::ErrorBody;
 
@@ -45,21 +41,4 @@ pub fn error(status: StatusCode, code: &'static str, message: impl Into<String>)
         status,
         serde_json::to_vec(&Wrapper { error: &body }).expect("cannot fail"),
     )
-}
-
-/// A streaming body fed by a task through a channel; the stream ends when the sender is dropped.
-pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
-    }
 }

@@ -11,14 +11,14 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{header, HeaderMap, Response, StatusCode};
 use serde::Serialize;
-use tokio::sync::mpsc;
 
+use crate::body_channel::{body_channel, BodySender};
 use crate::client::{oldest_live, Output, Session};
 use crate::cursor;
 use crate::drain::{reconnect_hint, Registration};
 use crate::node::Node;
 use crate::protocol::{check_channel, SubscribeResult};
-use crate::response::{self, Body, ChannelBody};
+use crate::response::{self, Body};
 
 const BATCH: usize = 256;
 
@@ -100,7 +100,7 @@ pub fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Respo
         "fresh sessions accept every distinct channel"
     );
 
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, body) = body_channel(64);
     let stream = Stream {
         node: node.clone(),
         tx,
@@ -117,7 +117,7 @@ pub fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Respo
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
-        .body(ChannelBody(rx).boxed_unsync())
+        .body(body.boxed_unsync())
         .expect("static parts are valid")
 }
 
@@ -144,7 +144,7 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 
 struct Stream {
     node: Arc<Node>,
-    tx: mpsc::Sender<Bytes>,
+    tx: BodySender,
     /// (channel, epoch, offset delivered) for every channel, in request order.
     positions: Vec<(Arc<str>, Arc<str>, u64)>,
     /// Reused for every event's cursor.

@@ -1,25 +1,26 @@
-//! WebSocket transport (`GET /ws`, and `GET /ws/echo` for conformance runs): the upgrade, a reader
-//! task that turns frames into messages, and the connection task that owns the socket's write
-//! half, the client session, the heartbeat and the close handshake. Both endpoints share the same
-//! reader, limits and writer; only what is done with a message differs.
+//! WebSocket transport (`GET /ws`, and `GET /ws/echo` for conformance runs): the upgrade and one
+//! task per connection that reads frames, owns the write half, the client session, the heartbeat
+//! and the close handshake. Both endpoints share the same reader, limits and writer; only what is
+//! done with a message differs.
 
 use std::borrow::Cow;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{CloseCode, Frame, OpCode, Payload, Role, WebSocketError, WebSocketWrite};
+use futures_util::stream::{Stream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::io::{BufWriter, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
+use crate::batch_writer::BatchWriter;
 use crate::client::{oldest_live, Output, Session};
 use crate::drain::{reconnect_hint, Registration};
+use crate::frame_reader::FrameReader;
 use crate::node::Node;
 use crate::protocol::{reply_err, reply_ok, Command};
 use crate::ws_message::{Assembler, Message, MessageError};
@@ -42,8 +43,8 @@ pub enum Mode {
 }
 
 type Io = TokioIo<Upgraded>;
-type Reader = WebSocketRead<ReadHalf<Io>>;
-type Writer = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
+type Writer = WebSocketWrite<BatchWriter<WriteHalf<Io>>>;
+type ReadResult = Result<Frame<'static>, WebSocketError>;
 
 /// Longest wait for the peer's Close after the server sent its own.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -61,15 +62,18 @@ pub fn accept(
     node.connections.clone().spawn(async move {
         match upgrade.await {
             Ok(ws) => {
-                let (mut reader, writer) = ws.split(|io| {
-                    let (r, w) = tokio::io::split(io);
-                    (r, BufWriter::new(w))
-                });
-                reader.set_auto_close(true);
-                reader.set_auto_pong(true);
-                // fastwebsockets refuses frames of at least this size before reading them.
-                reader.set_max_message_size(node.config.websocket.max_message_size + 1);
-                run(node, reader, writer, mode).await;
+                let (read, write) = tokio::io::split(ws.into_inner());
+                // fastwebsockets' writer comes with a reader; frames are read by FrameReader
+                // instead, so that reader gets nothing to read and is dropped at once.
+                let (_, mut writer) = fastwebsockets::after_handshake_split(
+                    tokio::io::empty(),
+                    BatchWriter::new(write),
+                    Role::Server,
+                );
+                // Every frame goes out as header and payload slices straight into the batch,
+                // so fastwebsockets keeps no copy buffer of its own.
+                writer.set_writev_threshold(0);
+                run(node, read, writer, mode).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -77,92 +81,33 @@ pub fn accept(
     Ok(response)
 }
 
-/// What the reader task hands to the connection task.
-#[derive(Debug)]
-enum Inbound {
-    Message(Message),
-    /// A frame the protocol obliges us to send (pong, or the echo of the peer's close).
-    Control(OpCode, Vec<u8>),
-    /// The peer broke the protocol; close with this code.
-    Failed(u16, &'static str),
-    /// The peer answered a ping.
-    Pong,
-}
-
-async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
-    let (tx, rx) = mpsc::channel(16);
-    let activity = Arc::new(AtomicBool::new(false));
-    let reader = tokio::spawn(read_loop(
-        reader,
-        tx,
-        node.config.websocket.max_message_size,
-        activity.clone(),
-    ));
+async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode) {
     let transport = if mode == Mode::Echo { "echo" } else { "ws" };
     let gauge = node.metrics.connections.with_label_values(&[transport]);
     gauge.inc();
     let mut conn = Connection {
-        heartbeat: Heartbeat::new(&node, activity),
+        heartbeat: Heartbeat::new(&node),
         registration: node.registry.register(),
+        assembler: Assembler::new(node.config.websocket.max_message_size),
+        // fastwebsockets refuses frames of at least this size before reading them.
+        frames: pin!(frames(read, node.config.websocket.max_message_size + 1)),
+        reading: true,
         node,
         writer,
-        rx,
     };
-    let session = (mode == Mode::Protocol).then(|| Session::new(conn.node.clone()));
-    conn.serve(session).await;
+    conn.serve(mode).await;
     gauge.dec();
-    reader.abort();
 }
 
-async fn read_loop(
-    mut reader: Reader,
-    tx: mpsc::Sender<Inbound>,
-    max_message_size: usize,
-    activity: Arc<AtomicBool>,
-) {
-    let mut assembler = Assembler::new(max_message_size);
-    loop {
-        let result = reader
-            .read_frame(&mut |frame: Frame<'_>| {
-                let tx = tx.clone();
-                // RFC 6455 §5.5: control frames carry at most 125 bytes; fastwebsockets checks
-                // only pings, so an oversized close is failed here instead of being echoed.
-                let control = if frame.payload.len() > 125 {
-                    Inbound::Failed(1002, "control frame longer than 125 bytes")
-                } else {
-                    Inbound::Control(frame.opcode, frame.payload.to_vec())
-                };
-                async move { tx.send(control).await }
-            })
-            .await;
-        activity.store(true, Ordering::Relaxed);
-        let frame = match result {
-            Ok(frame) => frame,
-            Err(e) => {
-                if let Some((code, reason)) = close_code_for(&e) {
-                    let _ = tx.send(Inbound::Failed(code, reason)).await;
-                }
-                return;
-            }
-        };
-        let inbound = match frame.opcode {
-            // The echo of the peer's close went out through the obligated send.
-            OpCode::Close => return,
-            OpCode::Ping => continue,
-            OpCode::Pong => Inbound::Pong,
-            _ => match assembler.push(frame) {
-                Ok(None) => continue,
-                Ok(Some(message)) => Inbound::Message(message),
-                Err(MessageError::TooBig) => Inbound::Failed(1009, "message too big"),
-                Err(MessageError::InvalidUtf8) => Inbound::Failed(1007, "invalid UTF-8 in text"),
-                Err(MessageError::Protocol(reason)) => Inbound::Failed(1002, reason),
-            },
-        };
-        let failed = matches!(inbound, Inbound::Failed(..));
-        if tx.send(inbound).await.is_err() || failed {
-            return;
-        }
-    }
+/// The peer's frames, one at a time. The read in progress lives inside the stream, so a
+/// `select!` that picks another branch never loses part of a frame. Pings and Closes come too:
+/// the connection task answers them itself, in order with its other writes.
+fn frames(read: ReadHalf<Io>, max_frame_size: usize) -> impl Stream<Item = ReadResult> + Send {
+    let reader = FrameReader::new(read, max_frame_size);
+    futures_util::stream::unfold(reader, |mut reader| async move {
+        let result = reader.next().await;
+        Some((result, reader))
+    })
 }
 
 /// The RFC 6455 close code for a read error, or `None` when the transport itself is gone.
@@ -174,17 +119,40 @@ fn close_code_for(e: &WebSocketError) -> Option<(u16, &'static str)> {
         | WebSocketError::IoError(_)
         | WebSocketError::ConnectionClosed
         | WebSocketError::SendError(_) => None,
-        // An invalid close code was already answered with 1002 through the obligated send.
-        WebSocketError::InvalidCloseCode => None,
         _ => Some((1002, "protocol error")),
     }
 }
 
-struct Connection {
+/// RFC 6455 §5.5 and §7.4: a peer's Close is at most 125 bytes, empty or a valid code followed
+/// by UTF-8; anything else is answered with this close code instead of an echo.
+fn check_close(payload: &[u8]) -> Result<(), (u16, &'static str)> {
+    if payload.len() > 125 {
+        return Err((1002, "control frame longer than 125 bytes"));
+    }
+    match payload {
+        [] => Ok(()),
+        [_] => Err((1002, "protocol error")),
+        [high, low, reason @ ..] => {
+            if std::str::from_utf8(reason).is_err() {
+                return Err((1007, "invalid UTF-8"));
+            }
+            if !CloseCode::from(u16::from_be_bytes([*high, *low])).is_allowed() {
+                return Err((1002, "invalid close code"));
+            }
+            Ok(())
+        }
+    }
+}
+
+struct Connection<F> {
     node: Arc<Node>,
     registration: Registration,
     writer: Writer,
-    rx: mpsc::Receiver<Inbound>,
+    /// The peer's frames (see [`frames`]).
+    frames: F,
+    /// False once reading failed or the peer closed: nothing more is read.
+    reading: bool,
+    assembler: Assembler,
     heartbeat: Heartbeat,
 }
 
@@ -196,25 +164,34 @@ enum End {
     Gone,
 }
 
-impl Connection {
-    async fn serve(&mut self, mut session: Option<Session>) {
+impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
+    async fn serve(&mut self, mode: Mode) {
+        let mut session = (mode == Mode::Protocol).then(|| Session::new(self.node.clone()));
         let mut out: Vec<Output> = Vec::new();
         let end = loop {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
             let step = tokio::select! {
                 _ = self.registration.closing() => Err(End::Close(1001, self.going_away())),
-                inbound = self.rx.recv(), if accepts => self.on_inbound(inbound, session.as_mut(), &mut out).await,
+                frame = self.frames.next(), if accepts => self.on_frame(frame, session.as_mut(), &mut out).await,
                 event = next_event(&mut session) => {
                     if let Some(session) = session.as_mut() {
                         session.apply(event, &mut out);
                     }
                     Ok(())
                 }
-                _ = self.heartbeat.expired() => match self.heartbeat.check() {
-                    Beat::Idle => Ok(()),
-                    Beat::Ping => self.send(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await,
-                    Beat::Dead => Err(End::Close(close_code::HEARTBEAT_TIMEOUT, "no pong".into())),
-                },
+                _ = self.heartbeat.expired() => {
+                    // Give back what the last burst of traffic left allocated; a flush with
+                    // nothing to write frees the write buffer.
+                    out = Vec::new();
+                    match self.heartbeat.check() {
+                        Beat::Idle => self.flush().await,
+                        Beat::Ping => match self.flush().await {
+                            Ok(()) => self.send(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await,
+                            gone => gone,
+                        },
+                        Beat::Dead => Err(End::Close(close_code::HEARTBEAT_TIMEOUT, "no pong".into())),
+                    }
+                }
             };
             if let Err(end) = step {
                 break end;
@@ -250,44 +227,90 @@ impl Connection {
         .into()
     }
 
-    async fn on_inbound(
+    async fn on_frame(
         &mut self,
-        inbound: Option<Inbound>,
+        frame: Option<ReadResult>,
         session: Option<&mut Session>,
         out: &mut Vec<Output>,
     ) -> Result<(), End> {
-        match inbound {
-            None => Err(End::Gone),
-            Some(Inbound::Failed(code, reason)) => Err(End::Close(code, reason.into())),
-            Some(Inbound::Pong) => {
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                self.reading = false;
+                return Err(match close_code_for(&e) {
+                    Some((code, reason)) => End::Close(code, reason.into()),
+                    None => End::Gone,
+                });
+            }
+            None => {
+                self.reading = false;
+                return Err(End::Gone);
+            }
+        };
+        self.heartbeat.activity();
+        match frame.opcode {
+            OpCode::Close => {
+                self.reading = false;
+                match check_close(&frame.payload) {
+                    Ok(()) => {
+                        self.send(Frame::close_raw(frame.payload)).await?;
+                        Err(End::Gone)
+                    }
+                    Err((code, reason)) => Err(End::Close(code, reason.into())),
+                }
+            }
+            // fastwebsockets already refused pings longer than 125 bytes.
+            OpCode::Ping => self.send(Frame::pong(frame.payload)).await,
+            OpCode::Pong if frame.payload.len() > 125 => {
+                self.reading = false;
+                Err(End::Close(
+                    1002,
+                    "control frame longer than 125 bytes".into(),
+                ))
+            }
+            OpCode::Pong => {
                 self.heartbeat.pong();
                 Ok(())
             }
-            Some(Inbound::Control(opcode, payload)) => {
-                let frame = Frame::new(true, opcode, None, Payload::Owned(payload));
-                self.send(frame).await?;
-                if opcode == OpCode::Close {
-                    return Err(End::Gone);
+            _ => match self.assembler.push(frame) {
+                Ok(None) => Ok(()),
+                Ok(Some(message)) => self.on_message(message, session, out).await,
+                Err(e) => {
+                    self.reading = false;
+                    Err(match e {
+                        MessageError::TooBig => End::Close(1009, "message too big".into()),
+                        MessageError::InvalidUtf8 => {
+                            End::Close(1007, "invalid UTF-8 in text".into())
+                        }
+                        MessageError::Protocol(reason) => End::Close(1002, reason.into()),
+                    })
                 }
-                Ok(())
+            },
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        message: Message,
+        session: Option<&mut Session>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), End> {
+        match session {
+            None => {
+                let frame = match &message {
+                    Message::Text(t) => Frame::text(Payload::Borrowed(t)),
+                    Message::Binary(b) => Frame::binary(Payload::Borrowed(b)),
+                };
+                self.send(frame).await
             }
-            Some(Inbound::Message(message)) => match session {
-                None => {
-                    let frame = match &message {
-                        Message::Text(t) => Frame::text(Payload::Borrowed(t)),
-                        Message::Binary(b) => Frame::binary(Payload::Borrowed(b)),
-                    };
-                    self.send(frame).await
+            Some(session) => match message {
+                Message::Binary(_) => {
+                    Err(End::Close(1003, "binary messages are not supported".into()))
                 }
-                Some(session) => match message {
-                    Message::Binary(_) => {
-                        Err(End::Close(1003, "binary messages are not supported".into()))
-                    }
-                    Message::Text(text) => {
-                        handle_command(&self.node, session, &text, out);
-                        Ok(())
-                    }
-                },
+                Message::Text(text) => {
+                    handle_command(&self.node, session, &text, out);
+                    Ok(())
+                }
             },
         }
     }
@@ -300,6 +323,15 @@ impl Connection {
             self.writer.flush().await
         };
         match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Gone),
+        }
+    }
+
+    /// Flushes, bounded by the write timeout.
+    async fn flush(&mut self) -> Result<(), End> {
+        let timeout = self.node.config.websocket.write_timeout;
+        match tokio::time::timeout(timeout, self.writer.flush()).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(End::Gone),
         }
@@ -364,12 +396,13 @@ impl Connection {
             .send(Frame::close(code, reason.as_bytes()))
             .await
             .is_err()
+            || !self.reading
         {
             return;
         }
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
-            while let Some(inbound) = self.rx.recv().await {
-                if matches!(inbound, Inbound::Control(OpCode::Close, _)) {
+            while let Some(Ok(frame)) = self.frames.next().await {
+                if frame.opcode == OpCode::Close {
                     break;
                 }
             }
@@ -453,7 +486,8 @@ struct Heartbeat {
     awaiting_pong: bool,
     interval: Duration,
     timeout: Duration,
-    activity: Arc<AtomicBool>,
+    /// A frame arrived since the last check.
+    activity: bool,
 }
 
 enum Beat {
@@ -463,14 +497,14 @@ enum Beat {
 }
 
 impl Heartbeat {
-    fn new(node: &Node, activity: Arc<AtomicBool>) -> Self {
+    fn new(node: &Node) -> Self {
         let interval = node.config.websocket.ping_interval;
         Heartbeat {
             sleep: Box::pin(tokio::time::sleep(interval)),
             awaiting_pong: false,
             interval,
             timeout: node.config.websocket.pong_timeout,
-            activity,
+            activity: false,
         }
     }
 
@@ -478,9 +512,13 @@ impl Heartbeat {
     fn pong(&mut self) {
         if self.awaiting_pong {
             self.awaiting_pong = false;
-            self.activity.store(false, Ordering::Relaxed);
+            self.activity = false;
             self.sleep.as_mut().reset(Instant::now() + self.interval);
         }
+    }
+
+    fn activity(&mut self) {
+        self.activity = true;
     }
 
     async fn expired(&mut self) {
@@ -489,7 +527,7 @@ impl Heartbeat {
 
     fn check(&mut self) -> Beat {
         let now = Instant::now();
-        if self.activity.swap(false, Ordering::Relaxed) {
+        if std::mem::take(&mut self.activity) {
             self.awaiting_pong = false;
             self.sleep.as_mut().reset(now + self.interval);
             Beat::Idle
