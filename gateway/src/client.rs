@@ -8,7 +8,6 @@
 //! offset seen is kept — so memory stays bounded however large the gap. Publications are in
 //! history before they are fanned out, so whatever was skipped live is found in history.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
+use rustc_hash::FxHashMap;
 
 use crate::hub::ConnId;
 use crate::node::Node;
@@ -109,7 +109,9 @@ pub struct Session {
     conn: ConnId,
     sender: QueueSender,
     queue: QueueReceiver,
-    subs: HashMap<Arc<str>, Subscription>,
+    /// Looked up once per delivered publication: Fx hashing rather than SipHash (the keys are
+    /// the client's own channels, at most `client.max_subscriptions` of them).
+    subs: FxHashMap<Arc<str>, Subscription>,
     /// Commands and catch-ups in progress; `None` when there are none, so an idle session
     /// holds no allocation for them.
     pending: Option<FuturesUnordered<BoxFuture<'static, Completion>>>,
@@ -124,7 +126,7 @@ impl Session {
             node,
             sender,
             queue,
-            subs: HashMap::new(),
+            subs: FxHashMap::default(),
             pending: None,
             next_gen: 0,
         }

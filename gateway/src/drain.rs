@@ -33,9 +33,10 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Resolves when the node wants this connection closed.
-    pub async fn closing(&self) {
-        self.token.cancelled().await
+    /// Resolves when the node wants this connection closed. Owned, so a connection loop can
+    /// keep one pinned across iterations instead of registering a new waiter every time round.
+    pub fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
     }
 }
 

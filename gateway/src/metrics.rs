@@ -258,3 +258,13 @@ impl Metrics {
         out
     }
 }
+
+/// Records a written batch's fan-out latency: from the publication of its oldest live item
+/// (`0`: the batch held none) until now.
+pub fn observe_fanout(histogram: &prometheus::Histogram, oldest_published_us: u64) {
+    if oldest_published_us == 0 {
+        return;
+    }
+    let latency_us = backplane::now_us().saturating_sub(oldest_published_us);
+    histogram.observe(latency_us as f64 / 1e6);
+}

@@ -142,13 +142,7 @@ impl Node {
 
     /// Records the fan-out latency of a written batch from its oldest live publication.
     pub fn observe_fanout(&self, transport: &str, oldest_published_us: u64) {
-        if oldest_published_us == 0 {
-            return;
-        }
-        let latency_us = backplane::now_us().saturating_sub(oldest_published_us);
-        self.metrics
-            .fanout_latency
-            .with_label_values(&[transport])
-            .observe(latency_us as f64 / 1e6);
+        let histogram = self.metrics.fanout_latency.with_label_values(&[transport]);
+        crate::metrics::observe_fanout(&histogram, oldest_published_us);
     }
 }

@@ -102,6 +102,8 @@ pub fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Respo
 
     let (tx, body) = body_channel(64);
     let stream = Stream {
+        deliveries: node.metrics.deliveries.with_label_values(&["sse"]),
+        fanout_latency: node.metrics.fanout_latency.with_label_values(&["sse"]),
         node: node.clone(),
         tx,
         positions: channels
@@ -149,6 +151,9 @@ struct Stream {
     positions: Vec<(Arc<str>, Arc<str>, u64)>,
     /// Reused for every event's cursor.
     scratch: Vec<u8>,
+    /// Metric children looked up once, not per batch (a lookup hashes the labels).
+    deliveries: prometheus::IntCounter,
+    fanout_latency: prometheus::Histogram,
 }
 
 #[derive(Serialize)]
@@ -306,14 +311,10 @@ impl Stream {
         .await;
         outputs.clear();
         if result.is_ok() {
-            self.node.observe_fanout("sse", oldest_live);
+            crate::metrics::observe_fanout(&self.fanout_latency, oldest_live);
         }
         if delivered > 0 {
-            self.node
-                .metrics
-                .deliveries
-                .with_label_values(&["sse"])
-                .inc_by(delivered);
+            self.deliveries.inc_by(delivered);
         }
         result
     }

@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::pin::{pin, Pin};
+use std::task::Poll;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::batch_writer::BatchWriter;
 use crate::client::{oldest_live, Output, Session};
 use crate::drain::{reconnect_hint, Registration};
 use crate::frame_reader::FrameReader;
+use crate::metrics::observe_fanout;
 use crate::node::Node;
 use crate::protocol::{reply_err, reply_ok, Command};
 use crate::ws_message::{Assembler, Message, MessageError};
@@ -86,6 +88,8 @@ async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode) {
     let gauge = node.metrics.connections.with_label_values(&[transport]);
     gauge.inc();
     let mut conn = Connection {
+        deliveries: node.metrics.deliveries.with_label_values(&[transport]),
+        fanout_latency: node.metrics.fanout_latency.with_label_values(&[transport]),
         heartbeat: Heartbeat::new(&node),
         registration: node.registry.register(),
         assembler: Assembler::new(node.config.websocket.max_message_size),
@@ -154,6 +158,28 @@ struct Connection<F> {
     reading: bool,
     assembler: Assembler,
     heartbeat: Heartbeat,
+    /// This transport's metric children, looked up once: a label lookup hashes the labels, and
+    /// the fan-out path would pay it per batch.
+    deliveries: prometheus::IntCounter,
+    fanout_latency: prometheus::Histogram,
+}
+
+/// Runs a write, arming the write timeout only if it cannot finish at once: almost every batch
+/// fits in the socket's buffer, and a timer per batch cost more than the write itself.
+async fn bounded<E>(
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), End> {
+    let mut write = pin!(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    let result = match first {
+        Poll::Ready(result) => result,
+        Poll::Pending => match tokio::time::timeout(limit, write).await {
+            Ok(result) => result,
+            Err(_elapsed) => return Err(End::Gone),
+        },
+    };
+    result.map_err(|_| End::Gone)
 }
 
 /// Why the connection ends.
@@ -322,19 +348,13 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             self.writer.write_frame(frame).await?;
             self.writer.flush().await
         };
-        match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Gone),
-        }
+        bounded(timeout, write).await
     }
 
     /// Flushes, bounded by the write timeout.
     async fn flush(&mut self) -> Result<(), End> {
         let timeout = self.node.config.websocket.write_timeout;
-        match tokio::time::timeout(timeout, self.writer.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Gone),
-        }
+        bounded(timeout, self.writer.flush()).await
     }
 
     /// Writes the session's outputs as one batch and flushes, bounded by the write timeout.
@@ -372,22 +392,15 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             }
             writer.flush().await
         };
-        let result = tokio::time::timeout(timeout, write).await;
+        let result = bounded(timeout, write).await;
         out.clear();
         if delivered > 0 {
-            self.node
-                .metrics
-                .deliveries
-                .with_label_values(&["ws"])
-                .inc_by(delivered);
+            self.deliveries.inc_by(delivered);
         }
-        if matches!(result, Ok(Ok(()))) {
-            self.node.observe_fanout("ws", oldest_live);
+        if result.is_ok() {
+            observe_fanout(&self.fanout_latency, oldest_live);
         }
-        match result {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Gone),
-        }
+        result
     }
 
     /// Sends Close and waits briefly for the peer's Close before the socket is dropped.
