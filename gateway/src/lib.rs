@@ -5,18 +5,27 @@
 //! [`Gateway::start`] binds the listener and serves until [`RunningGateway::shutdown`].
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod cursor;
 pub mod drain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
+pub mod namespace;
 pub mod node;
+pub mod origin;
 pub mod protocol;
 pub mod queue;
 pub mod response;
+pub mod security;
 pub mod server;
 pub mod sse;
+pub mod tls;
 pub mod ws;
 mod ws_message;
 

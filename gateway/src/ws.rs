@@ -22,6 +22,7 @@ use crate::client::{oldest_live, Output, Session};
 use crate::drain::{reconnect_hint, Registration};
 use crate::node::Node;
 use crate::protocol::{reply_err, reply_ok, Command};
+use crate::security::{Admission, Guard, Verdict};
 use crate::ws_message::{Assembler, Message, MessageError};
 
 /// Application close codes (4000–4999), listed in docs/protocol.md.
@@ -55,8 +56,10 @@ pub fn accept(
     node: &Arc<Node>,
     request: &mut hyper::Request<hyper::body::Incoming>,
     mode: Mode,
+    admission: Admission,
 ) -> Result<hyper::Response<http_body_util::Empty<Bytes>>, WebSocketError> {
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
+    let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
     let node = node.clone();
     node.connections.clone().spawn(async move {
         match upgrade.await {
@@ -69,7 +72,7 @@ pub fn accept(
                 reader.set_auto_pong(true);
                 // fastwebsockets refuses frames of at least this size before reading them.
                 reader.set_max_message_size(node.config.websocket.max_message_size + 1);
-                run(node, reader, writer, mode).await;
+                run(node, reader, writer, mode, guard).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -89,7 +92,7 @@ enum Inbound {
     Pong,
 }
 
-async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
+async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode, guard: Guard) {
     let (tx, rx) = mpsc::channel(16);
     let activity = Arc::new(AtomicBool::new(false));
     let reader = tokio::spawn(read_loop(
@@ -104,6 +107,7 @@ async fn run(node: Arc<Node>, reader: Reader, writer: Writer, mode: Mode) {
     let mut conn = Connection {
         heartbeat: Heartbeat::new(&node, activity),
         registration: node.registry.register(),
+        guard,
         node,
         writer,
         rx,
@@ -186,6 +190,8 @@ struct Connection {
     writer: Writer,
     rx: mpsc::Receiver<Inbound>,
     heartbeat: Heartbeat,
+    /// Security hooks: command rate, connect/refresh, permissions, token expiry, idle timeout.
+    guard: Guard,
 }
 
 /// Why the connection ends.
@@ -203,6 +209,7 @@ impl Connection {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
             let step = tokio::select! {
                 _ = self.registration.closing() => Err(End::Close(1001, self.going_away())),
+                (code, reason) = self.guard.deadline() => Err(End::Close(code, reason.into())),
                 inbound = self.rx.recv(), if accepts => self.on_inbound(inbound, session.as_mut(), &mut out).await,
                 event = next_event(&mut session) => {
                     if let Some(session) = session.as_mut() {
@@ -284,8 +291,23 @@ impl Connection {
                         Err(End::Close(1003, "binary messages are not supported".into()))
                     }
                     Message::Text(text) => {
-                        handle_command(&self.node, session, &text, out);
-                        Ok(())
+                        let count = session.subscription_count();
+                        let parsed = Command::parse(&text);
+                        match self.guard.on_command(&parsed, count) {
+                            Verdict::Proceed => {
+                                handle_command(&self.node, session, parsed, out);
+                                Ok(())
+                            }
+                            Verdict::Reply(reply) => {
+                                out.push(Output::Reply(reply));
+                                Ok(())
+                            }
+                            Verdict::Close(reply, code, reason) => {
+                                self.write_outputs(out).await?;
+                                self.send(Frame::text(Payload::Owned(reply.to_vec()))).await?;
+                                Err(End::Close(code, reason))
+                            }
+                        }
                     }
                 },
             },
@@ -385,8 +407,13 @@ async fn next_event(session: &mut Option<Session>) -> crate::client::Event {
     }
 }
 
-fn handle_command(node: &Node, session: &mut Session, text: &Bytes, out: &mut Vec<Output>) {
-    let command = match Command::parse(text) {
+fn handle_command(
+    node: &Node,
+    session: &mut Session,
+    parsed: Result<Command<'_>, crate::protocol::CommandError>,
+    out: &mut Vec<Output>,
+) {
+    let command = match parsed {
         Ok(command) => command,
         Err(e) => {
             node.metrics
@@ -419,6 +446,8 @@ fn handle_command(node: &Node, session: &mut Session, text: &Bytes, out: &mut Ve
             idempotency_key.map(|k| k.into_owned()),
         ),
         Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
+        // Answered by the guard.
+        Command::Connect { .. } | Command::Refresh { .. } => {}
     }
 }
 
