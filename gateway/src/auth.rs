@@ -206,14 +206,21 @@ impl Verifier {
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer must also be present: jsonwebtoken checks them only
+        // when the token carries them.
+        let mut required = vec!["exp", "sub"];
         match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         let mut candidates: Vec<&Key> = self
             .keys
             .iter()
