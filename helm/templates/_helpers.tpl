@@ -194,6 +194,14 @@ How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or 
 {{- end }}
 {{- end }}
 {{- $_ := set $cfg "redis" $redis }}
+{{- /* Secure by default: the API listens beyond loopback, so it needs keys or an explicit open. */}}
+{{- if .Values.auth.apiOpen }}
+{{- $auth := default dict (get $cfg "auth") }}
+{{- $_ := set $auth "api_open" true }}
+{{- $_ := set $cfg "auth" $auth }}
+{{- else if not .Values.auth.apiKeys.existingSecret }}
+{{- fail "auth: the gateway's API (/api/publish) listens on 0.0.0.0 and needs keys: set auth.apiKeys.existingSecret (a Secret with comma-separated API keys), or auth.apiOpen=true to serve it without a key" }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
