@@ -702,3 +702,15 @@ async fn slow_headers_are_cut_off() {
     let text = String::from_utf8_lossy(&buf);
     assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
 }
+
+#[tokio::test]
+async fn huge_frame_header_closes_1009_at_once() {
+    let node = Node::default().await;
+    let mut raw = RawWs::connect(node.addr, "/ws").await;
+    // FIN + text, masked, 64-bit length 2^62, mask key; no payload follows.
+    let mut header = vec![0x81, 0xFF];
+    header.extend_from_slice(&(1u64 << 62).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    raw.send_raw(&header).await.unwrap();
+    assert_eq!(raw.expect_close().await, Some(1009));
+}
