@@ -105,14 +105,16 @@ impl Gateway {
                 Kind::Api,
                 None,
             )));
-            tracing::info!(%api_addr, "API and metrics listening on {api_addr}");
         }
         if node.config.auth.api_keys.is_empty() {
             if node.config.auth.api_open && !api_addr.ip().is_loopback() {
                 tracing::warn!(%api_addr, "the API is open: anyone reaching {api_addr} may publish (auth.api_open)");
             }
         }
-        tracing::info!(%addr, backplane = node.backplane.kind(), "listening on {scheme}://{addr}");
+        tracing::info!(%addr, scheme, backplane = node.backplane.kind(), "listening on {addr}");
+        if api_addr != addr {
+            tracing::info!(%api_addr, "API and metrics served on {api_addr} only");
+        }
         Ok(RunningGateway {
             addr,
             api_addr,

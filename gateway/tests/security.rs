@@ -714,3 +714,29 @@ async fn huge_frame_header_closes_1009_at_once() {
     raw.send_raw(&header).await.unwrap();
     assert_eq!(raw.expect_close().await, Some(1009));
 }
+
+#[tokio::test]
+async fn security_settings_come_from_the_environment_too() {
+    let mut proc = Proc::spawn(
+        &["--listen", "127.0.0.1:0"],
+        &[
+            ("GATEWAY__AUTH__API_KEYS", "key-a,key-b"),
+            ("GATEWAY__AUTH__JWT_HS256_KEYS", &format!("{KEY_OLD},{KEY_NEW}")),
+            ("GATEWAY__CHANNELS__NAMESPACES__CHAT__SUBSCRIBE", "token"),
+            ("GATEWAY__ORIGIN__ALLOWED", "https://app.example.com"),
+        ],
+    );
+    let addr = proc.listening().await;
+    assert_eq!(publish_with(addr, Some("apikey key-b")).await.0, 200);
+    assert_eq!(publish_with(addr, None).await.0, 401);
+    let mut anon = WsClient::connect_addr(addr, "/ws").await;
+    sub_err(&mut anon, "chat:x", "unauthorized").await;
+    let t = hs256(KEY_OLD, json!({"sub": "env", "exp": now() + 60, "channels": ["chat:x"]}));
+    let mut user = WsClient::connect_addr(addr, &format!("/ws?token={t}")).await;
+    user.subscribe("chat:x").await;
+    let (status, _) = match WsClient::connect_with(addr, "/ws", &[("origin", "https://evil.example")]).await {
+        Ok(_) => panic!("foreign origin let in"),
+        Err(refused) => refused,
+    };
+    assert_eq!(status, 403);
+}
