@@ -169,6 +169,7 @@ How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or 
 {{- else if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) }}
 {{- if eq (float64 .) (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- else if kindIs "slice" . }}[{{ range $i, $e := . }}{{ if $i }}, {{ end }}{{ include "gateway.tomlValue" $e }}{{ end }}]
+{{- else if kindIs "map" . }}{{ $m := . }}{ {{- range $i, $k := keys $m | sortAlpha }}{{ if $i }},{{ end }} {{ toJson $k }} = {{ include "gateway.tomlValue" (get $m $k) }}{{ end }} }
 {{- else }}{{ fail (printf "config: cannot write %v (%s) to TOML" . (kindOf .)) }}
 {{- end }}
 {{- end }}
