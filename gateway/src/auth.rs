@@ -144,8 +144,9 @@ impl Verifier {
             });
         }
         for path in &config.jwt_public_keys {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("auth.jwt_public_keys: cannot read {}: {e}", path.display()))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                format!("auth.jwt_public_keys: cannot read {}: {e}", path.display())
+            })?;
             let (algorithm, key) = if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
                 (Algorithm::RS256, key)
             } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
@@ -175,7 +176,10 @@ impl Verifier {
                     _ => continue,
                 };
                 let key = DecodingKey::from_jwk(jwk).map_err(|e| {
-                    format!("auth.jwt_jwks_file: a key of {} is unusable: {e}", path.display())
+                    format!(
+                        "auth.jwt_jwks_file: a key of {} is unusable: {e}",
+                        path.display()
+                    )
                 })?;
                 keys.push(Key {
                     kid: jwk.common.key_id.clone(),
@@ -202,8 +206,8 @@ impl Verifier {
         if self.keys.is_empty() {
             return Err(AuthError::NotConfigured);
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
         // A configured audience or issuer must also be present: jsonwebtoken checks them only
@@ -289,8 +293,9 @@ pub fn api_key_ok(keys: &[String], headers: &HeaderMap) -> bool {
     }
     let key = key.trim().as_bytes();
     // Every key is compared in full, so timing tells nothing about which or how much matched.
-    keys.iter()
-        .fold(false, |found, k| constant_time_eq(k.as_bytes(), key) | found)
+    keys.iter().fold(false, |found, k| {
+        constant_time_eq(k.as_bytes(), key) | found
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -54,7 +54,10 @@ pub fn cursor(data: &[u8]) {
                 .iter()
                 .map(|(c, e, o)| (c.as_str(), e.as_str(), *o)),
         );
-        assert_eq!(cursor::decode(&again).expect("re-encoded cursor"), positions);
+        assert_eq!(
+            cursor::decode(&again).expect("re-encoded cursor"),
+            positions
+        );
     }
 }
 
@@ -65,7 +68,9 @@ pub fn config(data: &[u8]) {
         return;
     };
     if let Ok(config) = Config::from_toml(text) {
-        config.validate().expect("an accepted configuration validates");
+        config
+            .validate()
+            .expect("an accepted configuration validates");
         let _ = crate::namespace::Namespaces::new(&config.channels).get("chat:room1");
     }
 }

@@ -44,14 +44,12 @@ pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response
         ));
     }
     let headers = request.headers();
-    if is_api(path) || path == "/sse" {
-        if origin::is_preflight(request.method(), headers) {
-            if !origin::allowed(&node.config.origin.allowed, headers) {
-                return Some(origin::refused());
-            }
-            let methods = if path == "/sse" { "GET" } else { "GET, POST" };
-            return Some(origin::preflight(headers, methods));
+    if (is_api(path) || path == "/sse") && origin::is_preflight(request.method(), headers) {
+        if !origin::allowed(&node.config.origin.allowed, headers) {
+            return Some(origin::refused());
         }
+        let methods = if path == "/sse" { "GET" } else { "GET, POST" };
+        return Some(origin::preflight(headers, methods));
     }
     if is_api(path) {
         if !origin::allowed(&node.config.origin.allowed, headers) {

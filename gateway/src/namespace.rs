@@ -119,10 +119,22 @@ mod tests {
         let ns = namespaces();
         let user = Identity::new("u".into(), Some(vec!["chat:a*".into()]), None);
         let code = |r: Result<(), ErrorBody>| r.err().map(|e| e.code);
-        assert_eq!(code(ns.check(Action::Subscribe, "chat:x", None)), Some("unauthorized"));
-        assert_eq!(code(ns.check(Action::Subscribe, "chat:ab", Some(&user))), None);
-        assert_eq!(code(ns.check(Action::Subscribe, "chat:b", Some(&user))), Some("forbidden"));
-        assert_eq!(code(ns.check(Action::Publish, "chat:ab", Some(&user))), Some("forbidden"));
+        assert_eq!(
+            code(ns.check(Action::Subscribe, "chat:x", None)),
+            Some("unauthorized")
+        );
+        assert_eq!(
+            code(ns.check(Action::Subscribe, "chat:ab", Some(&user))),
+            None
+        );
+        assert_eq!(
+            code(ns.check(Action::Subscribe, "chat:b", Some(&user))),
+            Some("forbidden")
+        );
+        assert_eq!(
+            code(ns.check(Action::Publish, "chat:ab", Some(&user))),
+            Some("forbidden")
+        );
         assert_eq!(code(ns.check(Action::Publish, "free", None)), None);
     }
 }

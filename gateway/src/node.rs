@@ -36,8 +36,8 @@ pub struct Node {
 impl Node {
     /// A node on the configured backplane: Redis if configured, else the embedded one.
     pub async fn start(config: Config) -> Result<Arc<Node>, crate::server::StartError> {
-        let security =
-            crate::security::Security::load(&config).map_err(crate::server::StartError::Security)?;
+        let security = crate::security::Security::load(&config)
+            .map_err(crate::server::StartError::Security)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::new(metrics.clone()));
         let backplane: Arc<dyn Backplane> = match config.redis() {

@@ -23,7 +23,10 @@ pub fn allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     allowed.iter().any(|pattern| {
         pattern == "*"
             || glob(
-                pattern.trim_end_matches('/').to_ascii_lowercase().as_bytes(),
+                pattern
+                    .trim_end_matches('/')
+                    .to_ascii_lowercase()
+                    .as_bytes(),
                 origin.as_bytes(),
             )
     })
@@ -86,7 +89,10 @@ mod tests {
 
     #[test]
     fn allow_list() {
-        let list = vec!["https://app.example.com".into(), "https://*.example.org".into()];
+        let list = vec![
+            "https://app.example.com".into(),
+            "https://*.example.org".into(),
+        ];
         assert!(allowed(&list, &HeaderMap::new()));
         assert!(allowed(&list, &with_origin("https://app.example.com")));
         assert!(allowed(&list, &with_origin("https://a.example.org")));

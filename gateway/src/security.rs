@@ -3,6 +3,9 @@
 //! and `refresh`, channel permissions, token expiry, idle timeout), the SSE channel check, and the
 //! API key check. Each refusal is counted in `gateway_limit_rejections_total` or
 //! `gateway_auth_failures_total`.
+//!
+//! Refusals are whole HTTP responses returned as `Err`: large, but built once on a cold path.
+#![allow(clippy::result_large_err)]
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -70,7 +73,10 @@ fn count_limit(node: &Node, limit: &str) {
 }
 
 fn count_auth(node: &Node, reason: &str) {
-    node.metrics.auth_failures.with_label_values(&[reason]).inc();
+    node.metrics
+        .auth_failures
+        .with_label_values(&[reason])
+        .inc();
 }
 
 /// 429 with `Retry-After` (whole seconds, at least 1).
@@ -102,7 +108,11 @@ fn auth_response(e: &AuthError) -> Response<Body> {
 
 /// Lets a WebSocket or SSE connection in, or answers why not: 403 for a foreign Origin, 401 for a
 /// bad token (header or `?token=`), 429 over a connection limit.
-pub fn admit(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Admission, Response<Body>> {
+pub fn admit(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Admission, Response<Body>> {
     if !crate::origin::allowed(&node.config.origin.allowed, headers) {
         count_auth(node, "origin");
         return Err(crate::origin::refused());
@@ -135,7 +145,11 @@ pub fn admit(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Ad
 }
 
 /// Checks that an SSE stream's connection may subscribe to each of `channels` (401/403).
-pub fn check_sse(node: &Node, admission: &Admission, query: Option<&str>) -> Result<(), Response<Body>> {
+pub fn check_sse(
+    node: &Node,
+    admission: &Admission,
+    query: Option<&str>,
+) -> Result<(), Response<Body>> {
     for (key, channel) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if key != "channel" {
             continue;
@@ -335,8 +349,7 @@ impl Guard {
                 self.authenticate(id, token, true)
             }
             Command::Subscribe { channel, .. } => {
-                if let Err(e) =
-                    namespaces.check(Action::Subscribe, channel, self.identity.as_ref())
+                if let Err(e) = namespaces.check(Action::Subscribe, channel, self.identity.as_ref())
                 {
                     count_auth(&self.node, e.code);
                     return refuse(e);
@@ -349,8 +362,7 @@ impl Guard {
                 Verdict::Proceed
             }
             Command::Publish { channel, data, .. } => {
-                if let Err(e) = namespaces.check(Action::Publish, channel, self.identity.as_ref())
-                {
+                if let Err(e) = namespaces.check(Action::Publish, channel, self.identity.as_ref()) {
                     count_auth(&self.node, e.code);
                     return refuse(e);
                 }
@@ -425,10 +437,9 @@ pub fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Response<Bo
         "invalid_api_key",
         "the API needs `Authorization: apikey <key>` with a configured key",
     );
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("apikey"),
-    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("apikey"));
     Err(response)
 }
 

@@ -66,10 +66,9 @@ impl Gateway {
         let api_listener = match config.auth.api_listen {
             None => None,
             Some(api) => {
-                let bound = TcpListener::bind(api).await.map_err(|source| StartError::Bind {
-                    addr: api,
-                    source,
-                })?;
+                let bound = TcpListener::bind(api)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: api, source })?;
                 Some(bound)
             }
         };
@@ -94,10 +93,12 @@ impl Gateway {
         let mut api_addr = addr;
         let mut api_accept = None;
         if let Some(api_listener) = api_listener {
-            api_addr = api_listener.local_addr().map_err(|source| StartError::Bind {
-                addr: api_addr,
-                source,
-            })?;
+            api_addr = api_listener
+                .local_addr()
+                .map_err(|source| StartError::Bind {
+                    addr: api_addr,
+                    source,
+                })?;
             api_accept = Some(tokio::spawn(accept_loop(
                 api_listener,
                 node.clone(),
@@ -106,10 +107,11 @@ impl Gateway {
                 None,
             )));
         }
-        if node.config.auth.api_keys.is_empty() {
-            if node.config.auth.api_open && !api_addr.ip().is_loopback() {
-                tracing::warn!(%api_addr, "the API is open: anyone reaching {api_addr} may publish (auth.api_open)");
-            }
+        if node.config.auth.api_keys.is_empty()
+            && node.config.auth.api_open
+            && !api_addr.ip().is_loopback()
+        {
+            tracing::warn!(%api_addr, "the API is open: anyone reaching {api_addr} may publish (auth.api_open)");
         }
         tracing::info!(%addr, scheme, backplane = node.backplane.kind(), "listening on {addr}");
         if api_addr != addr {
@@ -368,11 +370,10 @@ async fn serve(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
             } else {
                 ws::Mode::Echo
             };
-            let admission =
-                match security::admit(node, request.headers(), request.uri().query()) {
-                    Ok(admission) => admission,
-                    Err(response) => return response,
-                };
+            let admission = match security::admit(node, request.headers(), request.uri().query()) {
+                Ok(admission) => admission,
+                Err(response) => return response,
+            };
             match ws::accept(node, &mut request, mode, admission) {
                 Ok(response) => response.map(|_| response::empty()),
                 Err(e) => response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),

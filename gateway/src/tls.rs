@@ -30,7 +30,10 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("tls.cert_file {}: {e}", cert.display()))?;
     if certs.is_empty() {
-        return Err(format!("tls.cert_file {} holds no certificate", cert.display()));
+        return Err(format!(
+            "tls.cert_file {} holds no certificate",
+            cert.display()
+        ));
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("tls.key_file {}: {e}", key.display()))?;

@@ -304,7 +304,8 @@ impl Connection {
                             }
                             Verdict::Close(reply, code, reason) => {
                                 self.write_outputs(out).await?;
-                                self.send(Frame::text(Payload::Owned(reply.to_vec()))).await?;
+                                self.send(Frame::text(Payload::Owned(reply.to_vec())))
+                                    .await?;
                                 Err(End::Close(code, reason))
                             }
                         }

@@ -37,8 +37,26 @@ impl Rng {
 }
 
 const INTERESTING: &[&[u8]] = &[
-    b"\"", b"\\", b"{", b"}", b"[", b"]", b":", b",", b"null", b"-1", b"18446744073709551616",
-    b"\xff", b"\xc3\x28", b"\0", b"\"op\"", b"\"channel\"", b"*", b"=", b"\n", b"1e999",
+    b"\"",
+    b"\\",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b":",
+    b",",
+    b"null",
+    b"-1",
+    b"18446744073709551616",
+    b"\xff",
+    b"\xc3\x28",
+    b"\0",
+    b"\"op\"",
+    b"\"channel\"",
+    b"*",
+    b"=",
+    b"\n",
+    b"1e999",
 ];
 
 fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {

@@ -34,7 +34,10 @@ fn hs256(key: &str, claims: Value) -> String {
 
 /// A valid token for `sub` listing `channels`, an hour long.
 fn token(sub: &str, channels: &[&str]) -> String {
-    hs256(KEY_NEW, json!({"sub": sub, "exp": now() + 3600, "channels": channels}))
+    hs256(
+        KEY_NEW,
+        json!({"sub": sub, "exp": now() + 3600, "channels": channels}),
+    )
 }
 
 fn ns(subscribe: Access, publish: Access, max: usize) -> NamespaceConfig {
@@ -112,9 +115,23 @@ async fn bearer_token_opens_the_channels_it_lists_and_no_others() {
     anon.subscribe("free").await;
     anon.publish("free", json!(1)).await;
     let m = metrics(&node).await;
-    assert!(metric(&m, "gateway_auth_failures_total", &[("reason", "forbidden")]).unwrap() >= 2.0);
     assert!(
-        metric(&m, "gateway_auth_failures_total", &[("reason", "unauthorized")]).unwrap() >= 3.0
+        metric(
+            &m,
+            "gateway_auth_failures_total",
+            &[("reason", "forbidden")]
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert!(
+        metric(
+            &m,
+            "gateway_auth_failures_total",
+            &[("reason", "unauthorized")]
+        )
+        .unwrap()
+            >= 3.0
     );
 }
 
@@ -141,7 +158,10 @@ async fn namespace_message_size_applies_to_client_and_api_publishes() {
 #[tokio::test]
 async fn token_in_query_and_rotated_keys_are_accepted() {
     let node = Node::with(secured).await;
-    let old = hs256(KEY_OLD, json!({"sub": "bob", "exp": now() + 60, "channels": ["chat:*"]}));
+    let old = hs256(
+        KEY_OLD,
+        json!({"sub": "bob", "exp": now() + 60, "channels": ["chat:*"]}),
+    );
     let mut c = WsClient::connect_path(&node, &format!("/ws?token={old}")).await;
     c.subscribe("chat:room").await;
 }
@@ -149,7 +169,10 @@ async fn token_in_query_and_rotated_keys_are_accepted() {
 #[tokio::test]
 async fn bad_tokens_at_the_handshake_get_401() {
     let node = Node::with(secured).await;
-    let forged = hs256("not-a-configured-key-000", json!({"sub": "eve", "exp": now() + 60}));
+    let forged = hs256(
+        "not-a-configured-key-000",
+        json!({"sub": "eve", "exp": now() + 60}),
+    );
     let expired = hs256(KEY_NEW, json!({"sub": "eve", "exp": now() - 100}));
     let no_sub = hs256(KEY_NEW, json!({"exp": now() + 60}));
     let alg_none = {
@@ -173,11 +196,23 @@ async fn bad_tokens_at_the_handshake_get_401() {
         if !body.is_null() {
             assert_eq!(body["error"]["code"], code, "{t}: {body}");
         }
-        let sse = Sse::open_with(&sse_client(), &node, &format!("channel=free&token={t}"), &[]).await;
+        let sse = Sse::open_with(
+            &sse_client(),
+            &node,
+            &format!("channel=free&token={t}"),
+            &[],
+        )
+        .await;
         assert_eq!(sse.status, 401, "{t}");
         assert_eq!(sse.body_json().await["error"]["code"], code, "{t}");
     }
-    wait_metric(&node, "gateway_auth_failures_total", &[("reason", "expired")], |v| v >= 2.0).await;
+    wait_metric(
+        &node,
+        "gateway_auth_failures_total",
+        &[("reason", "expired")],
+        |v| v >= 2.0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -189,7 +224,10 @@ async fn wrong_audience_or_issuer_is_refused() {
     })
     .await;
     let claims = |aud: &str, iss: &str| {
-        hs256(KEY_NEW, json!({"sub": "u", "exp": now() + 60, "aud": aud, "iss": iss}))
+        hs256(
+            KEY_NEW,
+            json!({"sub": "u", "exp": now() + 60, "aud": aud, "iss": iss}),
+        )
     };
     let good = claims("gateway", "https://issuer.example");
     ws(&node, &[("authorization", &bearer(&good))]).await;
@@ -384,7 +422,10 @@ async fn sse_stream_ends_when_its_token_expires() {
 // --- Origin and CORS ---------------------------------------------------------------------------
 
 fn origins(config: &mut Config) {
-    config.origin.allowed = vec!["https://app.example.com".into(), "https://*.example.org".into()];
+    config.origin.allowed = vec![
+        "https://app.example.com".into(),
+        "https://*.example.org".into(),
+    ];
 }
 
 #[tokio::test]
@@ -404,7 +445,13 @@ async fn foreign_origins_are_refused_on_websocket_sse_and_api() {
         .await
         .unwrap();
     assert_error(&json_response(resp).await, 403, "origin_not_allowed");
-    wait_metric(&node, "gateway_auth_failures_total", &[("reason", "origin")], |v| v >= 2.0).await;
+    wait_metric(
+        &node,
+        "gateway_auth_failures_total",
+        &[("reason", "origin")],
+        |v| v >= 2.0,
+    )
+    .await;
 
     // Allowed origins and non-browser clients (no Origin) get in.
     ws(&node, &[("origin", "https://app.example.com")]).await;
@@ -423,7 +470,10 @@ async fn cors_headers_and_preflight_for_sse_and_api() {
         .request(reqwest::Method::OPTIONS, node.url("/api/publish"))
         .header("origin", origin)
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization, content-type")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
         .send()
         .await
         .unwrap();
@@ -481,7 +531,13 @@ async fn api_keys_guard_the_api() {
     assert_eq!(publish_with(node.addr, Some("ApiKey k-one")).await.0, 200);
     // Client endpoints do not need the key.
     WsClient::connect(&node).await.ping().await;
-    wait_metric(&node, "gateway_auth_failures_total", &[("reason", "api_key")], |v| v >= 3.0).await;
+    wait_metric(
+        &node,
+        "gateway_auth_failures_total",
+        &[("reason", "api_key")],
+        |v| v >= 3.0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -569,7 +625,10 @@ async fn max_connections_per_user_counts_tokens_on_every_transport() {
     assert_eq!(status, 429);
     let sse = Sse::open_with(&sse_client(), &node, &format!("channel=a&token={t}"), &[]).await;
     assert_eq!(sse.status, 429);
-    assert_eq!(sse.body_json().await["error"]["code"], "too_many_user_connections");
+    assert_eq!(
+        sse.body_json().await["error"]["code"],
+        "too_many_user_connections"
+    );
     let mut late = WsClient::connect(&node).await;
     late.send_json(&json!({"id": 1, "op": "connect", "token": t}))
         .await;
@@ -588,13 +647,31 @@ async fn per_ip_connection_rate_answers_429() {
     })
     .await;
     for _ in 0..2 {
-        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-        assert_eq!(client.get(node.url("/healthz")).send().await.unwrap().status(), 200);
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        assert_eq!(
+            client
+                .get(node.url("/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
-    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let resp = client.get(node.url("/healthz")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 429);
-    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     let (_, body) = json_response(resp).await;
     assert_eq!(body["error"]["code"], "connection_rate_limited");
@@ -700,7 +777,10 @@ async fn slow_headers_are_cut_off() {
     let read = within("server to close", stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok() || !buf.is_empty());
     let text = String::from_utf8_lossy(&buf);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -721,7 +801,10 @@ async fn security_settings_come_from_the_environment_too() {
         &["--listen", "127.0.0.1:0"],
         &[
             ("GATEWAY__AUTH__API_KEYS", "key-a,key-b"),
-            ("GATEWAY__AUTH__JWT_HS256_KEYS", &format!("{KEY_OLD},{KEY_NEW}")),
+            (
+                "GATEWAY__AUTH__JWT_HS256_KEYS",
+                &format!("{KEY_OLD},{KEY_NEW}"),
+            ),
             ("GATEWAY__CHANNELS__NAMESPACES__CHAT__SUBSCRIBE", "token"),
             ("GATEWAY__ORIGIN__ALLOWED", "https://app.example.com"),
         ],
@@ -731,12 +814,16 @@ async fn security_settings_come_from_the_environment_too() {
     assert_eq!(publish_with(addr, None).await.0, 401);
     let mut anon = WsClient::connect_addr(addr, "/ws").await;
     sub_err(&mut anon, "chat:x", "unauthorized").await;
-    let t = hs256(KEY_OLD, json!({"sub": "env", "exp": now() + 60, "channels": ["chat:x"]}));
+    let t = hs256(
+        KEY_OLD,
+        json!({"sub": "env", "exp": now() + 60, "channels": ["chat:x"]}),
+    );
     let mut user = WsClient::connect_addr(addr, &format!("/ws?token={t}")).await;
     user.subscribe("chat:x").await;
-    let (status, _) = match WsClient::connect_with(addr, "/ws", &[("origin", "https://evil.example")]).await {
-        Ok(_) => panic!("foreign origin let in"),
-        Err(refused) => refused,
-    };
+    let (status, _) =
+        match WsClient::connect_with(addr, "/ws", &[("origin", "https://evil.example")]).await {
+            Ok(_) => panic!("foreign origin let in"),
+            Err(refused) => refused,
+        };
     assert_eq!(status, 403);
 }

@@ -97,7 +97,11 @@ async fn read_until(body: &mut hyper::body::Incoming, needle: &str) -> String {
     let mut text = String::new();
     within(&format!("{needle:?} on the stream"), async {
         while !text.contains(needle) {
-            let frame = body.frame().await.expect("stream ended").expect("body error");
+            let frame = body
+                .frame()
+                .await
+                .expect("stream ended")
+                .expect("body error");
             if let Some(data) = frame.data_ref() {
                 text.push_str(&String::from_utf8_lossy(data));
             }
@@ -190,7 +194,14 @@ async fn a_replaced_certificate_is_served_without_restart() {
     let old = certs.der.clone();
     let client = https_client(&certs, &node, false);
     let reloads = |client: reqwest::Client, node_url: String| async move {
-        let text = client.get(node_url).send().await.unwrap().text().await.unwrap();
+        let text = client
+            .get(node_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         metric(&text, "gateway_tls_reloads_total", &[("result", "ok")]).unwrap_or(0.0)
     };
     let before = reloads(client.clone(), https(&node, "/metrics")).await;
@@ -217,7 +228,9 @@ async fn unusable_certificate_files_stop_the_start() {
     let mut config = test_config();
     config.tls.cert_file = Some(dir.path().join("cert.pem"));
     config.tls.key_file = Some(dir.path().join("key.pem"));
-    let err = gateway::Gateway::start(config).await.err().expect("must not start");
+    let err = gateway::Gateway::start(config)
+        .await
+        .err()
+        .expect("must not start");
     assert!(err.to_string().contains("tls"), "{err}");
 }
-

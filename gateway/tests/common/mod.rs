@@ -303,7 +303,12 @@ impl WsClient {
                 v.parse().unwrap(),
             );
         }
-        match within("websocket handshake", tokio_tungstenite::connect_async(request)).await {
+        match within(
+            "websocket handshake",
+            tokio_tungstenite::connect_async(request),
+        )
+        .await
+        {
             Ok((ws, _)) => Ok(WsClient {
                 ws,
                 next_id: 1,
