@@ -88,6 +88,11 @@ pub struct NamespaceConfig {
     pub publish: Access,
     /// Largest publication `data`, in bytes (client and API publishes).
     pub max_message_size: usize,
+    /// Publications kept per channel; unset means `channels.default`'s, else `history.max_count`.
+    pub history_max_count: Option<usize>,
+    /// Age after which publications leave history; unset as for `history_max_count`.
+    #[serde(with = "humantime_serde")]
+    pub history_max_age: Option<Duration>,
 }
 
 impl Default for NamespaceConfig {
@@ -96,6 +101,8 @@ impl Default for NamespaceConfig {
             subscribe: Access::Anonymous,
             publish: Access::Anonymous,
             max_message_size: 64 * 1024,
+            history_max_count: None,
+            history_max_age: None,
         }
     }
 }
@@ -574,6 +581,12 @@ impl Config {
                     "channels namespace {name}: max_message_size must be at least 1"
                 )));
             }
+            if ns.history_max_count == Some(0) || ns.history_max_age == Some(Duration::ZERO) {
+                return Err(ConfigError(format!(
+                    "channels namespace {name}: history_max_count and history_max_age must be \
+                     greater than zero"
+                )));
+            }
         }
         let l = &self.limits;
         for (key, rate) in [
@@ -635,11 +648,26 @@ impl Config {
     }
 
     pub fn settings(&self) -> backplane::Settings {
+        let retention = |ns: &NamespaceConfig, base: backplane::Retention| backplane::Retention {
+            max_count: ns.history_max_count.unwrap_or(base.max_count),
+            max_age: ns.history_max_age.unwrap_or(base.max_age),
+        };
+        let global = backplane::Retention {
+            max_count: self.history.max_count,
+            max_age: self.history.max_age,
+        };
+        // channels.default refines history.*; a namespace refines channels.default.
+        let default = retention(&self.channels.default, global);
+        let namespace_retention: Vec<(String, backplane::Retention)> = self
+            .channels
+            .namespaces
+            .iter()
+            .map(|(name, ns)| (name.clone(), retention(ns, default)))
+            .filter(|(_, r)| *r != default)
+            .collect();
         backplane::Settings {
-            retention: backplane::Retention {
-                max_count: self.history.max_count,
-                max_age: self.history.max_age,
-            },
+            retention: default,
+            namespace_retention: namespace_retention.into(),
             meta_ttl: self.history.meta_ttl,
             idempotency_window: self.history.idempotency_window,
         }

@@ -99,6 +99,7 @@ mod tests {
                 subscribe: Access::Token,
                 publish: Access::None,
                 max_message_size: 10,
+                ..NamespaceConfig::default()
             },
         );
         Namespaces::new(&config)

@@ -45,6 +45,7 @@ fn ns(subscribe: Access, publish: Access, max: usize) -> NamespaceConfig {
         subscribe,
         publish,
         max_message_size: max,
+        ..NamespaceConfig::default()
     }
 }
 
