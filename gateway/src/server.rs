@@ -278,7 +278,20 @@ where
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     tokio::select! {
-        _ = connection.as_mut() => {}
+        result = connection.as_mut() => {
+            // hyper's header read timeout (slowloris) ends the connection with a timeout error.
+            let timed_out = result
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<hyper::Error>())
+                .is_some_and(hyper::Error::is_timeout);
+            if timed_out {
+                node.metrics
+                    .limit_rejections
+                    .with_label_values(&["handshake_timeout"])
+                    .inc();
+            }
+        }
         _ = node.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;

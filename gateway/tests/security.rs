@@ -782,6 +782,13 @@ async fn slow_headers_are_cut_off() {
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"
     );
+    wait_metric(
+        &node,
+        "gateway_limit_rejections_total",
+        &[("limit", "handshake_timeout")],
+        |v| v >= 1.0,
+    )
+    .await;
 }
 
 #[tokio::test]
