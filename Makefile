@@ -1,7 +1,7 @@
 # `make test` runs every check CI runs; `.ci/run` installs what a fresh machine lacks, then calls it.
-.PHONY: test fmt clippy cargo-test autobahn deploy-checks
+.PHONY: test fmt clippy cargo-test client-js browser autobahn deploy-checks
 
-test: fmt clippy cargo-test autobahn deploy-checks
+test: fmt clippy cargo-test client-js browser autobahn deploy-checks
 
 fmt:
 	cargo fmt --all -- --check
@@ -11,6 +11,17 @@ clippy:
 
 cargo-test:
 	cargo test --workspace --locked
+
+# The JavaScript client (clients/js): dependencies from its lock file (npm registry only), then its
+# unit tests on node's test runner.
+client-js:
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test
+
+# The demo page and the client in Debian's Chromium (playwright-core), against gateway nodes and a
+# redis-server the tests start on free ports. Screenshots: target/artifacts/demo*.png.
+browser: client-js
+	cargo build --locked -p gateway --bin gateway
+	cd clients/js && npm run test:browser
 
 # Autobahn|Testsuite fuzzing client, cases 1-10, against the gateway's /ws/echo endpoint.
 autobahn:

@@ -21,6 +21,8 @@ pub struct Config {
     pub history: HistoryConfig,
     pub redis: RedisSection,
     pub drain: DrainConfig,
+    pub poll: PollConfig,
+    pub demo: DemoConfig,
     pub auth: AuthConfig,
     pub channels: ChannelsConfig,
     pub limits: LimitsConfig,
@@ -194,6 +196,27 @@ impl Default for AuthConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollConfig {
+    /// Longest a long-poll request may wait for publications; also its default `timeout`.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+}
+
+/// The demo page and its price feed, for trying the gateway out.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Serves the demo page at `/` (the client library at `/client.js` is always served).
+    pub page: bool,
+    /// Publishes made-up stock prices on `prices:<SYMBOL>` channels for the page's tickers.
+    pub publisher: bool,
+    /// Interval between two rounds of demo prices.
+    #[serde(with = "humantime_serde")]
+    pub publisher_interval: Duration,
+}
+
 /// How a node stopping on SIGTERM lets go of its clients (SIGINT and the in-process `shutdown`
 /// close everything at once). Kubernetes deployments set both, e.g. 5s and 20s.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -325,12 +348,30 @@ impl Default for RedisSection {
         RedisSection {
             url: None,
             cluster_nodes: Vec::new(),
-            pool_size: 32,
+            pool_size: 8,
             prefix: "gw".into(),
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(500),
             health_interval: Duration::from_secs(1),
             subscribe_linger: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        PollConfig {
+            max_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            page: true,
+            publisher: false,
+            publisher_interval: Duration::from_secs(1),
         }
     }
 }
@@ -405,6 +446,7 @@ pub struct Overrides {
     pub log_json: bool,
     pub redis_url: Option<String>,
     pub redis_cluster_nodes: Option<Vec<String>>,
+    pub demo_publisher: bool,
 }
 
 /// A configuration that cannot be used, with the key at fault where one is known.
@@ -456,6 +498,9 @@ impl Config {
                 .set_override("redis.cluster_nodes", nodes.clone())
                 .map_err(err)?;
         }
+        if overrides.demo_publisher {
+            builder = builder.set_override("demo.publisher", true).map_err(err)?;
+        }
         if overrides.log_json {
             builder = builder.set_override("log.format", "json").map_err(err)?;
         }
@@ -498,6 +543,8 @@ impl Config {
             ("redis.connect_timeout", self.redis.connect_timeout),
             ("redis.command_timeout", self.redis.command_timeout),
             ("redis.health_interval", self.redis.health_interval),
+            ("poll.max_timeout", self.poll.max_timeout),
+            ("demo.publisher_interval", self.demo.publisher_interval),
         ];
         for (key, value) in positive {
             if value.is_zero() {

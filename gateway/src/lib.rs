@@ -1,14 +1,16 @@
-//! A realtime gateway node: WebSocket and SSE clients subscribe to channels whose publications are
+//! A realtime gateway node: WebSocket, SSE and long-poll clients subscribe to channels whose publications are
 //! ordered, kept and fanned out by a [`backplane::Backplane`]; a client that drops resumes from
 //! its last position on any node.
 //!
 //! [`Gateway::start`] binds the listener and serves until [`RunningGateway::shutdown`].
 
 pub mod api;
+pub mod assets;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod cursor;
+pub mod demo;
 pub mod drain;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod namespace;
 pub mod node;
 pub mod origin;
+pub mod poll;
 pub mod protocol;
 pub mod queue;
 pub mod response;

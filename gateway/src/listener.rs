@@ -27,6 +27,11 @@ fn is_api(path: &str) -> bool {
     path.starts_with("/api/")
 }
 
+/// The plain-HTTP client transports (CORS applies to them).
+fn is_stream(path: &str) -> bool {
+    path == "/sse" || path == "/poll"
+}
+
 /// Answers a request before its route when the listener, the API key or CORS says so.
 pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response<Body>> {
     let path = request.uri().path();
@@ -44,11 +49,11 @@ pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response
         ));
     }
     let headers = request.headers();
-    if (is_api(path) || path == "/sse") && origin::is_preflight(request.method(), headers) {
+    if (is_api(path) || is_stream(path)) && origin::is_preflight(request.method(), headers) {
         if !origin::allowed(&node.config.origin.allowed, headers) {
             return Some(origin::refused());
         }
-        let methods = if path == "/sse" { "GET" } else { "GET, POST" };
+        let methods = if is_stream(path) { "GET" } else { "GET, POST" };
         return Some(origin::preflight(headers, methods));
     }
     if is_api(path) {
@@ -73,7 +78,7 @@ pub fn origin_of(headers: &HeaderMap) -> HeaderMap {
 
 /// Adds the CORS headers to the response of an allowed cross-origin SSE or API request.
 pub fn finish(node: &Node, path: &str, request: &HeaderMap, response: &mut Response<Body>) {
-    if (is_api(path) || path == "/sse") && origin::allowed(&node.config.origin.allowed, request) {
+    if (is_api(path) || is_stream(path)) && origin::allowed(&node.config.origin.allowed, request) {
         origin::add_cors(request, response);
     }
 }

@@ -34,6 +34,9 @@ struct Cli {
     /// Use a Redis Cluster as the backplane, given seed nodes.
     #[arg(long, value_name = "HOST:PORT,HOST:PORT,...", value_delimiter = ',')]
     redis_cluster_nodes: Option<Vec<String>>,
+    /// Publish made-up stock prices for the demo page's tickers (demo.publisher).
+    #[arg(long)]
+    demo_publisher: bool,
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         log_json: cli.log_json,
         redis_url: cli.redis_url,
         redis_cluster_nodes: cli.redis_cluster_nodes,
+        demo_publisher: cli.demo_publisher,
     };
     let config = match Config::load(&overrides) {
         Ok(config) => config,

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub limit_rejections: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub tls_reloads: IntCounterVec,
+    pub poll_responses: IntCounterVec,
     queued_bytes: IntGauge,
     queued_bytes_max: IntGauge,
     pubsub_healthy: IntGauge,
@@ -188,6 +189,17 @@ impl Metrics {
         ] {
             auth_failures.with_label_values(&[reason]);
         }
+        let poll_responses = IntCounterVec::new(
+            Opts::new(
+                "gateway_poll_responses_total",
+                "Long-poll answers, by outcome (data, positions, timeout, drained, rejected).",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        for outcome in ["data", "positions", "timeout", "drained", "rejected"] {
+            poll_responses.with_label_values(&[outcome]);
+        }
         let latency_buckets = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             2.5, 5.0,
@@ -213,16 +225,17 @@ impl Metrics {
         for op in ["publish", "history", "subscribe"] {
             backplane_duration.with_label_values(&[op]);
         }
-        for transport in ["ws", "sse"] {
+        for transport in ["ws", "sse", "poll"] {
             fanout_latency.with_label_values(&[transport]);
             connections.with_label_values(&[transport]);
             deliveries.with_label_values(&[transport]);
         }
         resumes.with_label_values(&["recovered", "none"]);
-        let families: [Box<dyn prometheus::core::Collector>; 25] = [
+        let families: [Box<dyn prometheus::core::Collector>; 26] = [
             Box::new(limit_rejections.clone()),
             Box::new(auth_failures.clone()),
             Box::new(tls_reloads.clone()),
+            Box::new(poll_responses.clone()),
             Box::new(history_pages.clone()),
             Box::new(fanout_latency.clone()),
             Box::new(backplane_duration.clone()),
@@ -269,6 +282,7 @@ impl Metrics {
             limit_rejections,
             auth_failures,
             tls_reloads,
+            poll_responses,
             queued_bytes,
             queued_bytes_max,
             pubsub_healthy,

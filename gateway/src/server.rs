@@ -22,7 +22,7 @@ use crate::listener::Kind;
 use crate::node::Node;
 use crate::response::{self, Body};
 use crate::tls::Tls;
-use crate::{api, listener, security, sse, ws};
+use crate::{api, assets, demo, listener, poll, security, sse, ws};
 
 /// Starts gateway nodes.
 pub struct Gateway;
@@ -112,6 +112,9 @@ impl Gateway {
             && !api_addr.ip().is_loopback()
         {
             tracing::warn!(%api_addr, "the API is open: anyone reaching {api_addr} may publish (auth.api_open)");
+        }
+        if node.config.demo.publisher {
+            tokio::spawn(demo::run_publisher(node.clone()));
         }
         tracing::info!(%addr, scheme, backplane = node.backplane.kind(), "listening on {addr}");
         if api_addr != addr {
@@ -314,7 +317,9 @@ async fn serve(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let allowed = match path.as_str() {
-        "/healthz" | "/readyz" | "/metrics" | "/api/history" | "/ws" | "/sse" => "GET",
+        "/healthz" | "/readyz" | "/metrics" | "/api/history" | "/ws" | "/sse" | "/poll"
+        | "/client.js" => "GET",
+        "/" if node.config.demo.page => "GET",
         "/ws/echo" if node.config.websocket.echo => "GET",
         "/api/publish" => "POST",
         _ => {
@@ -348,6 +353,39 @@ async fn serve(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
             .expect("static parts are valid"),
         "/api/publish" => api::publish(node, request).await,
         "/api/history" => api::history(node, request.uri().query()).await,
+        "/poll" => {
+            // Like a new stream: a draining node sends pollers to another node at once.
+            if node.is_draining() {
+                return poll::no_store(shutting_down());
+            }
+            // Like an SSE stream: Origin, token and channel permissions; the connection counts
+            // against the limits while the poll waits.
+            let query = request.uri().query();
+            let admission = match security::admit(node, request.headers(), query) {
+                Ok(admission) => admission,
+                Err(response) => return poll::no_store(response),
+            };
+            if let Err(response) = security::check_sse(node, &admission, query) {
+                return poll::no_store(response);
+            }
+            let response = poll::poll(node, query).await;
+            drop(admission);
+            poll::no_store(response)
+        }
+        "/client.js" | "/" => {
+            let if_none_match = request
+                .headers()
+                .get(header::IF_NONE_MATCH)
+                .map(|v| v.as_bytes());
+            match path.as_str() {
+                "/client.js" => assets::serve(
+                    assets::CLIENT_JS,
+                    "text/javascript; charset=utf-8",
+                    if_none_match,
+                ),
+                _ => assets::serve(assets::DEMO_HTML, "text/html; charset=utf-8", if_none_match),
+            }
+        }
         "/sse" => {
             // A draining node takes no new streams, so proxies that do not watch /readyz
             // (nginx retries 503 on another upstream) move new clients elsewhere at once.

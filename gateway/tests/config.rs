@@ -13,7 +13,7 @@ use serde_json::json;
 async fn help_lists_the_flags() {
     let (status, stdout, stderr) = run_to_exit(&["--help"], &[]).await;
     assert!(status.success(), "--help: {status:?} {stderr}");
-    for flag in ["--listen", "--config", "--ws-echo"] {
+    for flag in ["--listen", "--config", "--ws-echo", "--demo-publisher"] {
         assert!(
             stdout.contains(flag),
             "--help does not list {flag}:\n{stdout}"
@@ -57,6 +57,12 @@ async fn invalid_env_values_name_the_key() {
     )
     .await;
     rejects_env(&[("GATEWAY__HISTORY__MAX_COUNT", "0")], "history.max_count").await;
+    rejects_env(&[("GATEWAY__POLL__MAX_TIMEOUT", "0s")], "poll.max_timeout").await;
+    rejects_env(
+        &[("GATEWAY__DEMO__PUBLISHER_INTERVAL", "0ms")],
+        "demo.publisher_interval",
+    )
+    .await;
 }
 
 fn toml_file(contents: &str) -> tempfile::NamedTempFile {

@@ -1,4 +1,7 @@
 //! History count and age per channel namespace, on the embedded backplane and on Redis.
+// Both harnesses include tests/shared; this file needs the in-process node of one and the Redis
+// server of the other.
+#![allow(clippy::duplicate_mod)]
 
 mod common;
 mod redis_support;

@@ -1329,3 +1329,103 @@ async fn sse_through_nginx_survives_a_node_drain() {
     received.push(p["data"].as_u64().unwrap());
     assert_eq!(received, vec![1, 2, 3, 4, 5], "across the drain");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
+    // A drain delay long enough that the draining node still answers (503) during the test.
+    let drain = [
+        ("GATEWAY__DRAIN__DELAY", "20s"),
+        ("GATEWAY__SERVER__SHUTDOWN_TIMEOUT", "30s"),
+    ];
+    let stack = Stack::start(&drain, &[]).await;
+    let nginx = &stack.nginx;
+    let client = nginx.client();
+    let ch = unique("nginx-poll");
+    let poll = |cursor: String, timeout: u32| {
+        let url = nginx.url(&format!(
+            "/poll?{}&cursor={cursor}&timeout={timeout}",
+            query_of(&[&ch])
+        ));
+        let client = client.clone();
+        async move {
+            let resp = within("GET /poll through nginx", client.get(url).send())
+                .await
+                .expect("GET /poll through nginx");
+            let (status, version) = (resp.status().as_u16(), resp.version());
+            let cache = resp.headers().get("cache-control").cloned();
+            let body: Value =
+                serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(Value::Null);
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(version, reqwest::Version::HTTP_2);
+            assert_eq!(
+                cache.as_ref().map(|v| v.to_str().unwrap()),
+                Some("no-store")
+            );
+            body
+        }
+    };
+    let offsets = |answer: &Value| -> Vec<u64> {
+        answer["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["offset"].as_u64().unwrap())
+            .collect()
+    };
+
+    let first = poll(String::new(), 0).await;
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+    // A poll that waits (the answer is not held back by proxy buffering once it comes).
+    let waiting = tokio::spawn(poll(cursor.clone(), 10));
+    let holder = poll_until("a node to hold the waiting poll", WAIT, || {
+        let nodes: Vec<SocketAddr> = stack.nodes.iter().map(|n| n.addr).collect();
+        async move {
+            for (i, addr) in nodes.iter().enumerate() {
+                let text = metrics_text(*addr).await;
+                if metric(&text, "gateway_connections", &[("transport", "poll")]) == Some(1.0) {
+                    return Some(i);
+                }
+            }
+            None
+        }
+    })
+    .await;
+    publish_direct(&stack.nodes[1 - holder], &ch, json!(1)).await;
+    let answer = within("the waiting poll", waiting).await.unwrap();
+    assert_eq!(offsets(&answer), vec![1]);
+    let cursor = answer["cursor"].as_str().unwrap().to_string();
+
+    // Node 0 drains: it answers new polls with 503, and nginx asks node 1 instead.
+    stack.nodes[0].sigterm();
+    let addr = stack.nodes[0].addr;
+    poll_until("node 0 to report not ready", WAIT, || async move {
+        (readyz(addr).await.0 == 503).then_some(())
+    })
+    .await;
+    for n in 2..=5 {
+        publish_direct(&stack.nodes[1], &ch, json!(n)).await;
+    }
+    // Polls until nginx has offered one to node 0 (least_conn over idle nodes alternates) and every
+    // publication arrived; node 0's 503 is retried on node 1, so the client only sees 200s.
+    let retried = |l: &AccessLine| {
+        l.request.starts_with("GET /poll") && l.upstreams.len() >= 2 && l.raw.contains("503")
+    };
+    let mut got = Vec::new();
+    let mut cursor = cursor;
+    for _ in 0..10 {
+        let answer = poll(cursor.clone(), 0).await;
+        got.extend(offsets(&answer));
+        cursor = answer["cursor"].as_str().unwrap().to_string();
+        if got.len() >= 4 && nginx.access_log().iter().any(retried) {
+            break;
+        }
+    }
+    assert_eq!(got, vec![2, 3, 4, 5], "every offset once, in order");
+    nginx
+        .wait_access(
+            "a poll answered 503 by node 0 and retried on node 1",
+            1,
+            retried,
+        )
+        .await;
+}

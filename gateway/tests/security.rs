@@ -835,3 +835,56 @@ async fn security_settings_come_from_the_environment_too() {
         };
     assert_eq!(status, 403);
 }
+
+#[tokio::test]
+async fn long_poll_checks_origin_token_and_channels_like_sse() {
+    let node = Node::with(|c| {
+        secured(c);
+        origins(c);
+    })
+    .await;
+    let poll = |query: String, origin: Option<&'static str>| {
+        let mut req = http().get(node.url(&format!("/poll?{query}&timeout=0")));
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        async move { json_response(req.send().await.unwrap()).await }
+    };
+    let t = token("pat", &["chat:p"]);
+    assert_eq!(poll(format!("channel=chat:p&token={t}"), None).await.0, 200);
+    assert_error(
+        &poll("channel=chat:p".into(), None).await,
+        401,
+        "unauthorized",
+    );
+    assert_error(
+        &poll(format!("channel=chat:q&token={t}"), None).await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &poll("channel=chat:p&token=forged".into(), None).await,
+        401,
+        "invalid_token",
+    );
+    assert_error(
+        &poll(
+            format!("channel=chat:p&token={t}"),
+            Some("https://evil.example.net"),
+        )
+        .await,
+        403,
+        "origin_not_allowed",
+    );
+    let resp = http()
+        .get(node.url("/poll?channel=free&timeout=0"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+}

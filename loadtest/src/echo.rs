@@ -127,7 +127,13 @@ async fn client(
     hist: &mut Histogram<u64>,
 ) -> ClientResult {
     let mut out = ClientResult::default();
-    let ws = match tokio_tungstenite::connect_async(url).await {
+    let ws = match tokio_tungstenite::connect_async_with_config(
+        url,
+        Some(crate::subscriber::ws_config()),
+        true,
+    )
+    .await
+    {
         Ok((ws, _)) => ws,
         Err(e) => {
             out.error = Some(format!("connect: {e}"));

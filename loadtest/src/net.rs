@@ -40,7 +40,23 @@ impl Sources {
 /// A TCP connection from `source` (any port) to `dest`, with Nagle off.
 pub async fn connect(dest: SocketAddr, source: IpAddr) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
+    if source != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+        // Pick the port at connect time, per destination, instead of at bind time: bind(port 0)
+        // would search for a port unused by every socket of the address, slow at tens of
+        // thousands of connections and limited to one range per source address.
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt on our own socket with a pointer to a live c_int of the given size.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &on as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
     let stream = socket.connect(dest).await?;
     stream.set_nodelay(true)?;
     Ok(stream)

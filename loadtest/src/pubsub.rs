@@ -3,7 +3,7 @@
 //! accounts each offset it gets (lost, duplicated, out of order), the publish→deliver latency,
 //! deliveries over time, and — after a kill — when it reconnected and when it had caught up.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -18,6 +18,9 @@ use crate::system::{System, SystemKind};
 
 /// Subscriptions opened at once.
 const CONNECT_CONCURRENCY: usize = 256;
+/// Latency histograms shared by the clients (a histogram is ~300 KiB: one per client would
+/// make the load generator's memory and setup time grow with the client count).
+const LATENCY_SHARDS: usize = 64;
 /// SSE streams sharing one HTTP/2 connection.
 const H2_STREAMS_PER_CONNECTION: usize = 100;
 
@@ -105,12 +108,12 @@ struct Shared {
     bucket: Duration,
     drain: Duration,
     storm: Option<Storm>,
+    latency: Vec<Mutex<Histogram<u64>>>,
 }
 
 #[derive(Default)]
 struct ClientReport {
     tracker: Option<OffsetTracker>,
-    latency: Option<Histogram<u64>>,
     timeline: Vec<u64>,
     reconnects: Vec<Duration>,
     caught_up: Option<Duration>,
@@ -148,6 +151,9 @@ pub async fn run(system: &mut System, p: &Params) -> Outcome {
         bucket: p.bucket,
         drain: p.drain,
         storm: p.storm,
+        latency: (0..LATENCY_SHARDS)
+            .map(|_| Mutex::new(new_histogram()))
+            .collect(),
     });
 
     // Subscribers.
@@ -248,9 +254,6 @@ pub async fn run(system: &mut System, p: &Params) -> Outcome {
             out.out_of_order += t.out_of_order;
             out.lost += t.lost(finals[i % finals.len()]);
         }
-        if let Some(h) = &r.latency {
-            out.latency.add(h).expect("same bounds");
-        }
         add_into(&mut out.timeline, &r.timeline);
         for at in &r.reconnects {
             let b = (at.as_secs_f64() / p.bucket.as_secs_f64()) as usize;
@@ -269,6 +272,10 @@ pub async fn run(system: &mut System, p: &Params) -> Outcome {
         }
     }
     bar.finish_and_clear();
+    for shard in &shared.latency {
+        let h = shard.lock().expect("not poisoned");
+        out.latency.add(&*h).expect("same bounds");
+    }
     out.server_cpu_s = cpu_seconds_all(&pids) - cpu_before;
     out.elapsed_s = shared
         .publish_start
@@ -379,7 +386,7 @@ async fn client(
     let _ = ready.send(Ok(())).await;
     drop(ready);
     let mut tracker = OffsetTracker::new(subscribed.base);
-    let mut latency = new_histogram();
+    let latency = &shared.latency[id % LATENCY_SHARDS];
     let mut jitter = Jitter(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1));
     let mut target_offset: Option<u64> = None;
     // After a reconnect: the offset to reach to count as caught up.
@@ -406,7 +413,8 @@ async fn client(
                     }
                     // Latency of live deliveries only: after a kill, replayed history is not.
                     if let (Some(ts), None) = (ts_us, shared.kill_at.get()) {
-                        record_clamped(&mut latency, now_micros().saturating_sub(ts));
+                        let mut h = latency.lock().expect("not poisoned");
+                        record_clamped(&mut h, now_micros().saturating_sub(ts));
                     }
                     if let Some(goal) = catching_up {
                         if tracker.complete_up_to(goal) {
@@ -465,7 +473,6 @@ async fn client(
     }
     sub.close().await;
     report.tracker = Some(tracker);
-    report.latency = Some(latency);
     report
 }
 

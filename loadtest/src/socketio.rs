@@ -64,7 +64,10 @@ impl SioClient {
         resume: Option<&Session>,
     ) -> Result<(SioClient, bool), String> {
         let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
-        let (ws, _) = tokio_tungstenite::connect_async(&url)
+        // An 8 KiB read buffer, as the other clients use (tungstenite's default is 128 KiB).
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(8 * 1024);
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
             .await
             .map_err(|e| format!("socket.io connect {url}: {e}"))?;
         let mut client = SioClient {

@@ -9,6 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -241,10 +242,16 @@ async fn open_ws(url: &str, t: &Target<'_>) -> Result<Ws, String> {
     let tcp = net::connect(net::socket_addr(t.origin)?, t.source)
         .await
         .map_err(|e| format!("connect {}: {e}", t.origin))?;
-    let (ws, _) = tokio_tungstenite::client_async(url, tcp)
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(ws_config()))
         .await
         .map_err(|e| format!("handshake {url}: {e}"))?;
     Ok(ws)
+}
+
+/// Client WebSocket settings: tungstenite's default 128 KiB read buffer per connection, zeroed
+/// at every connect, would make the load generator the bottleneck of a reconnect storm.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(8 * 1024)
 }
 
 /// `{"reason":"shutting_down","reconnect_ms":N}` → N.

@@ -1,9 +1,13 @@
-//! The command path to Redis: a deadpool-redis pool for a single server, or one shared
-//! multiplexed cluster connection (deadpool's cluster pool cannot bound response time). Both fail
-//! fast when Redis does not answer, so a publish during an outage is refused, never left hanging.
+//! The command path to Redis: for a single server, `redis.pool_size` multiplexed connections from
+//! a deadpool-redis pool, held and shared as lanes; on Redis Cluster, one shared multiplexed cluster
+//! connection (deadpool's cluster pool cannot bound response time). Both fail fast when Redis does
+//! not answer, so a publish during an outage is refused, never left hanging.
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
 
 use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, Script, ScriptInvocation};
@@ -26,8 +30,74 @@ pub(crate) static HISTORY: LazyLock<Script> = LazyLock::new(|| {
 /// Where commands go.
 #[derive(Clone)]
 pub(crate) enum Commands {
-    Single(deadpool_redis::Pool),
+    Single(Arc<Lanes>),
     Cluster(ClusterConnection),
+}
+
+/// Pooled connections kept checked out and shared. Each is multiplexed, so concurrent commands
+/// pipeline on it; returning it to the pool after every command would make the next checkout pay
+/// deadpool's recycle check (UNWATCH + PING), a second round trip per publish. A lane whose
+/// command failed goes back to the pool, which checks it (or replaces it) before its next use.
+pub(crate) struct Lanes {
+    pool: deadpool_redis::Pool,
+    lanes: Vec<Lane>,
+    next: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Lane {
+    held: Mutex<Option<deadpool_redis::Connection>>,
+    /// One checkout per empty lane at a time: racing checkouts could exhaust the pool.
+    filling: tokio::sync::Mutex<()>,
+}
+
+impl Lane {
+    fn connection(&self) -> Option<MultiplexedConnection> {
+        let held = self.held.lock().expect("not poisoned");
+        held.as_deref().cloned()
+    }
+
+    fn release(&self) {
+        let _returned = self.held.lock().expect("not poisoned").take();
+    }
+}
+
+impl Lanes {
+    /// A lane's connection (checked out of the pool if the lane is empty) and the lane's index.
+    async fn get(&self) -> Result<(usize, MultiplexedConnection), BackplaneError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let lane = &self.lanes[i];
+        if let Some(c) = lane.connection() {
+            return Ok((i, c));
+        }
+        let _filling = lane.filling.lock().await;
+        if let Some(c) = lane.connection() {
+            return Ok((i, c));
+        }
+        let pooled = self.pool.get().await.map_err(unavailable)?;
+        let connection = MultiplexedConnection::clone(&pooled);
+        *lane.held.lock().expect("not poisoned") = Some(pooled);
+        Ok((i, connection))
+    }
+
+    /// Returns every lane's connection to the pool, which checks each before its next use.
+    fn reset(&self) {
+        self.lanes.iter().for_each(Lane::release);
+    }
+
+    /// Runs `command` on a lane; on failure the lane's connection goes back to the pool.
+    async fn with<T, F, Fut>(&self, command: F) -> Result<T, BackplaneError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let (i, connection) = self.get().await?;
+        let result = command(connection).await;
+        if result.is_err() {
+            self.lanes[i].release();
+        }
+        result.map_err(unavailable)
+    }
 }
 
 pub(crate) fn unavailable(e: impl std::fmt::Display) -> BackplaneError {
@@ -53,7 +123,11 @@ impl Commands {
             .recycle_timeout(Some(command_timeout))
             .build()
             .map_err(unavailable)?;
-        Ok(Commands::Single(pool))
+        Ok(Commands::Single(Arc::new(Lanes {
+            pool,
+            lanes: (0..pool_size.max(1)).map(|_| Lane::default()).collect(),
+            next: AtomicUsize::new(0),
+        })))
     }
 
     pub(crate) async fn cluster(
@@ -71,18 +145,24 @@ impl Commands {
         Ok(Commands::Cluster(connection))
     }
 
+    /// Forgets the held connections after Redis dropped ours (the pub/sub link saw it): they are
+    /// most likely dead too, and a command must not be the one to find out.
+    pub(crate) fn reset(&self) {
+        if let Commands::Single(lanes) = self {
+            lanes.reset();
+        }
+    }
+
     /// Runs a script (EVALSHA, loading it on NOSCRIPT).
     pub(crate) async fn run<T: FromRedisValue>(
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, BackplaneError> {
         match self {
-            Commands::Single(pool) => {
-                let mut connection = pool.get().await.map_err(unavailable)?;
-                invocation
-                    .invoke_async(&mut *connection)
+            Commands::Single(lanes) => {
+                lanes
+                    .with(|mut c| async move { invocation.invoke_async(&mut c).await })
                     .await
-                    .map_err(unavailable)
             }
             Commands::Cluster(connection) => {
                 let mut connection = connection.clone();
@@ -97,12 +177,10 @@ impl Commands {
     /// A round trip to Redis (to every primary on a cluster).
     pub(crate) async fn ping(&self) -> Result<(), BackplaneError> {
         match self {
-            Commands::Single(pool) => {
-                let mut connection = pool.get().await.map_err(unavailable)?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut *connection)
-                    .await
-                    .map_err(unavailable)?;
+            Commands::Single(lanes) => {
+                lanes
+                    .with(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+                    .await?;
             }
             Commands::Cluster(connection) => {
                 let mut connection = connection.clone();
@@ -122,14 +200,16 @@ impl Commands {
         message: &str,
     ) -> Result<(), BackplaneError> {
         match self {
-            Commands::Single(pool) => {
-                let mut connection = pool.get().await.map_err(unavailable)?;
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(message)
-                    .query_async::<i64>(&mut *connection)
-                    .await
-                    .map_err(unavailable)?;
+            Commands::Single(lanes) => {
+                lanes
+                    .with(|mut c| async move {
+                        redis::cmd("PUBLISH")
+                            .arg(channel)
+                            .arg(message)
+                            .query_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await?;
             }
             Commands::Cluster(connection) => {
                 let mut connection = connection.clone();

@@ -431,6 +431,7 @@ impl Task {
             }
             PushKind::Disconnection => {
                 self.disconnected = true;
+                self.shared.commands.reset();
                 self.shared
                     .health
                     .reconnects

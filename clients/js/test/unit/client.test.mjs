@@ -1,0 +1,339 @@
+// Unit tests of the client with node's test runner: backoff, cursors and positions, the
+// fallback order, reconnect and resume decisions. Transports are driven through small fakes of
+// WebSocket, EventSource and fetch; the real thing runs in Chromium (test/browser/).
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  attemptPlan,
+  backoffDelay,
+  connect,
+  decodeCursor,
+  encodeCursor,
+  Positions,
+  TRANSPORTS,
+} from '../../index.js';
+
+const A = 'http://a.test';
+const B = 'http://b.test';
+
+/** Resolves once `predicate()` holds, checking after every macrotask. */
+async function until(predicate, what) {
+  for (let i = 0; i < 1000; i++) {
+    if (predicate()) return;
+    await new Promise((r) => setImmediate(r));
+  }
+  assert.fail(`never happened: ${what}`);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+test('backoff: full jitter below an exponential cap', () => {
+  const opts = { initialMs: 100, maxMs: 1000 };
+  assert.equal(backoffDelay(0, opts, () => 0), 0);
+  const top = () => 0.999999;
+  assert.deepEqual(
+    [0, 1, 2, 3, 4, 10, 5000].map((n) => backoffDelay(n, opts, top)),
+    [99, 199, 399, 799, 999, 999, 999],
+  );
+  for (let i = 0; i < 200; i++) {
+    const d = backoffDelay(3, opts);
+    assert.ok(Number.isInteger(d) && d >= 0 && d < 800, `${d}`);
+  }
+});
+
+test('fallback order: every endpoint on a transport before the next transport', () => {
+  assert.deepEqual(TRANSPORTS, ['websocket', 'sse', 'poll']);
+  assert.deepEqual(
+    attemptPlan(TRANSPORTS, [A, B]).map((p) => `${p.transport}@${p.endpoint}`),
+    [`websocket@${A}`, `websocket@${B}`, `sse@${A}`, `sse@${B}`, `poll@${A}`, `poll@${B}`],
+  );
+  assert.throws(() => attemptPlan(['carrier-pigeon'], [A]), /unknown transport/);
+  assert.throws(() => attemptPlan([], [A]), /at least one/);
+});
+
+test('cursor: the server form, channels without a position left out', () => {
+  // The example of docs/protocol.md: [["chat:a","7a2ded1609588a1d",3]].
+  const positions = new Map([
+    ['chat:a', { epoch: '7a2ded1609588a1d', offset: 3 }],
+    ['new', null],
+  ]);
+  assert.equal(encodeCursor(positions), 'W1siY2hhdDphIiwiN2EyZGVkMTYwOTU4OGExZCIsM11d');
+  assert.equal(encodeCursor(new Map([['x', null]])), '');
+  const odd = new Map([['prix/€,"x"', { epoch: 'e', offset: 12345678901 }]]);
+  const cursor = encodeCursor(odd);
+  assert.match(cursor, /^[A-Za-z0-9_-]+$/);
+  assert.deepEqual(decodeCursor(cursor), odd);
+});
+
+test('positions: duplicates dropped, epochs followed, persisted to storage', () => {
+  const storage = new Map();
+  const store = {
+    getItem: (k) => storage.get(k) ?? null,
+    setItem: (k, v) => storage.set(k, v),
+    removeItem: (k) => storage.delete(k),
+  };
+  const p = new Positions(store, 'k');
+  assert.equal(p.accept({ channel: 'c', epoch: 'e1', offset: 5 }), true);
+  assert.equal(p.accept({ channel: 'c', epoch: 'e1', offset: 5 }), false);
+  assert.equal(p.accept({ channel: 'c', epoch: 'e1', offset: 4 }), false);
+  assert.equal(p.accept({ channel: 'c', epoch: 'e1', offset: 6 }), true);
+  assert.equal(p.accept({ channel: 'c', epoch: 'e2', offset: 1 }), true);
+  assert.deepEqual(p.get('c'), { epoch: 'e2', offset: 1 });
+
+  // A new page (a reload) reads them back; a corrupt entry means starting live.
+  assert.deepEqual(new Positions(store, 'k').get('c'), { epoch: 'e2', offset: 1 });
+  p.delete('c');
+  assert.equal(new Positions(store, 'k').get('c'), null);
+  storage.set('k', '{not json');
+  assert.equal(new Positions(store, 'k').get('c'), null);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Fakes
+
+/** A fake WebSocket: `FakeWs.reachable` decides which URLs open; a tiny server answers ops. */
+function fakeWebSocket() {
+  class FakeWs {
+    static instances = [];
+    static reachable = new Set();
+    /** channel → {epoch, top} the fake server reports on subscribe. */
+    static channels = new Map();
+
+    constructor(url) {
+      this.url = url;
+      this.sent = [];
+      FakeWs.instances.push(this);
+      setImmediate(() => {
+        if (FakeWs.reachable.has(url)) this.onopen?.();
+        else this.onclose?.({ code: 1006, reason: '' });
+      });
+    }
+
+    send(text) {
+      const msg = JSON.parse(text);
+      this.sent.push(msg);
+      if (msg.op === 'subscribe') {
+        const ch = FakeWs.channels.get(msg.channel) || { epoch: 'e', top: 0 };
+        const recovered = !!msg.since && msg.since.epoch === ch.epoch && msg.since.offset <= ch.top;
+        const result = { channel: msg.channel, epoch: ch.epoch, offset: ch.top, recovered };
+        if (msg.since && !recovered) result.reason = 'epoch_changed';
+        setImmediate(() => this.push({ id: msg.id, result }));
+      }
+    }
+
+    push(obj) {
+      this.onmessage?.({ data: JSON.stringify(obj) });
+    }
+
+    drop(code = 1006, reason = '') {
+      this.onclose?.({ code, reason });
+    }
+
+    close() {}
+  }
+  return FakeWs;
+}
+
+/** A fake EventSource that connects to every URL of `reachable`. */
+function fakeEventSource(reachable) {
+  return class FakeEs {
+    static instances = [];
+    constructor(url) {
+      this.url = url;
+      this.listeners = {};
+      FakeEs.instances.push(this);
+      setImmediate(() => {
+        if (reachable.some((r) => url.startsWith(r))) {
+          const channels = new URL(url).searchParams.getAll('channel');
+          this.emit('connected', { channels: channels.map((channel) => ({ channel, epoch: 'e', offset: 0, recovered: false })) });
+        } else {
+          this.emit('error', undefined);
+        }
+      });
+    }
+    addEventListener(type, fn) {
+      (this.listeners[type] ||= []).push(fn);
+    }
+    emit(type, data) {
+      for (const fn of this.listeners[type] || []) fn({ data: data === undefined ? undefined : JSON.stringify(data) });
+    }
+    close() {
+      this.closed = true;
+    }
+  };
+}
+
+const fast = { backoff: { initialMs: 1, maxMs: 1 }, random: () => 0, connectTimeoutMs: 60000 };
+
+function recordStates(client) {
+  const states = [];
+  client.on('state', (s) => states.push(s));
+  return states;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+test('fallback: a dead node moves to the next node, a broken transport to the next transport', async () => {
+  const WebSocket = fakeWebSocket();
+  const EventSource = fakeEventSource([B]);
+  // WebSocket is broken everywhere (a proxy that refuses upgrades); SSE works on B only.
+  const client = connect([A, B], { ...fast, WebSocket, EventSource });
+  const states = recordStates(client);
+  client.subscribe('c', () => {});
+  await until(() => client.currentState === 'connected', 'connected');
+  const tried = states.filter((s) => s.state === 'connecting').map((s) => `${s.transport}@${s.endpoint}`);
+  assert.deepEqual(tried, [`websocket@${A}`, `websocket@${B}`, `sse@${A}`, `sse@${B}`]);
+  assert.deepEqual(client.currentTransport, { transport: 'sse', endpoint: B });
+  client.close();
+  assert.equal(client.currentState, 'closed');
+});
+
+test('reconnect: a drop retries the same node; a drain hint moves on after the hinted delay', async () => {
+  const WebSocket = fakeWebSocket();
+  WebSocket.reachable = new Set(['ws://a.test/ws', 'ws://b.test/ws']);
+  const client = connect([A, B], { ...fast, WebSocket });
+  const states = recordStates(client);
+  await until(() => client.currentState === 'connected', 'connected');
+
+  WebSocket.instances.at(-1).drop(1006);
+  await until(() => WebSocket.instances.length === 2 && client.currentState === 'connected', 'reconnected');
+  assert.equal(WebSocket.instances[1].url, 'ws://a.test/ws', 'same node after a plain drop');
+
+  WebSocket.instances.at(-1).drop(1001, JSON.stringify({ reason: 'shutting_down', reconnect_ms: 7 }));
+  const waiting = states.at(-1);
+  assert.equal(waiting.state, 'disconnected');
+  assert.equal(waiting.retryInMs, 7, 'the server hint is the delay');
+  await until(() => WebSocket.instances.length === 3 && client.currentState === 'connected', 'moved');
+  assert.equal(WebSocket.instances[2].url, 'ws://b.test/ws', 'a draining node is left for the next');
+  client.close();
+});
+
+test('resume: every subscription resumes from its position, duplicates dropped, resets surfaced', async () => {
+  const WebSocket = fakeWebSocket();
+  WebSocket.reachable = new Set(['ws://a.test/ws']);
+  WebSocket.channels.set('keep', { epoch: 'e1', top: 2 });
+  WebSocket.channels.set('lost', { epoch: 'e1', top: 0 });
+  const client = connect(A, { ...fast, WebSocket });
+  const got = [];
+  const resets = [];
+  client.on('reset', (r) => resets.push(r));
+  client.subscribe('keep', (p) => got.push(`keep${p.offset}`));
+  client.subscribe('lost', (p) => got.push(`lost${p.offset}`));
+  await until(() => client.position('keep') && client.position('lost'), 'subscribed');
+  const ws = WebSocket.instances[0];
+  assert.deepEqual(ws.sent.map((m) => [m.op, m.channel, m.since]), [
+    ['subscribe', 'keep', undefined],
+    ['subscribe', 'lost', undefined],
+  ]);
+  // First subscription without a position: starts live, no reset.
+  assert.deepEqual(client.position('keep'), { epoch: 'e1', offset: 2 });
+  ws.push({ channel: 'keep', offset: 3, epoch: 'e1', data: 'x' });
+  ws.push({ channel: 'keep', offset: 3, epoch: 'e1', data: 'x' });
+  ws.push({ channel: 'lost', offset: 1, epoch: 'e1', data: 'y' });
+  assert.deepEqual(got, ['keep3', 'lost1']);
+
+  // The server restarted 'lost' with a new epoch while the client was away.
+  WebSocket.channels.set('keep', { epoch: 'e1', top: 3 });
+  WebSocket.channels.set('lost', { epoch: 'e2', top: 9 });
+  ws.drop(1006);
+  await until(() => WebSocket.instances.length === 2 && WebSocket.instances[1].sent.length === 2, 'resubscribed');
+  await until(() => resets.length === 1, 'reset');
+  assert.deepEqual(WebSocket.instances[1].sent.map((m) => [m.channel, m.since]), [
+    ['keep', { epoch: 'e1', offset: 3 }],
+    ['lost', { epoch: 'e1', offset: 1 }],
+  ]);
+  assert.deepEqual(resets, [{ channel: 'lost', reason: 'epoch_changed', epoch: 'e2', offset: 9 }]);
+  assert.deepEqual(client.position('lost'), { epoch: 'e2', offset: 9 });
+  client.close();
+});
+
+test('long-poll: positions first, then each poll from the cursor the last one left', async () => {
+  const requests = [];
+  const answers = [
+    { cursor: 'x', positions: [{ channel: 'c', epoch: 'e', offset: 4 }], events: [] },
+    {
+      cursor: 'y',
+      positions: [{ channel: 'c', epoch: 'e', offset: 6 }],
+      events: [
+        { channel: 'c', offset: 5, epoch: 'e', data: 5 },
+        { channel: 'c', offset: 6, epoch: 'e', data: 6 },
+      ],
+    },
+  ];
+  const fetch = async (url, init) => {
+    requests.push(new URL(url));
+    const answer = answers.shift();
+    if (!answer) {
+      // The third poll waits until the client is closed.
+      await new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(new Error('aborted'))));
+    }
+    return { ok: true, status: 200, json: async () => answer };
+  };
+  const client = connect(A, { ...fast, transports: ['poll'], fetch, pollTimeout: 20 });
+  const got = [];
+  client.subscribe('c', (p) => got.push(p.data));
+  await until(() => requests.length === 3, 'three polls');
+  assert.deepEqual(got, [5, 6]);
+  assert.equal(requests[0].pathname, '/poll');
+  assert.deepEqual(requests[0].searchParams.getAll('channel'), ['c']);
+  assert.equal(requests[0].searchParams.get('timeout'), '20');
+  assert.equal(requests[0].searchParams.get('cursor'), null, 'no position yet');
+  assert.deepEqual(decodeCursor(requests[1].searchParams.get('cursor')), new Map([['c', { epoch: 'e', offset: 4 }]]));
+  assert.deepEqual(decodeCursor(requests[2].searchParams.get('cursor')), new Map([['c', { epoch: 'e', offset: 6 }]]));
+  client.close();
+});
+
+test('publish: over the open WebSocket, else over HTTP, retried with one idempotency key', async () => {
+  const bodies = [];
+  let failures = 1;
+  const fetch = async (url, init) => {
+    bodies.push({ url, body: JSON.parse(init.body) });
+    if (failures-- > 0) throw new TypeError('network down');
+    return { ok: true, status: 200, json: async () => ({ channel: 'c', offset: 1, epoch: 'e' }) };
+  };
+  const EventSource = fakeEventSource([A]);
+  const client = connect(A, { ...fast, transports: ['sse'], EventSource, fetch });
+  const ack = await client.publish('c', { text: 'hi' });
+  assert.deepEqual(ack, { channel: 'c', offset: 1, epoch: 'e' });
+  assert.equal(bodies.length, 2);
+  assert.equal(bodies[0].url, `${A}/api/publish`);
+  assert.deepEqual(bodies[0].body.data, { text: 'hi' });
+  assert.ok(bodies[0].body.idempotency_key);
+  assert.equal(bodies[1].body.idempotency_key, bodies[0].body.idempotency_key);
+
+  // A refusal that retrying cannot fix is not retried.
+  const refusing = async () => ({ ok: false, status: 400, json: async () => ({ error: { code: 'invalid_channel', message: 'no' } }) });
+  const other = connect(A, { ...fast, transports: ['sse'], EventSource, fetch: refusing });
+  await assert.rejects(other.publish('bad channel', 1), { code: 'invalid_channel' });
+  client.close();
+  other.close();
+});
+
+test('long-poll: a new subscription aborts the waiting poll and polls again with every channel', async () => {
+  const requests = [];
+  const fetch = (url, init) => {
+    const u = new URL(url);
+    requests.push(u);
+    const channels = u.searchParams.getAll('channel');
+    const known = decodeCursor(u.searchParams.get('cursor'));
+    if (channels.some((c) => !known.has(c))) {
+      // A channel without a position: the server answers at once with positions.
+      const positions = channels.map((channel) => ({ channel, epoch: 'e', offset: 0 }));
+      return Promise.resolve({ ok: true, status: 200, json: async () => ({ cursor: 'c', positions, events: [] }) });
+    }
+    // Otherwise the poll waits until aborted.
+    return new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(new Error('aborted'))));
+  };
+  const client = connect(A, { ...fast, transports: ['poll'], fetch });
+  client.subscribe('a', () => {});
+  await until(() => requests.length === 2, 'a waiting poll');
+  client.subscribe('b', () => {});
+  await until(() => requests.length >= 3, 'a new poll');
+  assert.deepEqual(requests[2].searchParams.getAll('channel'), ['a', 'b']);
+  assert.deepEqual(decodeCursor(requests[2].searchParams.get('cursor')), new Map([['a', { epoch: 'e', offset: 0 }]]));
+  await until(() => client.position('b'), 'b positioned');
+  assert.equal(client.currentState, 'connected', 'a channel change is no reconnect');
+  client.close();
+});

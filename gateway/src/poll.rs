@@ -1,0 +1,370 @@
+//! Long-poll transport (`GET /poll?channel=A&channel=B&cursor=C&timeout=S`), for networks that
+//! break streaming: each request answers the publications after the cursor, or waits up to the
+//! timeout for some, and hands back the cursor to send next time.
+//!
+//! It reuses the SSE cursor and the [`Session`] rule, so a poll resumes exactly like an SSE
+//! reconnect: every publication after the cursor once, in order, on any node. A request is a
+//! short-lived session: it subscribes (joining the hub before reading positions, so nothing
+//! published meanwhile is missed), collects what the session outputs, and answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backplane::Position;
+use bytes::{BufMut, Bytes, BytesMut};
+use hyper::{header, Response, StatusCode};
+use serde::Serialize;
+
+use crate::client::{oldest_live, Output, Session};
+use crate::cursor;
+use crate::drain::reconnect_hint;
+use crate::node::Node;
+use crate::protocol::{check_channel, ErrorBody};
+use crate::response::{self, Body};
+
+/// Most outputs gathered into one answer once something is ready; the rest waits for the next
+/// poll (the cursor says where to continue).
+const BATCH: usize = 1024;
+
+/// A validated poll request.
+struct PollRequest {
+    channels: Vec<Arc<str>>,
+    /// `(channel, epoch, offset)` from the cursor; channels absent from it start at live.
+    positions: Vec<(String, String, u64)>,
+    timeout: Duration,
+}
+
+#[derive(Serialize)]
+struct PositionOut<'a> {
+    channel: &'a str,
+    epoch: &'a str,
+    offset: u64,
+}
+
+#[derive(Serialize)]
+struct ResetPush<'a> {
+    reset: ResetOut<'a>,
+}
+
+#[derive(Serialize)]
+struct ResetOut<'a> {
+    channel: &'a str,
+    epoch: &'a str,
+    offset: u64,
+    reason: &'a str,
+}
+
+/// Why an answer was sent, for `gateway_poll_responses_total{outcome}`.
+#[derive(Clone, Copy)]
+enum Outcome {
+    /// Publications or resets.
+    Data,
+    /// A channel had no position yet: the answer carries its starting point.
+    Positions,
+    /// The timeout passed with nothing new.
+    Timeout,
+    /// The node began draining while the request waited.
+    Drained,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Data => "data",
+            Outcome::Positions => "positions",
+            Outcome::Timeout => "timeout",
+            Outcome::Drained => "drained",
+        }
+    }
+}
+
+/// Answers one poll.
+pub async fn poll(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
+    let request = match parse(node, query) {
+        Ok(request) => request,
+        Err(e) => {
+            node.metrics
+                .poll_responses
+                .with_label_values(&["rejected"])
+                .inc();
+            return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
+        }
+    };
+    let gauge = node.metrics.connections.with_label_values(&["poll"]);
+    gauge.inc();
+    let response = answer(node, request).await;
+    gauge.dec();
+    response
+}
+
+/// Reads the query; an error is a 400 with its code.
+fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
+    let bad = |code: &'static str, message: String| Err(ErrorBody::new(code, message));
+    let max_timeout = node.config.poll.max_timeout;
+    let mut channels: Vec<Arc<str>> = Vec::new();
+    let mut cursor_text = None;
+    let mut timeout = max_timeout;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "channel" => {
+                check_channel(&value)?;
+                if !channels.iter().any(|c| **c == *value) {
+                    channels.push(value.as_ref().into());
+                }
+            }
+            "cursor" => cursor_text = Some(value.into_owned()),
+            "timeout" => match value.parse::<f64>() {
+                Ok(s) if s.is_finite() && s >= 0.0 && s <= max_timeout.as_secs_f64() => {
+                    timeout = Duration::from_secs_f64(s);
+                }
+                _ => {
+                    return bad(
+                        "bad_request",
+                        format!(
+                            "`timeout` must be a number of seconds from 0 to {}, got {value:?}",
+                            max_timeout.as_secs_f64()
+                        ),
+                    )
+                }
+            },
+            _ => {}
+        }
+    }
+    if channels.is_empty() {
+        return bad(
+            "bad_request",
+            "at least one `channel` query parameter is required".into(),
+        );
+    }
+    let max = node.config.client.max_subscriptions;
+    if channels.len() > max {
+        return bad(
+            "too_many_subscriptions",
+            format!("a poll may carry at most {max} channels"),
+        );
+    }
+    let positions = match cursor_text.as_deref().filter(|c| !c.is_empty()) {
+        None => Vec::new(),
+        Some(c) => match cursor::decode(c) {
+            Ok(p) => p,
+            Err(message) => return bad("invalid_cursor", message),
+        },
+    };
+    Ok(PollRequest {
+        channels,
+        positions,
+        timeout,
+    })
+}
+
+async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
+    let deadline = tokio::time::Instant::now() + request.timeout;
+    // Registered like a stream, so a drain answers waiting polls at once instead of at timeout.
+    let registration = node.registry.register();
+    let mut session = Session::new(node.clone());
+    let mut out = Vec::new();
+    let mut missing_position = false;
+    for channel in &request.channels {
+        let since = request
+            .positions
+            .iter()
+            .find(|(c, _, _)| **c == **channel)
+            .map(|(_, epoch, offset)| Position {
+                epoch: epoch.as_str().into(),
+                offset: *offset,
+            });
+        missing_position |= since.is_none();
+        session.subscribe(None, channel.clone(), since, &mut out);
+    }
+    debug_assert!(
+        out.is_empty(),
+        "fresh sessions accept every distinct channel"
+    );
+
+    // Every channel's starting position first: the answer's cursor must cover all of them.
+    let mut delivered = Vec::new();
+    let mut subscribed = 0;
+    while subscribed < request.channels.len() {
+        tokio::select! {
+            event = session.next() => session.apply(event, &mut out),
+            _ = registration.closing() => return draining(node),
+        }
+        for output in out.drain(..) {
+            match output {
+                Output::Subscribed { result, .. } => {
+                    subscribed += 1;
+                    if let Some(reason) = result.reason {
+                        delivered.push(Output::Reset {
+                            channel: result.channel,
+                            epoch: result.epoch,
+                            offset: result.offset,
+                            reason,
+                        });
+                    }
+                }
+                Output::SubscribeFailed { error, .. } => {
+                    let status = match error.code {
+                        "backplane_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                        _ => StatusCode::BAD_REQUEST,
+                    };
+                    return response::error(status, error.code, error.message);
+                }
+                other => delivered.push(other),
+            }
+        }
+    }
+
+    let mut outcome = None;
+    if has_data(&delivered) {
+        outcome = Some(Outcome::Data);
+    } else if missing_position {
+        outcome = Some(Outcome::Positions);
+    }
+    while outcome.is_none() {
+        tokio::select! {
+            event = session.next() => {
+                session.apply(event, &mut delivered);
+                if has_data(&delivered) {
+                    outcome = Some(Outcome::Data);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => outcome = Some(Outcome::Timeout),
+            _ = registration.closing() => outcome = Some(Outcome::Drained),
+        }
+    }
+    // Whatever else is ready now goes into the same answer.
+    while delivered.len() < BATCH {
+        match session.try_next() {
+            Some(event) => session.apply(event, &mut delivered),
+            None => break,
+        }
+    }
+    let outcome = outcome.expect("set by the loop");
+    let reconnect_ms = matches!(outcome, Outcome::Drained)
+        .then(|| reconnect_hint(node.config.drain.reconnect_jitter).as_millis() as u64);
+    let body = encode(&request.channels, &session, &delivered, reconnect_ms);
+    record(node, outcome, &delivered);
+    response::json(StatusCode::OK, body)
+}
+
+fn has_data(outputs: &[Output]) -> bool {
+    outputs.iter().any(|o| {
+        matches!(
+            o,
+            Output::Publication(_) | Output::Live(_) | Output::Reset { .. }
+        )
+    })
+}
+
+fn record(node: &Node, outcome: Outcome, delivered: &[Output]) {
+    let metrics = &node.metrics;
+    metrics
+        .poll_responses
+        .with_label_values(&[outcome.label()])
+        .inc();
+    let count = delivered
+        .iter()
+        .filter(|o| matches!(o, Output::Publication(_) | Output::Live(_)))
+        .count();
+    if count > 0 {
+        metrics
+            .deliveries
+            .with_label_values(&["poll"])
+            .inc_by(count as u64);
+    }
+    node.observe_fanout("poll", oldest_live(delivered));
+}
+
+/// A node that drains takes no new polls: the client goes to another node.
+fn draining(node: &Node) -> Response<Body> {
+    node.metrics
+        .poll_responses
+        .with_label_values(&["drained"])
+        .inc();
+    response::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "this node is shutting down; connect to another",
+    )
+}
+
+/// `{"cursor": C, "positions": [...], "events": [...]}`: `events` holds publications (spliced in
+/// already serialised) and `{"reset": {...}}` objects, in the order the session produced them,
+/// which is the WebSocket push form. The session's positions are exactly what this answer
+/// delivers, because every output the session produced is in it.
+fn encode(
+    channels: &[Arc<str>],
+    session: &Session,
+    delivered: &[Output],
+    reconnect_ms: Option<u64>,
+) -> Bytes {
+    let positions: Vec<PositionOut> = channels
+        .iter()
+        .map(|c| {
+            let (epoch, offset) = session
+                .position(c)
+                .expect("every channel of the poll is subscribed");
+            PositionOut {
+                channel: c,
+                epoch,
+                offset,
+            }
+        })
+        .collect();
+    let size: usize = delivered
+        .iter()
+        .map(|o| match o {
+            Output::Publication(p) | Output::Live(p) => p.json().len() + 1,
+            _ => 0,
+        })
+        .sum();
+    let mut body = BytesMut::with_capacity(size + 256);
+    body.put_slice(b"{\"cursor\":\"");
+    let triples = positions.iter().map(|p| (p.channel, p.epoch, p.offset));
+    body.put_slice(cursor::encode(triples).as_bytes());
+    body.put_slice(b"\",\"positions\":");
+    body.put_slice(&serde_json::to_vec(&positions).expect("cannot fail"));
+    if let Some(ms) = reconnect_ms {
+        body.put_slice(format!(",\"reconnect_ms\":{ms}").as_bytes());
+    }
+    body.put_slice(b",\"events\":[");
+    let mut first = true;
+    for output in delivered {
+        let event = match output {
+            Output::Publication(p) | Output::Live(p) => p.json().clone(),
+            Output::Reset {
+                channel,
+                epoch,
+                offset,
+                reason,
+            } => Bytes::from(
+                serde_json::to_vec(&ResetPush {
+                    reset: ResetOut {
+                        channel,
+                        reason,
+                        epoch,
+                        offset: *offset,
+                    },
+                })
+                .expect("cannot fail"),
+            ),
+            _ => continue,
+        };
+        if !first {
+            body.put_u8(b',');
+        }
+        first = false;
+        body.put_slice(&event);
+    }
+    body.put_slice(b"]}");
+    body.freeze()
+}
+
+/// `Cache-Control` for poll answers: never cached, every answer depends on the cursor and time.
+pub fn no_store(mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
+}
