@@ -888,3 +888,53 @@ async fn long_poll_checks_origin_token_and_channels_like_sse() {
         "https://app.example.com"
     );
 }
+
+#[tokio::test]
+async fn rs256_keys_from_a_pem_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("rsa.pem");
+    let public = dir.path().join("rsa.pub.pem");
+    // The ring-based rcgen cannot make RSA keys; the openssl command line can.
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ],
+        vec!["pkey", "-pubout", "-in"],
+    ] {
+        let mut cmd = std::process::Command::new("openssl");
+        cmd.args(&args);
+        if args[0] == "genpkey" {
+            cmd.arg(&private);
+        } else {
+            cmd.arg(&private).arg("-out").arg(&public);
+        }
+        let status = cmd.status().expect("openssl (installed by .ci/run)");
+        assert!(status.success(), "openssl {args:?}");
+    }
+    let node = Node::with(|c| {
+        secured(c);
+        c.auth.jwt_public_keys = vec![public.clone()];
+    })
+    .await;
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap();
+    let claims = json!({"sub": "rita", "exp": now() + 60, "channels": ["chat:r"]});
+    let t = encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap();
+    let mut c = ws(&node, &[("authorization", &bearer(&t))]).await;
+    c.subscribe("chat:r").await;
+    // The same claims signed with HS256 using the public key as the secret (algorithm
+    // confusion) are refused.
+    let pem = std::fs::read(&public).unwrap();
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(&pem),
+    )
+    .unwrap();
+    let (status, _) = ws_refused(&node, "/ws", &[("authorization", &bearer(&confused))]).await;
+    assert_eq!(status, 401);
+}
