@@ -56,9 +56,12 @@ impl Default for Retention {
 }
 
 /// What every backplane keeps per channel, and for how long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub retention: Retention,
+    /// Retention of the channels of a namespace (the name's part before the first `:`), where
+    /// it differs from `retention`.
+    pub namespace_retention: Arc<[(String, Retention)]>,
     /// How long a channel's epoch and top offset outlive its last activity. When they are gone,
     /// the channel starts again with a new epoch (its history is lost).
     pub meta_ttl: Duration,
@@ -70,9 +73,40 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             retention: Retention::default(),
+            namespace_retention: Arc::from([]),
             meta_ttl: Duration::from_secs(24 * 3600),
             idempotency_window: Duration::from_secs(300),
         }
+    }
+}
+
+impl Settings {
+    /// The retention of `channel`: its namespace's, else the default.
+    pub fn retention_for(&self, channel: &str) -> Retention {
+        if let Some((prefix, _)) = channel.split_once(':') {
+            for (name, retention) in self.namespace_retention.iter() {
+                if name == prefix {
+                    return *retention;
+                }
+            }
+        }
+        self.retention
+    }
+
+    /// The longest `max_age` of any channel.
+    pub fn longest_age(&self) -> Duration {
+        self.namespace_retention
+            .iter()
+            .map(|(_, r)| r.max_age)
+            .fold(self.retention.max_age, Duration::max)
+    }
+
+    /// The shortest `max_age` of any channel.
+    pub fn shortest_age(&self) -> Duration {
+        self.namespace_retention
+            .iter()
+            .map(|(_, r)| r.max_age)
+            .fold(self.retention.max_age, Duration::min)
     }
 }
 

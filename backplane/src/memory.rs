@@ -24,7 +24,7 @@ type Shard = Mutex<HashMap<Arc<str>, Arc<Mutex<Channel>>>>;
 pub struct MemoryBackplane {
     shards: Box<[Shard]>,
     hasher: RandomState,
-    retention: Retention,
+    settings: Settings,
     /// How long an idle channel with no history and no subscribers keeps its epoch and offset.
     idle_ttl: Duration,
     idempotency_window: Duration,
@@ -86,17 +86,16 @@ impl MemoryBackplane {
     /// Creates the backplane and starts its sweeper, which expires old history and forgets idle
     /// channels; the sweeper stops when the backplane is dropped. Needs a Tokio runtime.
     pub fn new(settings: Settings, sink: Arc<dyn PublicationSink>) -> Arc<Self> {
-        let retention = settings.retention;
+        let period =
+            (settings.shortest_age() / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let backplane = Arc::new(MemoryBackplane {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            retention,
             idle_ttl: settings.meta_ttl,
             idempotency_window: settings.idempotency_window,
+            settings,
             sink,
         });
-        let period =
-            (retention.max_age / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::spawn(sweep(Arc::downgrade(&backplane), period));
         backplane
     }
@@ -135,7 +134,8 @@ impl MemoryBackplane {
         for shard in self.shards.iter() {
             shard.lock().retain(|_, state| {
                 let mut state = state.lock();
-                state.trim(now, &self.retention);
+                let retention = self.settings.retention_for(&state.name);
+                state.trim(now, &retention);
                 let window = self.idempotency_window;
                 state
                     .recent_keys
@@ -194,7 +194,8 @@ impl Backplane for MemoryBackplane {
                 at: now,
                 publication: publication.clone(),
             });
-            state.trim(now, &self.retention);
+            let retention = self.settings.retention_for(&state.name);
+            state.trim(now, &retention);
             let ack = PublishAck {
                 channel: state.name.clone(),
                 offset: state.top,
@@ -218,7 +219,8 @@ impl Backplane for MemoryBackplane {
         limit: usize,
     ) -> Result<HistoryPage, BackplaneError> {
         Ok(self.with_channel(channel, |state, now| {
-            state.trim(now, &self.retention);
+            let retention = self.settings.retention_for(&state.name);
+            state.trim(now, &retention);
             let first = state
                 .history
                 .front()

@@ -6,7 +6,7 @@ usage: helm_cases.py HELM_BIN CHART_DIR [GATEWAY_BIN]
 
 Covers: Redis modes (dev, plain URL/host/cluster, Secret URL, Secret password + host/cluster) and
 their conflicts; the shutdown timing guards; checksum/config rolling on config changes only;
-replicas vs HPA; the connections metric; the reserved auth wiring; values.schema.json refusing
+replicas vs HPA; the connections metric; the auth wiring (secure by default); values.schema.json refusing
 unknown keys. With GATEWAY_BIN, the gateway binary must accept every rendered gateway.toml.
 """
 
@@ -26,7 +26,16 @@ GATEWAY_BIN = sys.argv[3] if len(sys.argv) > 3 else None
 FAILURES = []
 
 
+def with_auth(sets, values_files=()):
+    """A render must choose API keys or an open API (secure by default); cases that are not
+    about auth choose the open API."""
+    if values_files or any(s.removeprefix("str:").startswith("auth.") for s in sets):
+        return list(sets)
+    return list(sets) + ["auth.apiOpen=true"]
+
+
 def render(*sets, values_files=()):
+    sets = with_auth(sets, values_files)
     cmd = [HELM, "template", "t", CHART, "--namespace", "ns", "--kube-version", "1.30.0"]
     for f in values_files:
         cmd += ["-f", f]
@@ -168,12 +177,29 @@ def c_connections_metric():
     assert pods[0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "2500"}
 
 
-def c_auth_reserved():
-    objs = ok("auth.apiKeys.existingSecret=keys", "auth.jwt.existingSecret=jwt")
+def c_auth_secrets():
+    objs = ok("auth.apiKeys.existingSecret=keys", "auth.jwt.existingSecret=jwt",
+              "config.auth.jwt_public_keys[0]=/etc/gateway/jwt/public.pem", "config.auth.jwt_audience=gw")
     assert env(objs)["GATEWAY__AUTH__API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-keys"}
     mounts = {m["mountPath"]: m for m in container(objs)["volumeMounts"]}
     assert mounts["/etc/gateway/jwt"]["readOnly"] is True
     assert mounts["/etc/gateway/gateway.toml"]["subPath"] == "gateway.toml"
+    assert "api_open" not in toml(objs).get("auth", {}), toml(objs)
+    assert toml(objs)["auth"]["jwt_audience"] == "gw"
+
+
+def c_auth_secure_by_default():
+    # Neither keys nor an explicit open API: refused at render time, saying what to set.
+    refused("auth.apiKeys.existingSecret", "auth.apiOpen=false")
+    objs = ok("auth.apiOpen=true")
+    assert toml(objs)["auth"]["api_open"] is True
+    assert "GATEWAY__AUTH__API_KEYS" not in env(objs) if "env" in container(objs) else True
+    objs = ok("auth.apiOpen=true", "config.channels.namespaces.chat.subscribe=token",
+              "config.limits.max_connections=1000", "str:config.limits.idle_timeout=30s",
+              "config.origin.allowed[0]=https://app.example.com")
+    assert toml(objs)["channels"]["namespaces"]["chat"]["subscribe"] == "token"
+    refused("additional properties", "auth.apiOpen=true", "config.auth.api_open=true")
+    refused("value must be one of", "auth.apiOpen=true", "config.channels.default.subscribe=everyone")
 
 
 def c_ingress():
@@ -197,7 +223,7 @@ def c_schema():
 def c_notes():
     def notes(*sets):
         cmd = [HELM, "install", "t", CHART, "--namespace", "ns", "--dry-run=client"]
-        for s in sets:
+        for s in with_auth(sets):
             cmd += ["--set", s]
         p = subprocess.run(cmd, check=False, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
@@ -205,7 +231,9 @@ def c_notes():
     assert "DEV-ONLY Redis" in notes()
     assert "in-memory backplane" in notes("redis.enabled=false")
     text = notes("redis.enabled=false", "externalRedis.host=r", "auth.apiKeys.existingSecret=k")
-    assert "WARNING" in text and "refuses to start" in text and "DEV-ONLY" not in text
+    assert "WARNING" not in text and "DEV-ONLY" not in text, text
+    text = notes("redis.enabled=false", "externalRedis.host=r", "auth.apiOpen=true")
+    assert "WARNING: auth.apiOpen is true" in text, text
 
 
 # The cases are independent: run them side by side (each mostly waits for helm or the gateway).

@@ -14,7 +14,16 @@ import json
 import re
 import sys
 
-CHART_SET = {("server", "listen"), ("redis", "url"), ("redis", "cluster_nodes")}
+# Keys the chart sets itself, or that hold secrets and so never go in the ConfigMap (they come
+# from Secrets through the environment).
+CHART_SET = {
+    ("server", "listen"),
+    ("redis", "url"),
+    ("redis", "cluster_nodes"),
+    ("auth", "api_keys"),
+    ("auth", "api_open"),
+    ("auth", "jwt_hs256_keys"),
+}
 
 
 def struct_fields(src, name):

@@ -54,6 +54,13 @@ pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<B
     if let Err(e) = check_idempotency_key(request.idempotency_key.as_deref()) {
         return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
     }
+    if let Err(e) = node
+        .security
+        .namespaces
+        .check_size(&request.channel, request.data.get().len())
+    {
+        return response::error(StatusCode::PAYLOAD_TOO_LARGE, e.code, e.message);
+    }
     let data = backplane::json::compact(request.data.get());
     let key = request.idempotency_key.as_deref();
     match node.publish(&request.channel, data, key).await {

@@ -2,6 +2,7 @@
 //! environment < command-line flags. Every value is checked before the node starts, and an error
 //! names the offending key.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +23,177 @@ pub struct Config {
     pub drain: DrainConfig,
     pub poll: PollConfig,
     pub demo: DemoConfig,
+    pub auth: AuthConfig,
+    pub channels: ChannelsConfig,
+    pub limits: LimitsConfig,
+    pub origin: OriginConfig,
+    pub tls: TlsConfig,
+}
+
+/// Who the clients and API callers are: server API keys and connection JWTs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Keys accepted on `/api/*` as `Authorization: apikey <key>`; empty means no key is checked.
+    pub api_keys: Vec<String>,
+    /// Serve `/api/*` without a key even when the API listens beyond loopback.
+    pub api_open: bool,
+    /// Serve `/api/*` (and `/metrics`) only on this separate, internal address.
+    pub api_listen: Option<SocketAddr>,
+    /// HS256 secrets; the first signs nothing, every one verifies (key rotation).
+    pub jwt_hs256_keys: Vec<String>,
+    /// PEM files with RS256 (RSA) or ES256 (P-256) public keys.
+    pub jwt_public_keys: Vec<PathBuf>,
+    /// A JWKS file (`{"keys": [...]}`) with RS256/ES256 public keys, chosen by `kid`.
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// Required `aud` claim, when set.
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim, when set.
+    pub jwt_issuer: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
+}
+
+/// Who may do what on which channels. A channel belongs to the namespace named by its prefix
+/// before the first `:` (`chat:room1` → `chat`); a channel without a configured prefix belongs to
+/// the default namespace.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelsConfig {
+    /// Rules of channels in no configured namespace.
+    pub default: NamespaceConfig,
+    /// Rules per namespace, by prefix.
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+/// Who may subscribe to or publish on a namespace's channels.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Nobody (clients); the server API still may.
+    None,
+    /// Anyone, with or without a token.
+    Anonymous,
+    /// Any connection with a valid token.
+    Authenticated,
+    /// Only connections whose token's `channels` claim lists the channel.
+    Token,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Who may subscribe.
+    pub subscribe: Access,
+    /// Which clients may publish (the server API always may).
+    pub publish: Access,
+    /// Largest publication `data`, in bytes (client and API publishes).
+    pub max_message_size: usize,
+    /// Publications kept per channel; unset means `channels.default`'s, else `history.max_count`.
+    pub history_max_count: Option<usize>,
+    /// Age after which publications leave history; unset as for `history_max_count`.
+    #[serde(with = "humantime_serde")]
+    pub history_max_age: Option<Duration>,
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        NamespaceConfig {
+            subscribe: Access::Anonymous,
+            publish: Access::Anonymous,
+            max_message_size: 64 * 1024,
+            history_max_count: None,
+            history_max_age: None,
+        }
+    }
+}
+
+/// Abuse limits. A zero disables a count or rate limit.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most WebSocket and SSE connections on this node.
+    pub max_connections: usize,
+    /// Most WebSocket and SSE connections of one user (token `sub`) on this node.
+    pub max_connections_per_user: usize,
+    /// New connections (HTTP, TLS) accepted per second from one IP address.
+    pub connection_rate_per_ip: f64,
+    /// Burst allowed above `connection_rate_per_ip`.
+    pub connection_burst_per_ip: u32,
+    /// Commands per second one WebSocket connection may send.
+    pub command_rate: f64,
+    /// Burst allowed above `command_rate`.
+    pub command_burst: u32,
+    /// Time allowed for the TLS handshake and for reading a request's headers (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A WebSocket connection that has subscribed to nothing for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 0,
+            max_connections_per_user: 0,
+            connection_rate_per_ip: 0.0,
+            connection_burst_per_ip: 0,
+            command_rate: 0.0,
+            command_burst: 0,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
+        }
+    }
+}
+
+/// Which web origins may open WebSocket and SSE connections and call the API from a browser.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginConfig {
+    /// Allowed `Origin` values (`https://app.example.com`, `https://*.example.com`); empty
+    /// allows every origin. Requests without `Origin` (non-browsers) are always allowed.
+    pub allowed: Vec<String>,
+}
+
+/// HTTPS with HTTP/2 (ALPN h2, http/1.1) on the main listener.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; with `key_file`, the listener speaks TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+    /// How often the files are checked for changes (a change is loaded without a restart).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_keys: Vec::new(),
+            api_open: false,
+            api_listen: None,
+            jwt_hs256_keys: Vec::new(),
+            jwt_public_keys: Vec::new(),
+            jwt_jwks_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -301,7 +473,11 @@ impl Config {
                 .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
-                .with_list_parse_key("redis.cluster_nodes"),
+                .with_list_parse_key("redis.cluster_nodes")
+                .with_list_parse_key("auth.api_keys")
+                .with_list_parse_key("auth.jwt_hs256_keys")
+                .with_list_parse_key("auth.jwt_public_keys")
+                .with_list_parse_key("origin.allowed"),
         );
         let err = |e: config::ConfigError| ConfigError(e.to_string());
         if let Some(listen) = overrides.listen {
@@ -329,6 +505,19 @@ impl Config {
             builder = builder.set_override("log.format", "json").map_err(err)?;
         }
         let config: Config = builder
+            .build()
+            .map_err(err)?
+            .try_deserialize()
+            .map_err(err)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document alone (no environment, no overrides) and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let err = |e: config::ConfigError| ConfigError(e.to_string());
+        let config: Config = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
             .map_err(err)?
             .try_deserialize()
@@ -406,15 +595,126 @@ impl Config {
                 "redis.prefix must be non-empty and contain no braces".into(),
             ));
         }
+        self.validate_security()
+    }
+
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(ConfigError("auth.api_keys must not hold empty keys".into()));
+        }
+        if self.auth.jwt_hs256_keys.iter().any(|k| k.len() < 16) {
+            return Err(ConfigError(
+                "auth.jwt_hs256_keys: every key must be at least 16 bytes".into(),
+            ));
+        }
+        if self.auth.api_listen == Some(self.server.listen) && self.server.listen.port() != 0 {
+            return Err(ConfigError(
+                "auth.api_listen must differ from server.listen".into(),
+            ));
+        }
+        for (name, ns) in std::iter::once(("default", &self.channels.default)).chain(
+            self.channels
+                .namespaces
+                .iter()
+                .map(|(name, ns)| (name.as_str(), ns)),
+        ) {
+            if name.is_empty() || name.contains(':') {
+                return Err(ConfigError(format!(
+                    "channels.namespaces: invalid namespace name {name:?}"
+                )));
+            }
+            if ns.max_message_size < 1 {
+                return Err(ConfigError(format!(
+                    "channels namespace {name}: max_message_size must be at least 1"
+                )));
+            }
+            if ns.history_max_count == Some(0) || ns.history_max_age == Some(Duration::ZERO) {
+                return Err(ConfigError(format!(
+                    "channels namespace {name}: history_max_count and history_max_age must be \
+                     greater than zero"
+                )));
+            }
+        }
+        let l = &self.limits;
+        for (key, rate) in [
+            ("limits.connection_rate_per_ip", l.connection_rate_per_ip),
+            ("limits.command_rate", l.command_rate),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                return Err(ConfigError(format!(
+                    "{key} must be a non-negative number, got {rate}"
+                )));
+            }
+        }
+        if l.handshake_timeout.is_zero() {
+            return Err(ConfigError(
+                "limits.handshake_timeout must be greater than zero".into(),
+            ));
+        }
+        for pattern in &self.origin.allowed {
+            if pattern != "*" && !pattern.contains("://") {
+                return Err(ConfigError(format!(
+                    "origin.allowed: {pattern:?} is not an origin like https://app.example.com"
+                )));
+            }
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError(
+                    "tls.cert_file and tls.key_file go together: set both or neither".into(),
+                ))
+            }
+            _ => {}
+        }
+        let api = self.api_addr();
+        if !api.ip().is_loopback() && self.auth.api_keys.is_empty() && !self.auth.api_open {
+            return Err(ConfigError(format!(
+                "the API (/api/*) would listen on {api}, beyond loopback, with no key: set \
+                 auth.api_keys (GATEWAY__AUTH__API_KEYS) or declare it open with \
+                 auth.api_open = true (GATEWAY__AUTH__API_OPEN=true)"
+            )));
+        }
+        if self.tls.reload_interval.is_zero() {
+            return Err(ConfigError(
+                "tls.reload_interval must be greater than zero".into(),
+            ));
+        }
         Ok(())
     }
 
+    /// The address `/api/*` is served on.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.auth.api_listen.unwrap_or(self.server.listen)
+    }
+
+    /// Whether any JWT verification key is configured.
+    pub fn jwt_enabled(&self) -> bool {
+        !self.auth.jwt_hs256_keys.is_empty()
+            || !self.auth.jwt_public_keys.is_empty()
+            || self.auth.jwt_jwks_file.is_some()
+    }
+
     pub fn settings(&self) -> backplane::Settings {
+        let retention = |ns: &NamespaceConfig, base: backplane::Retention| backplane::Retention {
+            max_count: ns.history_max_count.unwrap_or(base.max_count),
+            max_age: ns.history_max_age.unwrap_or(base.max_age),
+        };
+        let global = backplane::Retention {
+            max_count: self.history.max_count,
+            max_age: self.history.max_age,
+        };
+        // channels.default refines history.*; a namespace refines channels.default.
+        let default = retention(&self.channels.default, global);
+        let namespace_retention: Vec<(String, backplane::Retention)> = self
+            .channels
+            .namespaces
+            .iter()
+            .map(|(name, ns)| (name.clone(), retention(ns, default)))
+            .filter(|(_, r)| *r != default)
+            .collect();
         backplane::Settings {
-            retention: backplane::Retention {
-                max_count: self.history.max_count,
-                max_age: self.history.max_age,
-            },
+            retention: default,
+            namespace_retention: namespace_retention.into(),
             meta_ttl: self.history.meta_ttl,
             idempotency_window: self.history.idempotency_window,
         }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod assets;
+pub mod auth;
 mod batch_writer;
 mod body_channel;
 pub mod client;
@@ -14,15 +15,23 @@ pub mod cursor;
 pub mod demo;
 pub mod drain;
 mod frame_reader;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
+pub mod namespace;
 pub mod node;
+pub mod origin;
 pub mod poll;
 pub mod protocol;
 pub mod queue;
 pub mod response;
+pub mod security;
 pub mod server;
 pub mod sse;
+pub mod tls;
 pub mod ws;
 mod ws_message;
 

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub draining: IntGauge,
     pub drain_remaining: IntGauge,
     pub drain_closed: IntCounter,
+    pub limit_rejections: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
     pub poll_responses: IntCounterVec,
     queued_bytes: IntGauge,
     queued_bytes_max: IntGauge,
@@ -138,6 +141,54 @@ impl Metrics {
             "gateway_drain_closed_total",
             "Connections closed by draining.",
         );
+        let limit_rejections = IntCounterVec::new(
+            Opts::new(
+                "gateway_limit_rejections_total",
+                "Connections, requests and commands refused by a limit, by limit.",
+            ),
+            &["limit"],
+        )
+        .unwrap();
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "gateway_auth_failures_total",
+                "Refused credentials and permissions, by reason.",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "gateway_tls_reloads_total",
+                "Certificate reloads after the files changed, by result.",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        for limit in [
+            "max_connections",
+            "max_connections_per_user",
+            "connection_rate_per_ip",
+            "command_rate",
+            "max_subscriptions",
+            "message_size",
+            "idle_timeout",
+            "handshake_timeout",
+        ] {
+            limit_rejections.with_label_values(&[limit]);
+        }
+        for reason in [
+            "invalid",
+            "expired",
+            "not_configured",
+            "unauthorized",
+            "forbidden",
+            "origin",
+            "api_key",
+            "user_mismatch",
+        ] {
+            auth_failures.with_label_values(&[reason]);
+        }
         let poll_responses = IntCounterVec::new(
             Opts::new(
                 "gateway_poll_responses_total",
@@ -180,7 +231,10 @@ impl Metrics {
             deliveries.with_label_values(&[transport]);
         }
         resumes.with_label_values(&["recovered", "none"]);
-        let families: [Box<dyn prometheus::core::Collector>; 23] = [
+        let families: [Box<dyn prometheus::core::Collector>; 26] = [
+            Box::new(limit_rejections.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(tls_reloads.clone()),
             Box::new(poll_responses.clone()),
             Box::new(history_pages.clone()),
             Box::new(fanout_latency.clone()),
@@ -225,6 +279,9 @@ impl Metrics {
             draining,
             drain_remaining,
             drain_closed,
+            limit_rejections,
+            auth_failures,
+            tls_reloads,
             poll_responses,
             queued_bytes,
             queued_bytes_max,

@@ -27,13 +27,17 @@ pub struct Node {
     pub registry: Arc<Registry>,
     /// Every WebSocket and SSE connection task, so shutdown can wait for them.
     pub connections: TaskTracker,
+    /// Keys, namespaces and limits (see `security`).
+    pub security: crate::security::Security,
     draining: AtomicBool,
     next_conn: AtomicU64,
 }
 
 impl Node {
     /// A node on the configured backplane: Redis if configured, else the embedded one.
-    pub async fn start(config: Config) -> Result<Arc<Node>, BackplaneError> {
+    pub async fn start(config: Config) -> Result<Arc<Node>, crate::server::StartError> {
+        let security = crate::security::Security::load(&config)
+            .map_err(crate::server::StartError::Security)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::new(metrics.clone()));
         let backplane: Arc<dyn Backplane> = match config.redis() {
@@ -48,6 +52,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             registry: Arc::new(Registry::default()),
             connections: TaskTracker::new(),
+            security,
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
         }))

@@ -85,6 +85,30 @@ pub enum Command<'a> {
     Ping {
         id: Option<u64>,
     },
+    /// Authenticates the connection; only as the first command.
+    Connect {
+        id: Option<u64>,
+        token: Cow<'a, str>,
+    },
+    /// Replaces the connection's token before it expires.
+    Refresh {
+        id: Option<u64>,
+        token: Cow<'a, str>,
+    },
+}
+
+impl Command<'_> {
+    /// The command's id.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Command::Subscribe { id, .. }
+            | Command::Unsubscribe { id, .. }
+            | Command::Publish { id, .. }
+            | Command::Ping { id }
+            | Command::Connect { id, .. }
+            | Command::Refresh { id, .. } => *id,
+        }
+    }
 }
 
 /// Why a message is not a command; answered with an error reply, the connection stays.
@@ -106,7 +130,12 @@ struct RawCommand<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     idempotency_key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
 }
+
+/// Longest token accepted, in bytes.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 #[derive(Deserialize)]
 struct IdOnly {
@@ -171,6 +200,19 @@ impl<'a> Command<'a> {
                 })
             }
             "ping" => Ok(Command::Ping { id }),
+            "connect" | "refresh" => {
+                let token = raw
+                    .token
+                    .ok_or_else(|| fail("bad_request", "missing field `token`"))?;
+                if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+                    return Err(fail("bad_request", "token must be 1 to 8192 bytes"));
+                }
+                Ok(if op == "connect" {
+                    Command::Connect { id, token }
+                } else {
+                    Command::Refresh { id, token }
+                })
+            }
             other => Err(fail("unknown_op", &format!("unknown op `{other}`"))),
         }
     }

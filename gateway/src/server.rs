@@ -8,7 +8,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{header, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::time::Duration;
 
@@ -18,9 +18,11 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::listener::Kind;
 use crate::node::Node;
 use crate::response::{self, Body};
-use crate::{api, assets, demo, poll, sse, ws};
+use crate::tls::Tls;
+use crate::{api, assets, demo, listener, poll, security, sse, ws};
 
 /// Starts gateway nodes.
 pub struct Gateway;
@@ -28,8 +30,10 @@ pub struct Gateway;
 /// A node that is serving.
 pub struct RunningGateway {
     addr: SocketAddr,
+    api_addr: SocketAddr,
     node: Arc<Node>,
     accept: JoinHandle<()>,
+    api_accept: Option<JoinHandle<()>>,
     http: TaskTracker,
 }
 
@@ -43,6 +47,10 @@ pub enum StartError {
     },
     #[error("cannot start the backplane: {0}")]
     Backplane(#[from] backplane::BackplaneError),
+    #[error("{0}")]
+    Security(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl Gateway {
@@ -55,17 +63,69 @@ impl Gateway {
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let api_listener = match config.auth.api_listen {
+            None => None,
+            Some(api) => {
+                let bound = TcpListener::bind(api)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: api, source })?;
+                Some(bound)
+            }
+        };
+        let tls = Tls::load(&config.tls).map_err(StartError::Tls)?;
         let node = Node::start(config).await?;
         let http = TaskTracker::new();
-        let accept = tokio::spawn(accept_loop(listener, node.clone(), http.clone()));
+        if let Some(tls) = &tls {
+            tls.spawn_reloader(
+                node.config.tls.reload_interval,
+                node.metrics.clone(),
+                node.shutdown.clone(),
+            );
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            node.clone(),
+            http.clone(),
+            Kind::Main,
+            tls,
+        ));
+        let mut api_addr = addr;
+        let mut api_accept = None;
+        if let Some(api_listener) = api_listener {
+            api_addr = api_listener
+                .local_addr()
+                .map_err(|source| StartError::Bind {
+                    addr: api_addr,
+                    source,
+                })?;
+            api_accept = Some(tokio::spawn(accept_loop(
+                api_listener,
+                node.clone(),
+                http.clone(),
+                Kind::Api,
+                None,
+            )));
+        }
+        if node.config.auth.api_keys.is_empty()
+            && node.config.auth.api_open
+            && !api_addr.ip().is_loopback()
+        {
+            tracing::warn!(%api_addr, "the API is open: anyone reaching {api_addr} may publish (auth.api_open)");
+        }
         if node.config.demo.publisher {
             tokio::spawn(demo::run_publisher(node.clone()));
         }
-        tracing::info!(%addr, backplane = node.backplane.kind(), "listening on {addr}");
+        tracing::info!(%addr, scheme, backplane = node.backplane.kind(), "listening on {addr}");
+        if api_addr != addr {
+            tracing::info!(%api_addr, "API and metrics served on {api_addr} only");
+        }
         Ok(RunningGateway {
             addr,
+            api_addr,
             node,
             accept,
+            api_accept,
             http,
         })
     }
@@ -74,6 +134,11 @@ impl Gateway {
 impl RunningGateway {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/api/*` is served: `auth.api_listen`, else the main address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -100,6 +165,9 @@ impl RunningGateway {
         tokio::time::sleep(delay).await;
         self.node.stop_accepting();
         let _ = self.accept.await;
+        if let Some(api_accept) = self.api_accept {
+            let _ = api_accept.await;
+        }
         self.http.close();
         let registry = &self.node.registry;
         if window.is_zero() {
@@ -127,12 +195,18 @@ impl RunningGateway {
     }
 }
 
-async fn accept_loop(listener: TcpListener, node: Arc<Node>, http: TaskTracker) {
+async fn accept_loop(
+    listener: TcpListener,
+    node: Arc<Node>,
+    http: TaskTracker,
+    kind: Kind,
+    tls: Option<Tls>,
+) {
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = node.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -141,24 +215,86 @@ async fn accept_loop(listener: TcpListener, node: Arc<Node>, http: TaskTracker) 
                 }
             },
         };
-        http.spawn(serve_connection(stream, node.clone()));
+        if let Err(retry) = node.security.limits.accept_ip(peer.ip()) {
+            node.metrics
+                .limit_rejections
+                .with_label_values(&["connection_rate_per_ip"])
+                .inc();
+            match &tls {
+                None => http.spawn(listener::serve_refused(stream, retry)),
+                Some(tls) => {
+                    let acceptor = tls.acceptor();
+                    let handshake = node.config.limits.handshake_timeout;
+                    http.spawn(async move {
+                        if let Ok(Ok(stream)) =
+                            tokio::time::timeout(handshake, acceptor.accept(stream)).await
+                        {
+                            listener::serve_refused(stream, retry).await;
+                        }
+                    })
+                }
+            };
+            continue;
+        }
+        http.spawn(serve_connection(stream, node.clone(), kind, tls.clone()));
     }
 }
 
-async fn serve_connection(stream: TcpStream, node: Arc<Node>) {
+async fn serve_connection(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Option<Tls>) {
     let _ = stream.set_nodelay(true);
+    let handshake = node.config.limits.handshake_timeout;
+    match tls {
+        None => serve_io(TokioIo::new(stream), node, kind).await,
+        Some(tls) => {
+            let accept = tls.acceptor().accept(stream);
+            match tokio::time::timeout(handshake, accept).await {
+                Ok(Ok(stream)) => serve_io(TokioIo::new(stream), node, kind).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => {
+                    node.metrics
+                        .limit_rejections
+                        .with_label_values(&["handshake_timeout"])
+                        .inc();
+                }
+            }
+        }
+    }
+}
+
+async fn serve_io<I>(io: I, node: Arc<Node>, kind: Kind)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let service = {
         let node = node.clone();
         service_fn(move |request| {
             let node = node.clone();
-            async move { Ok::<_, Infallible>(route(&node, request).await) }
+            async move { Ok::<_, Infallible>(route(&node, kind, request).await) }
         })
     };
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Slowloris: a request's headers must arrive within the handshake timeout.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(node.config.limits.handshake_timeout);
+    let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     tokio::select! {
-        _ = connection.as_mut() => {}
+        result = connection.as_mut() => {
+            // hyper's header read timeout (slowloris) ends the connection with a timeout error.
+            let timed_out = result
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<hyper::Error>())
+                .is_some_and(hyper::Error::is_timeout);
+            if timed_out {
+                node.metrics
+                    .limit_rejections
+                    .with_label_values(&["handshake_timeout"])
+                    .inc();
+            }
+        }
         _ = node.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;
@@ -166,7 +302,18 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>) {
     }
 }
 
-async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Body> {
+async fn route(node: &Arc<Node>, kind: Kind, request: Request<Incoming>) -> Response<Body> {
+    if let Some(response) = listener::gate(node, kind, &request) {
+        return response;
+    }
+    let path = request.uri().path().to_string();
+    let origin = listener::origin_of(request.headers());
+    let mut response = serve(node, request).await;
+    listener::finish(node, &path, &origin, &mut response);
+    response
+}
+
+async fn serve(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let allowed = match path.as_str() {
@@ -211,7 +358,19 @@ async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
             if node.is_draining() {
                 return poll::no_store(shutting_down());
             }
-            poll::no_store(poll::poll(node, request.uri().query()).await)
+            // Like an SSE stream: Origin, token and channel permissions; the connection counts
+            // against the limits while the poll waits.
+            let query = request.uri().query();
+            let admission = match security::admit(node, request.headers(), query) {
+                Ok(admission) => admission,
+                Err(response) => return poll::no_store(response),
+            };
+            if let Err(response) = security::check_sse(node, &admission, query) {
+                return poll::no_store(response);
+            }
+            let response = poll::poll(node, query).await;
+            drop(admission);
+            poll::no_store(response)
         }
         "/client.js" | "/" => {
             let if_none_match = request
@@ -233,7 +392,16 @@ async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
             if node.is_draining() {
                 return shutting_down();
             }
-            sse::open(node, request.uri().query(), request.headers())
+            let query = request.uri().query();
+            let admission = match security::admit(node, request.headers(), query) {
+                Ok(admission) => admission,
+                Err(response) => return response,
+            };
+            if let Err(response) = security::check_sse(node, &admission, query) {
+                return response;
+            }
+            sse::open(node, query, request.headers())
+                .map(|body| security::Expiring::wrap(node, body, admission))
         }
         "/ws" | "/ws/echo" => {
             // A draining node takes no new streams, so proxies that do not watch /readyz
@@ -253,7 +421,11 @@ async fn route(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
             } else {
                 ws::Mode::Echo
             };
-            match ws::accept(node, &mut request, mode) {
+            let admission = match security::admit(node, request.headers(), request.uri().query()) {
+                Ok(admission) => admission,
+                Err(response) => return response,
+            };
+            match ws::accept(node, &mut request, mode, admission) {
                 Ok(response) => response.map(|_| response::empty()),
                 Err(e) => response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
             }

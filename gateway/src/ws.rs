@@ -5,8 +5,8 @@
 
 use std::borrow::Cow;
 use std::pin::{pin, Pin};
-use std::task::Poll;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +25,7 @@ use crate::frame_reader::FrameReader;
 use crate::metrics::observe_fanout;
 use crate::node::Node;
 use crate::protocol::{reply_err, reply_ok, Command};
+use crate::security::{Admission, Guard, Verdict};
 use crate::ws_message::{Assembler, Message, MessageError};
 
 /// Application close codes (4000–4999), listed in docs/protocol.md.
@@ -58,8 +59,10 @@ pub fn accept(
     node: &Arc<Node>,
     request: &mut hyper::Request<hyper::body::Incoming>,
     mode: Mode,
+    admission: Admission,
 ) -> Result<hyper::Response<http_body_util::Empty<Bytes>>, WebSocketError> {
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
+    let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
     let node = node.clone();
     node.connections.clone().spawn(async move {
         match upgrade.await {
@@ -75,7 +78,7 @@ pub fn accept(
                 // Every frame goes out as header and payload slices straight into the batch,
                 // so fastwebsockets keeps no copy buffer of its own.
                 writer.set_writev_threshold(0);
-                run(node, read, writer, mode).await;
+                run(node, read, writer, mode, guard).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -83,7 +86,7 @@ pub fn accept(
     Ok(response)
 }
 
-async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode) {
+async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode, guard: Guard) {
     let transport = if mode == Mode::Echo { "echo" } else { "ws" };
     let gauge = node.metrics.connections.with_label_values(&[transport]);
     gauge.inc();
@@ -96,6 +99,7 @@ async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode) {
         // fastwebsockets refuses frames of at least this size before reading them.
         frames: pin!(frames(read, node.config.websocket.max_message_size + 1)),
         reading: true,
+        guard,
         node,
         writer,
     };
@@ -158,6 +162,8 @@ struct Connection<F> {
     reading: bool,
     assembler: Assembler,
     heartbeat: Heartbeat,
+    /// Security hooks: command rate, connect/refresh, permissions, token expiry, idle timeout.
+    guard: Guard,
     /// This transport's metric children, looked up once: a label lookup hashes the labels, and
     /// the fan-out path would pay it per batch.
     deliveries: prometheus::IntCounter,
@@ -198,6 +204,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
             let step = tokio::select! {
                 _ = self.registration.closing() => Err(End::Close(1001, self.going_away())),
+                (code, reason) = self.guard.deadline() => Err(End::Close(code, reason.into())),
                 frame = self.frames.next(), if accepts => self.on_frame(frame, session.as_mut(), &mut out).await,
                 event = next_event(&mut session) => {
                     if let Some(session) = session.as_mut() {
@@ -334,8 +341,24 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     Err(End::Close(1003, "binary messages are not supported".into()))
                 }
                 Message::Text(text) => {
-                    handle_command(&self.node, session, &text, out);
-                    Ok(())
+                    let count = session.subscription_count();
+                    let parsed = Command::parse(&text);
+                    match self.guard.on_command(&parsed, count) {
+                        Verdict::Proceed => {
+                            handle_command(&self.node, session, parsed, out);
+                            Ok(())
+                        }
+                        Verdict::Reply(reply) => {
+                            out.push(Output::Reply(reply));
+                            Ok(())
+                        }
+                        Verdict::Close(reply, code, reason) => {
+                            self.write_outputs(out).await?;
+                            self.send(Frame::text(Payload::Owned(reply.to_vec())))
+                                .await?;
+                            Err(End::Close(code, reason))
+                        }
+                    }
                 }
             },
         }
@@ -431,8 +454,13 @@ async fn next_event(session: &mut Option<Session>) -> crate::client::Event {
     }
 }
 
-fn handle_command(node: &Node, session: &mut Session, text: &Bytes, out: &mut Vec<Output>) {
-    let command = match Command::parse(text) {
+fn handle_command(
+    node: &Node,
+    session: &mut Session,
+    parsed: Result<Command<'_>, crate::protocol::CommandError>,
+    out: &mut Vec<Output>,
+) {
+    let command = match parsed {
         Ok(command) => command,
         Err(e) => {
             node.metrics
@@ -465,6 +493,8 @@ fn handle_command(node: &Node, session: &mut Session, text: &Bytes, out: &mut Ve
             idempotency_key.map(|k| k.into_owned()),
         ),
         Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
+        // Answered by the guard.
+        Command::Connect { .. } | Command::Refresh { .. } => {}
     }
 }
 

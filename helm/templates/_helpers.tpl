@@ -169,6 +169,7 @@ How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or 
 {{- else if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) }}
 {{- if eq (float64 .) (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- else if kindIs "slice" . }}[{{ range $i, $e := . }}{{ if $i }}, {{ end }}{{ include "gateway.tomlValue" $e }}{{ end }}]
+{{- else if kindIs "map" . }}{{ $m := . }}{ {{- range $i, $k := keys $m | sortAlpha }}{{ if $i }},{{ end }} {{ toJson $k }} = {{ include "gateway.tomlValue" (get $m $k) }}{{ end }} }
 {{- else }}{{ fail (printf "config: cannot write %v (%s) to TOML" . (kindOf .)) }}
 {{- end }}
 {{- end }}
@@ -194,6 +195,14 @@ How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or 
 {{- end }}
 {{- end }}
 {{- $_ := set $cfg "redis" $redis }}
+{{- /* Secure by default: the API listens beyond loopback, so it needs keys or an explicit open. */}}
+{{- if .Values.auth.apiOpen }}
+{{- $auth := default dict (get $cfg "auth") }}
+{{- $_ := set $auth "api_open" true }}
+{{- $_ := set $cfg "auth" $auth }}
+{{- else if not .Values.auth.apiKeys.existingSecret }}
+{{- fail "auth: the gateway's API (/api/publish) listens on 0.0.0.0 and needs keys: set auth.apiKeys.existingSecret (a Secret with comma-separated API keys), or auth.apiOpen=true to serve it without a key" }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 

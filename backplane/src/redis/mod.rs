@@ -80,7 +80,7 @@ impl RedisBackplane {
         };
         let mut settings = settings;
         // The epoch and top must outlive the history they describe.
-        settings.meta_ttl = settings.meta_ttl.max(settings.retention.max_age);
+        settings.meta_ttl = settings.meta_ttl.max(settings.longest_age());
         let shared = Arc::new(pubsub::Shared {
             keys: Keys::new(&config.prefix),
             sharded: matches!(config.target, Target::Cluster(_)),
@@ -119,7 +119,7 @@ pub(crate) async fn history(
         .arg(since)
         .arg(limit)
         .arg(new_epoch())
-        .arg(millis(settings.retention.max_age))
+        .arg(millis(settings.retention_for(channel).max_age))
         .arg(millis(settings.meta_ttl));
     type Entry = (String, Vec<Vec<u8>>);
     let (epoch, top, entries): (String, u64, Vec<Entry>) = shared.commands.run(&invocation).await?;
@@ -166,6 +166,7 @@ impl Backplane for RedisBackplane {
         let shared = &*self.shared;
         let keys = &shared.keys;
         let settings = &shared.settings;
+        let retention = settings.retention_for(channel);
         let (idempotency, window) = match idempotency_key {
             Some(key) => (
                 keys.idempotency(channel, key),
@@ -179,9 +180,9 @@ impl Backplane for RedisBackplane {
             .key(idempotency)
             .arg(&data[..])
             .arg(new_epoch())
-            .arg(settings.retention.max_count)
-            .arg(millis(settings.retention.max_age))
-            .arg(millis(settings.retention.max_age))
+            .arg(retention.max_count)
+            .arg(millis(retention.max_age))
+            .arg(millis(retention.max_age))
             .arg(millis(settings.meta_ttl))
             .arg(keys.pubsub(channel))
             .arg(if shared.sharded { "1" } else { "0" })

@@ -288,6 +288,45 @@ impl WsClient {
         }
     }
 
+    /// A handshake with extra request headers; `Err` holds a refused handshake's status and
+    /// JSON body.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, (u16, Value)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+        for (k, v) in headers {
+            request.headers_mut().insert(
+                reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        match within(
+            "websocket handshake",
+            tokio_tungstenite::connect_async(request),
+        )
+        .await
+        {
+            Ok((ws, _)) => Ok(WsClient {
+                ws,
+                next_id: 1,
+                pushes: VecDeque::new(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let status = response.status().as_u16();
+                let body = response
+                    .body()
+                    .as_ref()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or(Value::Null);
+                Err((status, body))
+            }
+            Err(e) => panic!("websocket handshake failed: {e}"),
+        }
+    }
+
     pub async fn send_text(&mut self, text: impl Into<String>) {
         let text: String = text.into();
         within("ws send", self.ws.send(Message::text(text)))

@@ -1,0 +1,110 @@
+//! What each listener serves and the checks every request passes before its route: the internal
+//! API listener (`auth.api_listen`), API keys, CORS preflights and headers, and the 429 served
+//! to a connection over the per-IP connection rate.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use crate::node::Node;
+use crate::response::{self, Body};
+use crate::{origin, security};
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `server.listen`: everything, except the API and metrics when `auth.api_listen` is set.
+    Main,
+    /// `auth.api_listen`: `/api/*`, `/metrics`, `/healthz`, `/readyz` only.
+    Api,
+}
+
+fn is_api(path: &str) -> bool {
+    path.starts_with("/api/")
+}
+
+/// The plain-HTTP client transports (CORS applies to them).
+fn is_stream(path: &str) -> bool {
+    path == "/sse" || path == "/poll"
+}
+
+/// Answers a request before its route when the listener, the API key or CORS says so.
+pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response<Body>> {
+    let path = request.uri().path();
+    let separate_api = node.config.auth.api_listen.is_some();
+    let internal = is_api(path) || path == "/metrics";
+    let served = match kind {
+        Kind::Main => !(separate_api && internal),
+        Kind::Api => internal || path == "/healthz" || path == "/readyz",
+    };
+    if !served {
+        return Some(response::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route for {path} on this listener"),
+        ));
+    }
+    let headers = request.headers();
+    if (is_api(path) || is_stream(path)) && origin::is_preflight(request.method(), headers) {
+        if !origin::allowed(&node.config.origin.allowed, headers) {
+            return Some(origin::refused());
+        }
+        let methods = if is_stream(path) { "GET" } else { "GET, POST" };
+        return Some(origin::preflight(headers, methods));
+    }
+    if is_api(path) {
+        if !origin::allowed(&node.config.origin.allowed, headers) {
+            return Some(origin::refused());
+        }
+        if let Err(response) = security::check_api_key(node, headers) {
+            return Some(response);
+        }
+    }
+    None
+}
+
+/// The request headers [`finish`] needs (only `Origin`), kept while the route consumes the request.
+pub fn origin_of(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        kept.insert(header::ORIGIN, origin.clone());
+    }
+    kept
+}
+
+/// Adds the CORS headers to the response of an allowed cross-origin SSE or API request.
+pub fn finish(node: &Node, path: &str, request: &HeaderMap, response: &mut Response<Body>) {
+    if (is_api(path) || is_stream(path)) && origin::allowed(&node.config.origin.allowed, request) {
+        origin::add_cors(request, response);
+    }
+}
+
+/// Serves a connection refused by the per-IP connection rate: every request gets 429 with
+/// `Retry-After`, then the connection closes.
+pub async fn serve_refused<I>(io: I, retry: Duration)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |_request: Request<hyper::body::Incoming>| async move {
+        let mut response = security::too_many(
+            "connection_rate_limited",
+            "too many new connections from this address (limits.connection_rate_per_ip)",
+            retry,
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        Ok::<_, Infallible>(response)
+    });
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(io), service),
+    )
+    .await;
+}

@@ -1,0 +1,489 @@
+//! The security hooks the transports call: admission of a streaming connection (Origin, token,
+//! connection limits), the per-command guard of a WebSocket connection (command rate, `connect`
+//! and `refresh`, channel permissions, token expiry, idle timeout), the SSE channel check, and the
+//! API key check. Each refusal is counted in `gateway_limit_rejections_total` or
+//! `gateway_auth_failures_total`.
+//!
+//! Refusals are whole HTTP responses returned as `Err`: large, but built once on a cold path.
+#![allow(clippy::result_large_err)]
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+use tokio::time::{Instant, Sleep};
+
+use crate::auth::{AuthError, Identity, Verifier};
+use crate::config::Config;
+use crate::limits::{Limits, Permit, Refusal, TokenBucket};
+use crate::namespace::{Action, Namespaces};
+use crate::node::Node;
+use crate::protocol::{reply_err, reply_ok, Command, CommandError, ErrorBody};
+use crate::response::{self, Body};
+
+/// Application close codes of the security layer (4000–4999), listed in docs/protocol.md.
+pub mod close_code {
+    /// The `connect` command's token is invalid (or no key is configured to check it).
+    pub const UNAUTHORIZED: u16 = 4002;
+    /// The connection's token expired and was not refreshed.
+    pub const TOKEN_EXPIRED: u16 = 4003;
+    /// The command rate stayed above `limits.command_rate` for a whole burst.
+    pub const RATE_LIMITED: u16 = 4008;
+    /// No subscription within `limits.idle_timeout`.
+    pub const IDLE: u16 = 4009;
+    /// The user has `limits.max_connections_per_user` connections already.
+    pub const TOO_MANY_USER_CONNECTIONS: u16 = 4029;
+}
+
+/// What the node knows for security: keys, namespaces, limits.
+pub struct Security {
+    pub verifier: Verifier,
+    pub namespaces: Namespaces,
+    pub limits: Limits,
+}
+
+impl Security {
+    pub fn load(config: &Config) -> Result<Security, String> {
+        Ok(Security {
+            verifier: Verifier::load(&config.auth)?,
+            namespaces: Namespaces::new(&config.channels),
+            limits: Limits::new(&config.limits),
+        })
+    }
+}
+
+/// A streaming connection let in: who it is, and its place in the connection counts.
+pub struct Admission {
+    pub identity: Option<Identity>,
+    pub permit: Permit,
+}
+
+fn count_limit(node: &Node, limit: &str) {
+    node.metrics
+        .limit_rejections
+        .with_label_values(&[limit])
+        .inc();
+}
+
+fn count_auth(node: &Node, reason: &str) {
+    node.metrics
+        .auth_failures
+        .with_label_values(&[reason])
+        .inc();
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1).
+pub fn too_many(code: &'static str, message: impl Into<String>, retry: Duration) -> Response<Body> {
+    let mut response = response::error(StatusCode::TOO_MANY_REQUESTS, code, message);
+    let secs = retry.as_secs_f64().ceil().max(1.0) as u64;
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_str(&secs.to_string()).expect("digits"),
+    );
+    response
+}
+
+fn refusal_response(refusal: Refusal) -> Response<Body> {
+    too_many(
+        refusal.code(),
+        match refusal {
+            Refusal::Node => "this node has reached limits.max_connections",
+            Refusal::User => "this user has reached limits.max_connections_per_user",
+        },
+        Duration::from_secs(1),
+    )
+}
+
+fn auth_response(e: &AuthError) -> Response<Body> {
+    let body = e.body();
+    response::error(StatusCode::UNAUTHORIZED, body.code, body.message)
+}
+
+/// Lets a WebSocket or SSE connection in, or answers why not: 403 for a foreign Origin, 401 for a
+/// bad token (header or `?token=`), 429 over a connection limit.
+pub fn admit(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Admission, Response<Body>> {
+    if !crate::origin::allowed(&node.config.origin.allowed, headers) {
+        count_auth(node, "origin");
+        return Err(crate::origin::refused());
+    }
+    let security = &node.security;
+    let identity = match crate::auth::request_token(headers, query) {
+        None => None,
+        Some(token) => match security.verifier.verify(&token) {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                count_auth(node, e.reason());
+                return Err(auth_response(&e));
+            }
+        },
+    };
+    let mut permit = security.limits.admit().map_err(|refusal| {
+        count_limit(node, refusal.label());
+        refusal_response(refusal)
+    })?;
+    if let Some(identity) = &identity {
+        security
+            .limits
+            .admit_user(&mut permit, &identity.user)
+            .map_err(|refusal| {
+                count_limit(node, refusal.label());
+                refusal_response(refusal)
+            })?;
+    }
+    Ok(Admission { identity, permit })
+}
+
+/// Checks that an SSE stream's connection may subscribe to each of `channels` (401/403).
+pub fn check_sse(
+    node: &Node,
+    admission: &Admission,
+    query: Option<&str>,
+) -> Result<(), Response<Body>> {
+    for (key, channel) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if key != "channel" {
+            continue;
+        }
+        if let Err(e) =
+            node.security
+                .namespaces
+                .check(Action::Subscribe, &channel, admission.identity.as_ref())
+        {
+            count_auth(node, e.code);
+            let status = if e.code == "unauthorized" {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            return Err(response::error(status, e.code, e.message));
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// When a token expiring at `exp` (Unix seconds) must end its connection, on the Tokio clock.
+fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
+    let left = Duration::from_secs(exp.saturating_sub(now_unix())) + leeway;
+    Instant::now() + left
+}
+
+/// What a WebSocket connection does with a command after the guard looked at it.
+pub enum Verdict {
+    /// Run it.
+    Proceed,
+    /// Do not run it; send this reply instead.
+    Reply(Bytes),
+    /// Send this reply, then close with this code and reason.
+    Close(Bytes, u16, Cow<'static, str>),
+}
+
+/// The security state of one WebSocket connection.
+pub struct Guard {
+    node: Arc<Node>,
+    identity: Option<Identity>,
+    permit: Permit,
+    bucket: Option<TokenBucket>,
+    /// Commands refused by the rate limit since the last accepted one.
+    refused_in_row: u32,
+    commands: u64,
+    expiry: Option<Pin<Box<Sleep>>>,
+    idle: Option<Pin<Box<Sleep>>>,
+}
+
+#[derive(Serialize)]
+struct Connected<'a> {
+    user: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+}
+
+impl Guard {
+    /// `idle` arms the idle timeout (the protocol endpoint; not the echo endpoint).
+    pub fn new(node: Arc<Node>, admission: Admission, idle: bool) -> Guard {
+        let limits = &node.config.limits;
+        let bucket = (limits.command_rate > 0.0)
+            .then(|| TokenBucket::new(limits.command_rate, limits.command_burst));
+        let idle = (idle && !limits.idle_timeout.is_zero())
+            .then(|| Box::pin(tokio::time::sleep(limits.idle_timeout)));
+        let mut guard = Guard {
+            node,
+            identity: None,
+            permit: admission.permit,
+            bucket,
+            refused_in_row: 0,
+            commands: 0,
+            expiry: None,
+            idle,
+        };
+        if let Some(identity) = admission.identity {
+            guard.set_identity(identity);
+        }
+        guard
+    }
+
+    fn set_identity(&mut self, identity: Identity) {
+        self.expiry = identity.expires_at.map(|exp| {
+            Box::pin(tokio::time::sleep_until(expiry_instant(
+                exp,
+                self.node.config.auth.jwt_leeway,
+            )))
+        });
+        self.identity = Some(identity);
+    }
+
+    /// Resolves when the connection must close: its token expired, or it stayed idle.
+    pub async fn deadline(&mut self) -> (u16, &'static str) {
+        let expiry = async {
+            match self.expiry.as_mut() {
+                Some(sleep) => sleep.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle = async {
+            match self.idle.as_mut() {
+                Some(sleep) => sleep.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = expiry => {
+                count_auth(&self.node, "expired");
+                (close_code::TOKEN_EXPIRED, "token expired")
+            }
+            _ = idle => {
+                count_limit(&self.node, "idle_timeout");
+                (close_code::IDLE, "no subscription within the idle timeout")
+            }
+        }
+    }
+
+    /// Looks at one parsed (or unparsable) command of a connection with `subscriptions`
+    /// subscriptions; `connect` and `refresh` are answered here.
+    pub fn on_command(
+        &mut self,
+        parsed: &Result<Command<'_>, CommandError>,
+        subscriptions: usize,
+    ) -> Verdict {
+        let id = match parsed {
+            Ok(command) => command.id(),
+            Err(e) => e.id,
+        };
+        if let Some(bucket) = self.bucket.as_mut() {
+            if let Err(wait) = bucket.take() {
+                count_limit(&self.node, "command_rate");
+                self.refused_in_row += 1;
+                let error = ErrorBody::new(
+                    "rate_limited",
+                    format!(
+                        "more than limits.command_rate commands; retry in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                );
+                let burst = self.node.config.limits.command_burst.max(1);
+                if self.refused_in_row > burst {
+                    return Verdict::Close(
+                        reply_err(id, &error),
+                        close_code::RATE_LIMITED,
+                        "command rate exceeded".into(),
+                    );
+                }
+                return Verdict::Reply(reply_err(id, &error));
+            }
+            self.refused_in_row = 0;
+        }
+        let Ok(command) = parsed else {
+            return Verdict::Proceed;
+        };
+        self.commands += 1;
+        let first = self.commands == 1;
+        let namespaces = &self.node.security.namespaces;
+        let refuse = |error: ErrorBody| {
+            self.node
+                .metrics
+                .protocol_errors
+                .with_label_values(&[error.code])
+                .inc();
+            Verdict::Reply(reply_err(id, &error))
+        };
+        match command {
+            Command::Connect { token, .. } => {
+                if self.identity.is_some() {
+                    return refuse(ErrorBody::new(
+                        "already_connected",
+                        "the connection is authenticated already",
+                    ));
+                }
+                if !first {
+                    return refuse(ErrorBody::new(
+                        "bad_request",
+                        "connect must be the first command",
+                    ));
+                }
+                self.authenticate(id, token, false)
+            }
+            Command::Refresh { token, .. } => {
+                if self.identity.is_none() {
+                    return refuse(ErrorBody::new(
+                        "bad_request",
+                        "refresh needs an authenticated connection: send connect first",
+                    ));
+                }
+                self.authenticate(id, token, true)
+            }
+            Command::Subscribe { channel, .. } => {
+                if let Err(e) = namespaces.check(Action::Subscribe, channel, self.identity.as_ref())
+                {
+                    count_auth(&self.node, e.code);
+                    return refuse(e);
+                }
+                let max = self.node.config.client.max_subscriptions;
+                if subscriptions >= max {
+                    count_limit(&self.node, "max_subscriptions");
+                }
+                self.idle = None;
+                Verdict::Proceed
+            }
+            Command::Publish { channel, data, .. } => {
+                if let Err(e) = namespaces.check(Action::Publish, channel, self.identity.as_ref()) {
+                    count_auth(&self.node, e.code);
+                    return refuse(e);
+                }
+                if let Err(e) = namespaces.check_size(channel, data.get().len()) {
+                    count_limit(&self.node, "message_size");
+                    return refuse(e);
+                }
+                Verdict::Proceed
+            }
+            Command::Unsubscribe { .. } | Command::Ping { .. } => Verdict::Proceed,
+        }
+    }
+
+    fn authenticate(&mut self, id: Option<u64>, token: &str, refresh: bool) -> Verdict {
+        let identity = match self.node.security.verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => {
+                count_auth(&self.node, e.reason());
+                let code = if e == AuthError::Expired {
+                    close_code::TOKEN_EXPIRED
+                } else {
+                    close_code::UNAUTHORIZED
+                };
+                return Verdict::Close(reply_err(id, &e.body()), code, e.code().into());
+            }
+        };
+        if refresh {
+            let current = self.identity.as_ref().map(|i| &i.user);
+            if current != Some(&identity.user) {
+                count_auth(&self.node, "user_mismatch");
+                let error = ErrorBody::new(
+                    "forbidden",
+                    "refresh must keep the connection's user (`sub`)",
+                );
+                return Verdict::Reply(reply_err(id, &error));
+            }
+        } else if let Err(refusal) = self
+            .node
+            .security
+            .limits
+            .admit_user(&mut self.permit, &identity.user)
+        {
+            count_limit(&self.node, refusal.label());
+            let error = ErrorBody::new(refusal.code(), "this user has too many connections");
+            return Verdict::Close(
+                reply_err(id, &error),
+                close_code::TOO_MANY_USER_CONNECTIONS,
+                refusal.code().into(),
+            );
+        }
+        let reply = reply_ok(
+            id,
+            &Connected {
+                user: &identity.user,
+                expires_at: identity.expires_at,
+            },
+        );
+        self.set_identity(identity);
+        Verdict::Reply(reply)
+    }
+}
+
+/// Whether `/api/*` may be called with these headers: the key when keys are configured.
+pub fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Response<Body>> {
+    let keys = &node.config.auth.api_keys;
+    if keys.is_empty() || crate::auth::api_key_ok(keys, headers) {
+        return Ok(());
+    }
+    count_auth(node, "api_key");
+    let mut response = response::error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_api_key",
+        "the API needs `Authorization: apikey <key>` with a configured key",
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("apikey"));
+    Err(response)
+}
+
+/// A response body that ends when the connection's token expires (SSE streams), and holds the
+/// connection's permit for as long as it lives.
+pub struct Expiring {
+    inner: Body,
+    expiry: Option<Pin<Box<Sleep>>>,
+    _permit: Permit,
+}
+
+impl Expiring {
+    pub fn wrap(node: &Node, inner: Body, admission: Admission) -> Body {
+        let expiry = admission
+            .identity
+            .as_ref()
+            .and_then(|i| i.expires_at)
+            .map(|exp| {
+                Box::pin(tokio::time::sleep_until(expiry_instant(
+                    exp,
+                    node.config.auth.jwt_leeway,
+                )))
+            });
+        http_body_util::BodyExt::boxed_unsync(Expiring {
+            inner,
+            expiry,
+            _permit: admission.permit,
+        })
+    }
+}
+
+impl hyper::body::Body for Expiring {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if let Some(expiry) = self.expiry.as_mut() {
+            if expiry.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+}
