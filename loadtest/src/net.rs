@@ -10,8 +10,17 @@ use tokio::net::{TcpSocket, TcpStream};
 /// (source IP, destination) pair, so stay under it.
 const PER_SOURCE: usize = 25_000;
 
-/// Loopback source addresses 127.0.0.1, 127.0.0.2, … handed out round-robin, as many as the
-/// connection count needs.
+/// Runs with fewer connections than this use 127.0.0.1 without binding.
+const SMALL: usize = 2_000;
+/// Loopback addresses handed to large runs: 127.0.0.2 … 127.0.0.251.
+const POOL: usize = 250;
+
+/// Where the next large run's addresses start. Each run takes fresh ones: the previous run's
+/// closed connections keep their ports in TIME_WAIT for a minute, and a run on the same addresses
+/// would find the port range used up.
+static NEXT_ADDRESS: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Loopback source addresses handed out round-robin, as many as the connection count needs.
 pub struct Sources {
     addrs: Vec<IpAddr>,
     next: AtomicUsize,
@@ -19,11 +28,24 @@ pub struct Sources {
 
 impl Sources {
     pub fn for_connections(n: usize) -> Sources {
-        let count = n.div_ceil(PER_SOURCE).clamp(1, 250);
+        let addrs = if n < SMALL {
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
+        } else {
+            let count = n.div_ceil(PER_SOURCE).clamp(1, POOL);
+            // Processes started one after the other begin at different places too.
+            let _ = NEXT_ADDRESS.compare_exchange(
+                usize::MAX,
+                std::process::id() as usize % POOL,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            let start = NEXT_ADDRESS.fetch_add(count, Ordering::Relaxed);
+            (0..count)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + ((start + i) % POOL) as u8)))
+                .collect()
+        };
         Sources {
-            addrs: (1..=count as u8)
-                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
-                .collect(),
+            addrs,
             next: AtomicUsize::new(0),
         }
     }
@@ -137,12 +159,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sources_cover_the_count() {
-        assert_eq!(Sources::for_connections(10).all().len(), 1);
-        let s = Sources::for_connections(100_000);
-        assert_eq!(s.all().len(), 4);
-        assert_eq!(s.pick(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
-        assert_eq!(s.pick(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    fn sources_cover_the_count_and_move_on_between_runs() {
+        let small = Sources::for_connections(10);
+        assert_eq!(small.all(), [IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+        let a = Sources::for_connections(100_000);
+        assert_eq!(a.all().len(), 4);
+        assert_eq!(a.pick(), a.all()[0]);
+        assert_eq!(a.pick(), a.all()[1]);
+        let b = Sources::for_connections(30_000);
+        assert_eq!(b.all().len(), 2);
+        for addr in b.all() {
+            assert!(!a.all().contains(addr), "a new run gets fresh addresses");
+            assert_ne!(*addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
     }
 
     #[test]
