@@ -242,21 +242,26 @@ async fn accept_loop(
 
 async fn serve_connection(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Option<Tls>) {
     let _ = stream.set_nodelay(true);
-    let handshake = node.config.limits.handshake_timeout;
     match tls {
         None => serve_io(TokioIo::new(stream), node, kind).await,
-        Some(tls) => {
-            let accept = tls.acceptor().accept(stream);
-            match tokio::time::timeout(handshake, accept).await {
-                Ok(Ok(stream)) => serve_io(TokioIo::new(stream), node, kind).await,
-                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                Err(_) => {
-                    node.metrics
-                        .limit_rejections
-                        .with_label_values(&["handshake_timeout"])
-                        .inc();
-                }
-            }
+        // Boxed: a connection's task is as large as its largest branch, and the TLS one (the
+        // handshake, rustls state inside hyper's connection) would add kilobytes to every
+        // plain connection, for as long as an SSE stream lasts.
+        Some(tls) => Box::pin(serve_tls(stream, node, kind, tls)).await,
+    }
+}
+
+async fn serve_tls(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Tls) {
+    let handshake = node.config.limits.handshake_timeout;
+    let accept = tls.acceptor().accept(stream);
+    match tokio::time::timeout(handshake, accept).await {
+        Ok(Ok(stream)) => serve_io(TokioIo::new(stream), node, kind).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => {
+            node.metrics
+                .limit_rejections
+                .with_label_values(&["handshake_timeout"])
+                .inc();
         }
     }
 }

@@ -192,6 +192,9 @@ async fn bounded<E>(
 enum End {
     /// Send a Close frame with this code and reason, then wait briefly for the peer's.
     Close(u16, Cow<'static, str>),
+    /// Write the outputs gathered so far (the reply that explains the close among them), then
+    /// close as above.
+    CloseAfterReply(u16, Cow<'static, str>),
     /// The peer closed or vanished, or a write failed: nothing more to send.
     Gone,
 }
@@ -244,8 +247,14 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 break end;
             }
         };
-        if let End::Close(code, reason) = end {
-            self.close(code, &reason).await;
+        match end {
+            End::Close(code, reason) => self.close(code, &reason).await,
+            End::CloseAfterReply(code, reason) => {
+                if self.write_outputs(&mut out).await.is_ok() {
+                    self.close(code, &reason).await;
+                }
+            }
+            End::Gone => {}
         }
     }
 
@@ -352,11 +361,11 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                             out.push(Output::Reply(reply));
                             Ok(())
                         }
+                        // Written by the connection loop: writing here, inside the frame
+                        // branch, would enlarge every connection's future for a rare path.
                         Verdict::Close(reply, code, reason) => {
-                            self.write_outputs(out).await?;
-                            self.send(Frame::text(Payload::Owned(reply.to_vec())))
-                                .await?;
-                            Err(End::Close(code, reason))
+                            out.push(Output::Reply(reply));
+                            Err(End::CloseAfterReply(code, reason))
                         }
                     }
                 }
