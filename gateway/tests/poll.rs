@@ -57,6 +57,23 @@ fn position(answer: &Value, channel: &str) -> (String, u64) {
     )
 }
 
+/// Starts a poll from `cursor` that waits (up to 30 s) and returns once the node counts it as an
+/// open poll, so what happens next happens while it waits. Resolves to the poll's status and body.
+async fn waiting_poll(
+    node: &Node,
+    query: &str,
+    cursor: &str,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let url = node.url(&format!("/poll?{query}&cursor={cursor}&timeout=30"));
+    let waiting =
+        tokio::spawn(async move { json_response(http().get(url).send().await.unwrap()).await });
+    wait_metric(node, "gateway_connections", &[("transport", "poll")], |v| {
+        v == 1.0
+    })
+    .await;
+    waiting
+}
+
 #[tokio::test]
 async fn first_poll_answers_at_once_with_every_channels_position() {
     let node = Node::default().await;
@@ -93,20 +110,8 @@ async fn a_waiting_poll_answers_when_a_publication_arrives() {
     let first = poll_ok(&node, &channel_query(&[&a])).await;
     let cursor = cursor_of(&first);
 
-    let url = node.url(&format!(
-        "/poll?{}&cursor={cursor}&timeout=30",
-        channel_query(&[&a])
-    ));
-    let waiting =
-        tokio::spawn(async move { json_response(http().get(url).send().await.unwrap()).await });
     // Published after the poll began waiting (it is counted as an open poll first).
-    wait_metric(
-        &node,
-        "gateway_connections",
-        &[("transport", "poll")],
-        |v| v == 1.0,
-    )
-    .await;
+    let waiting = waiting_poll(&node, &channel_query(&[&a]), &cursor).await;
     publish(&node, &a, json!({"n": 1})).await;
     let (status, answer) = within("the waiting poll", waiting).await.unwrap();
     assert_eq!(status, 200, "{answer}");
@@ -300,19 +305,7 @@ async fn draining_answers_waiting_polls_and_refuses_new_ones() {
     .await;
     let a = channel("drain");
     let cursor = cursor_of(&poll_ok(&node, &channel_query(&[&a])).await);
-    let url = node.url(&format!(
-        "/poll?{}&cursor={cursor}&timeout=30",
-        channel_query(&[&a])
-    ));
-    let waiting =
-        tokio::spawn(async move { json_response(http().get(url).send().await.unwrap()).await });
-    wait_metric(
-        &node,
-        "gateway_connections",
-        &[("transport", "poll")],
-        |v| v == 1.0,
-    )
-    .await;
+    let waiting = waiting_poll(&node, &channel_query(&[&a]), &cursor).await;
 
     let running = node.take();
     let drain = tokio::spawn(running.drain());
