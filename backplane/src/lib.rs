@@ -26,6 +26,12 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// A random epoch: a restarted process or a recreated channel never reuses one.
+pub(crate) fn new_epoch() -> Arc<str> {
+    let bits: u64 = rand::random();
+    format!("{bits:016x}").into()
+}
+
 /// One page of a channel's history, read at a single instant.
 #[derive(Debug, Clone)]
 pub struct HistoryPage {

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::{
-    Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck, Retention,
-    Settings,
+    new_epoch, Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck,
+    Retention, Settings,
 };
 
 const SHARDS: usize = 64;
@@ -74,12 +74,6 @@ impl Channel {
             self.history.pop_front();
         }
     }
-}
-
-/// A random epoch: a restarted process or a recreated channel never reuses one.
-fn new_epoch() -> Arc<str> {
-    let bits: u64 = rand::random();
-    format!("{bits:016x}").into()
 }
 
 impl MemoryBackplane {

@@ -9,6 +9,8 @@
 //!   re-syncs channels after reconnects and checks itself with round trips through pub/sub.
 
 mod commands;
+mod connection;
+mod health;
 mod keys;
 mod pubsub;
 
@@ -19,10 +21,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck, Settings,
-    Stats,
+    new_epoch, Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck,
+    Settings, Stats,
 };
 use commands::{Commands, HISTORY, PUBLISH};
+use health::Health;
 use keys::Keys;
 
 /// Which Redis to use.
@@ -51,9 +54,19 @@ pub struct RedisConfig {
     pub subscribe_linger: Duration,
 }
 
+/// What the backplane and its link task share.
+pub(crate) struct Shared {
+    pub(crate) keys: Keys,
+    pub(crate) sharded: bool,
+    pub(crate) commands: Commands,
+    pub(crate) settings: Settings,
+    pub(crate) sink: Arc<dyn PublicationSink>,
+    pub(crate) health: Health,
+}
+
 /// The Redis implementation of [`Backplane`].
 pub struct RedisBackplane {
-    shared: Arc<pubsub::Shared>,
+    shared: Arc<Shared>,
     link: pubsub::Link,
 }
 
@@ -81,13 +94,13 @@ impl RedisBackplane {
         let mut settings = settings;
         // The epoch and top must outlive the history they describe.
         settings.meta_ttl = settings.meta_ttl.max(settings.longest_age());
-        let shared = Arc::new(pubsub::Shared {
+        let shared = Arc::new(Shared {
             keys: Keys::new(&config.prefix),
             sharded: matches!(config.target, Target::Cluster(_)),
             commands,
             settings,
             sink,
-            health: pubsub::Health::default(),
+            health: Health::default(),
         });
         // Fail at start rather than serve with a store that is not there.
         shared.commands.ping().await?;
@@ -96,17 +109,13 @@ impl RedisBackplane {
     }
 }
 
-fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
 fn millis(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX).max(1)
 }
 
 /// Reads a page of history (and the epoch and top) in one script call.
 pub(crate) async fn history(
-    shared: &pubsub::Shared,
+    shared: &Shared,
     channel: &str,
     since: u64,
     limit: usize,
@@ -118,7 +127,7 @@ pub(crate) async fn history(
         .key(keys.history(channel))
         .arg(since)
         .arg(limit)
-        .arg(new_epoch())
+        .arg(&*new_epoch())
         .arg(millis(settings.retention_for(channel).max_age))
         .arg(millis(settings.meta_ttl));
     type Entry = (String, Vec<Vec<u8>>);
@@ -179,7 +188,7 @@ impl Backplane for RedisBackplane {
             .key(keys.history(channel))
             .key(idempotency)
             .arg(&data[..])
-            .arg(new_epoch())
+            .arg(&*new_epoch())
             .arg(retention.max_count)
             .arg(millis(retention.max_age))
             .arg(millis(retention.max_age))

@@ -13,94 +13,18 @@
 //!   intervals marks the link unhealthy, which `/readyz` reports.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::commands::{unavailable, Commands};
-use super::keys::Keys;
-use super::{RedisConfig, Target};
-use crate::{BackplaneError, Publication, PublicationSink, Settings, Stats};
-
-/// What the backplane and its link task share.
-pub(crate) struct Shared {
-    pub(crate) keys: Keys,
-    pub(crate) sharded: bool,
-    pub(crate) commands: Commands,
-    pub(crate) settings: Settings,
-    pub(crate) sink: Arc<dyn PublicationSink>,
-    pub(crate) health: Health,
-}
-
-/// Health and counters of the link.
-pub(crate) struct Health {
-    healthy: AtomicBool,
-    reason: Mutex<String>,
-    reconnects: AtomicU64,
-    gap_fills: AtomicU64,
-    errors: AtomicU64,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Health {
-            healthy: AtomicBool::new(true),
-            reason: Mutex::new(String::new()),
-            reconnects: AtomicU64::new(0),
-            gap_fills: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Health {
-    pub(crate) fn check(&self) -> Result<(), String> {
-        if self.healthy.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
-            Err(format!(
-                "redis pub/sub link unhealthy: {}",
-                self.reason.lock()
-            ))
-        }
-    }
-
-    pub(crate) fn stats(&self) -> Stats {
-        Stats {
-            pubsub_healthy: self.healthy.load(Ordering::Relaxed),
-            pubsub_reconnects: self.reconnects.load(Ordering::Relaxed),
-            gap_fills: self.gap_fills.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-        }
-    }
-
-    pub(crate) fn count_error(&self) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn set_unhealthy(&self, reason: String) {
-        if self.healthy.swap(false, Ordering::Relaxed) {
-            tracing::warn!(%reason, "redis pub/sub link unhealthy");
-        }
-        *self.reason.lock() = reason;
-    }
-
-    /// Returns true if the link was unhealthy.
-    fn set_healthy(&self) -> bool {
-        let was_unhealthy = !self.healthy.swap(true, Ordering::Relaxed);
-        if was_unhealthy {
-            tracing::info!("redis pub/sub link healthy again");
-        }
-        was_unhealthy
-    }
-}
+use super::commands::unavailable;
+use super::connection::Connection;
+use super::{RedisConfig, Shared};
+use crate::{BackplaneError, Publication};
 
 type Ack = oneshot::Sender<Result<(), BackplaneError>>;
 
@@ -157,96 +81,6 @@ impl Link {
 
     pub(crate) fn unsubscribe(&self, channel: &str) {
         let _ = self.requests.send(Request::Unsubscribe(channel.into()));
-    }
-}
-
-/// The pub/sub connection: RESP3 pushes on a single server's connection manager (which
-/// reconnects and resubscribes by itself), or sharded pub/sub on a cluster connection.
-enum Connection {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl Connection {
-    async fn open(
-        target: &Target,
-        config: &RedisConfig,
-        pushes: mpsc::UnboundedSender<PushInfo>,
-    ) -> Result<Connection, BackplaneError> {
-        match target {
-            Target::Single(url) => {
-                let separator = if url.contains('?') { '&' } else { '?' };
-                let client = redis::Client::open(format!("{url}{separator}protocol=resp3"))
-                    .map_err(unavailable)?;
-                let manager_config = redis::aio::ConnectionManagerConfig::new()
-                    .set_push_sender(pushes)
-                    .set_automatic_resubscription()
-                    .set_connection_timeout(Some(config.connect_timeout))
-                    .set_response_timeout(Some(config.command_timeout));
-                let manager = client
-                    .get_connection_manager_with_config(manager_config)
-                    .await
-                    .map_err(unavailable)?;
-                Ok(Connection::Single(manager))
-            }
-            Target::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
-                    .use_protocol(redis::ProtocolVersion::RESP3)
-                    .push_sender(pushes)
-                    .connection_timeout(config.connect_timeout)
-                    .response_timeout(config.command_timeout)
-                    .build()
-                    .map_err(unavailable)?;
-                let connection = client.get_async_connection().await.map_err(unavailable)?;
-                Ok(Connection::Cluster(connection))
-            }
-        }
-    }
-
-    async fn subscribe(
-        &mut self,
-        names: &[String],
-        timeout: Duration,
-    ) -> Result<(), BackplaneError> {
-        self.change(true, names, timeout).await
-    }
-
-    async fn unsubscribe(
-        &mut self,
-        names: &[String],
-        timeout: Duration,
-    ) -> Result<(), BackplaneError> {
-        self.change(false, names, timeout).await
-    }
-
-    /// (Un)subscribes, bounded by the command timeout per shard round trip.
-    async fn change(
-        &mut self,
-        subscribe: bool,
-        names: &[String],
-        timeout: Duration,
-    ) -> Result<(), BackplaneError> {
-        let work = async {
-            match self {
-                Connection::Single(c) if subscribe => c.subscribe(names).await,
-                Connection::Single(c) => c.unsubscribe(names).await,
-                Connection::Cluster(c) => {
-                    // Each shard channel may live on another node: one command each.
-                    for name in names {
-                        if subscribe {
-                            c.ssubscribe(name).await?;
-                        } else {
-                            c.sunsubscribe(name).await?;
-                        }
-                    }
-                    Ok(())
-                }
-            }
-        };
-        match tokio::time::timeout(timeout * (names.len() as u32).clamp(1, 8), work).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(unavailable("pub/sub (un)subscribe timed out")),
-        }
     }
 }
 
