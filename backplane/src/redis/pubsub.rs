@@ -322,7 +322,7 @@ impl Task {
     }
 
     async fn on_message(&mut self, payload: &[u8]) {
-        let Some((offset, epoch, published_us, channel, data)) = parse_message(payload) else {
+        let Some((offset, epoch, published_us, tag, channel, data)) = parse_message(payload) else {
             tracing::warn!("malformed pub/sub message ignored");
             return;
         };
@@ -353,7 +353,9 @@ impl Task {
         }
         let epoch = epoch_arc.unwrap_or_else(|| epoch.into());
         state.last = Some((epoch.clone(), offset));
-        let publication = Publication::new(name, offset, epoch, data).published_at(published_us);
+        let publication = Publication::new(name, offset, epoch, data)
+            .published_at(published_us)
+            .tagged(tag);
         self.shared.sink.deliver(Arc::new(publication));
     }
 
@@ -431,19 +433,22 @@ impl Task {
     }
 }
 
-/// Splits `"<offset> <epoch> <publish time, us> <channel>\n<data>"`.
-fn parse_message(payload: &[u8]) -> Option<(u64, &str, u64, &str, &[u8])> {
+/// Splits `"<offset> <epoch> <publish time, us> <tag> <channel>\n<data>"` (the tag is 8 hex
+/// digits; the channel is last so it may hold anything but a newline).
+fn parse_message(payload: &[u8]) -> Option<(u64, &str, u64, u32, &str, &[u8])> {
     let newline = payload.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&payload[..newline]).ok()?;
-    let mut parts = head.splitn(4, ' ');
+    let mut parts = head.splitn(5, ' ');
     let offset = parts.next()?.parse().ok()?;
     let epoch = parts.next()?;
     let published_us = parts.next()?.parse().ok()?;
+    let tag = crate::parse_tag(parts.next()?)?;
     let channel = parts.next()?;
     Some((
         offset,
         epoch,
         published_us,
+        tag,
         channel,
         &payload[newline + 1..],
     ))
@@ -455,15 +460,17 @@ mod tests {
 
     #[test]
     fn parses_the_script_message() {
-        let (offset, epoch, at, channel, data) =
-            parse_message(b"42 e1 1700000000000123 chat:a\n{\"x\":\"a b\\nc\"}").unwrap();
+        let (offset, epoch, at, tag, channel, data) =
+            parse_message(b"42 e1 1700000000000123 00c0ffee chat:a\n{\"x\":\"a b\\nc\"}")
+                .unwrap();
         assert_eq!(
-            (offset, epoch, at, channel),
-            (42, "e1", 1700000000000123, "chat:a")
+            (offset, epoch, at, tag, channel),
+            (42, "e1", 1700000000000123, 0xc0ffee, "chat:a")
         );
         assert_eq!(data, b"{\"x\":\"a b\\nc\"}");
-        assert!(parse_message(b"x e 1 c\n1").is_none());
-        assert!(parse_message(b"1 e 1 c").is_none());
-        assert!(parse_message(b"1 e c\n1").is_none());
+        assert!(parse_message(b"x e 1 0000000a c\n1").is_none());
+        assert!(parse_message(b"1 e 1 0000000a c").is_none());
+        assert!(parse_message(b"1 e 1 c\n1").is_none(), "no tag");
+        assert!(parse_message(b"1 e 1 xyz c\n1").is_none(), "not a tag");
     }
 }
