@@ -322,7 +322,15 @@ impl Task {
     }
 
     async fn on_message(&mut self, payload: &[u8]) {
-        let Some((offset, epoch, published_us, tag, channel, data)) = parse_message(payload) else {
+        let Some(Message {
+            offset,
+            epoch,
+            published_us,
+            tag,
+            channel,
+            data,
+        }) = parse_message(payload)
+        else {
             tracing::warn!("malformed pub/sub message ignored");
             return;
         };
@@ -433,9 +441,20 @@ impl Task {
     }
 }
 
+/// A publication as the publish script sends it through pub/sub.
+#[derive(Debug, PartialEq, Eq)]
+struct Message<'a> {
+    offset: u64,
+    epoch: &'a str,
+    published_us: u64,
+    tag: u32,
+    channel: &'a str,
+    data: &'a [u8],
+}
+
 /// Splits `"<offset> <epoch> <publish time, us> <tag> <channel>\n<data>"` (the tag is 8 hex
 /// digits; the channel is last so it may hold anything but a newline).
-fn parse_message(payload: &[u8]) -> Option<(u64, &str, u64, u32, &str, &[u8])> {
+fn parse_message(payload: &[u8]) -> Option<Message<'_>> {
     let newline = payload.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&payload[..newline]).ok()?;
     let mut parts = head.splitn(5, ' ');
@@ -444,30 +463,34 @@ fn parse_message(payload: &[u8]) -> Option<(u64, &str, u64, u32, &str, &[u8])> {
     let published_us = parts.next()?.parse().ok()?;
     let tag = crate::parse_tag(parts.next()?)?;
     let channel = parts.next()?;
-    Some((
+    Some(Message {
         offset,
         epoch,
         published_us,
         tag,
         channel,
-        &payload[newline + 1..],
-    ))
+        data: &payload[newline + 1..],
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_message;
+    use super::{parse_message, Message};
 
     #[test]
     fn parses_the_script_message() {
-        let (offset, epoch, at, tag, channel, data) =
-            parse_message(b"42 e1 1700000000000123 00c0ffee chat:a\n{\"x\":\"a b\\nc\"}")
+        let message =
+            parse_message(b"42 e1 1700000000000123 00c0ffee chat:a b\n{\"x\":\"a b\\nc\"}")
                 .unwrap();
-        assert_eq!(
-            (offset, epoch, at, tag, channel),
-            (42, "e1", 1700000000000123, 0xc0ffee, "chat:a")
-        );
-        assert_eq!(data, b"{\"x\":\"a b\\nc\"}");
+        let expected = Message {
+            offset: 42,
+            epoch: "e1",
+            published_us: 1700000000000123,
+            tag: 0xc0ffee,
+            channel: "chat:a b",
+            data: b"{\"x\":\"a b\\nc\"}",
+        };
+        assert_eq!(message, expected, "the channel is last and may hold spaces");
         assert!(parse_message(b"x e 1 0000000a c\n1").is_none());
         assert!(parse_message(b"1 e 1 0000000a c").is_none());
         assert!(parse_message(b"1 e 1 c\n1").is_none(), "no tag");
