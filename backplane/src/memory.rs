@@ -220,7 +220,8 @@ impl Backplane for MemoryBackplane {
                 epoch: state.epoch.clone(),
                 tag: state.top_tag,
             };
-            if let (Some(Idempotency { scope, key }), Some(data_digest)) = (idempotency, data_digest)
+            if let (Some(Idempotency { scope, key }), Some(data_digest)) =
+                (idempotency, data_digest)
             {
                 let remembered = Remembered {
                     ack: ack.clone(),
@@ -398,9 +399,18 @@ mod tests {
     async fn idempotency_key_returns_the_first_result() {
         let (bp, sink) = backplane(100, Duration::from_secs(60));
         bp.subscribe("a").await.unwrap();
-        let first = bp.publish("a", data(1), Some(Idempotency::server("k"))).await.unwrap();
-        let again = bp.publish("a", data(1), Some(Idempotency::server("k"))).await.unwrap();
-        let other = bp.publish("a", data(1), Some(Idempotency::server("k2"))).await.unwrap();
+        let first = bp
+            .publish("a", data(1), Some(Idempotency::server("k")))
+            .await
+            .unwrap();
+        let again = bp
+            .publish("a", data(1), Some(Idempotency::server("k")))
+            .await
+            .unwrap();
+        let other = bp
+            .publish("a", data(1), Some(Idempotency::server("k2")))
+            .await
+            .unwrap();
         assert_eq!(first, again);
         assert_eq!(other.offset, 2);
         assert_eq!(

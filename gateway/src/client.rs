@@ -249,7 +249,9 @@ impl Session {
                     .publish(
                         &channel,
                         data,
-                        idempotency_key.as_deref().map(backplane::Idempotency::client),
+                        idempotency_key
+                            .as_deref()
+                            .map(backplane::Idempotency::client),
                     )
                     .await;
                 Completion::Published { id, result }

@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    format_tag, new_epoch, new_tag, parse_tag, Backplane, BackplaneError, HistoryPage,
-    Idempotency, Publication, PublicationSink, PublishAck, Settings, Stats,
+    format_tag, new_epoch, new_tag, parse_tag, Backplane, BackplaneError, HistoryPage, Idempotency,
+    Publication, PublicationSink, PublishAck, Settings, Stats,
 };
 use commands::{Commands, HISTORY, PUBLISH};
 use health::Health;
