@@ -202,12 +202,19 @@ pub async fn delivery_is_in_order_and_only_while_subscribed(store: &Store) {
         subscribe_linger: Some(Duration::from_millis(100)),
         ..NodeOptions::default()
     };
-    let node = store.node(options).await;
+    let node = store.node(options.clone()).await;
+    // On a shared store the publications come from another node.
+    let peer = if store.shared() {
+        Some(store.node(options).await)
+    } else {
+        None
+    };
+    let publisher = peer.as_ref().unwrap_or(&node);
     let bp = &node.backplane;
-    publish(&node, "live", 1).await;
+    publish(publisher, "live", 1).await;
     bp.subscribe("live").await.unwrap();
     for n in 2..=5 {
-        publish(&node, "live", n).await;
+        publish(publisher, "live", n).await;
     }
     let got = node.sink.wait_for("live", 5).await;
     assert_eq!(
@@ -221,18 +228,24 @@ pub async fn delivery_is_in_order_and_only_while_subscribed(store: &Store) {
 
     bp.unsubscribe("live").await.unwrap();
     store.wait_unsubscribed("live").await;
-    publish(&node, "live", 6).await;
-    publish(&node, "live", 7).await;
+    publish(publisher, "live", 6).await;
+    publish(publisher, "live", 7).await;
     // Subscribing again and waiting for the next publication of the same channel is the
     // barrier: had 6 or 7 been delivered, they would have arrived before 8.
     bp.subscribe("live").await.unwrap();
-    publish(&node, "live", 8).await;
+    publish(publisher, "live", 8).await;
     let got = node.sink.wait_for("live", 8).await;
     assert_eq!(
         offsets(&got),
         vec![2, 3, 4, 5, 8],
         "nothing is delivered while unsubscribed"
     );
+    if let Some(peer) = &peer {
+        assert!(
+            peer.sink.of("live").is_empty(),
+            "only subscribed nodes get deliveries"
+        );
+    }
 }
 
 pub async fn concurrent_publishers_get_distinct_gap_free_offsets(store: &Store) {
