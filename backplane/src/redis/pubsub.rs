@@ -453,15 +453,23 @@ struct Message<'a> {
 }
 
 /// Splits `"<offset> <epoch> <publish time, us> <tag> <channel>\n<data>"` (the tag is 8 hex
-/// digits; the channel is last so it may hold anything but a newline).
+/// digits; the channel is last). Also reads the untagged form of nodes from before tags,
+/// `"<offset> <epoch> <publish time, us> <channel>\n<data>"`, as tag 0, so a rolling deploy
+/// does not drop their publications (channel names have no whitespace, so the forms differ in
+/// their number of fields).
 fn parse_message(payload: &[u8]) -> Option<Message<'_>> {
     let newline = payload.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&payload[..newline]).ok()?;
-    let mut parts = head.splitn(5, ' ');
+    let tagged = head.split(' ').count() >= 5;
+    let mut parts = head.splitn(if tagged { 5 } else { 4 }, ' ');
     let offset = parts.next()?.parse().ok()?;
     let epoch = parts.next()?;
     let published_us = parts.next()?.parse().ok()?;
-    let tag = crate::parse_tag(parts.next()?)?;
+    let tag = if tagged {
+        crate::parse_tag(parts.next()?)?
+    } else {
+        0
+    };
     let channel = parts.next()?;
     Some(Message {
         offset,
@@ -480,20 +488,28 @@ mod tests {
     #[test]
     fn parses_the_script_message() {
         let message =
-            parse_message(b"42 e1 1700000000000123 00c0ffee chat:a b\n{\"x\":\"a b\\nc\"}")
-                .unwrap();
+            parse_message(b"42 e1 1700000000000123 00c0ffee chat:a\n{\"x\":\"a b\\nc\"}").unwrap();
         let expected = Message {
             offset: 42,
             epoch: "e1",
             published_us: 1700000000000123,
             tag: 0xc0ffee,
-            channel: "chat:a b",
+            channel: "chat:a",
             data: b"{\"x\":\"a b\\nc\"}",
         };
-        assert_eq!(message, expected, "the channel is last and may hold spaces");
+        assert_eq!(message, expected);
         assert!(parse_message(b"x e 1 0000000a c\n1").is_none());
         assert!(parse_message(b"1 e 1 0000000a c").is_none());
-        assert!(parse_message(b"1 e 1 c\n1").is_none(), "no tag");
         assert!(parse_message(b"1 e 1 xyz c\n1").is_none(), "not a tag");
+        let untagged = parse_message(b"7 e2 1700000000000456 chat:b\n[1]").unwrap();
+        let expected = Message {
+            offset: 7,
+            epoch: "e2",
+            published_us: 1700000000000456,
+            tag: 0,
+            channel: "chat:b",
+            data: b"[1]",
+        };
+        assert_eq!(untagged, expected, "a node from before tags");
     }
 }
