@@ -62,7 +62,10 @@ pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<B
         return response::error(StatusCode::PAYLOAD_TOO_LARGE, e.code, e.message);
     }
     let data = backplane::json::compact(request.data.get());
-    let key = request.idempotency_key.as_deref();
+    let key = request
+        .idempotency_key
+        .as_deref()
+        .map(backplane::Idempotency::server);
     match node.publish(&request.channel, data, key).await {
         Ok(ack) => response::json(
             StatusCode::OK,
@@ -72,6 +75,7 @@ pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<B
             let error = backplane_error(&e);
             let status = match error.code {
                 "backplane_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                "idempotency_conflict" => StatusCode::CONFLICT,
                 _ => StatusCode::BAD_REQUEST,
             };
             response::error(status, error.code, error.message)

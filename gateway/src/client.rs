@@ -246,7 +246,13 @@ impl Session {
         self.pending().push(
             async move {
                 let result = node
-                    .publish(&channel, data, idempotency_key.as_deref())
+                    .publish(
+                        &channel,
+                        data,
+                        idempotency_key
+                            .as_deref()
+                            .map(backplane::Idempotency::client),
+                    )
                     .await;
                 Completion::Published { id, result }
             }
@@ -575,6 +581,7 @@ pub fn backplane_error(e: &BackplaneError) -> ErrorBody {
     match e {
         BackplaneError::Unavailable(_) => ErrorBody::new("backplane_unavailable", e.to_string()),
         BackplaneError::Invalid(_) => ErrorBody::new("bad_request", e.to_string()),
+        BackplaneError::Conflict(_) => ErrorBody::new("idempotency_conflict", e.to_string()),
     }
 }
 

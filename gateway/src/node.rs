@@ -103,14 +103,14 @@ impl Node {
         &self,
         channel: &str,
         data: bytes::Bytes,
-        idempotency_key: Option<&str>,
+        idempotency: Option<backplane::Idempotency<'_>>,
     ) -> Result<backplane::PublishAck, BackplaneError> {
         let metrics = &self.metrics;
         let timer = metrics
             .backplane_duration
             .with_label_values(&["publish"])
             .start_timer();
-        let ack = self.backplane.publish(channel, data, idempotency_key).await;
+        let ack = self.backplane.publish(channel, data, idempotency).await;
         timer.observe_duration();
         metrics.publications.inc_by(u64::from(ack.is_ok()));
         ack

@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    new_epoch, Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck,
-    Settings, Stats,
+    format_tag, new_epoch, new_tag, parse_tag, Backplane, BackplaneError, HistoryPage, Idempotency,
+    Publication, PublicationSink, PublishAck, Settings, Stats,
 };
 use commands::{Commands, HISTORY, PUBLISH};
 use health::Health;
@@ -109,6 +109,9 @@ impl RedisBackplane {
     }
 }
 
+/// The publish script's status for a reused idempotency key whose first data differs.
+const CONFLICT: u8 = 2;
+
 fn millis(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX).max(1)
 }
@@ -131,7 +134,8 @@ pub(crate) async fn history(
         .arg(millis(settings.retention_for(channel).max_age))
         .arg(millis(settings.meta_ttl));
     type Entry = (String, Vec<Vec<u8>>);
-    let (epoch, top, entries): (String, u64, Vec<Entry>) = shared.commands.run(&invocation).await?;
+    let (epoch, top, entries, since_tag): (String, u64, Vec<Entry>, String) =
+        shared.commands.run(&invocation).await?;
     let epoch: Arc<str> = epoch.into();
     let channel: Arc<str> = channel.into();
     let mut publications = Vec::with_capacity(entries.len());
@@ -143,24 +147,28 @@ pub(crate) async fn history(
             .ok_or_else(|| {
                 BackplaneError::Unavailable(format!("unexpected history entry id {id}"))
             })?;
-        let data = fields
-            .chunks(2)
-            .find(|pair| pair.len() == 2 && pair[0] == b"d")
-            .map(|pair| &pair[1][..])
-            .ok_or_else(|| {
-                BackplaneError::Unavailable(format!("history entry {id} has no data"))
-            })?;
-        publications.push(Arc::new(Publication::new(
-            channel.clone(),
-            offset,
-            epoch.clone(),
-            data,
-        )));
+        let field = |name: &[u8]| {
+            fields
+                .chunks(2)
+                .find(|pair| pair.len() == 2 && pair[0] == name)
+                .map(|pair| &pair[1][..])
+        };
+        let data = field(b"d").ok_or_else(|| {
+            BackplaneError::Unavailable(format!("history entry {id} has no data"))
+        })?;
+        // Entries written before tags existed have none: tag 0.
+        let tag = field(b"g")
+            .and_then(|g| parse_tag(std::str::from_utf8(g).ok()?))
+            .unwrap_or(0);
+        publications.push(Arc::new(
+            Publication::new(channel.clone(), offset, epoch.clone(), data).tagged(tag),
+        ));
     }
     Ok(HistoryPage {
         epoch,
         top,
         publications,
+        since_tag: parse_tag(&since_tag),
     })
 }
 
@@ -170,15 +178,15 @@ impl Backplane for RedisBackplane {
         &self,
         channel: &str,
         data: Bytes,
-        idempotency_key: Option<&str>,
+        idempotency: Option<Idempotency<'_>>,
     ) -> Result<PublishAck, BackplaneError> {
         let shared = &*self.shared;
         let keys = &shared.keys;
         let settings = &shared.settings;
         let retention = settings.retention_for(channel);
-        let (idempotency, window) = match idempotency_key {
-            Some(key) => (
-                keys.idempotency(channel, key),
+        let (idempotency, window) = match idempotency {
+            Some(Idempotency { scope, key }) => (
+                keys.idempotency(channel, scope, key),
                 millis(settings.idempotency_window),
             ),
             None => (keys.meta(channel), 0),
@@ -196,14 +204,25 @@ impl Backplane for RedisBackplane {
             .arg(keys.pubsub(channel))
             .arg(if shared.sharded { "1" } else { "0" })
             .arg(window)
-            .arg(channel);
-        let result: Result<(u64, String, u8), _> = shared.commands.run(&invocation).await;
-        let (offset, epoch, _duplicate) = result.inspect_err(|_| shared.health.count_error())?;
-        Ok(PublishAck {
+            .arg(channel)
+            .arg(format_tag(new_tag()));
+        let result: Result<(u64, String, String, u8), _> = shared.commands.run(&invocation).await;
+        let (offset, epoch, tag, status) = result.inspect_err(|_| shared.health.count_error())?;
+        let Some(tag) = parse_tag(&tag) else {
+            return Err(BackplaneError::Unavailable(format!(
+                "publish script answered tag {tag:?}"
+            )));
+        };
+        let ack = PublishAck {
             channel: channel.into(),
             offset,
             epoch: epoch.into(),
-        })
+            tag,
+        };
+        match status {
+            CONFLICT => Err(crate::idempotency_conflict(&ack)),
+            _ => Ok(ack),
+        }
     }
 
     async fn history(

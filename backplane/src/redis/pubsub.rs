@@ -322,7 +322,15 @@ impl Task {
     }
 
     async fn on_message(&mut self, payload: &[u8]) {
-        let Some((offset, epoch, published_us, channel, data)) = parse_message(payload) else {
+        let Some(Message {
+            offset,
+            epoch,
+            published_us,
+            tag,
+            channel,
+            data,
+        }) = parse_message(payload)
+        else {
             tracing::warn!("malformed pub/sub message ignored");
             return;
         };
@@ -353,7 +361,9 @@ impl Task {
         }
         let epoch = epoch_arc.unwrap_or_else(|| epoch.into());
         state.last = Some((epoch.clone(), offset));
-        let publication = Publication::new(name, offset, epoch, data).published_at(published_us);
+        let publication = Publication::new(name, offset, epoch, data)
+            .published_at(published_us)
+            .tagged(tag);
         self.shared.sink.deliver(Arc::new(publication));
     }
 
@@ -431,39 +441,75 @@ impl Task {
     }
 }
 
-/// Splits `"<offset> <epoch> <publish time, us> <channel>\n<data>"`.
-fn parse_message(payload: &[u8]) -> Option<(u64, &str, u64, &str, &[u8])> {
+/// A publication as the publish script sends it through pub/sub.
+#[derive(Debug, PartialEq, Eq)]
+struct Message<'a> {
+    offset: u64,
+    epoch: &'a str,
+    published_us: u64,
+    tag: u32,
+    channel: &'a str,
+    data: &'a [u8],
+}
+
+/// Splits `"<offset> <epoch> <publish time, us> <tag> <channel>\n<data>"` (the tag is 8 hex
+/// digits; the channel is last). Also reads the untagged form of nodes from before tags,
+/// `"<offset> <epoch> <publish time, us> <channel>\n<data>"`, as tag 0, so a rolling deploy
+/// does not drop their publications (channel names have no whitespace, so the forms differ in
+/// their number of fields).
+fn parse_message(payload: &[u8]) -> Option<Message<'_>> {
     let newline = payload.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&payload[..newline]).ok()?;
-    let mut parts = head.splitn(4, ' ');
+    let tagged = head.split(' ').count() >= 5;
+    let mut parts = head.splitn(if tagged { 5 } else { 4 }, ' ');
     let offset = parts.next()?.parse().ok()?;
     let epoch = parts.next()?;
     let published_us = parts.next()?.parse().ok()?;
+    let tag = if tagged {
+        crate::parse_tag(parts.next()?)?
+    } else {
+        0
+    };
     let channel = parts.next()?;
-    Some((
+    Some(Message {
         offset,
         epoch,
         published_us,
+        tag,
         channel,
-        &payload[newline + 1..],
-    ))
+        data: &payload[newline + 1..],
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_message;
+    use super::{parse_message, Message};
 
     #[test]
     fn parses_the_script_message() {
-        let (offset, epoch, at, channel, data) =
-            parse_message(b"42 e1 1700000000000123 chat:a\n{\"x\":\"a b\\nc\"}").unwrap();
-        assert_eq!(
-            (offset, epoch, at, channel),
-            (42, "e1", 1700000000000123, "chat:a")
-        );
-        assert_eq!(data, b"{\"x\":\"a b\\nc\"}");
-        assert!(parse_message(b"x e 1 c\n1").is_none());
-        assert!(parse_message(b"1 e 1 c").is_none());
-        assert!(parse_message(b"1 e c\n1").is_none());
+        let message =
+            parse_message(b"42 e1 1700000000000123 00c0ffee chat:a\n{\"x\":\"a b\\nc\"}").unwrap();
+        let expected = Message {
+            offset: 42,
+            epoch: "e1",
+            published_us: 1700000000000123,
+            tag: 0xc0ffee,
+            channel: "chat:a",
+            data: b"{\"x\":\"a b\\nc\"}",
+        };
+        assert_eq!(message, expected);
+        assert!(parse_message(b"x e 1 0000000a c\n1").is_none());
+        assert!(parse_message(b"1 e 1 0000000a c").is_none());
+        assert!(parse_message(b"1 e 1 xyz c\n1").is_none(), "not a tag");
+        let untagged = parse_message(b"7 e2 1700000000000456 chat:b\n[1]").unwrap();
+        let expected = Message {
+            offset: 7,
+            epoch: "e2",
+            published_us: 1700000000000456,
+            tag: 0,
+            channel: "chat:b",
+            data: b"[1]",
+        };
+        assert_eq!(untagged, expected, "a node from before tags");
     }
 }
