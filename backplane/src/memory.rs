@@ -49,6 +49,9 @@ struct Channel {
 struct Entry {
     at: Instant,
     publication: Arc<Publication>,
+    /// Tag of the publication before this one, so the tag at an offset whose entry was trimmed
+    /// is still known while its successor is kept.
+    prev_tag: u32,
 }
 
 /// What an idempotent publish returned, and a digest of its data to tell a retry from a conflict.
@@ -202,7 +205,7 @@ impl Backplane for MemoryBackplane {
                 }
             }
             state.top += 1;
-            state.top_tag = new_tag();
+            let prev_tag = std::mem::replace(&mut state.top_tag, new_tag());
             let publication = Arc::new(
                 Publication::new(state.name.clone(), state.top, state.epoch.clone(), &data)
                     .published_at(crate::now_us())
@@ -211,6 +214,7 @@ impl Backplane for MemoryBackplane {
             state.history.push_back(Entry {
                 at: now,
                 publication: publication.clone(),
+                prev_tag,
             });
             let retention = self.settings.retention_for(&state.name);
             state.trim(now, &retention);
@@ -259,6 +263,8 @@ impl Backplane for MemoryBackplane {
                     .history
                     .get((since - first) as usize)
                     .map(|e| e.publication.tag)
+            } else if since > 0 && since + 1 == first {
+                state.history.front().map(|e| e.prev_tag)
             } else {
                 None
             };

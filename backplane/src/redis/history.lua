@@ -8,8 +8,8 @@
 -- ARGV[4]  history max age (ms)
 -- ARGV[5]  expiry of the meta hash (ms), refreshed when the meta is created
 -- Returns {epoch, top, {{id, {field, value, ...}}, ...}, since_tag}: since_tag is the tag of the
--- publication at offset `since` (the meta's when since == top, else its history entry's), or ''
--- when the channel no longer knows it.
+-- publication at offset `since` (the meta's when since == top, else its history entry's, else the
+-- `p` field of the entry after it), or '' when the channel no longer knows it.
 
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
@@ -29,12 +29,16 @@ local since_tag = ''
 if since > 0 and since == top then
   since_tag = redis.call('HGET', KEYS[1], 'g') or ''
 elseif since > 0 and since < top then
-  local at = redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', ARGV[1] .. '-0')
-  if #at == 1 then
-    local fields = at[1][2]
+  -- The entry at since carries its tag; once trimmed, the entry after it still names it.
+  local at = redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', (since + 1) .. '-0')
+  for _, entry in ipairs(at) do
+    local want = 'g'
+    if entry[1] ~= ARGV[1] .. '-0' then want = 'p' end
+    local fields = entry[2]
     for i = 1, #fields, 2 do
-      if fields[i] == 'g' then since_tag = fields[i + 1] end
+      if fields[i] == want and since_tag == '' then since_tag = fields[i + 1] end
     end
+    if since_tag ~= '' then break end
   end
 end
 return {epoch, top, entries, since_tag}

@@ -2,7 +2,8 @@
 -- fan-out happen together or not at all.
 --
 -- KEYS[1]  meta hash   {e = epoch, t = top offset, g = tag of the top publication}
--- KEYS[2]  history stream, entry id "<offset>-0", fields d = data, t = publish time (ms), g = tag
+-- KEYS[2]  history stream, entry id "<offset>-0", fields d = data, t = publish time (ms), g = tag,
+--          p = tag of the previous publication (so the tag at a trimmed offset is still known)
 -- KEYS[3]  idempotency key (used only when ARGV[9] > 0), already in its scope (client or server)
 -- ARGV[1]  data (compact JSON)
 -- ARGV[2]  epoch to use if the channel has none (new channel, or its history was lost)
@@ -41,11 +42,13 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch)
 end
 local tag = ARGV[11]
+local prev_tag = redis.call('HGET', KEYS[1], 'g') or ''
 local offset = redis.call('HINCRBY', KEYS[1], 't', 1)
 redis.call('HSET', KEYS[1], 'g', tag)
 local now_us = now_micros()
 local now = math.floor(now_us / 1000)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', now, 'g', tag)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', now, 'g', tag,
+  'p', prev_tag)
 trim_by_age(KEYS[2], now - tonumber(ARGV[4]))
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])

@@ -125,6 +125,13 @@ pub async fn history_is_trimmed_by_count(store: &Store) {
         from_trimmed.since_tag, None,
         "a trimmed entry's tag is gone"
     );
+    let at_the_edge = history(&node, "counted", 7, 100).await;
+    assert_eq!(page_offsets(&at_the_edge), vec![8, 9, 10, 11, 12]);
+    assert_eq!(
+        at_the_edge.since_tag,
+        Some(acks[6].tag),
+        "the entry after a trimmed one still names its tag, so a resume at the edge is checked"
+    );
 }
 
 pub async fn history_is_trimmed_by_age_per_namespace(store: &Store) {
