@@ -9,9 +9,8 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::client::backplane_error;
 use crate::node::Node;
-use crate::protocol::{check_channel, check_idempotency_key};
+use crate::protocol::{backplane_error, check_channel, check_idempotency_key};
 use crate::response::{self, Body};
 
 #[derive(Deserialize)]
@@ -26,8 +25,8 @@ struct PublishRequest<'a> {
 
 /// `POST /api/publish {"channel": C, "data": <json>}` → `{"channel": C, "offset": N, "epoch": E}`.
 /// A 200 means the publication is in history and will reach every current subscriber.
-pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
-    let limit = node.config.websocket.max_message_size;
+pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
+    let limit = node.config().api_max_body();
     let body = match Limited::new(request.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -55,7 +54,7 @@ pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<B
         return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
     }
     if let Err(e) = node
-        .security
+        .policy()
         .namespaces
         .check_size(&request.channel, request.data.get().len())
     {
@@ -70,18 +69,14 @@ pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<B
         ),
         Err(e) => {
             let error = backplane_error(&e);
-            let status = match error.code {
-                "backplane_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            response::error(status, error.code, error.message)
+            response::error(error.status(), error.code, error.message)
         }
     }
 }
 
 /// `GET /api/history?channel=C&since=N&limit=L` → publications with offset > N, oldest first.
-pub async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
-    let max_page = node.config.history.max_page;
+pub(crate) async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
+    let max_page = node.config().history.max_page;
     let (mut channel, mut since, mut limit) = (None, 0u64, max_page);
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let bad = |what: &str| {
@@ -118,7 +113,7 @@ pub async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
         Ok(page) => page,
         Err(e) => {
             let error = backplane_error(&e);
-            return response::error(StatusCode::SERVICE_UNAVAILABLE, error.code, error.message);
+            return response::error(error.status(), error.code, error.message);
         }
     };
     // Publications are already serialised: splice their bytes rather than re-encoding them.

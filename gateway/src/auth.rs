@@ -196,10 +196,6 @@ impl Verifier {
         })
     }
 
-    pub fn is_enabled(&self) -> bool {
-        !self.keys.is_empty()
-    }
-
     /// Checks the signature with every key of the token's algorithm (its `kid`'s key first),
     /// then `exp`, `aud` and `iss`.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {

@@ -687,11 +687,16 @@ impl Config {
         self.auth.api_listen.unwrap_or(self.server.listen)
     }
 
-    /// Whether any JWT verification key is configured.
-    pub fn jwt_enabled(&self) -> bool {
-        !self.auth.jwt_hs256_keys.is_empty()
-            || !self.auth.jwt_public_keys.is_empty()
-            || self.auth.jwt_jwks_file.is_some()
+    /// The longest an SSE stream may take to make room for its next chunk before it is dropped.
+    /// The key is `websocket.write_timeout`: one write timeout for every streaming transport.
+    pub(crate) fn sse_write_timeout(&self) -> Duration {
+        self.websocket.write_timeout
+    }
+
+    /// The largest `POST /api/publish` body. The key is `websocket.max_message_size`: a
+    /// publication is as large over the API as over WebSocket.
+    pub(crate) fn api_max_body(&self) -> usize {
+        self.websocket.max_message_size
     }
 
     pub fn settings(&self) -> backplane::Settings {

@@ -4,36 +4,41 @@
 //!
 //! [`Gateway::start`] binds the listener and serves until [`RunningGateway::shutdown`].
 
-pub mod api;
-pub mod assets;
-pub mod auth;
+mod api;
+mod assets;
+mod auth;
 mod batch_writer;
 mod body_channel;
-pub mod client;
 pub mod config;
 pub mod cursor;
-pub mod demo;
-pub mod drain;
+mod delivery;
+mod demo;
+mod drain;
 mod frame_reader;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod hub;
-pub mod limits;
-pub mod listener;
-pub mod metrics;
-pub mod namespace;
-pub mod node;
-pub mod origin;
-pub mod poll;
-pub mod protocol;
-pub mod queue;
-pub mod response;
-pub mod security;
-pub mod server;
-pub mod sse;
-pub mod tls;
-pub mod ws;
+mod hub;
+mod limits;
+mod listener;
+mod metrics;
+mod namespace;
+mod node;
+mod origin;
+mod policy;
+mod poll;
+mod protocol;
+mod queue;
+mod response;
+mod security;
+mod server;
+mod session;
+mod sse;
+mod stream_query;
+mod tls;
+mod ws;
 mod ws_message;
 
 pub use config::Config;
-pub use server::{Gateway, RunningGateway, StartError};
+pub use metrics::Metrics;
+pub use node::{Node, StartError};
+pub use server::{Gateway, RunningGateway};

@@ -35,7 +35,7 @@ fn is_stream(path: &str) -> bool {
 /// Answers a request before its route when the listener, the API key or CORS says so.
 pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response<Body>> {
     let path = request.uri().path();
-    let separate_api = node.config.auth.api_listen.is_some();
+    let separate_api = node.config().auth.api_listen.is_some();
     let internal = is_api(path) || path == "/metrics";
     let served = match kind {
         Kind::Main => !(separate_api && internal),
@@ -50,14 +50,14 @@ pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response
     }
     let headers = request.headers();
     if (is_api(path) || is_stream(path)) && origin::is_preflight(request.method(), headers) {
-        if !origin::allowed(&node.config.origin.allowed, headers) {
+        if !origin::allowed(&node.config().origin.allowed, headers) {
             return Some(origin::refused());
         }
         let methods = if is_stream(path) { "GET" } else { "GET, POST" };
         return Some(origin::preflight(headers, methods));
     }
     if is_api(path) {
-        if !origin::allowed(&node.config.origin.allowed, headers) {
+        if !origin::allowed(&node.config().origin.allowed, headers) {
             return Some(origin::refused());
         }
         if let Err(response) = security::check_api_key(node, headers) {
@@ -78,7 +78,8 @@ pub fn origin_of(headers: &HeaderMap) -> HeaderMap {
 
 /// Adds the CORS headers to the response of an allowed cross-origin SSE or API request.
 pub fn finish(node: &Node, path: &str, request: &HeaderMap, response: &mut Response<Body>) {
-    if (is_api(path) || is_stream(path)) && origin::allowed(&node.config.origin.allowed, request) {
+    if (is_api(path) || is_stream(path)) && origin::allowed(&node.config().origin.allowed, request)
+    {
         origin::add_cors(request, response);
     }
 }

@@ -3,10 +3,39 @@
 
 use std::borrow::Cow;
 
-use backplane::Position;
+use backplane::{BackplaneError, Position};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+/// Every WebSocket close code the gateway sends: RFC 6455's and the application's own (4000–4999,
+/// listed in docs/protocol.md).
+pub mod close_code {
+    /// The node is shutting down (the reason carries a reconnect hint).
+    pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A binary message on the protocol endpoint.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A text message or close reason that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A message larger than `websocket.max_message_size`.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The connection's outbound queue overflowed; reconnect and resume from your positions.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// The client answered no ping within the pong timeout.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4001;
+    /// The `connect` command's token is invalid (or no key is configured to check it).
+    pub const UNAUTHORIZED: u16 = 4002;
+    /// The connection's token expired and was not refreshed.
+    pub const TOKEN_EXPIRED: u16 = 4003;
+    /// The command rate stayed above `limits.command_rate` for a whole burst.
+    pub const RATE_LIMITED: u16 = 4008;
+    /// No subscription within `limits.idle_timeout`.
+    pub const IDLE: u16 = 4009;
+    /// The user has `limits.max_connections_per_user` connections already.
+    pub const TOO_MANY_USER_CONNECTIONS: u16 = 4029;
+}
 
 /// Longest channel name accepted, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 255;
@@ -25,6 +54,34 @@ impl ErrorBody {
             message: message.into(),
         }
     }
+
+    /// The HTTP status of a refused request or subscription: 503 when the backplane is down
+    /// (try again, maybe on another node), 400 otherwise.
+    pub fn status(&self) -> hyper::StatusCode {
+        match self.code {
+            "backplane_unavailable" => hyper::StatusCode::SERVICE_UNAVAILABLE,
+            _ => hyper::StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The error a client sees when the backplane fails.
+pub fn backplane_error(e: &BackplaneError) -> ErrorBody {
+    match e {
+        BackplaneError::Unavailable(_) => ErrorBody::new("backplane_unavailable", e.to_string()),
+        BackplaneError::Invalid(_) => ErrorBody::new("bad_request", e.to_string()),
+    }
+}
+
+/// `client.max_subscriptions`: a connection, stream or poll may hold at most `max` channels.
+pub fn check_subscription_count(count: usize, max: usize) -> Result<(), ErrorBody> {
+    if count > max {
+        return Err(ErrorBody::new(
+            "too_many_subscriptions",
+            format!("a connection may subscribe to at most {max} channels"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a channel name: 1 to 255 bytes, no whitespace or control characters.
@@ -255,6 +312,35 @@ pub fn reply_err(id: Option<u64>, error: &ErrorBody) -> Bytes {
     serde_json::to_vec(&ReplyErr { id, error })
         .expect("reply serialisation cannot fail")
         .into()
+}
+
+/// A channel's stream could not be continued: what was missed is lost, delivery goes on after
+/// `offset` of `epoch`. The data of an SSE `reset` event; inside `{"reset": ...}` on WebSocket and
+/// long-poll.
+#[derive(Serialize)]
+pub struct Reset<'a> {
+    pub channel: &'a str,
+    pub epoch: &'a str,
+    pub offset: u64,
+    pub reason: &'a str,
+}
+
+impl Reset<'_> {
+    /// `{"channel":C,"epoch":E,"offset":N,"reason":R}`
+    pub fn to_json(&self) -> Bytes {
+        serde_json::to_vec(self).expect("cannot fail").into()
+    }
+
+    /// `{"reset":{"channel":C,"epoch":E,"offset":N,"reason":R}}`
+    pub fn to_push(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Push<'a> {
+            reset: &'a Reset<'a>,
+        }
+        serde_json::to_vec(&Push { reset: self })
+            .expect("cannot fail")
+            .into()
+    }
 }
 
 #[cfg(test)]
