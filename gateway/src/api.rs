@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::node::Node;
-use crate::protocol::{backplane_error, check_channel, check_idempotency_key};
+use crate::protocol::{backplane_error, check_channel, check_idempotency_key, error_code};
 use crate::response::{self, Body};
 
 #[derive(Deserialize)]
@@ -32,20 +32,34 @@ pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Res
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return response::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                error_code::PAYLOAD_TOO_LARGE,
                 format!("request body is larger than {limit} bytes"),
             )
         }
         Err(e) => {
-            return response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                error_code::BAD_REQUEST,
+                e.to_string(),
+            );
         }
     };
     let request: PublishRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) if e.is_data() => {
-            return response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                error_code::BAD_REQUEST,
+                e.to_string(),
+            )
         }
-        Err(e) => return response::error(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
+        Err(e) => {
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                error_code::MALFORMED_JSON,
+                e.to_string(),
+            )
+        }
     };
     if let Err(e) = check_channel(&request.channel) {
         return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
@@ -82,7 +96,7 @@ pub(crate) async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<B
         let bad = |what: &str| {
             response::error(
                 StatusCode::BAD_REQUEST,
-                "bad_request",
+                error_code::BAD_REQUEST,
                 format!("`{key}` must be {what}, got {value:?}"),
             )
         };
@@ -102,7 +116,7 @@ pub(crate) async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<B
     let Some(channel) = channel else {
         return response::error(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            error_code::BAD_REQUEST,
             "the `channel` query parameter is required",
         );
     };

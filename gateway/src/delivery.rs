@@ -15,7 +15,9 @@ use backplane::{BackplaneError, HistoryPage, Position, Publication};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
-use crate::protocol::{backplane_error, check_subscription_count, ErrorBody, SubscribeResult};
+use crate::protocol::{
+    backplane_error, check_subscription_count, error_code, reset_reason, ErrorBody, SubscribeResult,
+};
 
 /// What the session asks its transport to send, in order.
 #[derive(Debug)]
@@ -141,14 +143,14 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage) -> Resume {
             reason: None,
             continue_after: page.top,
         },
-        Some(s) if *s.epoch != *page.epoch => lost("epoch_changed"),
-        Some(s) if s.offset > page.top => lost("offset_ahead"),
+        Some(s) if *s.epoch != *page.epoch => lost(reset_reason::EPOCH_CHANGED),
+        Some(s) if s.offset > page.top => lost(reset_reason::OFFSET_AHEAD),
         Some(s) if s.offset == page.top || first == Some(s.offset + 1) => Resume {
             recovered: true,
             reason: None,
             continue_after: s.offset,
         },
-        Some(_) => lost("history_truncated"),
+        Some(_) => lost(reset_reason::HISTORY_TRUNCATED),
     }
 }
 
@@ -178,7 +180,7 @@ impl Deliveries {
     pub(crate) fn subscribe(&mut self, channel: &Arc<str>) -> Result<u64, ErrorBody> {
         if self.subs.contains_key(channel) {
             return Err(ErrorBody::new(
-                "already_subscribed",
+                error_code::ALREADY_SUBSCRIBED,
                 format!("already subscribed to {channel}"),
             ));
         }
@@ -203,7 +205,7 @@ impl Deliveries {
                 Ok(())
             }
             None => Err(ErrorBody::new(
-                "not_subscribed",
+                error_code::NOT_SUBSCRIBED,
                 format!("not subscribed to {channel}"),
             )),
         }
@@ -259,7 +261,7 @@ impl Deliveries {
                         channel: p.channel.clone(),
                         epoch: p.epoch.clone(),
                         offset: sub.delivered,
-                        reason: "epoch_changed",
+                        reason: reset_reason::EPOCH_CHANGED,
                     });
                 }
                 if p.offset == sub.delivered + 1 {
@@ -368,7 +370,7 @@ impl Deliveries {
                 channel,
                 epoch: page.epoch,
                 offset: page.top,
-                reason: "epoch_changed",
+                reason: reset_reason::EPOCH_CHANGED,
             });
             return;
         }
@@ -429,7 +431,7 @@ fn deliver_page(
             channel: channel.clone(),
             epoch: sub.epoch.clone(),
             offset,
-            reason: "history_truncated",
+            reason: reset_reason::HISTORY_TRUNCATED,
         });
     }
     for p in &page.publications {

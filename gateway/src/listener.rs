@@ -11,6 +11,7 @@ use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use crate::node::Node;
+use crate::protocol::error_code;
 use crate::response::{self, Body};
 use crate::{origin, security};
 
@@ -44,7 +45,7 @@ pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response
     if !served {
         return Some(response::error(
             StatusCode::NOT_FOUND,
-            "not_found",
+            error_code::NOT_FOUND,
             format!("no route for {path} on this listener"),
         ));
     }
@@ -92,7 +93,7 @@ where
 {
     let service = service_fn(move |_request: Request<hyper::body::Incoming>| async move {
         let mut response = security::too_many(
-            "connection_rate_limited",
+            error_code::CONNECTION_RATE_LIMITED,
             "too many new connections from this address (limits.connection_rate_per_ip)",
             retry,
         );

@@ -5,6 +5,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Response, StatusCode};
 
 use crate::auth::glob;
+use crate::protocol::error_code;
 use crate::response::{self, Body};
 
 /// Whether a request's `Origin` is allowed by `allowed` (patterns with `*`; empty allows all).
@@ -36,7 +37,7 @@ pub fn allowed(allowed: &[String], headers: &HeaderMap) -> bool {
 pub fn refused() -> Response<Body> {
     response::error(
         StatusCode::FORBIDDEN,
-        "origin_not_allowed",
+        error_code::ORIGIN_NOT_ALLOWED,
         "this Origin may not use the gateway (origin.allowed)",
     )
 }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::cursor;
 use crate::drain::reconnect_hint;
 use crate::node::Node;
-use crate::protocol::{ErrorBody, Reset};
+use crate::protocol::{error_code, ErrorBody, Reset};
 use crate::response::{self, Body};
 use crate::session::{oldest_live, Output, Session};
 use crate::stream_query::{decode_cursor, StreamQuery};
@@ -98,7 +98,7 @@ fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
                 Ok(())
             }
             _ => Err(ErrorBody::new(
-                "bad_request",
+                error_code::BAD_REQUEST,
                 format!(
                     "`timeout` must be a number of seconds from 0 to {}, got {value:?}",
                     max_timeout.as_secs_f64()

@@ -8,7 +8,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::{header, Response, StatusCode};
 
-use crate::protocol::ErrorBody;
+use crate::protocol::{error_code, ErrorBody};
 
 /// The body type of every response.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -51,7 +51,7 @@ pub(crate) fn error(
 pub(crate) fn shutting_down() -> Response<Body> {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
-        "shutting_down",
+        error_code::SHUTTING_DOWN,
         "this node is shutting down; connect to another",
     )
 }

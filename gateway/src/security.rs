@@ -24,7 +24,9 @@ use crate::auth::{AuthError, Identity};
 use crate::limits::{Permit, Refusal, TokenBucket};
 use crate::namespace::Action;
 use crate::node::Node;
-use crate::protocol::{close_code, reply_err, reply_ok, Command, CommandError, ErrorBody};
+use crate::protocol::{
+    close_code, error_code, reply_err, reply_ok, Command, CommandError, ErrorBody,
+};
 use crate::response::{self, Body};
 
 /// A streaming connection let in: who it is, and its place in the connection counts.
@@ -119,7 +121,7 @@ pub(crate) fn check_stream_channels(
                 .check(Action::Subscribe, &channel, admission.identity.as_ref())
         {
             node.count_auth(e.code);
-            let status = if e.code == "unauthorized" {
+            let status = if e.code == error_code::UNAUTHORIZED {
                 StatusCode::UNAUTHORIZED
             } else {
                 StatusCode::FORBIDDEN
@@ -245,7 +247,7 @@ impl Guard {
                 self.node.count_limit("command_rate");
                 self.refused_in_row += 1;
                 let error = ErrorBody::new(
-                    "rate_limited",
+                    error_code::RATE_LIMITED,
                     format!(
                         "more than limits.command_rate commands; retry in {} ms",
                         wait.as_millis().max(1)
@@ -281,13 +283,13 @@ impl Guard {
             Command::Connect { token, .. } => {
                 if self.identity.is_some() {
                     return refuse(ErrorBody::new(
-                        "already_connected",
+                        error_code::ALREADY_CONNECTED,
                         "the connection is authenticated already",
                     ));
                 }
                 if !first {
                     return refuse(ErrorBody::new(
-                        "bad_request",
+                        error_code::BAD_REQUEST,
                         "connect must be the first command",
                     ));
                 }
@@ -296,7 +298,7 @@ impl Guard {
             Command::Refresh { token, .. } => {
                 if self.identity.is_none() {
                     return refuse(ErrorBody::new(
-                        "bad_request",
+                        error_code::BAD_REQUEST,
                         "refresh needs an authenticated connection: send connect first",
                     ));
                 }
@@ -344,7 +346,7 @@ impl Guard {
             if current != Some(&identity.user) {
                 self.node.count_auth("user_mismatch");
                 let error = ErrorBody::new(
-                    "forbidden",
+                    error_code::FORBIDDEN,
                     "refresh must keep the connection's user (`sub`)",
                 );
                 return Verdict::Reply(reply_err(id, &error));
@@ -384,7 +386,7 @@ pub(crate) fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Resp
     node.count_auth("api_key");
     let mut response = response::error(
         StatusCode::UNAUTHORIZED,
-        "invalid_api_key",
+        error_code::INVALID_API_KEY,
         "the API needs `Authorization: apikey <key>` with a configured key",
     );
     response

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::listener::Kind;
 use crate::node::Node;
+use crate::protocol::error_code;
 use crate::response::{self, Body};
 use crate::tls::Tls;
 use crate::{api, assets, demo, listener, poll, security, sse, ws};
@@ -342,7 +343,7 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
     let Some(route) = Route::of(node, path) else {
         return response::error(
             StatusCode::NOT_FOUND,
-            "not_found",
+            error_code::NOT_FOUND,
             format!("no route for {path}"),
         );
     };
@@ -350,7 +351,7 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
     if request.method() != allowed {
         let mut response = response::error(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            error_code::METHOD_NOT_ALLOWED,
             format!("{path} accepts {allowed} only"),
         );
         response
@@ -362,7 +363,11 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
         Route::Healthz => response::json(StatusCode::OK, &b"{\"status\":\"ok\"}"[..]),
         Route::Readyz => match node.readiness() {
             Ok(()) => response::json(StatusCode::OK, &b"{\"status\":\"ready\"}"[..]),
-            Err(reason) => response::error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason),
+            Err(reason) => response::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                error_code::NOT_READY,
+                reason,
+            ),
         },
         Route::Metrics => Response::builder()
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
@@ -408,7 +413,11 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
             let mut request = request;
             match ws::accept(node, &mut request, mode, admission) {
                 Ok(response) => response.map(|_| response::empty()),
-                Err(e) => response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+                Err(e) => response::error(
+                    StatusCode::BAD_REQUEST,
+                    error_code::BAD_REQUEST,
+                    e.to_string(),
+                ),
             }
         }
     }
@@ -431,7 +440,7 @@ fn admit_stream(
     if is_websocket && !fastwebsockets::upgrade::is_upgrade_request(request) {
         return Err(response::error(
             StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
+            error_code::UPGRADE_REQUIRED,
             "this endpoint speaks WebSocket only",
         ));
     }

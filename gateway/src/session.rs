@@ -15,7 +15,7 @@ pub(crate) use crate::delivery::Output;
 use crate::delivery::{Deliveries, Effect, Input};
 use crate::hub::ConnId;
 use crate::node::Node;
-use crate::protocol::{backplane_error, ErrorBody};
+use crate::protocol::{backplane_error, error_code, ErrorBody};
 use crate::queue::{outbound, QueueReceiver, QueueSender};
 
 /// Most commands a session runs at once; a transport stops reading commands beyond it.
@@ -91,7 +91,7 @@ impl Session {
         let gen = match self.deliveries.subscribe(&channel) {
             Ok(gen) => gen,
             Err(error) => {
-                if error.code == "too_many_subscriptions" {
+                if error.code == error_code::TOO_MANY_SUBSCRIPTIONS {
                     self.node.count_limit("max_subscriptions");
                 }
                 out.push(Output::SubscribeFailed { id, channel, error });

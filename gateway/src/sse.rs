@@ -15,7 +15,7 @@ use crate::body_channel::{body_channel, BodySender};
 use crate::cursor;
 use crate::drain::{reconnect_hint, Registration};
 use crate::node::Node;
-use crate::protocol::{Reset, SubscribeResult};
+use crate::protocol::{error_code, Reset, SubscribeResult};
 use crate::response::{self, Body};
 use crate::session::{oldest_live, Output, Session};
 use crate::stream_query::{decode_cursor, StreamQuery};
@@ -27,7 +27,7 @@ pub(crate) fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -
     if !accepts_event_stream(headers) {
         return response::error(
             StatusCode::NOT_ACCEPTABLE,
-            "not_acceptable",
+            error_code::NOT_ACCEPTABLE,
             "this endpoint only produces text/event-stream",
         );
     }

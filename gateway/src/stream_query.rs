@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::cursor;
-use crate::protocol::{check_channel, check_subscription_count, ErrorBody};
+use crate::protocol::{check_channel, check_subscription_count, error_code, ErrorBody};
 
 /// The channels of a stream or poll, distinct, in request order, and its cursor as sent.
 pub(crate) struct StreamQuery {
@@ -37,7 +37,7 @@ impl StreamQuery {
         }
         if channels.is_empty() {
             return Err(ErrorBody::new(
-                "bad_request",
+                error_code::BAD_REQUEST,
                 "at least one `channel` query parameter is required",
             ));
         }
@@ -50,6 +50,8 @@ impl StreamQuery {
 pub(crate) fn decode_cursor(cursor: Option<&str>) -> Result<Vec<(String, String, u64)>, ErrorBody> {
     match cursor.filter(|c| !c.is_empty()) {
         None => Ok(Vec::new()),
-        Some(c) => cursor::decode(c).map_err(|message| ErrorBody::new("invalid_cursor", message)),
+        Some(c) => {
+            cursor::decode(c).map_err(|message| ErrorBody::new(error_code::INVALID_CURSOR, message))
+        }
     }
 }
