@@ -69,6 +69,6 @@ pub fn config(data: &[u8]) {
         config
             .validate()
             .expect("an accepted configuration validates");
-        let _ = crate::namespace::Namespaces::new(&config.channels).get("chat:room1");
+        let _ = crate::security::namespace::Namespaces::new(&config.channels).get("chat:room1");
     }
 }

@@ -4,41 +4,23 @@
 //!
 //! [`Gateway::start`] binds the listener and serves until [`RunningGateway::shutdown`].
 
-mod api;
-mod assets;
-mod auth;
-mod batch_writer;
-mod body_channel;
 pub mod config;
 pub mod cursor;
-mod delivery;
 mod demo;
 mod drain;
-mod frame_reader;
 #[doc(hidden)]
 pub mod fuzzing;
+mod http;
 mod hub;
-mod limits;
-mod listener;
 mod metrics;
-mod namespace;
 mod node;
-mod origin;
-mod policy;
-mod poll;
 mod protocol;
 mod queue;
-mod response;
 mod security;
-mod server;
 mod session;
-mod sse;
-mod stream_query;
-mod tls;
-mod ws;
-mod ws_message;
+mod transport;
 
 pub use config::Config;
+pub use http::server::{Gateway, RunningGateway};
 pub use metrics::Metrics;
 pub use node::{Node, StartError};
-pub use server::{Gateway, RunningGateway};

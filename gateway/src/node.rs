@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::drain::Streams;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::security::policy::Policy;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]

@@ -10,10 +10,11 @@ use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::error_code;
-use crate::response::{self, Body};
-use crate::{origin, security};
+use crate::security::guard as security;
+use crate::security::origin;
 
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

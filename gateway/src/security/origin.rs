@@ -4,9 +4,9 @@
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Response, StatusCode};
 
-use crate::auth::glob;
+use crate::http::response::{self, Body};
 use crate::protocol::error_code;
-use crate::response::{self, Body};
+use crate::security::auth::glob;
 
 /// Whether a request's `Origin` is allowed by `allowed` (patterns with `*`; empty allows all).
 /// A request without `Origin` is not from a browser page and is allowed.

@@ -9,9 +9,9 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::{backplane_error, check_channel, check_idempotency_key, error_code};
-use crate::response::{self, Body};
 
 #[derive(Deserialize)]
 struct PublishRequest<'a> {

@@ -16,11 +16,11 @@ use serde::Serialize;
 
 use crate::cursor;
 use crate::drain::reconnect_hint;
+use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::{error_code, ErrorBody, Reset};
-use crate::response::{self, Body};
 use crate::session::{oldest_live, Output, Session};
-use crate::stream_query::{decode_cursor, StreamQuery};
+use crate::transport::stream_query::{decode_cursor, StreamQuery};
 
 /// Most outputs gathered into one answer once something is ready; the rest waits for the next
 /// poll (the cursor says where to continue).

@@ -11,14 +11,14 @@ use http_body_util::BodyExt;
 use hyper::{header, HeaderMap, Response, StatusCode};
 use serde::Serialize;
 
-use crate::body_channel::{body_channel, BodySender};
 use crate::cursor;
 use crate::drain::{reconnect_hint, Registration};
+use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::{error_code, Reset, SubscribeResult};
-use crate::response::{self, Body};
 use crate::session::{oldest_live, Output, Session};
-use crate::stream_query::{decode_cursor, StreamQuery};
+use crate::transport::body_channel::{body_channel, BodySender};
+use crate::transport::stream_query::{decode_cursor, StreamQuery};
 
 const BATCH: usize = 256;
 

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::auth::Identity;
 use crate::config::{Access, ChannelsConfig, NamespaceConfig};
 use crate::protocol::{error_code, ErrorBody};
+use crate::security::auth::Identity;
 
 /// What a client wants to do on a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,14 +20,14 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 use tokio::time::{Instant, Sleep};
 
-use crate::auth::{AuthError, Identity};
-use crate::limits::{Permit, Refusal, TokenBucket};
-use crate::namespace::Action;
+use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::{
     close_code, error_code, reply_err, reply_ok, Command, CommandError, ErrorBody,
 };
-use crate::response::{self, Body};
+use crate::security::auth::{AuthError, Identity};
+use crate::security::limits::{Permit, Refusal, TokenBucket};
+use crate::security::namespace::Action;
 
 /// A streaming connection let in: who it is, and its place in the connection counts.
 pub(crate) struct Admission {
@@ -73,12 +73,12 @@ pub(crate) fn admit(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Admission, Response<Body>> {
-    if !crate::origin::allowed(&node.config().origin.allowed, headers) {
+    if !crate::security::origin::allowed(&node.config().origin.allowed, headers) {
         node.count_auth("origin");
-        return Err(crate::origin::refused());
+        return Err(crate::security::origin::refused());
     }
     let policy = node.policy();
-    let identity = match crate::auth::request_token(headers, query) {
+    let identity = match crate::security::auth::request_token(headers, query) {
         None => None,
         Some(token) => match policy.verifier.verify(&token) {
             Ok(identity) => Some(identity),
@@ -380,7 +380,7 @@ impl Guard {
 /// Whether `/api/*` may be called with these headers: the key when keys are configured.
 pub(crate) fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Response<Body>> {
     let keys = &node.config().auth.api_keys;
-    if keys.is_empty() || crate::auth::api_key_ok(keys, headers) {
+    if keys.is_empty() || crate::security::auth::api_key_ok(keys, headers) {
         return Ok(());
     }
     node.count_auth("api_key");

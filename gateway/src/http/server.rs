@@ -18,12 +18,15 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::listener::Kind;
+use crate::demo;
+use crate::http::gate::Kind;
+use crate::http::response::{self, Body};
+use crate::http::tls::Tls;
+use crate::http::{api, assets, gate as listener};
 use crate::node::Node;
 use crate::protocol::error_code;
-use crate::response::{self, Body};
-use crate::tls::Tls;
-use crate::{api, assets, demo, listener, poll, security, sse, ws};
+use crate::security::guard as security;
+use crate::transport::{poll, sse, ws};
 
 /// Starts gateway nodes.
 pub struct Gateway;

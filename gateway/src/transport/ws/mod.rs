@@ -3,6 +3,10 @@
 //! and the close handshake. Both endpoints share the same reader, limits and writer; only what is
 //! done with a message differs.
 
+pub(crate) mod batch_writer;
+pub(crate) mod frame_reader;
+pub(crate) mod message;
+
 use std::borrow::Cow;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -17,15 +21,15 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
-use crate::batch_writer::BatchWriter;
 use crate::drain::{reconnect_hint, Registration};
-use crate::frame_reader::FrameReader;
 use crate::metrics::observe_fanout;
 use crate::node::Node;
 use crate::protocol::{close_code, reply_err, reply_ok, Command, Reset};
-use crate::security::{Admission, Guard, Verdict};
+use crate::security::guard::{Admission, Guard, Verdict};
 use crate::session::{oldest_live, Event, Output, Session};
-use crate::ws_message::{Assembler, Message, MessageError};
+use crate::transport::ws::batch_writer::BatchWriter;
+use crate::transport::ws::frame_reader::FrameReader;
+use crate::transport::ws::message::{Assembler, Message, MessageError};
 
 /// What the connection does with the messages it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

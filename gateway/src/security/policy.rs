@@ -2,10 +2,10 @@
 //! API keys, the namespace rules, and the connection and rate limits. The hooks that apply them
 //! to requests and commands are in `security`.
 
-use crate::auth::Verifier;
 use crate::config::Config;
-use crate::limits::Limits;
-use crate::namespace::Namespaces;
+use crate::security::auth::Verifier;
+use crate::security::limits::Limits;
+use crate::security::namespace::Namespaces;
 
 /// Keys, namespaces and limits of one node.
 pub(crate) struct Policy {

@@ -2,6 +2,8 @@
 //! (`delivery`) asks for, joins and leaves the hub, reads the connection's queue and counts the
 //! session's metrics. Transports feed it commands and write what it outputs.
 
+pub(crate) mod delivery;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +13,12 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
-pub(crate) use crate::delivery::Output;
-use crate::delivery::{Deliveries, Effect, Input};
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::protocol::{backplane_error, error_code, ErrorBody};
 use crate::queue::{outbound, QueueReceiver, QueueSender};
+pub(crate) use crate::session::delivery::Output;
+use crate::session::delivery::{Deliveries, Effect, Input};
 
 /// Most commands a session runs at once; a transport stops reading commands beyond it.
 pub const MAX_PENDING: usize = 256;
