@@ -1,6 +1,6 @@
-//! What each listener serves and the checks every request passes before its route: the internal
-//! API listener (`auth.api_listen`), API keys, CORS preflights and headers, and the 429 served
-//! to a connection over the per-IP connection rate.
+//! The gate every request passes before its route (it neither binds nor accepts: `server` does):
+//! what each listener serves (the internal API listener, `auth.api_listen`), API keys, CORS
+//! preflights and headers, and the 429 served to a connection over the per-IP connection rate.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::error_code;
-use crate::security::guard as security;
+use crate::security::guard;
 use crate::security::origin;
 
 /// Which listener a connection came in on.
@@ -35,7 +35,7 @@ fn is_stream(path: &str) -> bool {
 }
 
 /// Answers a request before its route when the listener, the API key or CORS says so.
-pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response<Body>> {
+pub fn before_route<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response<Body>> {
     let path = request.uri().path();
     let separate_api = node.config().auth.api_listen.is_some();
     let internal = is_api(path) || path == "/metrics";
@@ -62,14 +62,14 @@ pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response
         if !origin::allowed(&node.config().origin.allowed, headers) {
             return Some(origin::refused());
         }
-        if let Err(response) = security::check_api_key(node, headers) {
+        if let Err(response) = guard::check_api_key(node, headers) {
             return Some(response);
         }
     }
     None
 }
 
-/// The request headers [`finish`] needs (only `Origin`), kept while the route consumes the request.
+/// The request headers [`add_cors_headers`] needs (only `Origin`), kept while the route consumes the request.
 pub fn origin_of(headers: &HeaderMap) -> HeaderMap {
     let mut kept = HeaderMap::new();
     if let Some(origin) = headers.get(header::ORIGIN) {
@@ -79,7 +79,12 @@ pub fn origin_of(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// Adds the CORS headers to the response of an allowed cross-origin SSE or API request.
-pub fn finish(node: &Node, path: &str, request: &HeaderMap, response: &mut Response<Body>) {
+pub fn add_cors_headers(
+    node: &Node,
+    path: &str,
+    request: &HeaderMap,
+    response: &mut Response<Body>,
+) {
     if (is_api(path) || is_stream(path)) && origin::allowed(&node.config().origin.allowed, request)
     {
         origin::add_cors(request, response);
@@ -93,7 +98,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |_request: Request<hyper::body::Incoming>| async move {
-        let mut response = security::too_many(
+        let mut response = guard::too_many(
             error_code::CONNECTION_RATE_LIMITED,
             "too many new connections from this address (limits.connection_rate_per_ip)",
             retry,

@@ -22,10 +22,10 @@ use crate::demo;
 use crate::http::gate::Kind;
 use crate::http::response::{self, Body};
 use crate::http::tls::Tls;
-use crate::http::{api, assets, gate as listener};
+use crate::http::{api, assets, gate};
 use crate::node::Node;
 use crate::protocol::error_code;
-use crate::security::guard as security;
+use crate::security::guard;
 use crate::transport::{poll, sse, ws};
 
 /// Starts gateway nodes.
@@ -211,7 +211,7 @@ async fn accept_loop(
         if let Err(retry) = node.policy().limits.accept_ip(peer.ip()) {
             node.count_limit("connection_rate_per_ip");
             match &tls {
-                None => http.spawn(listener::serve_refused(stream, retry)),
+                None => http.spawn(gate::serve_refused(stream, retry)),
                 Some(tls) => {
                     let acceptor = tls.acceptor();
                     let handshake = node.config().limits.handshake_timeout;
@@ -219,7 +219,7 @@ async fn accept_loop(
                         if let Ok(Ok(stream)) =
                             tokio::time::timeout(handshake, acceptor.accept(stream)).await
                         {
-                            listener::serve_refused(stream, retry).await;
+                            gate::serve_refused(stream, retry).await;
                         }
                     })
                 }
@@ -290,13 +290,13 @@ where
 }
 
 async fn route(node: &Arc<Node>, kind: Kind, request: Request<Incoming>) -> Response<Body> {
-    if let Some(response) = listener::gate(node, kind, &request) {
+    if let Some(response) = gate::before_route(node, kind, &request) {
         return response;
     }
     let path = request.uri().path().to_string();
-    let origin = listener::origin_of(request.headers());
+    let origin = gate::origin_of(request.headers());
     let mut response = serve(node, request).await;
-    listener::finish(node, &path, &origin, &mut response);
+    gate::add_cors_headers(node, &path, &origin, &mut response);
     response
 }
 
@@ -405,7 +405,7 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
         }
         Route::Sse => match admit_stream(node, route, &request) {
             Ok(admission) => sse::open(node, request.uri().query(), request.headers())
-                .map(|body| security::Expiring::wrap(node, body, admission)),
+                .map(|body| guard::Expiring::wrap(node, body, admission)),
             Err(response) => response,
         },
         Route::WebSocket(mode) => {
@@ -435,7 +435,7 @@ fn admit_stream(
     node: &Node,
     route: Route,
     request: &Request<Incoming>,
-) -> Result<security::Admission, Response<Body>> {
+) -> Result<guard::Admission, Response<Body>> {
     if node.is_draining() {
         return Err(response::shutting_down());
     }
@@ -448,9 +448,9 @@ fn admit_stream(
         ));
     }
     let query = request.uri().query();
-    let admission = security::admit(node, request.headers(), query)?;
+    let admission = guard::admit(node, request.headers(), query)?;
     if !is_websocket {
-        security::check_stream_channels(node, &admission, query)?;
+        guard::check_stream_channels(node, &admission, query)?;
     }
     Ok(admission)
 }
