@@ -162,6 +162,18 @@ impl Node {
 }
 
 impl Node {
+    /// Runs a backplane operation, timed in `gateway_backplane_command_duration_seconds{op}`.
+    async fn timed<T>(&self, op: &str, operation: impl std::future::Future<Output = T>) -> T {
+        let timer = self
+            .metrics
+            .backplane_duration
+            .with_label_values(&[op])
+            .start_timer();
+        let result = operation.await;
+        timer.observe_duration();
+        result
+    }
+
     /// Publishes through the backplane and counts it.
     pub(crate) async fn publish(
         &self,
@@ -169,14 +181,9 @@ impl Node {
         data: bytes::Bytes,
         idempotency_key: Option<&str>,
     ) -> Result<backplane::PublishAck, BackplaneError> {
-        let metrics = &self.metrics;
-        let timer = metrics
-            .backplane_duration
-            .with_label_values(&["publish"])
-            .start_timer();
-        let ack = self.backplane.publish(channel, data, idempotency_key).await;
-        timer.observe_duration();
-        metrics.publications.inc_by(u64::from(ack.is_ok()));
+        let publish = self.backplane.publish(channel, data, idempotency_key);
+        let ack = self.timed("publish", publish).await;
+        self.metrics.publications.inc_by(u64::from(ack.is_ok()));
         ack
     }
 
@@ -187,26 +194,14 @@ impl Node {
         since: u64,
         limit: usize,
     ) -> Result<backplane::HistoryPage, BackplaneError> {
-        let metrics = &self.metrics;
-        let timer = metrics
-            .backplane_duration
-            .with_label_values(&["history"])
-            .start_timer();
-        let page = self.backplane.history(channel, since, limit).await;
-        timer.observe_duration();
-        page
+        let history = self.backplane.history(channel, since, limit);
+        self.timed("history", history).await
     }
 
     /// Makes the node's backplane subscription to `channel` follow local membership, timed.
     pub(crate) async fn reconcile(&self, channel: &str) -> Result<(), BackplaneError> {
-        let metrics = &self.metrics;
-        let timer = metrics
-            .backplane_duration
-            .with_label_values(&["subscribe"])
-            .start_timer();
-        let result = self.hub.reconcile(&*self.backplane, channel).await;
-        timer.observe_duration();
-        result
+        let reconcile = self.hub.reconcile(&*self.backplane, channel);
+        self.timed("subscribe", reconcile).await
     }
 
     /// Records the fan-out latency of a written batch from its oldest live publication.
