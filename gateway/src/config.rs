@@ -504,20 +504,21 @@ impl Config {
         if overrides.log_json {
             builder = builder.set_override("log.format", "json").map_err(err)?;
         }
-        let config: Config = builder
-            .build()
-            .map_err(err)?
-            .try_deserialize()
-            .map_err(err)?;
-        config.validate()?;
-        Ok(config)
+        Config::build(builder)
     }
 
     /// Parses a TOML document alone (no environment, no overrides) and validates it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let source = config::File::from_str(text, config::FileFormat::Toml);
+        Config::build(config::Config::builder().add_source(source))
+    }
+
+    /// Reads the layered sources into a `Config` and validates it.
+    fn build(
+        builder: config::ConfigBuilder<config::builder::DefaultState>,
+    ) -> Result<Config, ConfigError> {
         let err = |e: config::ConfigError| ConfigError(e.to_string());
-        let config: Config = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        let config: Config = builder
             .build()
             .map_err(err)?
             .try_deserialize()
