@@ -16,7 +16,8 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
 use crate::protocol::{
-    backplane_error, check_subscription_count, error_code, reset_reason, ErrorBody, SubscribeResult,
+    backplane_error, check_subscription_count, error_code, reset_reason, ErrorBody, Reset,
+    SubscribeResult,
 };
 
 /// What the session asks its transport to send, in order.
@@ -47,6 +48,30 @@ pub(crate) enum Output {
         offset: u64,
         reason: &'static str,
     },
+}
+
+impl Output {
+    /// The `{"reset": ...}` push of an [`Output::Reset`] (WebSocket, long-poll); `None` for any
+    /// other output.
+    pub(crate) fn reset_push(&self) -> Option<Bytes> {
+        match self {
+            Output::Reset {
+                channel,
+                epoch,
+                offset,
+                reason,
+            } => Some(
+                Reset {
+                    channel,
+                    epoch,
+                    offset: *offset,
+                    reason,
+                }
+                .to_push(),
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// What happened to the session's subscriptions.

@@ -18,7 +18,7 @@ use crate::cursor;
 use crate::drain::reconnect_hint;
 use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::protocol::{error_code, ErrorBody, Reset};
+use crate::protocol::{error_code, ErrorBody};
 use crate::session::{oldest_live, Output, Session};
 use crate::transport::stream_query::{decode_cursor, StreamQuery};
 
@@ -263,19 +263,10 @@ fn encode(
     for output in delivered {
         let event = match output {
             Output::History(p) | Output::Live(p) => p.json().clone(),
-            Output::Reset {
-                channel,
-                epoch,
-                offset,
-                reason,
-            } => Reset {
-                channel,
-                epoch,
-                offset: *offset,
-                reason,
-            }
-            .to_push(),
-            _ => continue,
+            other => match other.reset_push() {
+                Some(push) => push,
+                None => continue,
+            },
         };
         if !first {
             body.put_u8(b',');

@@ -24,7 +24,7 @@ use tokio::time::{Instant, Sleep};
 use crate::drain::{reconnect_hint, Registration};
 use crate::metrics::observe_fanout;
 use crate::node::Node;
-use crate::protocol::{close_code, reply_err, reply_ok, Command, Reset};
+use crate::protocol::{close_code, reply_err, reply_ok, Command};
 use crate::security::guard::{Admission, Guard, Verdict};
 use crate::session::{oldest_live, Event, Output, Session};
 use crate::transport::ws::batch_writer::BatchWriter;
@@ -412,18 +412,9 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     Output::Reply(bytes) => bytes,
                     Output::Subscribed { id, result } => reply_ok(id, &result),
                     Output::SubscribeFailed { id, error, .. } => reply_err(id, &error),
-                    Output::Reset {
-                        channel,
-                        epoch,
-                        offset,
-                        reason,
-                    } => Reset {
-                        channel: &channel,
-                        epoch: &epoch,
-                        offset,
-                        reason,
+                    reset @ Output::Reset { .. } => {
+                        reset.reset_push().expect("a reset has a push form")
                     }
-                    .to_push(),
                 };
                 writer
                     .write_frame(Frame::text(Payload::Borrowed(&text)))
