@@ -129,12 +129,19 @@ impl ErrorBody {
         }
     }
 
-    /// The HTTP status of a refused request or subscription: 503 when the backplane is down
-    /// (try again, maybe on another node), 400 otherwise.
+    /// The HTTP status of a refused request, stream or poll: 503 when the backplane is down (try
+    /// again, maybe on another node), 401 without a needed token, 403 without a permission, 413
+    /// over a size limit, 400 otherwise.
     pub fn status(&self) -> hyper::StatusCode {
+        use hyper::StatusCode;
         match self.code {
-            error_code::BACKPLANE_UNAVAILABLE => hyper::StatusCode::SERVICE_UNAVAILABLE,
-            _ => hyper::StatusCode::BAD_REQUEST,
+            error_code::BACKPLANE_UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
+            error_code::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
+            error_code::FORBIDDEN => StatusCode::FORBIDDEN,
+            error_code::MESSAGE_TOO_LARGE | error_code::PAYLOAD_TOO_LARGE => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            _ => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -478,6 +485,19 @@ mod tests {
             (Some(11), "bad_request")
         );
         assert_eq!(code(r#"[1,2]"#), (None, "bad_request"));
+    }
+
+    #[test]
+    fn error_statuses() {
+        let status = |code| ErrorBody::new(code, "").status().as_u16();
+        assert_eq!(status(error_code::BACKPLANE_UNAVAILABLE), 503);
+        assert_eq!(status(error_code::UNAUTHORIZED), 401);
+        assert_eq!(status(error_code::FORBIDDEN), 403);
+        assert_eq!(status(error_code::MESSAGE_TOO_LARGE), 413);
+        assert_eq!(status(error_code::BAD_REQUEST), 400);
+        // An `Invalid` backplane error is the caller's fault, whatever the endpoint.
+        let invalid = backplane_error(&BackplaneError::Invalid("not JSON".into()));
+        assert_eq!(invalid.status().as_u16(), 400);
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Res
         .namespaces
         .check_size(&request.channel, request.data.get().len())
     {
-        return response::error(StatusCode::PAYLOAD_TOO_LARGE, e.code, e.message);
+        return response::error(e.status(), e.code, e.message);
     }
     let data = backplane::json::compact(request.data.get());
     let key = request.idempotency_key.as_deref();

@@ -121,12 +121,7 @@ pub(crate) fn check_stream_channels(
                 .check(Action::Subscribe, &channel, admission.identity.as_ref())
         {
             node.count_auth(e.code);
-            let status = if e.code == error_code::UNAUTHORIZED {
-                StatusCode::UNAUTHORIZED
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            return Err(response::error(status, e.code, e.message));
+            return Err(response::error(e.status(), e.code, e.message));
         }
     }
     Ok(())
