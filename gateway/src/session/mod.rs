@@ -1,6 +1,7 @@
 //! The driver of a client session: runs the history reads and publishes the pure delivery rule
 //! (`delivery`) asks for, joins and leaves the hub, reads the connection's queue and counts the
-//! session's metrics. Transports feed it commands and write what it outputs.
+//! session's metrics, and dispatches the client's commands. Transports feed it commands and
+//! write what it outputs.
 
 pub(crate) mod delivery;
 
@@ -15,7 +16,9 @@ use futures_util::FutureExt;
 
 use crate::hub::ConnId;
 use crate::node::Node;
-use crate::protocol::{backplane_error, error_code, ErrorBody};
+use crate::protocol::{
+    backplane_error, error_code, reply_err, reply_ok, Command, CommandError, ErrorBody,
+};
 use crate::queue::{outbound, QueueReceiver, QueueSender};
 pub(crate) use crate::session::delivery::Output;
 use crate::session::delivery::{Deliveries, Effect, Input};
@@ -168,6 +171,52 @@ impl Session {
         Ok(())
     }
 
+    /// Runs one client command the guard let through (`connect` and `refresh` are the guard's);
+    /// a command that did not parse is answered with its error.
+    pub(crate) fn run_command(
+        &mut self,
+        parsed: Result<Command<'_>, CommandError>,
+        out: &mut Vec<Output>,
+    ) {
+        let command = match parsed {
+            Ok(command) => command,
+            Err(e) => {
+                self.node
+                    .metrics()
+                    .protocol_errors
+                    .with_label_values(&[e.error.code])
+                    .inc();
+                out.push(Output::Reply(reply_err(e.id, &e.error)));
+                return;
+            }
+        };
+        match command {
+            Command::Subscribe { id, channel, since } => {
+                self.subscribe(id, channel.into(), since, out)
+            }
+            Command::Unsubscribe { id, channel } => {
+                out.push(Output::Reply(match self.unsubscribe(&channel) {
+                    Ok(()) => reply_ok(id, &serde_json::Map::new()),
+                    Err(error) => reply_err(id, &error),
+                }));
+            }
+            Command::Publish {
+                id,
+                channel,
+                data,
+                idempotency_key,
+            } => self.publish(
+                id,
+                channel.into(),
+                backplane::json::compact(data.get()),
+                idempotency_key.map(|k| k.into_owned()),
+            ),
+            Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
+            // Answered by the guard.
+            Command::Connect { .. } | Command::Refresh { .. } => {}
+        }
+    }
+
     /// Publishes on behalf of the client; the reply arrives as [`Output::Reply`].
     pub(crate) fn publish(
         &mut self,
@@ -257,8 +306,8 @@ impl Session {
             Event::Done(Completion::Read(input)) => input,
             Event::Done(Completion::Published { id, result }) => {
                 out.push(Output::Reply(match result {
-                    Ok(ack) => crate::protocol::reply_ok(id, &ack),
-                    Err(e) => crate::protocol::reply_err(id, &backplane_error(&e)),
+                    Ok(ack) => reply_ok(id, &ack),
+                    Err(e) => reply_err(id, &backplane_error(&e)),
                 }));
                 return;
             }

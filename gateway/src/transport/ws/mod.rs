@@ -355,7 +355,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     let parsed = Command::parse(&text);
                     match self.guard.on_command(&parsed) {
                         Verdict::Proceed => {
-                            handle_command(&self.node, session, parsed, out);
+                            session.run_command(parsed, out);
                             Ok(())
                         }
                         Verdict::Reply(reply) => {
@@ -458,50 +458,6 @@ async fn next_event(session: &mut Option<Session>) -> Event {
     match session {
         Some(session) => session.next().await,
         None => std::future::pending().await,
-    }
-}
-
-fn handle_command(
-    node: &Node,
-    session: &mut Session,
-    parsed: Result<Command<'_>, crate::protocol::CommandError>,
-    out: &mut Vec<Output>,
-) {
-    let command = match parsed {
-        Ok(command) => command,
-        Err(e) => {
-            node.metrics()
-                .protocol_errors
-                .with_label_values(&[e.error.code])
-                .inc();
-            out.push(Output::Reply(reply_err(e.id, &e.error)));
-            return;
-        }
-    };
-    match command {
-        Command::Subscribe { id, channel, since } => {
-            session.subscribe(id, channel.into(), since, out)
-        }
-        Command::Unsubscribe { id, channel } => {
-            out.push(Output::Reply(match session.unsubscribe(&channel) {
-                Ok(()) => reply_ok(id, &serde_json::Map::new()),
-                Err(error) => reply_err(id, &error),
-            }));
-        }
-        Command::Publish {
-            id,
-            channel,
-            data,
-            idempotency_key,
-        } => session.publish(
-            id,
-            channel.into(),
-            backplane::json::compact(data.get()),
-            idempotency_key.map(|k| k.into_owned()),
-        ),
-        Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
-        // Answered by the guard.
-        Command::Connect { .. } | Command::Refresh { .. } => {}
     }
 }
 
