@@ -263,7 +263,7 @@ impl Backplane for MemoryBackplane {
                     .history
                     .get((since - first) as usize)
                     .map(|e| e.publication.tag)
-            } else if since > 0 && since + 1 == first {
+            } else if since > 0 && since.checked_add(1) == Some(first) {
                 state.history.front().map(|e| e.prev_tag)
             } else {
                 None

@@ -504,20 +504,21 @@ impl Config {
         if overrides.log_json {
             builder = builder.set_override("log.format", "json").map_err(err)?;
         }
-        let config: Config = builder
-            .build()
-            .map_err(err)?
-            .try_deserialize()
-            .map_err(err)?;
-        config.validate()?;
-        Ok(config)
+        Config::build(builder)
     }
 
     /// Parses a TOML document alone (no environment, no overrides) and validates it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let source = config::File::from_str(text, config::FileFormat::Toml);
+        Config::build(config::Config::builder().add_source(source))
+    }
+
+    /// Reads the layered sources into a `Config` and validates it.
+    fn build(
+        builder: config::ConfigBuilder<config::builder::DefaultState>,
+    ) -> Result<Config, ConfigError> {
         let err = |e: config::ConfigError| ConfigError(e.to_string());
-        let config: Config = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        let config: Config = builder
             .build()
             .map_err(err)?
             .try_deserialize()
@@ -687,11 +688,16 @@ impl Config {
         self.auth.api_listen.unwrap_or(self.server.listen)
     }
 
-    /// Whether any JWT verification key is configured.
-    pub fn jwt_enabled(&self) -> bool {
-        !self.auth.jwt_hs256_keys.is_empty()
-            || !self.auth.jwt_public_keys.is_empty()
-            || self.auth.jwt_jwks_file.is_some()
+    /// The longest an SSE stream may take to make room for its next chunk before it is dropped.
+    /// The key is `websocket.write_timeout`: one write timeout for every streaming transport.
+    pub(crate) fn sse_write_timeout(&self) -> Duration {
+        self.websocket.write_timeout
+    }
+
+    /// The largest `POST /api/publish` body. The key is `websocket.max_message_size`: a
+    /// publication is as large over the API as over WebSocket.
+    pub(crate) fn api_max_body(&self) -> usize {
+        self.websocket.max_message_size
     }
 
     pub fn settings(&self) -> backplane::Settings {

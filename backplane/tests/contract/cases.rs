@@ -198,6 +198,12 @@ pub async fn history_pages_are_contiguous_up_to_top(store: &Store) {
     assert_eq!(at_top.top, 25);
     let ahead = history(&node, "paged", 30, 10).await;
     assert!(ahead.publications.is_empty());
+    let end_of_time = history(&node, "paged", u64::MAX, 10).await;
+    assert!(
+        end_of_time.publications.is_empty(),
+        "the largest since reads nothing"
+    );
+    assert_eq!((end_of_time.top, end_of_time.since_tag), (25, None));
     assert_eq!(ahead.top, 25, "a position ahead of the top reads the top");
     assert_eq!(ahead.since_tag, None);
     let middle = history(&node, "paged", 7, 3).await;
