@@ -35,6 +35,7 @@ pub struct Metrics {
     pubsub_reconnects: IntCounter,
     gap_fills: IntCounter,
     backplane_errors: IntCounter,
+    pubsub_subscriptions: IntGauge,
 }
 
 impl Default for Metrics {
@@ -127,6 +128,10 @@ impl Metrics {
         let backplane_errors = counter(
             "gateway_backplane_errors_total",
             "Backplane commands that failed.",
+        );
+        let pubsub_subscriptions = gauge(
+            "gateway_backplane_pubsub_subscriptions",
+            "Channels the node is subscribed to at the backplane: with local subscribers or lingering.",
         );
         let history_pages = counter(
             "gateway_history_pages_total",
@@ -231,7 +236,7 @@ impl Metrics {
             deliveries.with_label_values(&[transport]);
         }
         resumes.with_label_values(&["recovered", "none"]);
-        let families: [Box<dyn prometheus::core::Collector>; 26] = [
+        let families: [Box<dyn prometheus::core::Collector>; 27] = [
             Box::new(limit_rejections.clone()),
             Box::new(auth_failures.clone()),
             Box::new(tls_reloads.clone()),
@@ -250,6 +255,7 @@ impl Metrics {
             Box::new(pubsub_reconnects.clone()),
             Box::new(gap_fills.clone()),
             Box::new(backplane_errors.clone()),
+            Box::new(pubsub_subscriptions.clone()),
             Box::new(connections.clone()),
             Box::new(subscriptions.clone()),
             Box::new(channels.clone()),
@@ -289,12 +295,15 @@ impl Metrics {
             pubsub_reconnects,
             gap_fills,
             backplane_errors,
+            pubsub_subscriptions,
         }
     }
 
     /// Copies values kept elsewhere (backplane counters, queue sizes) into the families.
     pub fn observe(&self, stats: backplane::Stats, queued: usize, largest: usize) {
         self.pubsub_healthy.set(i64::from(stats.pubsub_healthy));
+        self.pubsub_subscriptions
+            .set(stats.pubsub_subscriptions.try_into().unwrap_or(i64::MAX));
         for (counter, value) in [
             (&self.pubsub_reconnects, stats.pubsub_reconnects),
             (&self.gap_fills, stats.gap_fills),
