@@ -221,6 +221,8 @@ impl Task {
             .map(|s| s.name.clone())
             .collect();
         let mut names = std::mem::take(&mut self.unsubscribe_retry);
+        // A retried one may have been subscribed again since.
+        names.retain(|name| !self.by_pubsub_name.contains_key(name));
         names.extend(
             expired
                 .iter()
