@@ -120,6 +120,7 @@ async fn a_flood_of_fresh_subscribes_does_not_hold_up_other_channels() {
         .await
         .finish()
         .await;
+    live.wait_offset(hot, 300).await;
     let quiet_after = metrics_text(node.addr).await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -161,6 +162,11 @@ async fn a_flood_of_fresh_subscribes_does_not_hold_up_other_channels() {
     )
     .await;
     publisher.finish().await;
+    let (epoch, expected) = acks.single(hot);
+    assert_contiguous(hot, &expected);
+    // Still flooding: the hot channel's last publication arrives.
+    live.wait_offset(hot, *expected.keys().next_back().unwrap())
+        .await;
     let after = metrics_text(node.addr).await;
     let during = flooded.load(std::sync::atomic::Ordering::Relaxed);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -169,10 +175,6 @@ async fn a_flood_of_fresh_subscribes_does_not_hold_up_other_channels() {
     }
     let total = flooded.load(std::sync::atomic::Ordering::Relaxed);
 
-    let (epoch, expected) = acks.single(hot);
-    assert_contiguous(hot, &expected);
-    live.wait_offset(hot, *expected.keys().next_back().unwrap())
-        .await;
     live.ping().await;
     assert_exact(
         "live subscriber during the flood",
