@@ -412,3 +412,99 @@ async fn rdb_snapshot_rollback_is_made_explicit_and_loses_nothing() {
         assert_eq!(r["reason"], "epoch_changed", "{r}");
     }
 }
+
+/// #12.4: reconnects are tracked per shard. On a 3-master cluster (AOF `always`, so nothing is
+/// lost), the master owning a channel is killed and restarted while the shard of the node's
+/// health channel stays up, so the link turns healthy again before that shard's subscription is
+/// back. What is published right after the restart must still reach the subscriber: the channel
+/// is re-read when Redis confirms its subscription again, not when the health echo returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_shard_restart_is_resynced_when_its_subscription_returns() {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(
+            RedisServer::start(RedisOpts {
+                aof: true,
+                cluster: true,
+            })
+            .await,
+        );
+    }
+    let mut cluster = RedisCluster::create(nodes).await;
+    let node = GatewayProcess::start("node", &cluster.backend().args, &PATIENT).await;
+    // The shard holding the node's health channel.
+    let mut health_shard = None;
+    for (n, redis) in cluster.nodes.iter().enumerate() {
+        if redis
+            .cli(&["pubsub", "shardchannels", "*health*"])
+            .await
+            .contains("health")
+        {
+            health_shard = Some(n);
+        }
+    }
+    let health_shard = health_shard.expect("the health channel is on some shard");
+    let mut channel = String::new();
+    let mut owner = health_shard;
+    for i in 0.. {
+        channel = format!("shard:{i}");
+        owner = cluster
+            .owner_of(cluster.slot_of(&format!("gw:{{{channel}}}:p")).await)
+            .await;
+        if owner != health_shard {
+            break;
+        }
+    }
+    let sub = Sub::connect("sub", node.addr).await;
+    sub.subscribe(&channel, None).await;
+    let mut acked: Vec<(Value, Value)> = Vec::new();
+    for i in 1..=3 {
+        let data = json!({"i": i});
+        acked.push((
+            publish_until_acked(node.addr, &channel, &data).await.0,
+            data,
+        ));
+    }
+    sub.wait_offset(&channel, 3).await;
+
+    let reconnects = metric_of(node.addr, "gateway_backplane_pubsub_reconnects_total").await;
+    cluster.nodes[owner].kill9();
+    // The link saw the shard go, and is healthy again through the health channel's shard while
+    // the channel's shard is still down.
+    poll_until("the link to notice the shard's loss", WAIT, || async {
+        let now = metric_of(node.addr, "gateway_backplane_pubsub_reconnects_total").await;
+        (now > reconnects).then_some(())
+    })
+    .await;
+    node.wait_ready().await;
+    cluster.nodes[owner].restart().await;
+    cluster.wait_ok().await;
+    for i in 4..=5 {
+        let data = json!({"i": i});
+        acked.push((
+            publish_until_acked(node.addr, &channel, &data).await.0,
+            data,
+        ));
+    }
+
+    let epoch = acked[0].0["epoch"].as_str().unwrap().to_string();
+    let mut expected = BTreeMap::new();
+    for (ack, data) in &acked {
+        assert_eq!(
+            ack["epoch"],
+            epoch.as_str(),
+            "AOF always keeps the epoch: {ack}"
+        );
+        expected.insert(ack["offset"].as_u64().unwrap(), data.clone());
+    }
+    assert_contiguous(&channel, &expected);
+    sub.wait_offset(&channel, 5).await;
+    sub.ping().await;
+    assert_exact(
+        "subscriber across the shard restart",
+        &sub.pubs(&channel),
+        &epoch,
+        &expected,
+        0,
+    );
+}

@@ -310,6 +310,12 @@ impl RedisCluster {
                 .await,
             );
         }
+        RedisCluster::create(nodes).await
+    }
+
+    /// Makes a cluster of masters out of started `cluster: true` servers.
+    pub async fn create(nodes: Vec<RedisServer>) -> RedisCluster {
+        let masters = nodes.len();
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(RedisServer::addr));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
@@ -327,7 +333,16 @@ impl RedisCluster {
             "cluster create failed: {stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        for node in &nodes {
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok`, knows every node and the full slot map
+    /// (after a start or a restart).
+    pub async fn wait_ok(&self) {
+        let masters = self.nodes.len();
+        for node in &self.nodes {
             let port = node.port;
             poll_until(
                 &format!("cluster_state:ok on :{port}"),
@@ -341,7 +356,7 @@ impl RedisCluster {
             .await;
         }
         // Every node must agree on the slot map before clients look at it.
-        for node in &nodes {
+        for node in &self.nodes {
             let port = node.port;
             poll_until(&format!("full slot map on :{port}"), WAIT, || async move {
                 let slots = redis_cli(port, &["cluster", "shards"]).await;
@@ -349,7 +364,6 @@ impl RedisCluster {
             })
             .await;
         }
-        RedisCluster { nodes }
     }
 
     /// The value of `--redis-cluster-nodes`.
