@@ -315,7 +315,6 @@ impl RedisCluster {
 
     /// Makes a cluster of masters out of started `cluster: true` servers.
     pub async fn create(nodes: Vec<RedisServer>) -> RedisCluster {
-        let masters = nodes.len();
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(RedisServer::addr));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
