@@ -307,6 +307,8 @@ impl Task {
             );
         }
         names.retain(|name| self.by_pubsub_name.contains_key(name));
+        names.sort_unstable();
+        names.dedup();
         if !names.is_empty() {
             let _ = self.w.changes.send(Change::Resubscribe(names));
         }
