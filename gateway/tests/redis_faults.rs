@@ -508,3 +508,67 @@ async fn cluster_shard_restart_is_resynced_when_its_subscription_returns() {
         0,
     );
 }
+
+/// #12.7: Redis restarts empty (no persistence) and the channel gets a new epoch; publications
+/// are made before the nodes notice. A subscriber that stayed connected gets a reset to the new
+/// epoch at offset 0 and then every publication of the new epoch from offset 1, none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_change_is_delivered_from_offset_1() {
+    let mut redis = RedisServer::start(RedisOpts::default()).await;
+    let nodes = start_nodes(&Backend::standalone(&redis), 2, &PATIENT).await;
+    let channel = "epoch:c";
+    let sub = Sub::connect("sub@node0", nodes[0].addr).await;
+    sub.subscribe(channel, None).await;
+    for i in 1..=5 {
+        publish_until_acked(nodes[1].addr, channel, &json!({"i": i})).await;
+    }
+    sub.wait_offset(channel, 5).await;
+    let e1 = sub.log().position(channel).unwrap().0;
+
+    redis.kill9();
+    redis.restart().await;
+    let mut expected = BTreeMap::new();
+    let mut e2 = String::new();
+    for i in 6..=8 {
+        let data = json!({"i": i});
+        let (ack, _) = publish_until_acked(nodes[1].addr, channel, &data).await;
+        e2 = ack["epoch"].as_str().unwrap().to_string();
+        expected.insert(ack["offset"].as_u64().unwrap(), data);
+    }
+    assert_ne!(e2, e1, "Redis restarted empty: a new epoch");
+    assert_contiguous(channel, &expected);
+
+    sub.wait_for("the new epoch's publications", WAIT, |log| {
+        log.position(channel) == Some((e2.clone(), 3))
+    })
+    .await;
+    sub.ping().await;
+    let items = sub.items(channel);
+    let reset_at = items
+        .iter()
+        .position(|i| matches!(i, Item::Reset { .. }))
+        .unwrap_or_else(|| panic!("no reset: {items:?}"));
+    assert_eq!(
+        items[reset_at],
+        Item::Reset {
+            epoch: e2.clone(),
+            offset: 0,
+            reason: "epoch_changed".into()
+        },
+        "{items:?}"
+    );
+    let after: Vec<Pub> = items[reset_at + 1..]
+        .iter()
+        .filter_map(|i| match i {
+            Item::Pub(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_exact(
+        "subscriber after the epoch change",
+        &after,
+        &e2,
+        &expected,
+        0,
+    );
+}
