@@ -9,7 +9,7 @@
 //! - A new epoch (first sight, Redis lost the channel, or a rotation) is delivered from its start
 //!   (offset 1 or the first retained), never from the first live message.
 //! - Rollback: when a read shows the top below the delivered offset, or the entry at the
-//!   delivered offset has another publish time than the one delivered (Redis lost acknowledged
+//!   delivered offset has another publish time or tag than the one delivered (Redis lost acknowledged
 //!   writes and reused the offsets under the same epoch), the channel's epoch is rotated with a
 //!   compare-and-set script and the new epoch is delivered from its start.
 
@@ -33,9 +33,20 @@ pub(crate) struct Delivered {
     /// `None` until the link knows the channel's epoch (a channel never published to has none).
     pub(crate) epoch: Option<Arc<str>>,
     pub(crate) offset: u64,
-    /// Publish time (ms) of the publication at `offset`, 0 if unknown: it tells whether the
-    /// entry at that offset is still the same publication after Redis came back.
+    /// Publish time (ms) and tag of the publication at `offset`, 0 if unknown: they tell
+    /// whether the entry at that offset is still the same publication after Redis came back.
     pub(crate) published_ms: u64,
+    pub(crate) tag: u32,
+}
+
+impl Delivered {
+    /// Whether a history entry with this publish time and tag at the delivered offset is another
+    /// publication than the one delivered (0: unknown, e.g. an entry from before tags).
+    pub(crate) fn differs(&self, published_ms: u64, tag: u32) -> bool {
+        let known = |a: u64, b: u64| a != 0 && b != 0;
+        (known(self.published_ms, published_ms) && self.published_ms != published_ms)
+            || (known(self.tag.into(), tag.into()) && self.tag != tag)
+    }
 }
 
 /// A history entry as the link reads it: the publication and its publish time (ms).
@@ -106,6 +117,7 @@ impl ChannelState {
                 epoch: None,
                 offset: 0,
                 published_ms: 0,
+                tag: 0,
             },
             retired: VecDeque::new(),
             in_flight: true,
@@ -207,8 +219,7 @@ impl ChannelState {
                 .iter()
                 .find(|(p, _)| p.offset == self.delivered.offset);
             let lost = page.top < self.delivered.offset
-                || (self.delivered.published_ms > 0
-                    && at_delivered.is_some_and(|(_, ms)| *ms != self.delivered.published_ms));
+                || at_delivered.is_some_and(|(p, ms)| self.delivered.differs(*ms, p.tag));
             if lost {
                 if !self.rotation_tried {
                     self.rotation_tried = true;
@@ -223,6 +234,7 @@ impl ChannelState {
                     "history went back but the epoch rotation did not take; continuing from the top");
                 self.delivered.offset = self.delivered.offset.min(page.top);
                 self.delivered.published_ms = 0;
+                self.delivered.tag = 0;
             }
             self.rotation_tried = false;
         }
@@ -232,6 +244,7 @@ impl ChannelState {
             if publication.offset > self.delivered.offset {
                 self.delivered.offset = publication.offset;
                 self.delivered.published_ms = published_ms;
+                self.delivered.tag = publication.tag;
                 out.push(publication);
             }
         }
@@ -315,6 +328,7 @@ impl ChannelState {
     fn deliver_live(&mut self, publication: Arc<Publication>, out: &mut Vec<Arc<Publication>>) {
         self.delivered.offset = publication.offset;
         self.delivered.published_ms = publication.published_us / 1000;
+        self.delivered.tag = publication.tag;
         out.push(publication);
     }
 
@@ -331,15 +345,16 @@ impl ChannelState {
             epoch: Some(epoch),
             offset: 0,
             published_ms: 0,
+            tag: 0,
         };
         self.rotation_tried = false;
     }
 
     /// Starts a read after the delivered offset; when the delivered publication's publish time
-    /// is known, the page starts at it, to check it is still the same publication.
+    /// or tag is known, the page starts at it, to check it is still the same publication.
     fn start_read(&mut self) -> Work {
         self.in_flight = true;
-        let since = if self.delivered.published_ms > 0 {
+        let since = if self.delivered.published_ms > 0 || self.delivered.tag != 0 {
             self.delivered.offset.saturating_sub(1)
         } else {
             self.delivered.offset
@@ -379,6 +394,7 @@ mod tests {
             epoch: Some(epoch.into()),
             offset,
             published_ms: 0,
+            tag: 0,
         }
     }
 
@@ -509,6 +525,27 @@ mod tests {
             Some(Work::Rotate { .. })
         ));
         assert_eq!(out.len(), 5, "nothing of the reused offsets delivered");
+    }
+
+    #[test]
+    fn a_reused_offset_is_caught_by_its_tag_too() {
+        let mut s = subscribed_at(at("e", 10));
+        let mut out = Vec::new();
+        let tagged = |o: u64, tag: u32| {
+            Arc::new(Publication::new("c".into(), o, "e".into(), b"1").tagged(tag))
+        };
+        s.on_live(tagged(11, 7), &mut out);
+        assert_eq!(s.resync(), Some(Work::Read { since: 10 }));
+        let entries = vec![(tagged(11, 8), 0), (tagged(12, 9), 0)];
+        assert!(matches!(
+            s.on_page(10, page("e", 12, entries), &mut out),
+            Some(Work::Rotate { .. })
+        ));
+        let unknown = Delivered {
+            tag: 0,
+            ..s.delivered().clone()
+        };
+        assert!(!unknown.differs(5, 8), "nothing known, nothing differs");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The Redis reads the pub/sub link runs off its loop: the batched position read after a
-//! SUBSCRIBE (`positions.lua`), history pages with each entry's publish time (to recognise the
-//! delivered publication after Redis came back), and the epoch rotation (`rotate.lua`).
+//! SUBSCRIBE (`positions.lua`), history pages with each entry's publish time and tag (to
+//! recognise the delivered publication after Redis came back), and the epoch rotation (`rotate.lua`).
 
 use std::sync::{Arc, LazyLock};
 
@@ -9,7 +9,7 @@ use redis::Script;
 use super::channel_state::{Delivered, Entry, Page};
 use super::commands::HISTORY;
 use super::{millis, Shared};
-use crate::{new_epoch, parse_tag, BackplaneError, Publication};
+use crate::{format_tag, new_epoch, parse_tag, BackplaneError, Publication};
 
 static POSITIONS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -60,7 +60,7 @@ async fn positions_of(
             .key(shared.keys.meta(channel))
             .key(shared.keys.history(channel));
     }
-    let rows: Vec<(Option<String>, u64, u64)> = shared.commands.run(&invocation).await?;
+    let rows: Vec<(Option<String>, u64, u64, String)> = shared.commands.run(&invocation).await?;
     if rows.len() != channels.len() {
         return Err(BackplaneError::Unavailable(format!(
             "position read returned {} rows for {} channels",
@@ -70,10 +70,11 @@ async fn positions_of(
     }
     Ok(rows
         .into_iter()
-        .map(|(epoch, offset, published_ms)| Delivered {
+        .map(|(epoch, offset, published_ms, tag)| Delivered {
             epoch: epoch.map(Arc::from),
             offset,
             published_ms,
+            tag: parse_tag(&tag).unwrap_or(0),
         })
         .collect())
 }
@@ -153,7 +154,12 @@ pub(crate) async fn rotate(
         .arg(&**epoch)
         .arg(seen.offset)
         .arg(seen.published_ms)
-        .arg(&*new_epoch());
+        .arg(&*new_epoch())
+        .arg(if seen.tag == 0 {
+            String::new()
+        } else {
+            format_tag(seen.tag)
+        });
     let (rotated, now): (u8, String) = shared.commands.run(&invocation).await?;
     Ok(((!now.is_empty()).then(|| now.into()), rotated == 1))
 }

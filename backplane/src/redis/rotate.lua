@@ -11,6 +11,7 @@
 -- ARGV[2]  offset the caller delivered last
 -- ARGV[3]  publish time (ms) of that publication as delivered, 0 if unknown
 -- ARGV[4]  new epoch
+-- ARGV[5]  tag of that publication as delivered, '' if unknown
 -- Returns {1 if this call rotated else 0, the channel's epoch now ('' if it has none)}.
 
 local epoch = redis.call('HGET', KEYS[1], 'e')
@@ -20,9 +21,20 @@ end
 local top = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
 local delivered = tonumber(ARGV[2])
 local lost = top < delivered
-if not lost and tonumber(ARGV[3]) > 0 then
+if not lost then
+  -- The same test as the link's: another publish time or another tag at the delivered offset.
   local entry = redis.call('XRANGE', KEYS[2], delivered .. '-0', delivered .. '-0')
-  lost = #entry > 0 and entry_time(entry[1]) ~= tonumber(ARGV[3])
+  if #entry > 0 then
+    local ms = entry_time(entry[1]) or 0
+    local tag = ''
+    local fields = entry[1][2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'g' then tag = fields[i + 1] end
+    end
+    local seen_ms = tonumber(ARGV[3])
+    lost = (seen_ms > 0 and ms > 0 and ms ~= seen_ms)
+      or (ARGV[5] ~= '' and tag ~= '' and tag ~= ARGV[5])
+  end
 end
 if not lost then
   return {0, epoch}
