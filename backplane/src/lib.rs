@@ -182,6 +182,9 @@ pub struct Stats {
     pub gap_fills: u64,
     /// Commands that failed.
     pub errors: u64,
+    /// Channels the node is subscribed to at the store: those with local subscribers plus those
+    /// lingering after their last one left.
+    pub pubsub_subscriptions: u64,
 }
 
 /// Failure of a backplane operation. Nothing that failed was acknowledged.

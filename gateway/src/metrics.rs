@@ -35,6 +35,7 @@ pub struct Metrics {
     pubsub_reconnects: IntCounter,
     gap_fills: IntCounter,
     backplane_errors: IntCounter,
+    pubsub_subscriptions: IntGauge,
 }
 
 impl Default for Metrics {
@@ -260,6 +261,10 @@ impl Metrics {
                 "gateway_backplane_errors_total",
                 "Backplane commands that failed.",
             ),
+            pubsub_subscriptions: f.gauge(
+                "gateway_backplane_pubsub_subscriptions",
+                "Channels the node is subscribed to at the backplane: with local subscribers or lingering.",
+            ),
             registry: families.registry,
         }
     }
@@ -274,6 +279,8 @@ impl Metrics {
         ] {
             counter.inc_by(value.saturating_sub(counter.get()));
         }
+        self.pubsub_subscriptions
+            .set(stats.pubsub_subscriptions.try_into().unwrap_or(i64::MAX));
         self.queued_bytes.set(queued as i64);
         self.queued_bytes_max.set(largest as i64);
     }

@@ -8,11 +8,15 @@
 //! - Live delivery runs on a dedicated pub/sub link ([`pubsub`]) that fills gaps from history,
 //!   re-syncs channels after reconnects and checks itself with round trips through pub/sub.
 
+mod channel_state;
 mod commands;
 mod connection;
 mod health;
 mod keys;
+mod link;
+mod link_reads;
 mod pubsub;
+mod subscription_worker;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -310,6 +310,11 @@ impl RedisCluster {
                 .await,
             );
         }
+        RedisCluster::create(nodes).await
+    }
+
+    /// Makes a cluster of masters out of started `cluster: true` servers.
+    pub async fn create(nodes: Vec<RedisServer>) -> RedisCluster {
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(RedisServer::addr));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
@@ -327,7 +332,16 @@ impl RedisCluster {
             "cluster create failed: {stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        for node in &nodes {
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok`, knows every node and the full slot map
+    /// (after a start or a restart).
+    pub async fn wait_ok(&self) {
+        let masters = self.nodes.len();
+        for node in &self.nodes {
             let port = node.port;
             poll_until(
                 &format!("cluster_state:ok on :{port}"),
@@ -341,7 +355,7 @@ impl RedisCluster {
             .await;
         }
         // Every node must agree on the slot map before clients look at it.
-        for node in &nodes {
+        for node in &self.nodes {
             let port = node.port;
             poll_until(&format!("full slot map on :{port}"), WAIT, || async move {
                 let slots = redis_cli(port, &["cluster", "shards"]).await;
@@ -349,7 +363,6 @@ impl RedisCluster {
             })
             .await;
         }
-        RedisCluster { nodes }
     }
 
     /// The value of `--redis-cluster-nodes`.
@@ -1528,4 +1541,190 @@ pub async fn scenario_kill9(backend: &Backend, channels: &[String]) {
 /// Wall-clock helper for diagnostics only (never asserted on).
 pub fn elapsed(since: Instant) -> String {
     format!("{:.1}s", since.elapsed().as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault helpers: a client that leaves mid-subscribe, Redis Cluster slot migration, publish
+// retries
+// ---------------------------------------------------------------------------------------------
+
+/// Opens a WebSocket to `addr`, then sends a `subscribe` of `channel` and a Close frame in one
+/// TCP write and drops the socket without waiting for anything: the server sees the subscribe
+/// and the end of the connection at once (a page reload does this).
+pub async fn subscribe_and_close_in_one_write(addr: SocketAddr, channel: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect to the gateway");
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.expect("upgrade");
+    // Read the 101 response headers (the server sends nothing else before our frames).
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = within("101 response", tcp.read(&mut byte))
+            .await
+            .expect("read 101");
+        assert!(n == 1, "connection closed during the handshake");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let subscribe = json!({"id": 1, "op": "subscribe", "channel": channel}).to_string();
+    let mut bytes = ws_client_frame(0x1, subscribe.as_bytes());
+    bytes.extend(ws_client_frame(0x8, &1000u16.to_be_bytes()));
+    tcp.write_all(&bytes).await.expect("subscribe and close");
+}
+
+/// A masked (client) WebSocket frame with FIN set.
+fn ws_client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask: [u8; 4] = rand::random();
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend((n as u16).to_be_bytes());
+        }
+    }
+    frame.extend(mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Publishes over HTTP until one attempt is answered 200 (bounded by [`WAIT`]); returns the ack
+/// and every earlier attempt's answer (a refused publish was not stored, but one that timed out
+/// may have been).
+pub async fn publish_until_acked(addr: SocketAddr, channel: &str, data: &Value) -> (Value, usize) {
+    let mut failures = 0;
+    within(&format!("publish of {data} to be acknowledged"), async {
+        loop {
+            let (status, body) = publish_http(addr, channel, data).await;
+            if status == 200 {
+                return (body, failures);
+            }
+            failures += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+/// Moving one hash slot of a [`RedisCluster`] from its owner to another master, step by step as
+/// `redis-cli --cluster reshard` does, so a test can act between the steps.
+pub struct SlotMove<'a> {
+    cluster: &'a RedisCluster,
+    pub slot: u16,
+    pub from: usize,
+    pub to: usize,
+}
+
+impl RedisCluster {
+    /// The node id of each node, in `nodes` order.
+    pub async fn node_ids(&self) -> Vec<String> {
+        let mut ids = Vec::new();
+        for node in &self.nodes {
+            ids.push(node.cli(&["cluster", "myid"]).await);
+        }
+        ids
+    }
+
+    pub async fn slot_of(&self, key: &str) -> u16 {
+        let slot = self.nodes[0].cli(&["cluster", "keyslot", key]).await;
+        slot.parse()
+            .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key}: {slot}"))
+    }
+
+    /// Index of the node that owns `slot` (as node 0 sees the slot map).
+    pub async fn owner_of(&self, slot: u16) -> usize {
+        let ids = self.node_ids().await;
+        let nodes = self.nodes[0].cli(&["cluster", "nodes"]).await;
+        // `<id> <addr> <flags> <master> <ping> <pong> <epoch> <link> <slot or range>...`
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let owns = fields.iter().skip(8).any(|range| {
+                let mut ends = range.splitn(2, '-').map(|n| n.parse::<u16>());
+                match (ends.next(), ends.next()) {
+                    (Some(Ok(a)), Some(Ok(b))) => (a..=b).contains(&slot),
+                    (Some(Ok(a)), None) => a == slot,
+                    _ => false,
+                }
+            });
+            if owns {
+                if let Some(n) = ids
+                    .iter()
+                    .position(|id| Some(&id.as_str()) == fields.first())
+                {
+                    return n;
+                }
+            }
+        }
+        panic!("no owner of slot {slot} in {nodes}");
+    }
+
+    /// Starts moving `slot` to node `to`: IMPORTING on the target, MIGRATING on the source.
+    pub async fn begin_slot_move(&self, slot: u16, to: usize) -> SlotMove<'_> {
+        let from = self.owner_of(slot).await;
+        assert_ne!(from, to, "slot {slot} is already on node {to}");
+        let ids = self.node_ids().await;
+        let s = slot.to_string();
+        let r = self.nodes[to]
+            .cli(&["cluster", "setslot", &s, "importing", &ids[from]])
+            .await;
+        assert_eq!(r, "OK", "SETSLOT IMPORTING: {r}");
+        let r = self.nodes[from]
+            .cli(&["cluster", "setslot", &s, "migrating", &ids[to]])
+            .await;
+        assert_eq!(r, "OK", "SETSLOT MIGRATING: {r}");
+        SlotMove {
+            cluster: self,
+            slot,
+            from,
+            to,
+        }
+    }
+}
+
+impl SlotMove<'_> {
+    /// MIGRATEs every key of the slot to the target.
+    pub async fn move_keys(&self) {
+        let (from, to) = (&self.cluster.nodes[self.from], &self.cluster.nodes[self.to]);
+        let s = self.slot.to_string();
+        loop {
+            let keys = from.cli(&["cluster", "getkeysinslot", &s, "1000"]).await;
+            let keys: Vec<&str> = keys
+                .lines()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .collect();
+            if keys.is_empty() {
+                return;
+            }
+            let port = to.port.to_string();
+            let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
+            args.extend(keys);
+            let r = from.cli(&args).await;
+            assert!(r == "OK" || r == "NOKEY", "MIGRATE: {r}");
+        }
+    }
+
+    /// Assigns the slot to the target on every master (target and source first).
+    pub async fn finish(self) {
+        let ids = self.cluster.node_ids().await;
+        let s = self.slot.to_string();
+        let mut order = vec![self.to, self.from];
+        order.extend((0..self.cluster.nodes.len()).filter(|n| *n != self.to && *n != self.from));
+        for n in order {
+            let r = self.cluster.nodes[n]
+                .cli(&["cluster", "setslot", &s, "node", &ids[self.to]])
+                .await;
+            assert_eq!(r, "OK", "SETSLOT NODE on node {n}: {r}");
+        }
+    }
 }
