@@ -13,6 +13,7 @@ mod connection;
 mod health;
 mod keys;
 mod pubsub;
+mod sentinel;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,10 @@ pub enum Target {
     Single(String),
     /// Seed nodes of a Redis Cluster (7+), e.g. `redis://10.0.0.1:7000`. Uses sharded pub/sub.
     Cluster(Vec<String>),
+    /// The master that Redis Sentinels monitor under `master`, followed across failovers.
+    /// `nodes` are sentinel URLs, e.g. `redis://10.0.0.1:26379`; credentials and `rediss://` in
+    /// them apply to the sentinels and to the master.
+    Sentinel { nodes: Vec<String>, master: String },
 }
 
 /// Connection settings of the Redis backplane.
@@ -52,6 +57,10 @@ pub struct RedisConfig {
     pub health_interval: Duration,
     /// How long the node stays subscribed to a channel after its last local subscriber left.
     pub subscribe_linger: Duration,
+    /// A publish is acknowledged only once this many replicas confirmed it (`WAIT`); 0: at once.
+    pub min_replicas_acked: u32,
+    /// How long a publish waits for `min_replicas_acked` replicas before it is refused.
+    pub replica_ack_timeout: Duration,
 }
 
 /// What the backplane and its link task share.
@@ -62,6 +71,8 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     pub(crate) sink: Arc<dyn PublicationSink>,
     pub(crate) health: Health,
+    /// `WAIT` after each publish: (replicas, timeout).
+    pub(crate) replica_ack: Option<(u32, Duration)>,
 }
 
 /// The Redis implementation of [`Backplane`].
@@ -90,6 +101,16 @@ impl RedisBackplane {
             Target::Cluster(nodes) => {
                 Commands::cluster(nodes, config.connect_timeout, config.command_timeout).await?
             }
+            Target::Sentinel { nodes, master } => Commands::sentinel(
+                Arc::new(sentinel::MasterResolver::new(
+                    nodes,
+                    master,
+                    config.connect_timeout,
+                )?),
+                config.pool_size,
+                config.connect_timeout,
+                config.command_timeout,
+            )?,
         };
         let mut settings = settings;
         // The epoch and top must outlive the history they describe.
@@ -101,6 +122,8 @@ impl RedisBackplane {
             settings,
             sink,
             health: Health::default(),
+            replica_ack: (config.min_replicas_acked > 0)
+                .then_some((config.min_replicas_acked, config.replica_ack_timeout)),
         });
         // Fail at start rather than serve with a store that is not there.
         shared.commands.ping().await?;
@@ -197,8 +220,22 @@ impl Backplane for RedisBackplane {
             .arg(if shared.sharded { "1" } else { "0" })
             .arg(window)
             .arg(channel);
-        let result: Result<(u64, String, u8), _> = shared.commands.run(&invocation).await;
-        let (offset, epoch, _duplicate) = result.inspect_err(|_| shared.health.count_error())?;
+        let result: Result<((u64, String, u8), Option<u64>), _> = shared
+            .commands
+            .run_replicated(&invocation, shared.replica_ack)
+            .await;
+        let ((offset, epoch, _duplicate), acked) =
+            result.inspect_err(|_| shared.health.count_error())?;
+        if let (Some((wanted, timeout)), Some(acked)) = (shared.replica_ack, acked) {
+            if acked < u64::from(wanted) {
+                shared.health.count_error();
+                return Err(BackplaneError::Unavailable(format!(
+                    "publication stored but not replicated: offset {offset} was acknowledged by \
+                     {acked} of the {wanted} replicas required within {timeout:?}, so whether it \
+                     survives a failover is unknown; retry with the same idempotency_key"
+                )));
+            }
+        }
         Ok(PublishAck {
             channel: channel.into(),
             offset,
