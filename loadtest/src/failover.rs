@@ -481,7 +481,7 @@ fn verdict(log: &SubLog, acks: &[Ack]) -> Verdict {
                         .map(|(_, (index, _))| *index)
                         .max()
                 });
-                if found.is_none() && resets.iter().any(|&r| before.map_or(true, |b| r > b)) {
+                if found.is_none() && resets.iter().any(|&r| before.is_none_or(|b| r > b)) {
                     v.covered += 1;
                 } else {
                     v.lost += 1;

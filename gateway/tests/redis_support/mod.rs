@@ -1951,7 +1951,7 @@ pub fn check_delivery(items: &[Item], acked: &[Acked], after: &(String, u64)) ->
                     .filter(|((e, o), _)| *e == a.epoch && *o < a.offset)
                     .map(|(_, (i, _))| *i)
                     .max();
-                if reset_at.iter().any(|&r| before.map_or(true, |b| r > b)) {
+                if reset_at.iter().any(|&r| before.is_none_or(|b| r > b)) {
                     check.covered_by_reset += 1;
                 } else {
                     check
