@@ -28,10 +28,20 @@ async fn sentinel_nodes(set: &SentinelSet, env: &[(&str, &str)]) -> Vec<GatewayP
     nodes
 }
 
+/// How the master goes away.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// `kill -9` of the master: sentinels fail over after `down-after-milliseconds`.
+    Kill9,
+    /// `SENTINEL FAILOVER`: a replica is promoted while the old master lives on and is demoted
+    /// to a replica (it answers writes with READONLY).
+    Switchover,
+}
+
 /// The failover under load. History is long enough that nothing published during the failover
 /// is trimmed; with `no_resets` a reset also fails the test (nothing was lost, so nothing needs
 /// one).
-async fn failover_under_load(min_replicas_acked: &str, no_resets: bool) {
+async fn failover_under_load(fault: Fault, min_replicas_acked: &str, no_resets: bool) {
     let mut set = SentinelSet::start(2, 3).await;
     let mut env: Vec<(&str, &str)> = PATIENT.to_vec();
     env.push(("GATEWAY__REDIS__MIN_REPLICAS_ACKED", min_replicas_acked));
@@ -63,19 +73,39 @@ async fn failover_under_load(min_replicas_acked: &str, no_resets: bool) {
     publishers.wait_acked(&channels, 30, WAIT).await;
 
     let old = set.master_port().await.expect("a master");
-    set.server(old).kill9();
-    // Without a master, no node is ready (the pub/sub link lost its connection).
-    for node in &nodes {
-        poll_until(
-            &format!("{} to report not ready", node.name),
-            WAIT,
-            || async move { (readyz(node.addr).await.0 == 503).then_some(()) },
-        )
-        .await;
+    match fault {
+        Fault::Kill9 => {
+            set.server(old).kill9();
+            // Without a master, no node is ready (the pub/sub link lost its connection).
+            for node in &nodes {
+                poll_until(
+                    &format!("{} to report not ready", node.name),
+                    WAIT,
+                    || async move { (readyz(node.addr).await.0 == 503).then_some(()) },
+                )
+                .await;
+            }
+        }
+        Fault::Switchover => {
+            let answer = redis_cli(
+                set.sentinels[0].port,
+                &["sentinel", "failover", SENTINEL_MASTER],
+            )
+            .await;
+            assert_eq!(answer, "OK", "SENTINEL FAILOVER");
+        }
     }
     let before: Vec<usize> = channels.iter().map(|c| publishers.count_of(c)).collect();
     let new = set.wait_failover(old).await;
     assert_ne!(new, old);
+    if fault == Fault::Switchover {
+        // The old master lives on as a replica of the new one.
+        poll_until("the old master to be demoted", WAIT, || async {
+            let role = redis_cli(old, &["role"]).await;
+            role.starts_with("slave").then_some(())
+        })
+        .await;
+    }
 
     // Publishing recovers, and every node becomes ready again.
     poll_until("publishing to recover", Duration::from_secs(60), || async {
@@ -150,7 +180,7 @@ async fn failover_under_load(min_replicas_acked: &str, no_resets: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_failover_with_min_replicas_acked_loses_nothing() {
-    failover_under_load("1", true).await;
+    failover_under_load(Fault::Kill9, "1", true).await;
 }
 
 /// Without replica acknowledgements a publication acknowledged just before the kill may be
@@ -158,7 +188,14 @@ async fn sentinel_failover_with_min_replicas_acked_loses_nothing() {
 /// (the link's rollback detection, issue #12 item 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_failover_without_replica_acks_keeps_the_rule() {
-    failover_under_load("0", false).await;
+    failover_under_load(Fault::Kill9, "0", false).await;
+}
+
+/// A switchover demotes a live master: the nodes must stop writing to it (READONLY) and follow
+/// the new one. With every replica required, nothing acknowledged can be left on the old master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_switchover_moves_every_node_off_the_demoted_master() {
+    failover_under_load(Fault::Switchover, "2", true).await;
 }
 
 /// `min_replicas_acked = 2` on a master with 2 replicas: with one replica down the publish is
