@@ -414,16 +414,21 @@ pub struct SentinelProcess {
 
 impl SentinelProcess {
     /// Monitors `master_port` as [`SENTINEL_MASTER`] with quorum `quorum`; a master that does not
-    /// answer for `down_after` is failed over (retried after `failover_timeout`).
+    /// answer for `down_after` is failed over (retried after `failover_timeout`). With
+    /// `password`, the sentinel requires it and uses it towards the servers.
     pub async fn start(
         master_port: u16,
         quorum: usize,
         down_after: Duration,
         failover_timeout: Duration,
+        password: Option<&str>,
     ) -> SentinelProcess {
         let port = free_port(false);
         let dir = tempfile::tempdir().expect("tempdir for redis-sentinel");
         let d = dir.path().display();
+        let auth = password.map_or(String::new(), |pw| {
+            format!("requirepass {pw}\nsentinel auth-pass {SENTINEL_MASTER} {pw}\n")
+        });
         let conf = format!(
             "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {d}\n\
              logfile {d}/sentinel.log\n\
@@ -433,7 +438,7 @@ impl SentinelProcess {
              sentinel parallel-syncs {SENTINEL_MASTER} 2\n",
             down_after.as_millis(),
             failover_timeout.as_millis(),
-        );
+        ) + &auth;
         let path = dir.path().join("sentinel.conf");
         std::fs::write(&path, conf).expect("write sentinel.conf");
         let mut cmd = Command::new("redis-sentinel");
@@ -509,22 +514,39 @@ pub struct SentinelSet {
     /// `servers[0]` is the first master; after a failover ask [`SentinelSet::master_port`].
     pub servers: Vec<RedisServer>,
     pub sentinels: Vec<SentinelProcess>,
+    password: Option<String>,
 }
 
 impl SentinelSet {
     pub async fn start(replicas: usize, sentinels: usize) -> SentinelSet {
-        let master = RedisServer::start(RedisOpts::default()).await;
+        Self::start_with(replicas, sentinels, None).await
+    }
+
+    /// With `password`, every server and sentinel requires it (`requirepass`, `masterauth`,
+    /// `sentinel auth-pass`). The harness's `redis-cli` calls need `REDISCLI_AUTH` set to it.
+    pub async fn start_with(
+        replicas: usize,
+        sentinels: usize,
+        password: Option<&str>,
+    ) -> SentinelSet {
+        let auth: Vec<String> = password.map_or(Vec::new(), |pw| {
+            vec![
+                "--requirepass".into(),
+                pw.into(),
+                "--masterauth".into(),
+                pw.into(),
+            ]
+        });
+        let master = RedisServer::start_with(RedisOpts::default(), auth.clone()).await;
         let mut servers = vec![master];
         for _ in 0..replicas {
-            let replica = RedisServer::start_with(
-                RedisOpts::default(),
-                vec![
-                    "--replicaof".into(),
-                    "127.0.0.1".into(),
-                    servers[0].port.to_string(),
-                ],
-            )
-            .await;
+            let mut args = auth.clone();
+            args.extend([
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                servers[0].port.to_string(),
+            ]);
+            let replica = RedisServer::start_with(RedisOpts::default(), args).await;
             servers.push(replica);
         }
         let master_port = servers[0].port;
@@ -542,6 +564,7 @@ impl SentinelSet {
         let mut set = SentinelSet {
             servers,
             sentinels: Vec::new(),
+            password: password.map(str::to_string),
         };
         for _ in 0..sentinels {
             set.sentinels.push(
@@ -550,6 +573,7 @@ impl SentinelSet {
                     sentinels / 2 + 1,
                     Duration::from_millis(1000),
                     Duration::from_millis(5000),
+                    password,
                 )
                 .await,
             );
@@ -585,11 +609,14 @@ impl SentinelSet {
         }
     }
 
-    /// `host:port,host:port,…` of the sentinels.
+    /// `host:port,host:port,…` of the sentinels (`redis://:password@host:port,…` with a password).
     pub fn nodes_arg(&self) -> String {
         self.sentinels
             .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
+            .map(|s| match &self.password {
+                Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", s.port),
+                None => format!("127.0.0.1:{}", s.port),
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
