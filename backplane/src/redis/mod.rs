@@ -7,7 +7,7 @@
 //!   epoch and the top offset are read at one instant.
 //! - Live delivery runs on a dedicated pub/sub link ([`pubsub`]) that fills gaps from history,
 //!   re-syncs channels after reconnects and checks itself with round trips through pub/sub.
-//! - On Sentinel ([`sentinel`]) both paths follow the master the sentinels name; with
+//! - On Sentinel (`sentinel.rs`) both paths follow the master the sentinels name; with
 //!   `min_replicas_acked` a publish is acknowledged only once that many replicas have it (`WAIT`).
 
 mod commands;
