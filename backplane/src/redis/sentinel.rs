@@ -240,11 +240,24 @@ impl FollowedMaster {
 
     pub(crate) async fn subscribe(&self, names: &[String]) -> redis::RedisResult<()> {
         // Recorded before the command, so a replacement made meanwhile subscribes them too.
-        let mut manager = {
+        let (mut manager, known) = {
             let mut state = self.state.lock();
+            let known = names.iter().all(|n| state.names.contains(n));
             state.names.extend(names.iter().cloned());
-            state.manager.clone()
+            (state.manager.clone(), known)
         };
+        if known {
+            // A re-assertion (the link's health check does this to make a dead connection
+            // notice): the watcher already probes the connection, so the link is not held up on
+            // a dead master while the sentinels elect a new one.
+            let names = names.to_vec();
+            tokio::spawn(async move {
+                if let Err(e) = manager.subscribe(&names).await {
+                    tracing::debug!(error = %e, "re-subscribe failed");
+                }
+            });
+            return Ok(());
+        }
         manager.subscribe(names).await
     }
 
@@ -261,24 +274,25 @@ impl FollowedMaster {
 
     /// One check: keeps the connection while its server is master, else moves to the master the
     /// sentinels name (if that is another server; the manager reconnects to the same one itself).
-    async fn check(&self) {
+    /// Returns whether the connection is on a confirmed master now.
+    async fn check(&self) -> bool {
         let mut current = self.state.lock().manager.clone();
         // Short: a manager reconnecting to a dead master retries for longer than this.
         let limit = self.command_timeout.min(self.check_interval);
         let role = tokio::time::timeout(limit, is_master(&mut current)).await;
         if matches!(role, Ok(Ok(true))) {
-            return;
+            return true;
         }
         let client = match self.resolver.client(ProtocolVersion::RESP3).await {
             Ok(client) => client,
             Err(e) => {
                 tracing::debug!(error = %e, "no master from the sentinels yet");
-                return;
+                return false;
             }
         };
         let address = client.get_connection_info().addr().to_string();
         if address == self.state.lock().address {
-            return;
+            return false;
         }
         let generation = self.pushes.generation.load(Ordering::Acquire) + 1;
         let mut manager = match manager(
@@ -292,7 +306,7 @@ impl FollowedMaster {
             Ok(manager) => manager,
             Err(e) => {
                 tracing::warn!(%address, error = %e, "cannot connect to the new master");
-                return;
+                return false;
             }
         };
         tracing::warn!(%address, "redis master changed: moving the pub/sub connection");
@@ -324,6 +338,7 @@ impl FollowedMaster {
         if !dropped.is_empty() {
             let _ = manager.unsubscribe(&dropped).await;
         }
+        true
     }
 }
 
@@ -342,18 +357,28 @@ async fn manager(
 }
 
 /// Checks the followed master every `interval`, and when its connection drops, until the link
-/// is gone.
+/// is gone. Without a confirmed master it checks again soon: the sentinels may name the new one
+/// at any moment, and live delivery waits for this connection to move.
 async fn watch(followed: Weak<FollowedMaster>, wake: Arc<Notify>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retry = (interval / 10).max(Duration::from_millis(50));
+    let mut on_master = true;
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = wake.notified() => {}
+        if on_master {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = wake.notified() => {}
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = wake.notified() => {}
+            }
         }
         let Some(followed) = followed.upgrade() else {
             return;
         };
-        followed.check().await;
+        on_master = followed.check().await;
     }
 }
