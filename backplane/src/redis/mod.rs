@@ -7,6 +7,8 @@
 //!   epoch and the top offset are read at one instant.
 //! - Live delivery runs on a dedicated pub/sub link ([`pubsub`]) that fills gaps from history,
 //!   re-syncs channels after reconnects and checks itself with round trips through pub/sub.
+//! - On Sentinel (`sentinel.rs`) both paths follow the master the sentinels name; with
+//!   `min_replicas_acked` a publish is acknowledged only once that many replicas have it (`WAIT`).
 
 mod channel_state;
 mod commands;
@@ -16,6 +18,7 @@ mod keys;
 mod link;
 mod link_reads;
 mod pubsub;
+mod sentinel;
 mod subscription_worker;
 
 use std::sync::Arc;
@@ -39,6 +42,10 @@ pub enum Target {
     Single(String),
     /// Seed nodes of a Redis Cluster (7+), e.g. `redis://10.0.0.1:7000`. Uses sharded pub/sub.
     Cluster(Vec<String>),
+    /// The master that Redis Sentinels monitor under `master`, followed across failovers.
+    /// `nodes` are sentinel URLs, e.g. `redis://10.0.0.1:26379`; credentials and `rediss://` in
+    /// them apply to the sentinels and to the master.
+    Sentinel { nodes: Vec<String>, master: String },
 }
 
 /// Connection settings of the Redis backplane.
@@ -56,6 +63,10 @@ pub struct RedisConfig {
     pub health_interval: Duration,
     /// How long the node stays subscribed to a channel after its last local subscriber left.
     pub subscribe_linger: Duration,
+    /// A publish is acknowledged only once this many replicas confirmed it (`WAIT`); 0: at once.
+    pub min_replicas_acked: u32,
+    /// How long a publish waits for `min_replicas_acked` replicas before it is refused.
+    pub replica_ack_timeout: Duration,
 }
 
 /// What the backplane and its link task share.
@@ -66,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     pub(crate) sink: Arc<dyn PublicationSink>,
     pub(crate) health: Health,
+    /// `WAIT` after each publish: (replicas, timeout).
+    pub(crate) replica_ack: Option<(u32, Duration)>,
 }
 
 /// The Redis implementation of [`Backplane`].
@@ -94,6 +107,16 @@ impl RedisBackplane {
             Target::Cluster(nodes) => {
                 Commands::cluster(nodes, config.connect_timeout, config.command_timeout).await?
             }
+            Target::Sentinel { nodes, master } => Commands::sentinel(
+                Arc::new(sentinel::MasterResolver::new(
+                    nodes,
+                    master,
+                    config.connect_timeout,
+                )?),
+                config.pool_size,
+                config.connect_timeout,
+                config.command_timeout,
+            )?,
         };
         let mut settings = settings;
         // The epoch and top must outlive the history they describe.
@@ -105,6 +128,8 @@ impl RedisBackplane {
             settings,
             sink,
             health: Health::default(),
+            replica_ack: (config.min_replicas_acked > 0)
+                .then_some((config.min_replicas_acked, config.replica_ack_timeout)),
         });
         // Fail at start rather than serve with a store that is not there.
         shared.commands.ping().await?;
@@ -210,13 +235,27 @@ impl Backplane for RedisBackplane {
             .arg(window)
             .arg(channel)
             .arg(format_tag(new_tag()));
-        let result: Result<(u64, String, String, u8), _> = shared.commands.run(&invocation).await;
-        let (offset, epoch, tag, status) = result.inspect_err(|_| shared.health.count_error())?;
+        let result: Result<((u64, String, String, u8), Option<u64>), _> = shared
+            .commands
+            .run_replicated(&invocation, shared.replica_ack)
+            .await;
+        let ((offset, epoch, tag, status), acked) =
+            result.inspect_err(|_| shared.health.count_error())?;
         let Some(tag) = parse_tag(&tag) else {
             return Err(BackplaneError::Unavailable(format!(
                 "publish script answered tag {tag:?}"
             )));
         };
+        if let (Some((wanted, timeout)), Some(acked)) = (shared.replica_ack, acked) {
+            if acked < u64::from(wanted) {
+                shared.health.count_error();
+                return Err(BackplaneError::Unavailable(format!(
+                    "publication stored but not replicated: offset {offset} was acknowledged by \
+                     {acked} of the {wanted} replicas required within {timeout:?}, so whether it \
+                     survives a failover is unknown; retry with the same idempotency_key"
+                )));
+            }
+        }
         let ack = PublishAck {
             channel: channel.into(),
             offset,

@@ -161,10 +161,17 @@ pub struct RedisServer {
     pub opts: RedisOpts,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Arguments after the harness's own (e.g. `--replicaof`).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub async fn start(opts: RedisOpts) -> RedisServer {
+        Self::start_with(opts, Vec::new()).await
+    }
+
+    /// A server with extra `redis-server` arguments (they win over the harness's).
+    pub async fn start_with(opts: RedisOpts, extra: Vec<String>) -> RedisServer {
         let port = free_port(opts.cluster);
         let dir = tempfile::tempdir().expect("tempdir for redis");
         let mut server = RedisServer {
@@ -172,6 +179,7 @@ impl RedisServer {
             opts,
             dir,
             child: None,
+            extra,
         };
         server.spawn();
         server.wait_ready().await;
@@ -214,6 +222,7 @@ impl RedisServer {
                 .map(String::from),
             );
         }
+        args.extend(self.extra.iter().cloned());
         args
     }
 
@@ -399,6 +408,272 @@ impl Backend {
         Backend {
             args: vec!["--redis-url".into(), redis.url()],
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis Sentinel: a master, its replicas and the sentinels that monitor them
+// ---------------------------------------------------------------------------------------------
+
+/// The name the test sentinels monitor the master under.
+pub const SENTINEL_MASTER: &str = "gwmaster";
+
+/// One `redis-sentinel` process on a free loopback port with its own (rewritable) config file.
+pub struct SentinelProcess {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl SentinelProcess {
+    /// Monitors `master_port` as [`SENTINEL_MASTER`] with quorum `quorum`; a master that does not
+    /// answer for `down_after` is failed over (retried after `failover_timeout`). With
+    /// `password`, the sentinel requires it and uses it towards the servers.
+    pub async fn start(
+        master_port: u16,
+        quorum: usize,
+        down_after: Duration,
+        failover_timeout: Duration,
+        password: Option<&str>,
+    ) -> SentinelProcess {
+        let port = free_port(false);
+        let dir = tempfile::tempdir().expect("tempdir for redis-sentinel");
+        let d = dir.path().display();
+        let auth = password.map_or(String::new(), |pw| {
+            format!("requirepass {pw}\nsentinel auth-pass {SENTINEL_MASTER} {pw}\n")
+        });
+        let conf = format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {d}\n\
+             logfile {d}/sentinel.log\n\
+             sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} {quorum}\n\
+             sentinel down-after-milliseconds {SENTINEL_MASTER} {}\n\
+             sentinel failover-timeout {SENTINEL_MASTER} {}\n\
+             sentinel parallel-syncs {SENTINEL_MASTER} 2\n",
+            down_after.as_millis(),
+            failover_timeout.as_millis(),
+        ) + &auth;
+        let path = dir.path().join("sentinel.conf");
+        std::fs::write(&path, conf).expect("write sentinel.conf");
+        let mut cmd = Command::new("redis-sentinel");
+        cmd.arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .expect("spawn redis-sentinel (apt-get install redis-sentinel)");
+        let sentinel = SentinelProcess {
+            port,
+            dir,
+            child: Some(child),
+        };
+        poll_until(
+            &format!("redis-sentinel on port {port} to answer PING"),
+            WAIT,
+            || async move { (redis_cli(port, &["ping"]).await == "PONG").then_some(()) },
+        )
+        .await;
+        sentinel
+    }
+
+    /// `SENTINEL get-master-addr-by-name`: the port of the master this sentinel names now.
+    pub async fn master_port(&self) -> Option<u16> {
+        let out = redis_cli(
+            self.port,
+            &["sentinel", "get-master-addr-by-name", SENTINEL_MASTER],
+        )
+        .await;
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// A field of `SENTINEL master` (e.g. `num-slaves`, `num-other-sentinels`).
+    pub async fn master_field(&self, field: &str) -> Option<String> {
+        let out = redis_cli(self.port, &["sentinel", "master", SENTINEL_MASTER]).await;
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .find(|pair| pair[0].trim() == field)
+            .and_then(|pair| pair.get(1))
+            .map(|v| v.trim().to_string())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("sentinel.log")).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- sentinel :{} log tail ----\n{}",
+                self.port,
+                self.log_tail(30)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+}
+
+/// A master with `replicas` replicas and `sentinels` sentinels (quorum: a majority), every
+/// sentinel aware of every replica and of the other sentinels before `start` returns.
+pub struct SentinelSet {
+    /// `servers[0]` is the first master; after a failover ask [`SentinelSet::master_port`].
+    pub servers: Vec<RedisServer>,
+    pub sentinels: Vec<SentinelProcess>,
+    password: Option<String>,
+}
+
+impl SentinelSet {
+    pub async fn start(replicas: usize, sentinels: usize) -> SentinelSet {
+        Self::start_with(replicas, sentinels, None).await
+    }
+
+    /// With `password`, every server and sentinel requires it (`requirepass`, `masterauth`,
+    /// `sentinel auth-pass`). The harness's `redis-cli` calls need `REDISCLI_AUTH` set to it.
+    pub async fn start_with(
+        replicas: usize,
+        sentinels: usize,
+        password: Option<&str>,
+    ) -> SentinelSet {
+        let auth: Vec<String> = password.map_or(Vec::new(), |pw| {
+            vec![
+                "--requirepass".into(),
+                pw.into(),
+                "--masterauth".into(),
+                pw.into(),
+            ]
+        });
+        let master = RedisServer::start_with(RedisOpts::default(), auth.clone()).await;
+        let mut servers = vec![master];
+        for _ in 0..replicas {
+            let mut args = auth.clone();
+            args.extend([
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                servers[0].port.to_string(),
+            ]);
+            let replica = RedisServer::start_with(RedisOpts::default(), args).await;
+            servers.push(replica);
+        }
+        let master_port = servers[0].port;
+        for replica in &servers[1..] {
+            poll_until(
+                &format!("replica :{} in sync", replica.port),
+                WAIT,
+                || async move {
+                    let info = replica.cli(&["info", "replication"]).await;
+                    info.contains("master_link_status:up").then_some(())
+                },
+            )
+            .await;
+        }
+        let mut set = SentinelSet {
+            servers,
+            sentinels: Vec::new(),
+            password: password.map(str::to_string),
+        };
+        for _ in 0..sentinels {
+            set.sentinels.push(
+                SentinelProcess::start(
+                    master_port,
+                    sentinels / 2 + 1,
+                    Duration::from_millis(1000),
+                    Duration::from_millis(5000),
+                    password,
+                )
+                .await,
+            );
+        }
+        for sentinel in &set.sentinels {
+            let (want_replicas, want_others) = (replicas.to_string(), (sentinels - 1).to_string());
+            poll_until(
+                &format!("sentinel :{} to see the whole set", sentinel.port),
+                WAIT,
+                || {
+                    let (want_replicas, want_others) = (want_replicas.clone(), want_others.clone());
+                    async move {
+                        let replicas = sentinel.master_field("num-slaves").await?;
+                        let others = sentinel.master_field("num-other-sentinels").await?;
+                        (replicas == want_replicas && others == want_others).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+        set
+    }
+
+    /// Flags for a gateway on these sentinels.
+    pub fn backend(&self) -> Backend {
+        Backend {
+            args: vec![
+                "--redis-sentinel-nodes".into(),
+                self.nodes_arg(),
+                "--redis-sentinel-master".into(),
+                SENTINEL_MASTER.into(),
+            ],
+        }
+    }
+
+    /// `host:port,host:port,…` of the sentinels (`redis://:password@host:port,…` with a password).
+    pub fn nodes_arg(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|s| match &self.password {
+                Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", s.port),
+                None => format!("127.0.0.1:{}", s.port),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The master the first answering sentinel names.
+    pub async fn master_port(&self) -> Option<u16> {
+        for sentinel in &self.sentinels {
+            if let Some(port) = sentinel.master_port().await {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    pub fn server(&mut self, port: u16) -> &mut RedisServer {
+        self.servers
+            .iter_mut()
+            .find(|s| s.port == port)
+            .expect("a server of this set")
+    }
+
+    /// Waits until every sentinel names a master other than `old_port` that says it is master.
+    pub async fn wait_failover(&self, old_port: u16) -> u16 {
+        let sentinels = &self.sentinels;
+        poll_until(
+            &format!("a failover away from :{old_port}"),
+            Duration::from_secs(60),
+            || async move {
+                let mut named = None;
+                for sentinel in sentinels {
+                    let port = sentinel.master_port().await?;
+                    if port == old_port || named.is_some_and(|p| p != port) {
+                        return None;
+                    }
+                    named = Some(port);
+                }
+                let port = named?;
+                redis_cli(port, &["role"])
+                    .await
+                    .starts_with("master")
+                    .then_some(port)
+            },
+        )
+        .await
     }
 }
 
@@ -1727,4 +2002,190 @@ impl SlotMove<'_> {
             assert_eq!(r, "OK", "SETSLOT NODE on node {n}: {r}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault checks: publishing through a fault with retries, and "delivered or reset"
+// ---------------------------------------------------------------------------------------------
+
+/// One acknowledged publication, in the order the publisher got the answers.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub epoch: String,
+    pub offset: u64,
+    pub data: Value,
+}
+
+/// One publisher per channel, each publishing `{"tag": channel, "i": i}` one at a time over
+/// HTTP, rotating over `nodes`, and retrying a refused publish (any non-200, or a transport
+/// error) with the same `idempotency_key` until it is acknowledged.
+pub struct RetryingPublishers {
+    stop: Arc<AtomicBool>,
+    /// Per channel, every ack in order.
+    pub acked: Arc<Mutex<HashMap<String, Vec<Acked>>>>,
+    /// Refused attempts (retried).
+    pub refused: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RetryingPublishers {
+    pub fn start(nodes: &[SocketAddr], channels: &[String]) -> RetryingPublishers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<HashMap<String, Vec<Acked>>>> = Arc::default();
+        let refused = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for channel in channels {
+            let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
+            let (nodes, channel) = (nodes.to_vec(), channel.clone());
+            tasks.push(tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("reqwest client");
+                let mut attempt = 0usize;
+                for i in 0u64.. {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let data = json!({"tag": channel, "i": i});
+                    let body = json!({"channel": channel, "data": data,
+                                      "idempotency_key": format!("{channel}-{i}")});
+                    loop {
+                        let addr = nodes[attempt % nodes.len()];
+                        attempt += 1;
+                        let answer = client
+                            .post(format!("http://{addr}/api/publish"))
+                            .header("content-type", "application/json")
+                            .body(body.to_string())
+                            .send()
+                            .await;
+                        if let Ok(resp) = answer {
+                            let (status, ack) = json_of(resp).await;
+                            if status == 200 {
+                                acked
+                                    .lock()
+                                    .unwrap()
+                                    .entry(channel.clone())
+                                    .or_default()
+                                    .push(Acked {
+                                        epoch: ack["epoch"].as_str().unwrap_or("").to_string(),
+                                        offset: ack["offset"].as_u64().unwrap_or(0),
+                                        data: data.clone(),
+                                    });
+                                break;
+                            }
+                        }
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        // A retry pause, not a wait for an event: the publisher must keep trying.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }));
+        }
+        RetryingPublishers {
+            stop,
+            acked,
+            refused,
+            tasks,
+        }
+    }
+
+    pub fn count_of(&self, channel: &str) -> usize {
+        self.acked.lock().unwrap().get(channel).map_or(0, Vec::len)
+    }
+
+    pub fn acked_of(&self, channel: &str) -> Vec<Acked> {
+        self.acked
+            .lock()
+            .unwrap()
+            .get(channel)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits until every channel has at least `n` acks.
+    pub async fn wait_acked(&self, channels: &[String], n: usize, limit: Duration) {
+        poll_until(&format!("{n} acks on every channel"), limit, || async {
+            channels.iter().all(|c| self.count_of(c) >= n).then_some(())
+        })
+        .await
+    }
+
+    /// Stops after the publishes in flight (each finishes its retries).
+    pub async fn stop(self) -> HashMap<String, Vec<Acked>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            within_for("retrying publisher to stop", Duration::from_secs(90), t)
+                .await
+                .expect("publisher task");
+        }
+        Arc::try_unwrap(self.acked)
+            .map(|m| m.into_inner().unwrap())
+            .unwrap_or_else(|a| a.lock().unwrap().clone())
+    }
+}
+
+/// What a subscriber's log says about a channel's acknowledged publications.
+#[derive(Debug, Default)]
+pub struct DeliveryCheck {
+    /// Acked publications neither delivered nor preceded by a reset: the one rule is broken.
+    pub silently_lost: Vec<String>,
+    /// Acked publications not delivered, but after an explicit reset.
+    pub covered_by_reset: usize,
+    /// A position delivered twice, or with other data than was acknowledged for it.
+    pub corrupt: Vec<String>,
+    pub resets: usize,
+}
+
+/// Checks `items` (one subscription's log) against `acked`: every acknowledged publication after
+/// `after` (epoch, offset) must be delivered with its data, or the subscriber must have received
+/// a reset after the last publication it got before that one.
+pub fn check_delivery(items: &[Item], acked: &[Acked], after: &(String, u64)) -> DeliveryCheck {
+    let mut check = DeliveryCheck::default();
+    // (epoch, offset) -> (index in the log, data)
+    let mut delivered: HashMap<(String, u64), (usize, Value)> = HashMap::new();
+    let mut reset_at = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Item::Pub(p) => {
+                let key = (p.epoch.clone(), p.offset);
+                if delivered.insert(key, (i, p.data.clone())).is_some() {
+                    check
+                        .corrupt
+                        .push(format!("{}/{} delivered twice", p.epoch, p.offset));
+                }
+            }
+            Item::Reset { .. } => reset_at.push(i),
+            Item::Subscribed(_) => {}
+        }
+    }
+    check.resets = reset_at.len();
+    for a in acked {
+        if a.epoch == after.0 && a.offset <= after.1 {
+            continue;
+        }
+        match delivered.get(&(a.epoch.clone(), a.offset)) {
+            Some((_, data)) if *data == a.data => {}
+            Some((_, data)) => check.corrupt.push(format!(
+                "{}/{}: acked {} but delivered {}",
+                a.epoch, a.offset, a.data, data
+            )),
+            None => {
+                // The log index of the last publication of the same epoch before this one.
+                let before = delivered
+                    .iter()
+                    .filter(|((e, o), _)| *e == a.epoch && *o < a.offset)
+                    .map(|(_, (i, _))| *i)
+                    .max();
+                if reset_at.iter().any(|&r| before.is_none_or(|b| r > b)) {
+                    check.covered_by_reset += 1;
+                } else {
+                    check
+                        .silently_lost
+                        .push(format!("{}/{} {}", a.epoch, a.offset, a.data));
+                }
+            }
+        }
+    }
+    check
 }
