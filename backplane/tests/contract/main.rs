@@ -154,6 +154,8 @@ impl Store {
             command_timeout: Duration::from_secs(5),
             health_interval: Duration::from_millis(200),
             subscribe_linger: options.subscribe_linger.unwrap_or(Duration::from_secs(2)),
+            min_replicas_acked: 0,
+            replica_ack_timeout: Duration::from_millis(250),
         };
         let backplane = RedisBackplane::connect(config, options.settings, sink.clone())
             .await
