@@ -15,20 +15,15 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
 use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls;
-use tokio_tungstenite::tungstenite::protocol::Message;
-use tokio_tungstenite::WebSocketStream;
 
 /// The name the test certificate is issued for; clients resolve it to nginx's loopback address.
 const HOST: &str = "gateway.test";
@@ -516,145 +511,66 @@ async fn publish_via(
     )
 }
 
-/// A publish straight to a node (not through nginx), asserting success; the ack.
-async fn publish_direct(node: &GatewayProcess, channel: &str, data: Value) -> Value {
-    let (status, ack) = publish_http(node.addr, channel, &data).await;
-    assert_eq!(status, 200, "publish to {} directly: {ack}", node.name);
-    ack
-}
-
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", rand::random::<u32>())
 }
 
 // ---------------------------------------------------------------------------------------------
-// WebSocket client over TLS
+// WebSocket over TLS and SSE through nginx: the testkit clients, with nginx's own checks
 // ---------------------------------------------------------------------------------------------
 
-struct Wss {
-    ws: WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
-    next_id: u64,
-    /// Pushes read while waiting for a reply.
-    pushes: std::collections::VecDeque<Value>,
+type Wss = WsClient<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// TLS with ALPN `http/1.1` only (what browsers offer for a WebSocket), then the upgrade.
+async fn connect_wss(nginx: &Nginx) -> Wss {
+    let config = rustls_client(&nginx.tls, &[b"http/1.1"]);
+    let ws = within("wss handshake through nginx", async {
+        let tcp = TcpStream::connect(nginx.https_addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake with nginx");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let url = format!("wss://{HOST}:{}/ws", nginx.https_addr.port());
+        let (ws, resp) = tokio_tungstenite::client_async(url, tls)
+            .await
+            .expect("WebSocket upgrade through nginx");
+        assert_eq!(resp.status().as_u16(), 101);
+        ws
+    })
+    .await;
+    WsClient::from_ws(ws)
 }
 
-impl Wss {
-    /// TLS with ALPN `http/1.1` only (what browsers offer for a WebSocket), then the upgrade.
-    async fn connect(nginx: &Nginx) -> Wss {
-        let config = rustls_client(&nginx.tls, &[b"http/1.1"]);
-        let ws = within("wss handshake through nginx", async {
-            let tcp = TcpStream::connect(nginx.https_addr).await.expect("connect");
-            let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .expect("TLS handshake with nginx");
-            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-            let url = format!("wss://{HOST}:{}/ws", nginx.https_addr.port());
-            let (ws, resp) = tokio_tungstenite::client_async(url, tls)
-                .await
-                .expect("WebSocket upgrade through nginx");
-            assert_eq!(resp.status().as_u16(), 101);
-            ws
-        })
-        .await;
-        Wss {
-            ws,
-            next_id: 1,
-            pushes: Default::default(),
-        }
+/// Subscribes (from `since` if given) and returns the result.
+async fn subscribe_wss(ws: &mut Wss, channel: &str, since: Option<(&Value, u64)>) -> Value {
+    let mut op = json!({"op": "subscribe", "channel": channel});
+    if let Some((epoch, offset)) = since {
+        op["since"] = json!({"epoch": epoch, "offset": offset});
     }
-
-    async fn recv(&mut self) -> Value {
-        within("a WebSocket message through nginx", async {
-            loop {
-                match self.ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        return serde_json::from_str(t.as_str()).expect("JSON message")
-                    }
-                    Some(Ok(Message::Close(f))) => panic!("WebSocket closed: {f:?}"),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => panic!("WebSocket error: {e}"),
-                    None => panic!("WebSocket ended"),
-                }
-            }
-        })
-        .await
-    }
-
-    async fn request(&mut self, mut op: Value) -> Value {
-        let id = self.next_id;
-        self.next_id += 1;
-        op["id"] = json!(id);
-        within(
-            "WebSocket send",
-            self.ws.send(Message::text(op.to_string())),
-        )
-        .await
-        .expect("WebSocket send");
-        loop {
-            let msg = self.recv().await;
-            if msg["id"] == id {
-                return msg;
-            }
-            self.pushes.push_back(msg);
-        }
-    }
-
-    async fn subscribe(&mut self, channel: &str, since: Option<(&Value, u64)>) -> Value {
-        let mut op = json!({"op": "subscribe", "channel": channel});
-        if let Some((epoch, offset)) = since {
-            op["since"] = json!({"epoch": epoch, "offset": offset});
-        }
-        let reply = self.request(op).await;
-        reply
-            .get("result")
-            .cloned()
-            .unwrap_or_else(|| panic!("subscribe {channel}: {reply}"))
-    }
-
-    /// The next publication push.
-    async fn publication(&mut self) -> Value {
-        let msg = match self.pushes.pop_front() {
-            Some(m) => m,
-            None => self.recv().await,
-        };
-        assert!(
-            msg.get("offset").is_some() && msg.get("data").is_some(),
-            "expected a publication, got {msg}"
-        );
-        msg
-    }
-
-    async fn close(mut self) {
-        let _ = within("WebSocket close", self.ws.close(None)).await;
-    }
+    ws.ok(op).await
 }
 
-// ---------------------------------------------------------------------------------------------
-// SSE client
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Default, Clone)]
-struct Block {
-    id: Option<String>,
-    event: Option<String>,
-    data: Option<String>,
-    retry: Option<String>,
-    comments: Vec<String>,
+/// The next publication push.
+async fn publication_wss(ws: &mut Wss) -> Value {
+    let msg = ws.push().await;
+    assert!(
+        msg.get("offset").is_some() && msg.get("data").is_some(),
+        "expected a publication, got {msg}"
+    );
+    msg
 }
 
-impl Block {
-    fn json(&self) -> Value {
-        let data = self.data.as_deref().expect("event without data");
-        serde_json::from_str(data).unwrap_or_else(|e| panic!("event data {data:?}: {e}"))
-    }
+async fn close_wss(mut ws: Wss) {
+    let _ = within("WebSocket close", ws.ws.close(None)).await;
 }
 
+/// An SSE stream through nginx, read by the testkit parser; every block is checked for what a
+/// proxy could break (an unknown field, an error instead of a clean end, a cut block).
 struct Sse {
     version: reqwest::Version,
-    stream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
-    buf: Vec<u8>,
+    inner: testkit::Sse,
     /// Heartbeat comments seen so far.
     heartbeats: usize,
 }
@@ -697,14 +613,13 @@ impl Sse {
         assert!(ce.is_none(), "event stream compressed: {ce:?}");
         Sse {
             version: resp.version(),
-            stream: Box::pin(resp.bytes_stream()),
-            buf: Vec::new(),
+            inner: testkit::Sse::from_response(resp),
             heartbeats: 0,
         }
     }
 
     /// The next block (lines up to a blank line); panics if the stream ends first.
-    async fn block(&mut self) -> Block {
+    async fn block(&mut self) -> SseBlock {
         match self.try_block().await {
             Some(b) => b,
             None => panic!("SSE stream ended"),
@@ -712,50 +627,25 @@ impl Sse {
     }
 
     /// The next block, or None when the response ended cleanly (an error panics).
-    async fn try_block(&mut self) -> Option<Block> {
-        within("an SSE block through nginx", async {
-            loop {
-                if let Some(i) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                    let raw: Vec<u8> = self.buf.drain(..i + 2).collect();
-                    let text = String::from_utf8(raw).expect("UTF-8 stream");
-                    let mut b = Block::default();
-                    for line in text.lines().filter(|l| !l.is_empty()) {
-                        if let Some(c) = line.strip_prefix(':') {
-                            b.comments.push(c.trim().to_string());
-                            continue;
-                        }
-                        let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                        let value = value.strip_prefix(' ').unwrap_or(value).to_string();
-                        match field {
-                            "id" => b.id = Some(value),
-                            "event" => b.event = Some(value),
-                            "data" => b.data = Some(value),
-                            "retry" => b.retry = Some(value),
-                            _ => panic!("unknown SSE field in {line:?}"),
-                        }
-                    }
-                    self.heartbeats += b.comments.iter().filter(|c| *c == "heartbeat").count();
-                    return Some(b);
-                }
-                match self.stream.next().await {
-                    Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
-                    Some(Err(e)) => panic!("SSE stream error (not a clean end): {e}"),
-                    None => {
-                        assert!(
-                            self.buf.is_empty(),
-                            "SSE stream ended inside a block: {:?}",
-                            String::from_utf8_lossy(&self.buf)
-                        );
-                        return None;
-                    }
-                }
+    async fn try_block(&mut self) -> Option<SseBlock> {
+        let Some(b) = self.inner.next_block().await else {
+            if let Some(e) = self.inner.stream_error() {
+                panic!("SSE stream error (not a clean end): {e}");
             }
-        })
-        .await
+            assert!(
+                self.inner.unparsed().is_empty(),
+                "SSE stream ended inside a block: {:?}",
+                String::from_utf8_lossy(self.inner.unparsed())
+            );
+            return None;
+        };
+        assert!(b.unknown.is_empty(), "unknown SSE field in {:?}", b.unknown);
+        self.heartbeats += b.comments.iter().filter(|c| *c == "heartbeat").count();
+        Some(b)
     }
 
     /// The next event with data (skipping `retry:` and comment blocks).
-    async fn event(&mut self) -> Block {
+    async fn event(&mut self) -> SseBlock {
         loop {
             let b = self.block().await;
             if b.data.is_some() {
@@ -765,7 +655,7 @@ impl Sse {
     }
 
     /// `retry:` first, then the `connected` event; returns it.
-    async fn connected(&mut self) -> Block {
+    async fn connected(&mut self) -> SseBlock {
         let first = self.block().await;
         assert!(
             first.retry.is_some(),
@@ -796,23 +686,6 @@ impl Sse {
     }
 }
 
-fn channels_of(connected: &Block) -> HashMap<String, Value> {
-    connected.json()["channels"]
-        .as_array()
-        .expect("connected.channels")
-        .iter()
-        .map(|c| (c["channel"].as_str().unwrap().to_string(), c.clone()))
-        .collect()
-}
-
-fn query_of(channels: &[&str]) -> String {
-    channels
-        .iter()
-        .map(|c| format!("channel={}", enc(c)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -826,8 +699,8 @@ async fn websocket_through_nginx_receives_and_resumes() {
     let client = nginx.client();
     let ch = unique("nginx-ws");
 
-    let mut ws = Wss::connect(nginx).await;
-    let r = ws.subscribe(&ch, None).await;
+    let mut ws = connect_wss(nginx).await;
+    let r = subscribe_wss(&mut ws, &ch, None).await;
     assert_eq!(
         (r["offset"].as_u64(), &r["recovered"]),
         (Some(0), &json!(false)),
@@ -838,8 +711,8 @@ async fn websocket_through_nginx_receives_and_resumes() {
     let other = &stack.nodes[1 - held];
 
     // (a) published through the other node's own address, delivered through nginx.
-    publish_direct(other, &ch, json!({"n": 1})).await;
-    let p = ws.publication().await;
+    publish(other, &ch, json!({"n": 1})).await;
+    let p = publication_wss(&mut ws).await;
     assert_eq!(
         p,
         json!({"channel": ch, "offset": 1, "epoch": epoch, "data": {"n": 1}})
@@ -848,24 +721,24 @@ async fn websocket_through_nginx_receives_and_resumes() {
     let (status, version, ack) = publish_via(&client, nginx, &ch, &json!({"n": 2})).await;
     assert_eq!((status, version), (200, reqwest::Version::HTTP_2), "{ack}");
     assert_eq!(ack["offset"], 2);
-    let p = ws.publication().await;
+    let p = publication_wss(&mut ws).await;
     assert_eq!((&p["offset"], &p["data"]), (&json!(2), &json!({"n": 2})));
     let last = p["offset"].as_u64().unwrap();
-    ws.close().await;
+    close_wss(ws).await;
 
     // (c) missed while away, published on both nodes.
     for n in 3..=5 {
-        publish_direct(&stack.nodes[n % 2], &ch, json!({"n": n})).await;
+        publish(&stack.nodes[n % 2], &ch, json!({"n": n})).await;
     }
-    let mut ws = Wss::connect(nginx).await;
-    let r = ws.subscribe(&ch, Some((&epoch, last))).await;
+    let mut ws = connect_wss(nginx).await;
+    let r = subscribe_wss(&mut ws, &ch, Some((&epoch, last))).await;
     assert_eq!(
         r["recovered"], true,
         "resume through nginx not recovered: {r}"
     );
     assert_eq!(r["epoch"], epoch);
     for n in 3..=5u64 {
-        let p = ws.publication().await;
+        let p = publication_wss(&mut ws).await;
         assert_eq!(
             (&p["offset"], &p["data"]),
             (&json!(n), &json!({"n": n})),
@@ -873,14 +746,14 @@ async fn websocket_through_nginx_receives_and_resumes() {
         );
     }
     // Then live, with nothing in between.
-    publish_direct(&stack.nodes[0], &ch, json!({"n": 6})).await;
-    let p = ws.publication().await;
+    publish(&stack.nodes[0], &ch, json!({"n": 6})).await;
+    let p = publication_wss(&mut ws).await;
     assert_eq!(
         (&p["offset"], &p["data"]),
         (&json!(6), &json!({"n": 6})),
         "{p}"
     );
-    ws.close().await;
+    close_wss(ws).await;
 
     // Port 80: probes are proxied, everything else is redirected to HTTPS (method kept).
     let plain = reqwest::Client::builder()
@@ -943,7 +816,7 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
     let client = nginx.client();
     let a = unique("nginx-sse-a");
     let b = unique("nginx-sse-b");
-    let query = query_of(&[&a, &b]);
+    let query = channel_query(&[&a, &b]);
 
     // (b) the stream over HTTP/2 delivers `connected` while the response is open, then
     // publications made after that, then heartbeats: nothing waits for the end of the response.
@@ -954,13 +827,13 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
         "SSE through nginx not over HTTP/2"
     );
     let connected = sse.connected().await;
-    let chans = channels_of(&connected);
+    let chans = connected_channels(&connected);
     assert_eq!(chans[&a]["offset"], 0, "{chans:?}");
     let epoch_a = chans[&a]["epoch"].clone();
     let held = stack.node_holding("sse").await;
     let other = &stack.nodes[1 - held];
 
-    publish_direct(other, &a, json!("a1")).await;
+    publish(other, &a, json!("a1")).await;
     let (id1, p) = sse.publication().await;
     assert_eq!(
         p,
@@ -979,15 +852,15 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
 
     // (c) missed while away, on both channels and both nodes.
     for n in 2..=4 {
-        publish_direct(&stack.nodes[n % 2], &a, json!(format!("a{n}"))).await;
+        publish(&stack.nodes[n % 2], &a, json!(format!("a{n}"))).await;
     }
     for n in 2..=3 {
-        publish_direct(&stack.nodes[n % 2], &b, json!(format!("b{n}"))).await;
+        publish(&stack.nodes[n % 2], &b, json!(format!("b{n}"))).await;
     }
     let mut sse = Sse::open(&client, nginx, &query, &[("Last-Event-ID", &id2)]).await;
     assert_eq!(sse.version, reqwest::Version::HTTP_2);
     let connected = sse.connected().await;
-    let chans = channels_of(&connected);
+    let chans = connected_channels(&connected);
     assert_eq!(
         (&chans[&a]["recovered"], &chans[&b]["recovered"]),
         (&json!(true), &json!(true)),
@@ -1007,7 +880,7 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
         vec![json!([2, "a2"]), json!([3, "a3"]), json!([4, "a4"])]
     );
     assert_eq!(got[&b], vec![json!([2, "b2"]), json!([3, "b3"])]);
-    publish_direct(&stack.nodes[0], &b, json!("b4")).await;
+    publish(&stack.nodes[0], &b, json!("b4")).await;
     let (_, p) = sse.publication().await;
     assert_eq!(
         (p["channel"].as_str(), &p["offset"]),
@@ -1019,7 +892,7 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
     // The query-parameter form of the cursor passes through nginx too.
     let q = format!("{query}&last_event_id={}", enc(&last_id));
     let mut sse = Sse::open(&client, nginx, &q, &[]).await;
-    let chans = channels_of(&sse.connected().await);
+    let chans = connected_channels(&sse.connected().await);
     assert_eq!(chans[&b]["recovered"], true, "{chans:?}");
     // b4 was after `last_id`: it comes first, then nothing else until the next live one.
     let (_, p) = sse.publication().await;
@@ -1028,7 +901,7 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
         (Some(b.as_str()), &json!("b4")),
         "{p}"
     );
-    publish_direct(&stack.nodes[1], &a, json!("a5")).await;
+    publish(&stack.nodes[1], &a, json!("a5")).await;
     let (_, p) = sse.publication().await;
     assert_eq!(
         (p["channel"].as_str(), &p["data"]),
@@ -1042,10 +915,10 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
         .map(|i| format!("{}-{i:02}-{}", unique("nginx-long"), "x".repeat(180)))
         .collect();
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-    let query = query_of(&refs);
+    let query = channel_query(&refs);
     let mut sse = Sse::open(&client, nginx, &query, &[]).await;
-    assert_eq!(channels_of(&sse.connected().await).len(), 60);
-    publish_direct(&stack.nodes[0], &many[0], json!("first")).await;
+    assert_eq!(connected_channels(&sse.connected().await).len(), 60);
+    publish(&stack.nodes[0], &many[0], json!("first")).await;
     let (cursor, p) = sse.publication().await;
     assert_eq!(p["data"], "first");
     assert!(
@@ -1054,9 +927,9 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
         cursor.len()
     );
     drop(sse);
-    publish_direct(&stack.nodes[1], &many[59], json!("missed")).await;
+    publish(&stack.nodes[1], &many[59], json!("missed")).await;
     let mut sse = Sse::open(&client, nginx, &query, &[("Last-Event-ID", &cursor)]).await;
-    let chans = channels_of(&sse.connected().await);
+    let chans = connected_channels(&sse.connected().await);
     assert!(
         chans.values().all(|c| c["recovered"] == true),
         "not all recovered"
@@ -1278,20 +1151,20 @@ async fn sse_through_nginx_survives_a_node_drain() {
     let nginx = &stack.nginx;
     let client = nginx.client();
     let ch = unique("nginx-drain");
-    let query = query_of(&[&ch]);
+    let query = channel_query(&[&ch]);
 
     let mut sse = Sse::open(&client, nginx, &query, &[]).await;
     sse.connected().await;
     let held = stack.node_holding("sse").await;
     let (draining, staying) = (&stack.nodes[held], &stack.nodes[1 - held]);
-    publish_direct(staying, &ch, json!(1)).await;
+    publish(staying, &ch, json!(1)).await;
     let (mut last_id, p) = sse.publication().await;
     assert_eq!(p["data"], 1);
     let mut received = vec![1];
 
     draining.sigterm();
     for n in 2..=4 {
-        publish_direct(staying, &ch, json!(n)).await;
+        publish(staying, &ch, json!(n)).await;
     }
     // Whatever arrives before the node closes the stream, then `retry:` and a clean end.
     let mut retry_hint = false;
@@ -1316,13 +1189,13 @@ async fn sse_through_nginx_survives_a_node_drain() {
     })
     .await;
     let mut sse = Sse::open(&client, nginx, &query, &[("Last-Event-ID", &last_id)]).await;
-    let chans = channels_of(&sse.connected().await);
+    let chans = connected_channels(&sse.connected().await);
     assert_eq!(chans[&ch]["recovered"], true, "{chans:?}");
     while received.last() != Some(&4) {
         let (_, p) = sse.publication().await;
         received.push(p["data"].as_u64().unwrap());
     }
-    publish_direct(staying, &ch, json!(5)).await;
+    publish(staying, &ch, json!(5)).await;
     let (_, p) = sse.publication().await;
     received.push(p["data"].as_u64().unwrap());
     assert_eq!(received, vec![1, 2, 3, 4, 5], "across the drain");
@@ -1342,7 +1215,7 @@ async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
     let poll = |cursor: String, timeout: u32| {
         let url = nginx.url(&format!(
             "/poll?{}&cursor={cursor}&timeout={timeout}",
-            query_of(&[&ch])
+            channel_query(&[&ch])
         ));
         let client = client.clone();
         async move {
@@ -1388,7 +1261,7 @@ async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
         }
     })
     .await;
-    publish_direct(&stack.nodes[1 - holder], &ch, json!(1)).await;
+    publish(&stack.nodes[1 - holder], &ch, json!(1)).await;
     let answer = within("the waiting poll", waiting).await.unwrap();
     assert_eq!(offsets(&answer), vec![1]);
     let cursor = answer["cursor"].as_str().unwrap().to_string();
@@ -1401,7 +1274,7 @@ async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
     })
     .await;
     for n in 2..=5 {
-        publish_direct(&stack.nodes[1], &ch, json!(n)).await;
+        publish(&stack.nodes[1], &ch, json!(n)).await;
     }
     // Polls until nginx has offered one to node 0 (least_conn over idle nodes alternates) and every
     // publication arrived; node 0's 503 is retried on node 1, so the client only sees 200s.

@@ -21,6 +21,9 @@ pub struct SseBlock {
     pub data: Option<String>,
     pub retry: Option<String>,
     pub comments: Vec<String>,
+    /// Lines whose field the SSE format does not define (ignored by browsers; the gateway
+    /// never sends one).
+    pub unknown: Vec<String>,
 }
 
 impl SseBlock {
@@ -59,7 +62,7 @@ impl SseBlock {
                         None => value.to_string(),
                     })
                 }
-                _ => {}
+                _ => self.unknown.push(line.clone()),
             }
         }
         self.lines.push(line);
@@ -117,6 +120,8 @@ pub struct Sse {
     parser: SseParser,
     lines: Vec<String>,
     ended: bool,
+    /// Why the body ended, if it did not end cleanly.
+    error: Option<String>,
 }
 
 /// A client without a whole-request timeout (SSE streams are long-lived).
@@ -163,6 +168,7 @@ impl Sse {
             parser: SseParser::new(),
             lines: Vec::new(),
             ended: false,
+            error: None,
         }
     }
 
@@ -213,7 +219,11 @@ impl Sse {
                 }
                 match self.stream.next().await {
                     Some(Ok(chunk)) => self.parser.push(&chunk),
-                    Some(Err(_)) | None => self.ended = true,
+                    Some(Err(e)) => {
+                        self.error = Some(e.to_string());
+                        self.ended = true;
+                    }
+                    None => self.ended = true,
                 }
             }
         })
@@ -244,6 +254,17 @@ impl Sse {
         assert_eq!(ev.kind(), "message", "expected a publication, got {ev:?}");
         let id = ev.id.clone().expect("publication without id");
         (id, ev.json())
+    }
+
+    /// After [`Sse::next_block`] returned None: the transport error that ended the body, or
+    /// None for a clean end.
+    pub fn stream_error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// Bytes received after the last complete block (a clean end leaves none).
+    pub fn unparsed(&self) -> &[u8] {
+        self.parser.unparsed()
     }
 
     /// Every raw line of the blocks read so far.
@@ -300,7 +321,9 @@ mod tests {
         let mut p = SseParser::new();
         p.push(b"data: x\n");
         assert!(p.next_block().is_none());
-        p.push(b"\n");
+        p.push(b"\nid: 1");
         assert_eq!(p.next_block().unwrap().data.as_deref(), Some("x"));
+        assert!(p.next_block().is_none());
+        assert_eq!(p.unparsed(), b"id: 1");
     }
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -28,11 +29,23 @@ pub enum WsEvent {
 }
 
 /// A JSON-over-WebSocket client that matches replies to requests by id and keeps the pushes it
-/// met on the way.
-pub struct WsClient {
-    pub ws: Ws,
+/// met on the way. `S` is the transport: plain TCP by default, or e.g. a TLS stream through a
+/// proxy ([`WsClient::from_ws`]).
+pub struct WsClient<S = MaybeTlsStream<TcpStream>> {
+    pub ws: WebSocketStream<S>,
     next_id: u64,
     pushes: VecDeque<Value>,
+}
+
+impl<S> WsClient<S> {
+    /// A client over a WebSocket already upgraded by the caller.
+    pub fn from_ws(ws: WebSocketStream<S>) -> WsClient<S> {
+        WsClient {
+            ws,
+            next_id: 1,
+            pushes: VecDeque::new(),
+        }
+    }
 }
 
 impl WsClient {
@@ -116,7 +129,9 @@ impl WsClient {
             Err(e) => panic!("websocket handshake failed: {e}"),
         }
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
     pub async fn send_text(&mut self, text: impl Into<String>) {
         let text: String = text.into();
         within("ws send", self.ws.send(Message::text(text)))
