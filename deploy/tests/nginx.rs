@@ -231,7 +231,9 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        stop_with_parent(&mut cmd);
+        // The master gets SIGTERM (a fast shutdown that also stops its workers) if the test
+        // process dies without running destructors.
+        signal_with_parent(&mut cmd, libc::SIGTERM);
         let mut child = cmd.spawn().expect("spawn nginx");
         let stderr = Arc::new(Mutex::new(Vec::new()));
         {
@@ -355,19 +357,6 @@ impl Drop for Nginx {
             }
         }
         let _ = child.wait();
-    }
-}
-
-/// The master gets SIGTERM (a fast shutdown that also stops its workers) if the test process
-/// dies without running destructors.
-fn stop_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
     }
 }
 
@@ -1235,14 +1224,6 @@ async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
             body
         }
     };
-    let offsets = |answer: &Value| -> Vec<u64> {
-        answer["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["offset"].as_u64().unwrap())
-            .collect()
-    };
 
     let first = poll(String::new(), 0).await;
     let cursor = first["cursor"].as_str().unwrap().to_string();
@@ -1263,7 +1244,7 @@ async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
     .await;
     publish(&stack.nodes[1 - holder], &ch, json!(1)).await;
     let answer = within("the waiting poll", waiting).await.unwrap();
-    assert_eq!(offsets(&answer), vec![1]);
+    assert_eq!(poll_offsets(&answer), vec![1]);
     let cursor = answer["cursor"].as_str().unwrap().to_string();
 
     // Node 0 drains: it answers new polls with 503, and nginx asks node 1 instead.
@@ -1285,7 +1266,7 @@ async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
     let mut cursor = cursor;
     for _ in 0..10 {
         let answer = poll(cursor.clone(), 0).await;
-        got.extend(offsets(&answer));
+        got.extend(poll_offsets(&answer));
         cursor = answer["cursor"].as_str().unwrap().to_string();
         if got.len() >= 4 && nginx.access_log().iter().any(retried) {
             break;

@@ -653,18 +653,6 @@ impl Drop for Prometheus {
     }
 }
 
-/// Makes the spawned server die with the test process even if the test's destructors never run.
-fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Traffic
 // ---------------------------------------------------------------------------------------------

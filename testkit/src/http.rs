@@ -146,6 +146,16 @@ pub async fn full_history(node: impl Endpoint, channel: &str) -> (String, u64, V
     }
 }
 
+/// The offsets of a long-poll answer's events, in order.
+pub fn poll_offsets(answer: &Value) -> Vec<u64> {
+    answer["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("poll answer without events: {answer}"))
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect()
+}
+
 /// Asserts an error response `{"error":{"code":code,"message":..}}` with the given status.
 #[track_caller]
 pub fn assert_error(got: &(u16, Value), status: u16, code: &str) {

@@ -20,7 +20,7 @@ pub mod ws;
 
 pub use gateway_process::{run_to_exit, start_nodes, GatewayProcess};
 pub use http::*;
-pub use process::rss_bytes_of;
+pub use process::{die_with_parent, rss_bytes_of, signal_with_parent};
 pub use publisher::*;
 pub use raw_ws::*;
 pub use recording::*;

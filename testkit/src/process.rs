@@ -6,12 +6,18 @@ use std::process::{Child, Command};
 /// Makes a spawned server die with the spawning process even if that process is killed before
 /// its destructors run (the signal fires when the spawning thread ends: servers are spawned from
 /// a test's or a run's runtime threads, which live as long as the test or the run).
-pub(crate) fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
+    signal_with_parent(cmd, libc::SIGKILL)
+}
+
+/// Like [`die_with_parent`] with another signal, e.g. SIGTERM for a server that must stop its
+/// own children on the way out.
+pub fn signal_with_parent(cmd: &mut Command, sig: libc::c_int) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, sig);
             Ok(())
         });
     }

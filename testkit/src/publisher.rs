@@ -1,10 +1,12 @@
-//! Publishers: a pipelined burst over one WebSocket ([`publish_many`], [`bulk_publish`]), a
-//! paced stream until stopped ([`ContinuousPublisher`]) and round-robin publishing over HTTP or
-//! WebSocket that records every ack ([`Publisher`]).
+//! Publishers: a pipelined burst over one WebSocket ([`publish_many`], [`bulk_publish`]), and
+//! one publisher that records every ack, publishing round-robin over HTTP or a WebSocket until a
+//! limit or a stop ([`Publisher`]); [`ContinuousPublisher`] is that publisher paced, on one
+//! channel.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -15,7 +17,6 @@ use tokio_tungstenite::tungstenite::protocol::Message;
 use crate::http::publish_http;
 use crate::recording::{Acks, Sub};
 use crate::wait::{within, within_for};
-use crate::ws::WsClient;
 
 /// Sends `count` publish requests over one WebSocket with at most `window` in flight (writes
 /// and reads run concurrently); request `i` publishes `data(i)` to `channel`. Returns every
@@ -91,86 +92,56 @@ pub async fn publish_many(
         .collect()
 }
 
-/// A publisher that keeps publishing to one channel, in paced windows of a few pipelined
-/// requests, until stopped. Its `i`-th publication carries `data(i)`.
-pub struct ContinuousPublisher {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Number of publications acknowledged so far.
-    progress: tokio::sync::watch::Receiver<usize>,
-    task: tokio::task::JoinHandle<Vec<u64>>,
-}
+/// A publisher that keeps publishing to one channel over a WebSocket, in paced windows of a few
+/// pipelined requests, until stopped. Its `i`-th publication carries `data(i)`. A [`Publisher`]
+/// underneath; what it adds is the pacing and the offsets by `i`.
+pub struct ContinuousPublisher(Publisher);
 
 impl ContinuousPublisher {
-    /// Starts publishing and returns once the first window has been acknowledged.
+    /// Starts publishing and returns once the first publication has been acknowledged.
     pub async fn start(
         addr: SocketAddr,
         channel: &str,
-        data: impl Fn(usize) -> Value + Send + 'static,
+        data: impl Fn(usize) -> Value + Send + Sync + 'static,
     ) -> ContinuousPublisher {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        const WINDOW: usize = 10;
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (progress_tx, progress) = tokio::sync::watch::channel(0);
-        let task = {
-            let stop = stop.clone();
-            let channel = channel.to_string();
-            tokio::spawn(async move {
-                let mut ws = WsClient::connect_addr(addr, "/ws").await;
-                let mut offsets = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let first = offsets.len();
-                    for i in first..first + WINDOW {
-                        ws.send_json(&json!({"id": i, "op": "publish", "channel": channel,
-                                             "data": data(i)}))
-                            .await;
-                    }
-                    offsets.resize(first + WINDOW, 0);
-                    for _ in 0..WINDOW {
-                        let reply = ws.recv().await;
-                        let i = reply["id"].as_u64().expect("reply id") as usize;
-                        offsets[i] = reply["result"]["offset"]
-                            .as_u64()
-                            .unwrap_or_else(|| panic!("publish failed: {reply}"));
-                    }
-                    let _ = progress_tx.send(offsets.len());
-                    // Pacing only (about 2000 publications a second), so a slow reader on a
-                    // loaded machine still catches up in bounded time.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                offsets
-            })
+        let plan = Plan {
+            via: Via::Ws,
+            channels: vec![channel.to_string()],
+            payload: Arc::new(move |i| data(i as usize)),
+            acks: Acks::default(),
+            limit: u64::MAX,
+            concurrency: 10,
+            // Pacing only (about 2000 publications a second), so a slow reader on a loaded
+            // machine still catches up in bounded time.
+            pace: Some(Duration::from_millis(5)),
         };
-        let publisher = ContinuousPublisher {
-            stop,
-            progress,
-            task,
-        };
+        let publisher = ContinuousPublisher(Publisher::spawn(addr, "continuous", plan).await);
         publisher.published_at_least(1).await;
         publisher
     }
 
     /// How many publications have been acknowledged so far.
     pub fn published(&self) -> usize {
-        *self.progress.borrow()
+        self.0.published() as usize
     }
 
     /// Waits until at least `n` publications have been acknowledged.
     pub async fn published_at_least(&self, n: usize) {
-        let mut progress = self.progress.clone();
-        within(
-            "continuous publisher progress",
-            progress.wait_for(|c| *c >= n),
-        )
-        .await
-        .expect("continuous publisher stopped");
+        self.0.wait_published(n as u64).await
     }
 
     /// Stops and returns the offset of every publication, indexed by `i`.
     pub async fn stop(self) -> Vec<u64> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        within("continuous publisher to stop", self.task)
-            .await
-            .expect("continuous publisher panicked")
+        let by_index = self.0.by_index.clone();
+        self.0.stop().await;
+        let by_index = std::mem::take(&mut *by_index.lock().unwrap());
+        let offsets: Vec<u64> = by_index.values().copied().collect();
+        assert_eq!(
+            by_index.keys().next_back().map_or(0, |last| last + 1),
+            offsets.len() as u64,
+            "continuous publisher: publications missing between 0 and the last"
+        );
+        offsets
     }
 }
 
@@ -182,6 +153,21 @@ pub enum Via {
     Ws,
 }
 
+/// The payload of publication `i`.
+type Payload = Arc<dyn Fn(u64) -> Value + Send + Sync>;
+
+/// What a [`Publisher`] does.
+struct Plan {
+    via: Via,
+    channels: Vec<String>,
+    payload: Payload,
+    acks: Acks,
+    limit: u64,
+    concurrency: usize,
+    /// A pause after every batch, or none.
+    pace: Option<Duration>,
+}
+
 /// Publishes round-robin over `channels` until stopped or `limit` publications, asserting every
 /// publish succeeds and recording every ack. Publication `i` carries `{"tag": tag, "i": i}`.
 pub struct Publisher {
@@ -189,6 +175,8 @@ pub struct Publisher {
     done: Arc<AtomicU64>,
     progress: watch::Receiver<u64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Offset of every acknowledged publication, by `i`.
+    by_index: Arc<Mutex<BTreeMap<u64, u64>>>,
 }
 
 impl Publisher {
@@ -201,69 +189,105 @@ impl Publisher {
         limit: u64,
         concurrency: usize,
     ) -> Publisher {
+        let payload_tag = tag.to_string();
+        let plan = Plan {
+            via,
+            channels: channels.to_vec(),
+            payload: Arc::new(move |i| json!({"tag": payload_tag, "i": i})),
+            acks: acks.clone(),
+            limit,
+            concurrency,
+            pace: None,
+        };
+        Publisher::spawn(addr, tag, plan).await
+    }
+
+    async fn spawn(addr: SocketAddr, tag: &str, plan: Plan) -> Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let next = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicU64::new(0));
+        let by_index: Arc<Mutex<BTreeMap<u64, u64>>> = Arc::default();
         let (progress_tx, progress) = watch::channel(0u64);
         let progress_tx = Arc::new(progress_tx);
-        let channels: Arc<Vec<String>> = Arc::new(channels.to_vec());
+        let plan = Arc::new(plan);
         let mut tasks = Vec::new();
-        let workers = if via == Via::Http { concurrency } else { 1 };
+        let workers = if plan.via == Via::Http {
+            plan.concurrency
+        } else {
+            1
+        };
         for _ in 0..workers {
-            let (stop, next, done, progress_tx, channels, acks) = (
+            let (stop, next, done, progress_tx, plan, by_index) = (
                 stop.clone(),
                 next.clone(),
                 done.clone(),
                 progress_tx.clone(),
-                channels.clone(),
-                acks.clone(),
+                plan.clone(),
+                by_index.clone(),
             );
             let tag = tag.to_string();
-            let ws = match via {
+            let ws = match plan.via {
                 Via::Ws => Some(Sub::connect(&format!("publisher {tag}"), addr).await),
                 Via::Http => None,
             };
             tasks.push(tokio::spawn(async move {
+                let acks = &plan.acks;
                 loop {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let batch = if ws.is_some() { concurrency as u64 } else { 1 };
+                    let batch = if ws.is_some() {
+                        plan.concurrency as u64
+                    } else {
+                        1
+                    };
                     let first = next.fetch_add(batch, Ordering::Relaxed);
-                    if first >= limit {
+                    if first >= plan.limit {
                         break;
                     }
-                    let last = (first + batch).min(limit);
-                    let items: Vec<(String, Value)> = (first..last)
+                    let last = (first + batch).min(plan.limit);
+                    let items: Vec<(u64, String, Value)> = (first..last)
                         .map(|i| {
-                            let ch = channels[i as usize % channels.len()].clone();
-                            (ch, json!({"tag": tag, "i": i}))
+                            let ch = plan.channels[i as usize % plan.channels.len()].clone();
+                            (i, ch, (plan.payload)(i))
                         })
                         .collect();
+                    let mut offsets = Vec::with_capacity(items.len());
                     match &ws {
                         None => {
-                            for (ch, data) in &items {
+                            for (_, ch, data) in &items {
                                 let (status, body) = publish_http(addr, ch, data).await;
                                 assert_eq!(status, 200, "publisher {tag}: publish {data}: {body}");
                                 acks.record(ch, &body, data);
+                                offsets.push(body["offset"].as_u64());
                             }
                         }
                         Some(sub) => {
                             let replies = futures_util::future::join_all(
-                                items.iter().map(|(ch, data)| sub.publish(ch, data)),
+                                items.iter().map(|(_, ch, data)| sub.publish(ch, data)),
                             )
                             .await;
-                            for ((ch, data), reply) in items.iter().zip(replies) {
+                            for ((_, ch, data), reply) in items.iter().zip(replies) {
                                 let ack = reply.get("result").unwrap_or_else(|| {
                                     panic!("publisher {tag}: publish {data}: {reply}")
                                 });
                                 acks.record(ch, ack, data);
+                                offsets.push(ack["offset"].as_u64());
                             }
+                        }
+                    }
+                    {
+                        let mut by_index = by_index.lock().unwrap();
+                        for ((i, _, _), offset) in items.iter().zip(offsets) {
+                            by_index.insert(*i, offset.expect("ack offset"));
                         }
                     }
                     let n =
                         done.fetch_add(items.len() as u64, Ordering::Relaxed) + items.len() as u64;
                     progress_tx.send_replace(n);
+                    if let Some(pace) = plan.pace {
+                        tokio::time::sleep(pace).await;
+                    }
                 }
             }));
         }
@@ -272,6 +296,7 @@ impl Publisher {
             done,
             progress,
             tasks,
+            by_index,
         }
     }
 

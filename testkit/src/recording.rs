@@ -209,6 +209,49 @@ pub fn assert_exact(
     }
 }
 
+/// The publications among `items`, in order.
+pub fn pubs_of(items: &[Item]) -> Vec<Pub> {
+    items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Pub(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The one rule with nothing in the way: every channel's acks are gap-free, and every
+/// subscriber, still connected, received every acknowledged publication of its channels exactly
+/// once, in order, in the one epoch, without a reset.
+pub async fn assert_every_subscriber_got_every_ack(acks: &Acks, subs: &[(Sub, Vec<String>)]) {
+    let mut channels: Vec<&String> = subs.iter().flat_map(|(_, chans)| chans).collect();
+    channels.sort();
+    channels.dedup();
+    for c in channels {
+        let (_, a) = acks.single(c);
+        assert_contiguous(c, &a);
+    }
+    for (sub, chans) in subs {
+        for c in chans {
+            let (_, a) = acks.single(c);
+            sub.wait_offset(c, *a.keys().next_back().unwrap()).await;
+        }
+        // A round trip flushes anything (e.g. a duplicate) already queued behind the last one.
+        sub.ping().await;
+        assert!(sub.ended().is_none(), "{}: {:?}", sub.name, sub.ended());
+        for c in chans {
+            let (epoch, a) = acks.single(c);
+            let items = sub.items(c);
+            assert!(
+                !items.iter().any(|i| matches!(i, Item::Reset { .. })),
+                "{}: unexpected reset on {c}: {items:?}",
+                sub.name
+            );
+            assert_exact(&format!("{} on {c}", sub.name), &sub.pubs(c), &epoch, &a, 0);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct SubLog {
     pub channels: HashMap<String, Vec<Item>>,
@@ -222,15 +265,7 @@ impl SubLog {
     pub fn pubs(&self, channel: &str) -> Vec<Pub> {
         self.channels
             .get(channel)
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(|i| match i {
-                        Item::Pub(p) => Some(p.clone()),
-                        _ => None,
-                    })
-                    .collect()
-            })
+            .map(|items| pubs_of(items))
             .unwrap_or_default()
     }
 

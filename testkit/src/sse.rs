@@ -172,6 +172,13 @@ impl Sse {
         }
     }
 
+    /// `GET /sse` for the channels resuming from `cursor` (`Last-Event-ID`); asserts nothing
+    /// about the status.
+    pub async fn resume(node: &impl Endpoint, channels: &[&str], cursor: &str) -> Sse {
+        let query = channel_query(channels);
+        Self::open_with(&sse_client(), node, &query, &[("Last-Event-ID", cursor)]).await
+    }
+
     /// Opens a stream for the channels, asserting 200 and `text/event-stream`.
     pub async fn open(node: &impl Endpoint, channels: &[&str]) -> Sse {
         Self::open_query(node, &channel_query(channels)).await

@@ -190,13 +190,7 @@ async fn resumes_from_the_cursor_exactly_once_across_channels() {
     );
 
     // The SSE cursor is the same thing: an SSE stream resumes from a poll's cursor.
-    let mut sse = Sse::open_with(
-        &sse_client(),
-        &node,
-        &channel_query(&[&a, &b]),
-        &[("Last-Event-ID", &cursor)],
-    )
-    .await;
+    let mut sse = Sse::resume(&node, &[&a, &b], &cursor).await;
     sse.connected().await;
     publish(&node, &a, json!("a11")).await;
     let (_, p) = sse.publication().await;

@@ -315,15 +315,6 @@ async fn redis_outage_refuses_publishes_and_epoch_changes_without_persistence() 
         (e2.as_str(), "epoch_changed"),
         "{reset:?}"
     );
-    let pubs_of = |items: &[Item]| -> Vec<Pub> {
-        items
-            .iter()
-            .filter_map(|i| match i {
-                Item::Pub(p) => Some(p.clone()),
-                _ => None,
-            })
-            .collect()
-    };
     let before = pubs_of(&items[..at]);
     let after = pubs_of(&items[at + 1..]);
     // Old epoch: offsets 1..=k in order, each acknowledged with that data (or a publish in flight

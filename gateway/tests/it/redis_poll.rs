@@ -28,15 +28,6 @@ async fn poll(addr: SocketAddr, channel: &str, cursor: &str) -> Value {
     body
 }
 
-fn offsets(answer: &Value) -> Vec<u64> {
-    answer["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["offset"].as_u64().unwrap())
-        .collect()
-}
-
 async fn publish_range(addr: SocketAddr, channel: &str, range: std::ops::RangeInclusive<u64>) {
     for n in range {
         let (status, body) = publish_http(addr, channel, &json!(n)).await;
@@ -57,7 +48,7 @@ async fn poll_resumes_on_another_node_after_kill9() {
     let mut got = Vec::new();
     while got.len() < 5 {
         let answer = poll(nodes[0].addr, channel, &cursor).await;
-        got.extend(offsets(&answer));
+        got.extend(poll_offsets(&answer));
         cursor = answer["cursor"].as_str().unwrap().to_string();
     }
 
@@ -65,7 +56,7 @@ async fn poll_resumes_on_another_node_after_kill9() {
     publish_range(nodes[1].addr, channel, 6..=9).await;
     while got.len() < 9 {
         let answer = poll(nodes[2].addr, channel, &cursor).await;
-        got.extend(offsets(&answer));
+        got.extend(poll_offsets(&answer));
         cursor = answer["cursor"].as_str().unwrap().to_string();
     }
     assert_eq!(

@@ -89,28 +89,7 @@ async fn pubsub_connection_killed_no_subscriber_misses_anything() {
     http.stop().await;
     ws.stop().await;
 
-    for c in &channels {
-        let (_, a) = acks.single(c);
-        assert_contiguous(c, &a);
-    }
-    for (sub, chans) in &subs {
-        for c in chans {
-            let (_, a) = acks.single(c);
-            sub.wait_offset(c, *a.keys().next_back().unwrap()).await;
-        }
-        sub.ping().await;
-        assert!(sub.ended().is_none(), "{}: {:?}", sub.name, sub.ended());
-        for c in chans {
-            let (epoch, a) = acks.single(c);
-            let items = sub.items(c);
-            assert!(
-                !items.iter().any(|i| matches!(i, Item::Reset { .. })),
-                "{}: unexpected reset on {c}",
-                sub.name
-            );
-            assert_exact(&format!("{} on {c}", sub.name), &sub.pubs(c), &epoch, &a, 0);
-        }
-    }
+    assert_every_subscriber_got_every_ack(&acks, &subs).await;
     for node in &nodes {
         let text = metrics_text(node.addr).await;
         eprintln!(

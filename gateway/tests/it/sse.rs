@@ -69,13 +69,7 @@ async fn last_event_id_header_resumes_exactly_once() {
         publish(&node, &b, json!(format!("b{n}"))).await;
     }
 
-    let mut sse = Sse::open_with(
-        &sse_client(),
-        &node,
-        &channel_query(&[&a, &b]),
-        &[("Last-Event-ID", &cursor)],
-    )
-    .await;
+    let mut sse = Sse::resume(&node, &[&a, &b], &cursor).await;
     sse.assert_stream();
     let connected = sse.connected().await;
     let chans = connected_channels(&connected);
@@ -103,13 +97,7 @@ async fn last_event_id_header_resumes_exactly_once() {
     assert_eq!(p["offset"], 5);
 
     // The cursor of the last caught-up event resumes after it (nothing missed, nothing repeated).
-    let mut again = Sse::open_with(
-        &sse_client(),
-        &node,
-        &channel_query(&[&a, &b]),
-        &[("Last-Event-ID", &last_id)],
-    )
-    .await;
+    let mut again = Sse::resume(&node, &[&a, &b], &last_id).await;
     again.assert_stream();
     again.connected().await;
     let (_, p) = again.publication().await;
@@ -174,13 +162,7 @@ async fn large_gap_resume_is_paged_and_complete() {
         .collect();
     // Publishing continues from before the resume until the stream is past the gap.
     let live = ContinuousPublisher::start(node.addr, &ch, |i| json!({"live": i})).await;
-    let mut sse = Sse::open_with(
-        &sse_client(),
-        &node,
-        &channel_query(&[&ch]),
-        &[("Last-Event-ID", &cursor)],
-    )
-    .await;
+    let mut sse = Sse::resume(&node, &[&ch], &cursor).await;
     sse.assert_stream();
     let connected = sse.connected().await;
     let state = &connected_channels(&connected)[&ch];
@@ -233,13 +215,7 @@ async fn unrecoverable_resume_sends_reset_then_live() {
     publish_many(node.addr, &ch, 20, |i| json!(i + 2)).await; // top 21, history 17..=21
     publish(&node, &ok, json!("kept")).await;
 
-    let mut sse = Sse::open_with(
-        &sse_client(),
-        &node,
-        &channel_query(&[&ch, &ok]),
-        &[("Last-Event-ID", &cursor)],
-    )
-    .await;
+    let mut sse = Sse::resume(&node, &[&ch, &ok], &cursor).await;
     sse.assert_stream();
     let connected = sse.connected().await;
     let chans = connected_channels(&connected);
