@@ -91,7 +91,7 @@ pub struct Subscriber {
 enum Conn {
     GatewayWs(Box<Ws>),
     PlainWs(Box<Ws>),
-    Sse(SseStream),
+    Sse(Box<SseStream>),
     SocketIo(Box<SioClient>),
 }
 
@@ -377,7 +377,7 @@ async fn gateway_sse(t: &Target<'_>, resume: &Resume) -> Result<(Subscriber, Sub
                 let resume = Resume::Cursor(ev.id.ok_or("connected without id")?);
                 return Ok((
                     Subscriber {
-                        conn: Conn::Sse(stream),
+                        conn: Conn::Sse(Box::new(stream)),
                         resume,
                     },
                     Subscribed { base, recovered },
