@@ -45,10 +45,8 @@ async fn check(node: &Node) {
     assert_eq!(kept(node, "other:a").await, vec![1, 2, 3, 4, 5]);
     assert_eq!(kept(node, "plain").await, vec![1, 2, 3, 4, 5]);
     // The short-lived namespace empties once its age passes; the others keep everything.
-    within("fleeting history to expire", async {
-        while !kept(node, "fleeting:a").await.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    eventually("fleeting history to expire", || async move {
+        kept(node, "fleeting:a").await.is_empty()
     })
     .await;
     assert_eq!(kept(node, "plain").await.len(), 5);

@@ -305,17 +305,14 @@ async fn draining_answers_waiting_polls_and_refuses_new_ones() {
     let drain = tokio::spawn(running.drain());
     // During drain.delay the node still serves, but sends new pollers elsewhere.
     let addr = node.addr;
-    within("readyz 503", async {
-        while http()
+    eventually("readyz 503", || async move {
+        http()
             .get(format!("http://{addr}/readyz"))
             .send()
             .await
             .unwrap()
             .status()
-            != 503
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            == 503
     })
     .await;
     let refused = poll(&node, &format!("{}&cursor={cursor}", channel_query(&[&a]))).await;

@@ -600,13 +600,9 @@ async fn max_connections_answers_429_with_retry_after() {
     .await;
     drop(first);
     // The slot comes back once the first connection is gone.
-    within("slot freed", async {
-        loop {
-            if WsClient::connect_with(node.addr, "/ws", &[]).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let addr = node.addr;
+    eventually("slot freed", || async move {
+        WsClient::connect_with(addr, "/ws", &[]).await.is_ok()
     })
     .await;
 }
