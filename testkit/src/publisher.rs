@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::Message;
 use crate::http::publish_http;
 use crate::recording::{Acks, Sub};
 use crate::wait::{within, within_for};
+use crate::ws::handshake;
 
 /// Sends `count` publish requests over one WebSocket with at most `window` in flight (writes
 /// and reads run concurrently); request `i` publishes `data(i)` to `channel`. Returns every
@@ -29,13 +30,7 @@ async fn pipelined(
     window: usize,
     data: impl Fn(usize) -> Value,
 ) -> Vec<Value> {
-    let (ws, _) = within(
-        &format!("{who}: handshake"),
-        tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), None, true),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{who}: handshake: {e}"));
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, mut stream) = handshake(who, addr, "/ws").await.split();
     let permits = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
     let frames: Vec<String> = (0..count)
         .map(|i| json!({"id": i, "op": "publish", "channel": channel, "data": data(i)}).to_string())

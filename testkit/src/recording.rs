@@ -16,7 +16,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::protocol::Message;
 
 use crate::wait::{within, WAIT};
-use crate::ws::Ws;
+use crate::ws::{handshake, Ws};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pub {
@@ -311,14 +311,7 @@ pub struct Sub {
 
 impl Sub {
     pub async fn connect(name: &str, addr: SocketAddr) -> Sub {
-        let (ws, resp) = within(
-            &format!("{name}: websocket handshake with {addr}"),
-            tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), None, true),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{name}: websocket handshake with {addr}: {e}"));
-        assert_eq!(resp.status().as_u16(), 101);
-        let (sink, stream) = ws.split();
+        let (sink, stream) = handshake(name, addr, "/ws").await.split();
         let log = Arc::new(Mutex::new(SubLog::default()));
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>> = Arc::default();
         let (tx, changed) = watch::channel(0u64);

@@ -17,6 +17,20 @@ use crate::wait::within;
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// The handshake every WebSocket client of the kit makes (`ws://addr/path`, Nagle off so small
+/// frames go out at once), asserting 101; `who` names the client in a failure.
+pub async fn handshake(who: &str, addr: SocketAddr, path: &str) -> Ws {
+    let url = format!("ws://{addr}{path}");
+    let (ws, resp) = within(
+        &format!("{who}: websocket handshake with {url}"),
+        tokio_tungstenite::connect_async_with_config(&url, None, true),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{who}: websocket handshake with {url}: {e}"));
+    assert_eq!(resp.status().as_u16(), 101, "{who}: handshake with {url}");
+    ws
+}
+
 /// What the server sent next.
 #[derive(Debug)]
 pub enum WsEvent {
@@ -77,18 +91,7 @@ impl WsClient {
     }
 
     pub async fn connect_addr(addr: SocketAddr, path: &str) -> WsClient {
-        let (ws, resp) = within(
-            "websocket handshake",
-            tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
-        )
-        .await
-        .expect("websocket handshake failed");
-        assert_eq!(resp.status().as_u16(), 101);
-        WsClient {
-            ws,
-            next_id: 1,
-            pushes: VecDeque::new(),
-        }
+        WsClient::from_ws(handshake("websocket client", addr, path).await)
     }
 
     /// A handshake with extra request headers; `Err` holds a refused handshake's status and
