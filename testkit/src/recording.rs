@@ -220,6 +220,18 @@ pub fn pubs_of(items: &[Item]) -> Vec<Pub> {
         .collect()
 }
 
+/// Waits until `sub` has the last acknowledged offset of each of `chans` (one epoch each), then
+/// makes a round trip, which flushes anything (e.g. a duplicate) queued behind it; the
+/// connection must still be open.
+pub async fn wait_caught_up(sub: &Sub, acks: &Acks, chans: &[String]) {
+    for c in chans {
+        let (_, a) = acks.single(c);
+        sub.wait_offset(c, *a.keys().next_back().unwrap()).await;
+    }
+    sub.ping().await;
+    assert!(sub.ended().is_none(), "{}: {:?}", sub.name, sub.ended());
+}
+
 /// The one rule with nothing in the way: every channel's acks are gap-free, and every
 /// subscriber, still connected, received every acknowledged publication of its channels exactly
 /// once, in order, in the one epoch, without a reset.
@@ -232,13 +244,7 @@ pub async fn assert_every_subscriber_got_every_ack(acks: &Acks, subs: &[(Sub, Ve
         assert_contiguous(c, &a);
     }
     for (sub, chans) in subs {
-        for c in chans {
-            let (_, a) = acks.single(c);
-            sub.wait_offset(c, *a.keys().next_back().unwrap()).await;
-        }
-        // A round trip flushes anything (e.g. a duplicate) already queued behind the last one.
-        sub.ping().await;
-        assert!(sub.ended().is_none(), "{}: {:?}", sub.name, sub.ended());
+        wait_caught_up(sub, acks, chans).await;
         for c in chans {
             let (epoch, a) = acks.single(c);
             let items = sub.items(c);

@@ -134,12 +134,7 @@ pub async fn scenario_kill9(backend: &Backend, channels: &[String]) {
         assert_contiguous(c, &a);
     }
     for (k, (sub, (old, chans))) in resumed.iter().zip(&clients).enumerate() {
-        for c in chans {
-            let (_, a) = acks.single(c);
-            sub.wait_offset(c, *a.keys().next_back().unwrap()).await;
-        }
-        sub.ping().await;
-        assert!(sub.ended().is_none(), "{}: {:?}", sub.name, sub.ended());
+        wait_caught_up(sub, &acks, chans).await;
         for c in chans {
             let (epoch, a) = acks.single(c);
             let (start_epoch, start_offset) = &start[k][c];
