@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use publication::{Position, Publication, PublishAck};
+pub use publication::{format_tag, parse_tag, Position, Publication, PublishAck};
 
 /// Microseconds since the Unix epoch, the clock publications are stamped with.
 pub fn now_us() -> u64 {
@@ -41,6 +41,61 @@ pub struct HistoryPage {
     pub top: u64,
     /// Publications with offset greater than the requested one, in order, contiguous.
     pub publications: Vec<Arc<Publication>>,
+    /// The tag of the publication at the requested offset (`since`), when the channel still
+    /// knows it: the history entry, or the tag of the top publication when `since == top`. A
+    /// reader compares it with the tag it holds, so a position from before a store rollback that
+    /// reused the offset under the same epoch does not pass for the publication now there.
+    pub since_tag: Option<u32>,
+}
+
+/// Who chose an idempotency key. Keys of each scope live apart, so a client can never take a key
+/// the backend will use, nor the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdempotencyScope {
+    /// A key sent by an end client (WebSocket publish).
+    Client,
+    /// A key sent by the backend through the server API (`POST /api/publish`).
+    Server,
+}
+
+/// An idempotency key in its scope: a publish repeating it within the window returns the first
+/// publish's result; repeating it with different data is a [`BackplaneError::Conflict`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Idempotency<'a> {
+    pub scope: IdempotencyScope,
+    pub key: &'a str,
+}
+
+impl<'a> Idempotency<'a> {
+    /// A key an end client chose.
+    pub fn client(key: &'a str) -> Self {
+        Idempotency {
+            scope: IdempotencyScope::Client,
+            key,
+        }
+    }
+
+    /// A key the backend chose.
+    pub fn server(key: &'a str) -> Self {
+        Idempotency {
+            scope: IdempotencyScope::Server,
+            key,
+        }
+    }
+}
+
+/// The answer to a reused idempotency key with different data; `first` is what the key names.
+pub(crate) fn idempotency_conflict(first: &PublishAck) -> BackplaneError {
+    BackplaneError::Conflict(format!(
+        "the idempotency key was already used with different data (offset {} of epoch {})",
+        first.offset, first.epoch
+    ))
+}
+
+/// A fresh per-publication tag. Drawn in Rust, not in a Redis script: Lua's `math.random` is
+/// seeded identically in every script run.
+pub(crate) fn new_tag() -> u32 {
+    rand::random()
 }
 
 /// How long and how much history a channel keeps.
@@ -127,6 +182,9 @@ pub struct Stats {
     pub gap_fills: u64,
     /// Commands that failed.
     pub errors: u64,
+    /// Channels the node is subscribed to at the store: those with local subscribers plus those
+    /// lingering after their last one left.
+    pub pubsub_subscriptions: u64,
 }
 
 /// Failure of a backplane operation. Nothing that failed was acknowledged.
@@ -138,6 +196,10 @@ pub enum BackplaneError {
     /// The request cannot be served as asked (for example data that is not JSON).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The idempotency key was used within the window for a publish with different data; the
+    /// first publication stands and this one was not stored.
+    #[error("idempotency conflict: {0}")]
+    Conflict(String),
 }
 
 /// Receives every live publication of the channels a node subscribed to, in offset order per
@@ -151,15 +213,19 @@ pub trait PublicationSink: Send + Sync + 'static {
 pub trait Backplane: Send + Sync + 'static {
     /// Appends `data` (compact JSON, see [`json::compact`]) to the channel's history and fans it
     /// out. An `Ok` means the publication is in history and will reach every current subscriber.
-    /// A repeated `idempotency_key` within the window returns the first publish's result.
+    /// Every publication gets a fresh random tag, carried in the ack, live delivery and history.
+    /// A repeated idempotency key (in its scope, within the window) with the same data returns
+    /// the first publish's ack and stores nothing; with different data it is a
+    /// [`BackplaneError::Conflict`].
     async fn publish(
         &self,
         channel: &str,
         data: Bytes,
-        idempotency_key: Option<&str>,
+        idempotency: Option<Idempotency<'_>>,
     ) -> Result<PublishAck, BackplaneError>;
 
-    /// Reads up to `limit` publications with offset greater than `since`, in order.
+    /// Reads up to `limit` publications with offset greater than `since`, in order, and the tag
+    /// of the publication at `since` (see [`HistoryPage::since_tag`]).
     async fn history(
         &self,
         channel: &str,

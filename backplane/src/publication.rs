@@ -14,6 +14,10 @@ pub struct Publication {
     pub epoch: Arc<str>,
     /// When the publish was accepted, microseconds since the Unix epoch (0 if unknown).
     pub published_us: u64,
+    /// Random per publication, so that (epoch, offset, tag) names one publication even after a
+    /// store rollback reused the offset (0 for entries written before tags existed). Not in the
+    /// wire form yet.
+    pub tag: u32,
     json: Bytes,
     data: Range<usize>,
 }
@@ -38,6 +42,7 @@ impl Publication {
             offset,
             epoch,
             published_us: 0,
+            tag: 0,
             json: Bytes::from(json),
             data,
         }
@@ -46,6 +51,12 @@ impl Publication {
     /// Records when the publish was accepted (microseconds since the Unix epoch).
     pub fn published_at(mut self, published_us: u64) -> Self {
         self.published_us = published_us;
+        self
+    }
+
+    /// Sets the publication's tag.
+    pub fn tagged(mut self, tag: u32) -> Self {
+        self.tag = tag;
         self
     }
 
@@ -66,6 +77,23 @@ pub struct PublishAck {
     pub channel: Arc<str>,
     pub offset: u64,
     pub epoch: Arc<str>,
+    /// The publication's tag ([`Publication::tag`]); not in the wire form yet.
+    #[serde(skip)]
+    pub tag: u32,
+}
+
+/// A tag as shown: 8 lowercase hex digits.
+pub fn format_tag(tag: u32) -> String {
+    format!("{tag:08x}")
+}
+
+/// Reads a tag written by [`format_tag`].
+pub fn parse_tag(text: &str) -> Option<u32> {
+    let lower_hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    if text.len() != 8 || !text.as_bytes().iter().all(lower_hex) {
+        return None;
+    }
+    u32::from_str_radix(text, 16).ok()
 }
 
 /// A position in a channel's stream: every publication up to `offset` of `epoch` was seen.
@@ -88,5 +116,18 @@ mod tests {
             serde_json::json!({"channel": "chat:\"x\"", "offset": 7, "epoch": "e1", "data": {"a": [1, 2]}})
         );
         assert_eq!(p.data(), b"{\"a\":[1,2]}");
+    }
+
+    #[test]
+    fn tag_is_eight_lowercase_hex_digits_and_not_on_the_wire() {
+        assert_eq!(format_tag(0xab), "000000ab");
+        assert_eq!(format_tag(u32::MAX), "ffffffff");
+        assert_eq!(parse_tag("00c0ffee"), Some(0xc0ffee));
+        assert_eq!(parse_tag("c0ffee"), None);
+        assert_eq!(parse_tag("00C0FFEE"), None);
+        assert_eq!(parse_tag("+0c0ffee"), None);
+        let p = Publication::new("c".into(), 1, "e".into(), b"1").tagged(7);
+        assert_eq!(p.tag, 7);
+        assert!(!std::str::from_utf8(p.json()).unwrap().contains("tag"));
     }
 }

@@ -317,8 +317,8 @@ pub struct HistoryConfig {
     pub idempotency_window: Duration,
 }
 
-/// The Redis backplane; with neither `url` nor `cluster_nodes` the node runs on the embedded
-/// in-memory backplane.
+/// The Redis backplane; with none of `url`, `cluster_nodes` and `sentinel_nodes` the node runs on
+/// the embedded in-memory backplane.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSection {
@@ -326,6 +326,17 @@ pub struct RedisSection {
     pub url: Option<String>,
     /// Seed nodes of a Redis Cluster (`host:port` or `redis://host:port`).
     pub cluster_nodes: Vec<String>,
+    /// Redis Sentinels (`host:port`, or `redis[s]://[user:password@]host:port` for credentials
+    /// and TLS, which then apply to the sentinels and to the master alike).
+    pub sentinel_nodes: Vec<String>,
+    /// The name the sentinels monitor the master under (required with `sentinel_nodes`).
+    pub sentinel_master: Option<String>,
+    /// A publish answers 200 only once this many replicas acknowledged it (`WAIT`); 0 answers
+    /// as soon as the master has it. Not with `cluster_nodes`.
+    pub min_replicas_acked: u32,
+    /// How long a publish waits for `min_replicas_acked` replicas before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub replica_ack_timeout: Duration,
     /// Command connections to a single server.
     pub pool_size: usize,
     /// Prefix of every key.
@@ -348,6 +359,10 @@ impl Default for RedisSection {
         RedisSection {
             url: None,
             cluster_nodes: Vec::new(),
+            sentinel_nodes: Vec::new(),
+            sentinel_master: None,
+            min_replicas_acked: 0,
+            replica_ack_timeout: Duration::from_millis(250),
             pool_size: 8,
             prefix: "gw".into(),
             connect_timeout: Duration::from_secs(1),
@@ -446,6 +461,9 @@ pub struct Overrides {
     pub log_json: bool,
     pub redis_url: Option<String>,
     pub redis_cluster_nodes: Option<Vec<String>>,
+    pub redis_sentinel_nodes: Option<Vec<String>>,
+    pub redis_sentinel_master: Option<String>,
+    pub redis_min_replicas_acked: Option<u32>,
     pub demo_publisher: bool,
 }
 
@@ -474,6 +492,7 @@ impl Config {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("redis.cluster_nodes")
+                .with_list_parse_key("redis.sentinel_nodes")
                 .with_list_parse_key("auth.api_keys")
                 .with_list_parse_key("auth.jwt_hs256_keys")
                 .with_list_parse_key("auth.jwt_public_keys")
@@ -498,26 +517,42 @@ impl Config {
                 .set_override("redis.cluster_nodes", nodes.clone())
                 .map_err(err)?;
         }
+        if let Some(nodes) = &overrides.redis_sentinel_nodes {
+            builder = builder
+                .set_override("redis.sentinel_nodes", nodes.clone())
+                .map_err(err)?;
+        }
+        if let Some(master) = &overrides.redis_sentinel_master {
+            builder = builder
+                .set_override("redis.sentinel_master", master.as_str())
+                .map_err(err)?;
+        }
+        if let Some(n) = overrides.redis_min_replicas_acked {
+            builder = builder
+                .set_override("redis.min_replicas_acked", n)
+                .map_err(err)?;
+        }
         if overrides.demo_publisher {
             builder = builder.set_override("demo.publisher", true).map_err(err)?;
         }
         if overrides.log_json {
             builder = builder.set_override("log.format", "json").map_err(err)?;
         }
-        let config: Config = builder
-            .build()
-            .map_err(err)?
-            .try_deserialize()
-            .map_err(err)?;
-        config.validate()?;
-        Ok(config)
+        Config::build(builder)
     }
 
     /// Parses a TOML document alone (no environment, no overrides) and validates it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let source = config::File::from_str(text, config::FileFormat::Toml);
+        Config::build(config::Config::builder().add_source(source))
+    }
+
+    /// Reads the layered sources into a `Config` and validates it.
+    fn build(
+        builder: config::ConfigBuilder<config::builder::DefaultState>,
+    ) -> Result<Config, ConfigError> {
         let err = |e: config::ConfigError| ConfigError(e.to_string());
-        let config: Config = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        let config: Config = builder
             .build()
             .map_err(err)?
             .try_deserialize()
@@ -578,24 +613,88 @@ impl Config {
                 self.drain.delay + self.drain.window
             )));
         }
-        if self.redis.url.is_some() && !self.redis.cluster_nodes.is_empty() {
-            return Err(ConfigError(
-                "redis.url and redis.cluster_nodes are exclusive: set one".into(),
-            ));
-        }
-        if let Some(url) = &self.redis.url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(ConfigError(format!(
-                    "redis.url must start with redis:// or rediss://, got {url:?}"
-                )));
-            }
-        }
+        self.validate_redis()?;
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(['{', '}']) {
             return Err(ConfigError(
                 "redis.prefix must be non-empty and contain no braces".into(),
             ));
         }
         self.validate_security()
+    }
+
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        let targets = [
+            ("redis.url", r.url.is_some()),
+            ("redis.cluster_nodes", !r.cluster_nodes.is_empty()),
+            ("redis.sentinel_nodes", !r.sentinel_nodes.is_empty()),
+        ];
+        let set: Vec<&str> = targets.iter().filter(|t| t.1).map(|t| t.0).collect();
+        if set.len() > 1 {
+            return Err(ConfigError(format!(
+                "{} are exclusive: set one of redis.url, redis.cluster_nodes, redis.sentinel_nodes",
+                set.join(" and ")
+            )));
+        }
+        if let Some(url) = &r.url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError(format!(
+                    "redis.url must start with redis:// or rediss://, got {url:?}"
+                )));
+            }
+        }
+        if !r.sentinel_nodes.is_empty() {
+            match &r.sentinel_master {
+                Some(name) if !name.trim().is_empty() => {}
+                _ => {
+                    return Err(ConfigError(
+                        "redis.sentinel_master is required with redis.sentinel_nodes: the name \
+                         the sentinels monitor the master under"
+                            .into(),
+                    ))
+                }
+            }
+            for node in &r.sentinel_nodes {
+                if node_url(node).is_none() {
+                    return Err(ConfigError(format!(
+                        "redis.sentinel_nodes: {node:?} is not host:port or \
+                         redis[s]://[user:password@]host:port"
+                    )));
+                }
+            }
+            let schemes: std::collections::BTreeSet<bool> = r
+                .sentinel_nodes
+                .iter()
+                .map(|n| n.starts_with("rediss://"))
+                .collect();
+            if schemes.len() > 1 {
+                return Err(ConfigError(
+                    "redis.sentinel_nodes: mix of redis:// and rediss:// (TLS applies to all)"
+                        .into(),
+                ));
+            }
+        } else if r.sentinel_master.is_some() {
+            return Err(ConfigError(
+                "redis.sentinel_master is set without redis.sentinel_nodes".into(),
+            ));
+        }
+        if r.min_replicas_acked > 0 {
+            if !r.cluster_nodes.is_empty() {
+                return Err(ConfigError(
+                    "redis.min_replicas_acked is not supported with redis.cluster_nodes (WAIT \
+                     would have to run on the shard's connection); use 0"
+                        .into(),
+                ));
+            }
+            if r.replica_ack_timeout.is_zero() || r.replica_ack_timeout >= r.command_timeout {
+                return Err(ConfigError(format!(
+                    "redis.replica_ack_timeout ({:?}) must be greater than zero and below \
+                     redis.command_timeout ({:?}): the WAIT answer must arrive in time",
+                    r.replica_ack_timeout, r.command_timeout
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn validate_security(&self) -> Result<(), ConfigError> {
@@ -687,11 +786,16 @@ impl Config {
         self.auth.api_listen.unwrap_or(self.server.listen)
     }
 
-    /// Whether any JWT verification key is configured.
-    pub fn jwt_enabled(&self) -> bool {
-        !self.auth.jwt_hs256_keys.is_empty()
-            || !self.auth.jwt_public_keys.is_empty()
-            || self.auth.jwt_jwks_file.is_some()
+    /// The longest an SSE stream may take to make room for its next chunk before it is dropped.
+    /// The key is `websocket.write_timeout`: one write timeout for every streaming transport.
+    pub(crate) fn sse_write_timeout(&self) -> Duration {
+        self.websocket.write_timeout
+    }
+
+    /// The largest `POST /api/publish` body. The key is `websocket.max_message_size`: a
+    /// publication is as large over the API as over WebSocket.
+    pub(crate) fn api_max_body(&self) -> usize {
+        self.websocket.max_message_size
     }
 
     pub fn settings(&self) -> backplane::Settings {
@@ -723,9 +827,10 @@ impl Config {
     /// The Redis backplane to use, if one is configured.
     pub fn redis(&self) -> Option<backplane::redis::RedisConfig> {
         let r = &self.redis;
-        let target = match (&r.url, r.cluster_nodes.is_empty()) {
-            (Some(url), _) => backplane::redis::Target::Single(url.clone()),
-            (None, false) => backplane::redis::Target::Cluster(
+        let target = if let Some(url) = &r.url {
+            backplane::redis::Target::Single(url.clone())
+        } else if !r.cluster_nodes.is_empty() {
+            backplane::redis::Target::Cluster(
                 r.cluster_nodes
                     .iter()
                     .map(|n| {
@@ -736,8 +841,18 @@ impl Config {
                         }
                     })
                     .collect(),
-            ),
-            (None, true) => return None,
+            )
+        } else if !r.sentinel_nodes.is_empty() {
+            backplane::redis::Target::Sentinel {
+                nodes: r
+                    .sentinel_nodes
+                    .iter()
+                    .filter_map(|n| node_url(n))
+                    .collect(),
+                master: r.sentinel_master.clone().unwrap_or_default(),
+            }
+        } else {
+            return None;
         };
         Some(backplane::redis::RedisConfig {
             target,
@@ -747,6 +862,86 @@ impl Config {
             command_timeout: r.command_timeout,
             health_interval: r.health_interval,
             subscribe_linger: r.subscribe_linger,
+            min_replicas_acked: r.min_replicas_acked,
+            replica_ack_timeout: r.replica_ack_timeout,
         })
+    }
+}
+
+/// A node as a URL: `host:port` becomes `redis://host:port`; a URL must be redis:// or rediss://
+/// with a host and a port.
+fn node_url(node: &str) -> Option<String> {
+    let url = if node.contains("://") {
+        node.to_string()
+    } else {
+        format!("redis://{node}")
+    };
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))?;
+    let host_port = rest.rsplit('@').next()?.trim_end_matches('/');
+    let (host, port) = host_port.rsplit_once(':')?;
+    (!host.is_empty() && port.parse::<u16>().is_ok()).then_some(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(toml: &str) -> String {
+        Config::from_toml(toml).expect_err(toml).to_string()
+    }
+
+    #[test]
+    fn sentinel_keys_are_checked_and_named() {
+        let e = error_of("[redis]\nsentinel_nodes = [\"a:26379\"]\n");
+        assert!(e.contains("redis.sentinel_master is required"), "{e}");
+        let e = error_of("[redis]\nsentinel_master = \"m\"\n");
+        assert!(e.contains("redis.sentinel_master is set without"), "{e}");
+        let e = error_of(
+            "[redis]\nurl = \"redis://a:6379\"\nsentinel_nodes = [\"a:26379\"]\nsentinel_master = \"m\"\n",
+        );
+        assert!(
+            e.contains("redis.url and redis.sentinel_nodes are exclusive"),
+            "{e}"
+        );
+        let e = error_of("[redis]\nsentinel_nodes = [\"a\"]\nsentinel_master = \"m\"\n");
+        assert!(e.contains("redis.sentinel_nodes: \"a\""), "{e}");
+        let e = error_of(
+            "[redis]\nsentinel_nodes = [\"redis://a:1\", \"rediss://b:2\"]\nsentinel_master = \"m\"\n",
+        );
+        assert!(e.contains("redis.sentinel_nodes: mix"), "{e}");
+
+        let config = Config::from_toml(
+            "[redis]\nsentinel_nodes = [\"10.0.0.1:26379\", \"redis://:pw@10.0.0.2:26379\"]\n\
+             sentinel_master = \"mymaster\"\nmin_replicas_acked = 1\n",
+        )
+        .unwrap();
+        let redis = config.redis().unwrap();
+        assert_eq!(
+            redis.target,
+            backplane::redis::Target::Sentinel {
+                nodes: vec![
+                    "redis://10.0.0.1:26379".into(),
+                    "redis://:pw@10.0.0.2:26379".into()
+                ],
+                master: "mymaster".into(),
+            }
+        );
+        assert_eq!(redis.min_replicas_acked, 1);
+    }
+
+    #[test]
+    fn replica_acks_need_a_timeout_below_the_command_timeout_and_no_cluster() {
+        let e = error_of("[redis]\ncluster_nodes = [\"a:7000\"]\nmin_replicas_acked = 1\n");
+        assert!(
+            e.contains("redis.min_replicas_acked is not supported"),
+            "{e}"
+        );
+        let e = error_of(
+            "[redis]\nurl = \"redis://a:6379\"\nmin_replicas_acked = 1\nreplica_ack_timeout = \"1s\"\n",
+        );
+        assert!(e.contains("redis.replica_ack_timeout"), "{e}");
+        Config::from_toml("[redis]\nurl = \"redis://a:6379\"\nmin_replicas_acked = 2\n").unwrap();
     }
 }

@@ -17,11 +17,11 @@ pub const SYMBOLS: [(&str, f64); 4] = [
 /// Publishes a random walk of every symbol until the node stops accepting.
 pub async fn run_publisher(node: Arc<Node>) {
     let mut prices: Vec<f64> = SYMBOLS.iter().map(|(_, p)| *p).collect();
-    let mut ticker = tokio::time::interval(node.config.demo.publisher_interval);
+    let mut ticker = tokio::time::interval(node.config().demo.publisher_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = node.shutdown.cancelled() => return,
+            _ = node.shutdown_token().cancelled() => return,
             _ = ticker.tick() => {}
         }
         for ((symbol, _), price) in SYMBOLS.iter().zip(prices.iter_mut()) {

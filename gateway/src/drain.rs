@@ -13,61 +13,64 @@ use parking_lot::Mutex;
 use rand::seq::SliceRandom;
 use tokio_util::sync::CancellationToken;
 
+use crate::hub::ConnId;
 use crate::metrics::Metrics;
 
 /// Pause between two batches of a drain.
 const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// The live connections of a node, each closable on its own.
+/// The streaming connections of a node (WebSocket, SSE, waiting long-polls), each closable on
+/// its own. A connection's id here is its id everywhere in the node (the hub's `ConnId`).
 #[derive(Default)]
-pub struct Registry {
-    connections: Mutex<HashMap<u64, CancellationToken>>,
+pub(crate) struct Streams {
+    connections: Mutex<HashMap<ConnId, CancellationToken>>,
     next: std::sync::atomic::AtomicU64,
 }
 
 /// A connection's registration; dropping it unregisters the connection.
-pub struct Registration {
-    registry: Arc<Registry>,
-    id: u64,
+pub(crate) struct Registration {
+    streams: Arc<Streams>,
+    id: ConnId,
     token: CancellationToken,
 }
 
 impl Registration {
+    /// The connection's id within the node.
+    pub(crate) fn id(&self) -> ConnId {
+        self.id
+    }
+
     /// Resolves when the node wants this connection closed. Owned, so a connection loop can
     /// keep one pinned across iterations instead of registering a new waiter every time round.
-    pub fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+    pub(crate) fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.token.clone().cancelled_owned()
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.connections.lock().remove(&self.id);
+        self.streams.connections.lock().remove(&self.id);
     }
 }
 
-impl Registry {
-    pub fn register(self: &Arc<Self>) -> Registration {
+impl Streams {
+    pub(crate) fn register(self: &Arc<Self>) -> Registration {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let token = CancellationToken::new();
         self.connections.lock().insert(id, token.clone());
         Registration {
-            registry: self.clone(),
+            streams: self.clone(),
             id,
             token,
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.connections.lock().len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Closes every connection now.
-    pub fn close_all(&self) {
+    pub(crate) fn close_all(&self) {
         for token in self.connections.lock().values() {
             token.cancel();
         }
@@ -76,8 +79,8 @@ impl Registry {
     /// Closes the connections registered now in batches spread over `window`; returns the
     /// number of batches. Connections that register later are not waited for (the listener is
     /// closed by then).
-    pub async fn close_spread(&self, window: Duration, metrics: &Metrics) -> usize {
-        let mut ids: Vec<u64> = self.connections.lock().keys().copied().collect();
+    pub(crate) async fn close_spread(&self, window: Duration, metrics: &Metrics) -> usize {
+        let mut ids: Vec<ConnId> = self.connections.lock().keys().copied().collect();
         ids.shuffle(&mut rand::rng());
         let batches = (window.as_millis() / BATCH_INTERVAL.as_millis()).max(1) as usize;
         let batches = batches.min(ids.len().max(1));
@@ -114,7 +117,7 @@ impl Registry {
 }
 
 /// A reconnect delay hint in `[0, max)`, so clients closed in one batch do not return at once.
-pub fn reconnect_hint(max: Duration) -> Duration {
+pub(crate) fn reconnect_hint(max: Duration) -> Duration {
     if max.is_zero() {
         return Duration::ZERO;
     }

@@ -12,7 +12,6 @@ use crate::protocol::{reply_err, Command};
 pub fn command(data: &[u8]) {
     match Command::parse(data) {
         Ok(command) => {
-            let id = command.id();
             match &command {
                 Command::Subscribe { channel, .. }
                 | Command::Unsubscribe { channel, .. }
@@ -29,7 +28,6 @@ pub fn command(data: &[u8]) {
                 serde_json::from_slice::<serde_json::Value>(&compact)
                     .expect("compacted data is JSON");
             }
-            let _ = id;
         }
         Err(e) => {
             assert!(matches!(
@@ -71,6 +69,6 @@ pub fn config(data: &[u8]) {
         config
             .validate()
             .expect("an accepted configuration validates");
-        let _ = crate::namespace::Namespaces::new(&config.channels).get("chat:room1");
+        let _ = crate::security::namespace::Namespaces::new(&config.channels).get("chat:room1");
     }
 }

@@ -141,7 +141,8 @@ impl Hub {
     }
 
     /// Number of channels known to the hub (with local subscribers or node interest).
-    pub fn channel_count(&self) -> usize {
+    #[cfg(test)]
+    fn channel_count(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
     }
 }

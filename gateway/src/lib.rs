@@ -4,36 +4,23 @@
 //!
 //! [`Gateway::start`] binds the listener and serves until [`RunningGateway::shutdown`].
 
-pub mod api;
-pub mod assets;
-pub mod auth;
-mod batch_writer;
-mod body_channel;
-pub mod client;
 pub mod config;
 pub mod cursor;
-pub mod demo;
-pub mod drain;
-mod frame_reader;
+mod demo;
+mod drain;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod hub;
-pub mod limits;
-pub mod listener;
-pub mod metrics;
-pub mod namespace;
-pub mod node;
-pub mod origin;
-pub mod poll;
-pub mod protocol;
-pub mod queue;
-pub mod response;
-pub mod security;
-pub mod server;
-pub mod sse;
-pub mod tls;
-pub mod ws;
-mod ws_message;
+mod http;
+mod hub;
+mod metrics;
+mod node;
+mod protocol;
+mod queue;
+mod security;
+mod session;
+mod transport;
 
 pub use config::Config;
-pub use server::{Gateway, RunningGateway, StartError};
+pub use http::server::{Gateway, RunningGateway};
+pub use metrics::Metrics;
+pub use node::{Node, StartError};

@@ -34,6 +34,15 @@ struct Cli {
     /// Use a Redis Cluster as the backplane, given seed nodes.
     #[arg(long, value_name = "HOST:PORT,HOST:PORT,...", value_delimiter = ',')]
     redis_cluster_nodes: Option<Vec<String>>,
+    /// Use the Redis master that these Sentinels monitor as the backplane.
+    #[arg(long, value_name = "HOST:PORT,HOST:PORT,...", value_delimiter = ',')]
+    redis_sentinel_nodes: Option<Vec<String>>,
+    /// The master's name at the Sentinels (redis.sentinel_master).
+    #[arg(long, value_name = "NAME")]
+    redis_sentinel_master: Option<String>,
+    /// Answer a publish 200 only once this many replicas acknowledged it (redis.min_replicas_acked).
+    #[arg(long, value_name = "N")]
+    redis_min_replicas_acked: Option<u32>,
     /// Publish made-up stock prices for the demo page's tickers (demo.publisher).
     #[arg(long)]
     demo_publisher: bool,
@@ -48,6 +57,9 @@ fn main() -> ExitCode {
         log_json: cli.log_json,
         redis_url: cli.redis_url,
         redis_cluster_nodes: cli.redis_cluster_nodes,
+        redis_sentinel_nodes: cli.redis_sentinel_nodes,
+        redis_sentinel_master: cli.redis_sentinel_master,
+        redis_min_replicas_acked: cli.redis_min_replicas_acked,
         demo_publisher: cli.demo_publisher,
     };
     let config = match Config::load(&overrides) {

@@ -1,7 +1,8 @@
 //! The node: the pieces one gateway process shares between its connections — configuration,
 //! hub, backplane, metrics — and its lifecycle (ready, then draining on shutdown).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use backplane::memory::MemoryBackplane;
@@ -11,33 +12,48 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::drain::Registry;
-use crate::hub::{ConnId, Hub};
+use crate::drain::Streams;
+use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::security::policy::Policy;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the backplane: {0}")]
+    Backplane(#[from] backplane::BackplaneError),
+    #[error("{0}")]
+    Security(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
 
 /// Shared state of one gateway process.
 pub struct Node {
-    pub config: Config,
-    pub hub: Arc<Hub>,
-    pub backplane: Arc<dyn Backplane>,
-    pub metrics: Metrics,
+    config: Config,
+    hub: Arc<Hub>,
+    backplane: Arc<dyn Backplane>,
+    metrics: Metrics,
     /// Cancelled when the node stops accepting: the listener and plain HTTP connections watch it.
-    pub shutdown: CancellationToken,
-    /// WebSocket and SSE connections, each closable on its own (for staggered draining).
-    pub registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    /// WebSocket, SSE and waiting long-poll connections, each closable on its own (for
+    /// staggered draining).
+    streams: Arc<Streams>,
     /// Every WebSocket and SSE connection task, so shutdown can wait for them.
-    pub connections: TaskTracker,
-    /// Keys, namespaces and limits (see `security`).
-    pub security: crate::security::Security,
+    connection_tasks: TaskTracker,
+    policy: Policy,
     draining: AtomicBool,
-    next_conn: AtomicU64,
 }
 
 impl Node {
     /// A node on the configured backplane: Redis if configured, else the embedded one.
-    pub async fn start(config: Config) -> Result<Arc<Node>, crate::server::StartError> {
-        let security = crate::security::Security::load(&config)
-            .map_err(crate::server::StartError::Security)?;
+    pub(crate) async fn start(config: Config) -> Result<Arc<Node>, StartError> {
+        let policy = Policy::load(&config).map_err(StartError::Security)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::new(metrics.clone()));
         let backplane: Arc<dyn Backplane> = match config.redis() {
@@ -50,20 +66,68 @@ impl Node {
             backplane,
             metrics,
             shutdown: CancellationToken::new(),
-            registry: Arc::new(Registry::default()),
-            connections: TaskTracker::new(),
-            security,
+            streams: Arc::new(Streams::default()),
+            connection_tasks: TaskTracker::new(),
+            policy,
             draining: AtomicBool::new(false),
-            next_conn: AtomicU64::new(1),
         }))
     }
 
-    pub fn next_conn_id(&self) -> ConnId {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The node's metric families.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(crate) fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub(crate) fn backplane(&self) -> &dyn Backplane {
+        &*self.backplane
+    }
+
+    /// Keys, namespaces and limits.
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The streaming connections a drain closes.
+    pub(crate) fn streams(&self) -> &Arc<Streams> {
+        &self.streams
+    }
+
+    /// The tasks of the streaming connections, so shutdown can wait for them.
+    pub(crate) fn connection_tasks(&self) -> &TaskTracker {
+        &self.connection_tasks
+    }
+
+    /// Cancelled once the node stops accepting connections and requests.
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Counts a refusal by a limit in `gateway_limit_rejections_total`.
+    pub(crate) fn count_limit(&self, limit: &str) {
+        self.metrics
+            .limit_rejections
+            .with_label_values(&[limit])
+            .inc();
+    }
+
+    /// Counts a refused credential or permission in `gateway_auth_failures_total`.
+    pub(crate) fn count_auth(&self, reason: &str) {
+        self.metrics
+            .auth_failures
+            .with_label_values(&[reason])
+            .inc();
     }
 
     /// Whether the node takes traffic; `Err` says why not.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub(crate) fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
             return Err("node is shutting down".into());
         }
@@ -71,7 +135,7 @@ impl Node {
     }
 
     /// The metrics text, with values read from the backplane and the hub at scrape time.
-    pub fn encode_metrics(&self) -> Vec<u8> {
+    pub(crate) fn encode_metrics(&self) -> Vec<u8> {
         let (queued, largest) = self.hub.queued_bytes();
         self.metrics
             .observe(self.backplane.stats(), queued, largest);
@@ -79,74 +143,69 @@ impl Node {
     }
 
     /// Whether a drain has begun (the node no longer takes new streaming clients).
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
     /// Marks the node not ready; it keeps serving.
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.metrics.draining.set(1);
-        self.metrics.drain_remaining.set(self.registry.len() as i64);
+        self.metrics.drain_remaining.set(self.streams.len() as i64);
     }
 
     /// Stops accepting connections and HTTP requests on kept-alive connections.
-    pub fn stop_accepting(&self) {
+    pub(crate) fn stop_accepting(&self) {
         self.shutdown.cancel();
-        self.connections.close();
+        self.connection_tasks.close();
     }
 }
 
 impl Node {
+    /// Runs a backplane operation, timed in `gateway_backplane_command_duration_seconds{op}`.
+    async fn timed<T>(&self, op: &str, operation: impl std::future::Future<Output = T>) -> T {
+        let timer = self
+            .metrics
+            .backplane_duration
+            .with_label_values(&[op])
+            .start_timer();
+        let result = operation.await;
+        timer.observe_duration();
+        result
+    }
+
     /// Publishes through the backplane and counts it.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         channel: &str,
         data: bytes::Bytes,
-        idempotency_key: Option<&str>,
+        idempotency: Option<backplane::Idempotency<'_>>,
     ) -> Result<backplane::PublishAck, BackplaneError> {
-        let metrics = &self.metrics;
-        let timer = metrics
-            .backplane_duration
-            .with_label_values(&["publish"])
-            .start_timer();
-        let ack = self.backplane.publish(channel, data, idempotency_key).await;
-        timer.observe_duration();
-        metrics.publications.inc_by(u64::from(ack.is_ok()));
+        let publish = self.backplane.publish(channel, data, idempotency);
+        let ack = self.timed("publish", publish).await;
+        self.metrics.publications.inc_by(u64::from(ack.is_ok()));
         ack
     }
 
     /// Reads history through the backplane, timed.
-    pub async fn history(
+    pub(crate) async fn history(
         &self,
         channel: &str,
         since: u64,
         limit: usize,
     ) -> Result<backplane::HistoryPage, BackplaneError> {
-        let metrics = &self.metrics;
-        let timer = metrics
-            .backplane_duration
-            .with_label_values(&["history"])
-            .start_timer();
-        let page = self.backplane.history(channel, since, limit).await;
-        timer.observe_duration();
-        page
+        let history = self.backplane.history(channel, since, limit);
+        self.timed("history", history).await
     }
 
     /// Makes the node's backplane subscription to `channel` follow local membership, timed.
-    pub async fn reconcile(&self, channel: &str) -> Result<(), BackplaneError> {
-        let metrics = &self.metrics;
-        let timer = metrics
-            .backplane_duration
-            .with_label_values(&["subscribe"])
-            .start_timer();
-        let result = self.hub.reconcile(&*self.backplane, channel).await;
-        timer.observe_duration();
-        result
+    pub(crate) async fn reconcile(&self, channel: &str) -> Result<(), BackplaneError> {
+        let reconcile = self.hub.reconcile(&*self.backplane, channel);
+        self.timed("subscribe", reconcile).await
     }
 
     /// Records the fan-out latency of a written batch from its oldest live publication.
-    pub fn observe_fanout(&self, transport: &str, oldest_published_us: u64) {
+    pub(crate) fn observe_fanout(&self, transport: &str, oldest_published_us: u64) {
         let histogram = self.metrics.fanout_latency.with_label_values(&[transport]);
         crate::metrics::observe_fanout(&histogram, oldest_published_us);
     }

@@ -3,10 +3,115 @@
 
 use std::borrow::Cow;
 
-use backplane::Position;
+use backplane::{BackplaneError, Position};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+/// Every WebSocket close code the gateway sends: RFC 6455's and the application's own (4000–4999,
+/// listed in docs/protocol.md).
+pub mod close_code {
+    /// The node is shutting down (the reason carries a reconnect hint).
+    pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A binary message on the protocol endpoint.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A text message or close reason that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A message larger than `websocket.max_message_size`.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The connection's outbound queue overflowed; reconnect and resume from your positions.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// The client answered no ping within the pong timeout.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4001;
+    /// The `connect` command's token is invalid (or no key is configured to check it).
+    pub const UNAUTHORIZED: u16 = 4002;
+    /// The connection's token expired and was not refreshed.
+    pub const TOKEN_EXPIRED: u16 = 4003;
+    /// The command rate stayed above `limits.command_rate` for a whole burst.
+    pub const RATE_LIMITED: u16 = 4008;
+    /// No subscription within `limits.idle_timeout`.
+    pub const IDLE: u16 = 4009;
+    /// The user has `limits.max_connections_per_user` connections already.
+    pub const TOO_MANY_USER_CONNECTIONS: u16 = 4029;
+}
+
+/// Every error code a client or API caller can get, in `{"error": {"code": ...}}` and in
+/// command replies (listed in docs/protocol.md).
+pub mod error_code {
+    /// The request or command is not of the expected shape.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// The text is not JSON.
+    pub const MALFORMED_JSON: &str = "malformed_json";
+    /// A command's `op` is not one the gateway knows.
+    pub const UNKNOWN_OP: &str = "unknown_op";
+    /// A channel name breaks the channel rule.
+    pub const INVALID_CHANNEL: &str = "invalid_channel";
+    /// Subscribe to a channel the connection holds already.
+    pub const ALREADY_SUBSCRIBED: &str = "already_subscribed";
+    /// Unsubscribe from a channel the connection does not hold.
+    pub const NOT_SUBSCRIBED: &str = "not_subscribed";
+    /// Over `client.max_subscriptions`.
+    pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
+    /// An SSE `Last-Event-ID` or poll `cursor` that does not decode.
+    pub const INVALID_CURSOR: &str = "invalid_cursor";
+    /// The backplane cannot be reached; try again (503).
+    pub const BACKPLANE_UNAVAILABLE: &str = "backplane_unavailable";
+    /// An idempotency key reused with other data within the window (409); nothing was stored.
+    pub const IDEMPOTENCY_CONFLICT: &str = "idempotency_conflict";
+    /// A command over `limits.command_rate`.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// A publication over its namespace's size limit.
+    pub const MESSAGE_TOO_LARGE: &str = "message_too_large";
+    /// An API body over the size limit (413).
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// `connect` on an authenticated connection.
+    pub const ALREADY_CONNECTED: &str = "already_connected";
+    /// A channel that needs a token, without one (401).
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// A channel or user the token does not allow (403).
+    pub const FORBIDDEN: &str = "forbidden";
+    /// A token that does not verify.
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    /// A token past its `exp`.
+    pub const TOKEN_EXPIRED: &str = "token_expired";
+    /// A token, but no key to check it with.
+    pub const AUTH_NOT_CONFIGURED: &str = "auth_not_configured";
+    /// `/api/*` without a configured key.
+    pub const INVALID_API_KEY: &str = "invalid_api_key";
+    /// An `Origin` outside `origin.allowed` (403).
+    pub const ORIGIN_NOT_ALLOWED: &str = "origin_not_allowed";
+    /// Over `limits.max_connections` (429).
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+    /// Over `limits.max_connections_per_user` (429).
+    pub const TOO_MANY_USER_CONNECTIONS: &str = "too_many_user_connections";
+    /// Over `limits.connection_rate_per_ip` (429).
+    pub const CONNECTION_RATE_LIMITED: &str = "connection_rate_limited";
+    /// `/sse` with an `Accept` that rules out `text/event-stream` (406).
+    pub const NOT_ACCEPTABLE: &str = "not_acceptable";
+    /// No such route on this listener (404).
+    pub const NOT_FOUND: &str = "not_found";
+    /// The route takes another method (405).
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// `/ws` without a WebSocket upgrade (426).
+    pub const UPGRADE_REQUIRED: &str = "upgrade_required";
+    /// The node is draining: go to another (503).
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// `/readyz` of a node that does not take traffic (503).
+    pub const NOT_READY: &str = "not_ready";
+}
+
+/// Why a subscription's stream could not be continued (`reason` of a subscribe result or a
+/// reset).
+pub mod reset_reason {
+    /// The channel's history was lost and restarted under a new epoch.
+    pub const EPOCH_CHANGED: &str = "epoch_changed";
+    /// The position is beyond the channel's newest offset.
+    pub const OFFSET_AHEAD: &str = "offset_ahead";
+    /// History no longer holds what followed the position.
+    pub const HISTORY_TRUNCATED: &str = "history_truncated";
+}
 
 /// Longest channel name accepted, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 255;
@@ -25,25 +130,66 @@ impl ErrorBody {
             message: message.into(),
         }
     }
+
+    /// The HTTP status of a refused request, stream or poll: 503 when the backplane is down (try
+    /// again, maybe on another node), 401 without a needed token, 403 without a permission, 413
+    /// over a size limit, 400 otherwise.
+    pub fn status(&self) -> hyper::StatusCode {
+        use hyper::StatusCode;
+        match self.code {
+            error_code::BACKPLANE_UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
+            error_code::IDEMPOTENCY_CONFLICT => StatusCode::CONFLICT,
+            error_code::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
+            error_code::FORBIDDEN => StatusCode::FORBIDDEN,
+            error_code::MESSAGE_TOO_LARGE | error_code::PAYLOAD_TOO_LARGE => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The error a client sees when the backplane fails.
+pub fn backplane_error(e: &BackplaneError) -> ErrorBody {
+    match e {
+        BackplaneError::Unavailable(_) => {
+            ErrorBody::new(error_code::BACKPLANE_UNAVAILABLE, e.to_string())
+        }
+        BackplaneError::Invalid(_) => ErrorBody::new(error_code::BAD_REQUEST, e.to_string()),
+        BackplaneError::Conflict(_) => {
+            ErrorBody::new(error_code::IDEMPOTENCY_CONFLICT, e.to_string())
+        }
+    }
+}
+
+/// `client.max_subscriptions`: a connection, stream or poll may hold at most `max` channels.
+pub fn check_subscription_count(count: usize, max: usize) -> Result<(), ErrorBody> {
+    if count > max {
+        return Err(ErrorBody::new(
+            error_code::TOO_MANY_SUBSCRIPTIONS,
+            format!("a connection may subscribe to at most {max} channels"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a channel name: 1 to 255 bytes, no whitespace or control characters.
 pub fn check_channel(channel: &str) -> Result<(), ErrorBody> {
     if channel.is_empty() {
         return Err(ErrorBody::new(
-            "invalid_channel",
+            error_code::INVALID_CHANNEL,
             "channel must not be empty",
         ));
     }
     if channel.len() > MAX_CHANNEL_LEN {
         return Err(ErrorBody::new(
-            "invalid_channel",
+            error_code::INVALID_CHANNEL,
             format!("channel is longer than {MAX_CHANNEL_LEN} bytes"),
         ));
     }
     if channel.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(ErrorBody::new(
-            "invalid_channel",
+            error_code::INVALID_CHANNEL,
             "channel must not contain whitespace or control characters",
         ));
     }
@@ -57,7 +203,7 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 pub fn check_idempotency_key(key: Option<&str>) -> Result<(), ErrorBody> {
     match key {
         Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN => Err(ErrorBody::new(
-            "bad_request",
+            error_code::BAD_REQUEST,
             format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
         )),
         _ => Ok(()),
@@ -153,12 +299,12 @@ impl<'a> Command<'a> {
                     .and_then(|c| c.id);
                 CommandError {
                     id,
-                    error: ErrorBody::new("bad_request", e.to_string()),
+                    error: ErrorBody::new(error_code::BAD_REQUEST, e.to_string()),
                 }
             } else {
                 CommandError {
                     id: None,
-                    error: ErrorBody::new("malformed_json", e.to_string()),
+                    error: ErrorBody::new(error_code::MALFORMED_JSON, e.to_string()),
                 }
             }
         })?;
@@ -168,10 +314,11 @@ impl<'a> Command<'a> {
             error: ErrorBody::new(code, message),
         };
         let Some(op) = raw.op else {
-            return Err(fail("bad_request", "missing field `op`"));
+            return Err(fail(error_code::BAD_REQUEST, "missing field `op`"));
         };
         let channel = |c: Option<Cow<'a, str>>| {
-            let channel = c.ok_or_else(|| fail("bad_request", "missing field `channel`"))?;
+            let channel =
+                c.ok_or_else(|| fail(error_code::BAD_REQUEST, "missing field `channel`"))?;
             check_channel(&channel).map_err(|error| CommandError { id, error })?;
             Ok(channel)
         };
@@ -189,7 +336,7 @@ impl<'a> Command<'a> {
                 let channel = channel(raw.channel)?;
                 let data = raw
                     .data
-                    .ok_or_else(|| fail("bad_request", "missing field `data`"))?;
+                    .ok_or_else(|| fail(error_code::BAD_REQUEST, "missing field `data`"))?;
                 check_idempotency_key(raw.idempotency_key.as_deref())
                     .map_err(|error| CommandError { id, error })?;
                 Ok(Command::Publish {
@@ -203,9 +350,12 @@ impl<'a> Command<'a> {
             "connect" | "refresh" => {
                 let token = raw
                     .token
-                    .ok_or_else(|| fail("bad_request", "missing field `token`"))?;
+                    .ok_or_else(|| fail(error_code::BAD_REQUEST, "missing field `token`"))?;
                 if token.is_empty() || token.len() > MAX_TOKEN_LEN {
-                    return Err(fail("bad_request", "token must be 1 to 8192 bytes"));
+                    return Err(fail(
+                        error_code::BAD_REQUEST,
+                        "token must be 1 to 8192 bytes",
+                    ));
                 }
                 Ok(if op == "connect" {
                     Command::Connect { id, token }
@@ -213,7 +363,10 @@ impl<'a> Command<'a> {
                     Command::Refresh { id, token }
                 })
             }
-            other => Err(fail("unknown_op", &format!("unknown op `{other}`"))),
+            other => Err(fail(
+                error_code::UNKNOWN_OP,
+                &format!("unknown op `{other}`"),
+            )),
         }
     }
 }
@@ -255,6 +408,35 @@ pub fn reply_err(id: Option<u64>, error: &ErrorBody) -> Bytes {
     serde_json::to_vec(&ReplyErr { id, error })
         .expect("reply serialisation cannot fail")
         .into()
+}
+
+/// A channel's stream could not be continued: what was missed is lost, delivery goes on after
+/// `offset` of `epoch`. The data of an SSE `reset` event; inside `{"reset": ...}` on WebSocket and
+/// long-poll.
+#[derive(Serialize)]
+pub struct Reset<'a> {
+    pub channel: &'a str,
+    pub epoch: &'a str,
+    pub offset: u64,
+    pub reason: &'a str,
+}
+
+impl Reset<'_> {
+    /// `{"channel":C,"epoch":E,"offset":N,"reason":R}`
+    pub fn to_json(&self) -> Bytes {
+        serde_json::to_vec(self).expect("cannot fail").into()
+    }
+
+    /// `{"reset":{"channel":C,"epoch":E,"offset":N,"reason":R}}`
+    pub fn to_push(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Push<'a> {
+            reset: &'a Reset<'a>,
+        }
+        serde_json::to_vec(&Push { reset: self })
+            .expect("cannot fail")
+            .into()
+    }
 }
 
 #[cfg(test)]
@@ -309,6 +491,19 @@ mod tests {
             (Some(11), "bad_request")
         );
         assert_eq!(code(r#"[1,2]"#), (None, "bad_request"));
+    }
+
+    #[test]
+    fn error_statuses() {
+        let status = |code| ErrorBody::new(code, "").status().as_u16();
+        assert_eq!(status(error_code::BACKPLANE_UNAVAILABLE), 503);
+        assert_eq!(status(error_code::UNAUTHORIZED), 401);
+        assert_eq!(status(error_code::FORBIDDEN), 403);
+        assert_eq!(status(error_code::MESSAGE_TOO_LARGE), 413);
+        assert_eq!(status(error_code::BAD_REQUEST), 400);
+        // An `Invalid` backplane error is the caller's fault, whatever the endpoint.
+        let invalid = backplane_error(&BackplaneError::Invalid("not JSON".into()));
+        assert_eq!(invalid.status().as_u16(), 400);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod charts;
 mod connections;
 mod echo;
+mod failover;
 mod fanout;
 mod gateway;
 mod latency;
@@ -107,6 +108,11 @@ enum Command {
     },
     /// Every scenario against the gateway and the peers in one run: JSON, markdown and charts.
     Suite(suite::Args),
+    /// Redis Sentinel failover under load (master, replicas, sentinels and nodes started by the
+    /// tool; the master is killed): recovery times, lost / duplicated / reset counts.
+    Failover(failover::Args),
+    /// What redis.min_replicas_acked costs: publish latency with 0, 1, … replica acks.
+    PublishLatency(failover::LatencyArgs),
 }
 
 pub fn secs(s: f64) -> Duration {
@@ -127,6 +133,15 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let outcome = match &cli.command {
         Command::Suite(args) => suite::run(args, cli.gateway_bin.clone()).await,
+        Command::Failover(args) => {
+            redis_scenario(&cli, |bin| async move { failover::run(&bin, args).await }).await
+        }
+        Command::PublishLatency(args) => {
+            redis_scenario(&cli, |bin| async move {
+                failover::run_latency(&bin, args).await
+            })
+            .await
+        }
         command => single(command, cli.gateway_bin.clone()).await,
     };
     let (results, ok) = match outcome {
@@ -152,6 +167,21 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Runs a scenario that starts its own Redis set-up and gateway nodes.
+async fn redis_scenario<F, Fut>(cli: &Cli, scenario: F) -> Result<(Vec<Value>, bool), String>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Value>, String>>,
+{
+    let bin = gateway::find_binary(cli.gateway_bin.as_deref())?;
+    let mut results = scenario(bin).await?;
+    for v in &mut results {
+        v["system"] = "gateway".into();
+    }
+    let ok = results.iter().all(|v| v["ok"] == true);
+    Ok((results, ok))
+}
+
 /// Starts (or attaches to) the system, runs one scenario on it, stops the system.
 async fn single(
     command: &Command,
@@ -162,7 +192,9 @@ async fn single(
         | Command::Echo { system, .. }
         | Command::Connections { system, .. } => (system, 1),
         Command::Latency { system, .. } | Command::Storm { system, .. } => (system, 3),
-        Command::Suite(_) => unreachable!("handled by the caller"),
+        Command::Suite(_) | Command::Failover(_) | Command::PublishLatency(_) => {
+            unreachable!("handled by the caller")
+        }
     };
     if matches!(command, Command::Storm { .. }) && sys.nodes.unwrap_or(3) < 2 && sys.urls.len() < 2
     {
@@ -189,7 +221,9 @@ async fn single(
             echo::run(&url, &system.pids(), args).await
         }
         Command::Connections { args, .. } => connections::run(&mut system, args).await,
-        Command::Suite(_) => unreachable!("handled by the caller"),
+        Command::Suite(_) | Command::Failover(_) | Command::PublishLatency(_) => {
+            unreachable!("handled by the caller")
+        }
     };
     v["system"] = sys.system.name().into();
     drop(system);

@@ -172,3 +172,56 @@ fn fanout_over_http2_sse_writes_json_markdown_and_charts() {
     assert!(charts.join("fanout-latency.svg").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn failover_on_sentinel_loses_nothing() {
+    let json = temp_dir("failover.json");
+    let (ok, stdout) = loadtest(&[
+        "--json",
+        json.to_str().unwrap(),
+        "failover",
+        "--nodes",
+        "2",
+        "--channels",
+        "2",
+        "--clients",
+        "4",
+        "--rate",
+        "20",
+        "--duration",
+        "8",
+        "--kill-after",
+        "3",
+    ]);
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("failover JSON written"))
+            .expect("JSON");
+    assert_eq!(u(&v, "lost"), 0, "silent loss: {v:#}\n{stdout}");
+    assert_eq!(u(&v, "subscribers_ended"), 0, "{v:#}");
+    assert_ne!(v["old_master"], v["new_master"], "no failover: {v:#}");
+    assert!(u(&v, "acked") > 0, "{v:#}");
+    assert!(ok, "{v:#}");
+}
+
+#[test]
+fn publish_latency_measures_every_replica_ack_setting() {
+    let json = temp_dir("publish-latency.json");
+    let (ok, _) = loadtest(&[
+        "--json",
+        json.to_str().unwrap(),
+        "publish-latency",
+        "--publishes",
+        "20",
+        "--replicas",
+        "1",
+    ]);
+    assert!(ok);
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON written")).expect("JSON");
+    let runs = v.as_array().expect("one result per setting");
+    assert_eq!(runs.len(), 2, "{v:#}");
+    for (n, run) in runs.iter().enumerate() {
+        assert_eq!(u(run, "min_replicas_acked"), n as u64);
+        assert_eq!(u(&run["latency"], "count"), 20, "{run:#}");
+    }
+}

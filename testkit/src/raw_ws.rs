@@ -1,5 +1,6 @@
 //! A WebSocket client written by hand over TCP, for frames a real client library refuses to
-//! make (bad opcodes, RSV bits, fragments, oversized lengths) and for reading frames as sent.
+//! make (bad opcodes, RSV bits, fragments, oversized lengths), for several frames in one TCP write,
+//! and for reading frames as sent.
 
 use std::net::SocketAddr;
 
@@ -182,4 +183,15 @@ impl RawWs {
             }
         }
     }
+}
+
+/// Opens a WebSocket to `addr`, then sends a `subscribe` of `channel` and a Close frame in one
+/// TCP write and drops the socket without waiting for anything: the server sees the subscribe
+/// and the end of the connection at once (a page reload does this).
+pub async fn subscribe_and_close_in_one_write(addr: SocketAddr, channel: &str) {
+    let mut ws = RawWs::connect(addr, "/ws").await;
+    let subscribe = serde_json::json!({"id": 1, "op": "subscribe", "channel": channel}).to_string();
+    let mut bytes = encode_frame(true, 0, OP_TEXT, subscribe.as_bytes());
+    bytes.extend(encode_frame(true, 0, OP_CLOSE, &1000u16.to_be_bytes()));
+    ws.send_raw(&bytes).await.expect("subscribe and close");
 }

@@ -46,7 +46,17 @@ pub fn free_port(bus: bool) -> u16 {
 
 /// Runs `redis-cli -p port args...`, returning its stdout (trimmed) or the spawn error.
 pub async fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("redis-cli")
+    redis_cli_auth(port, None, args).await
+}
+
+/// [`redis_cli`] with a password, given to this `redis-cli` process only (`REDISCLI_AUTH`), so
+/// that tests with and without passwords can share one test binary.
+pub async fn redis_cli_auth(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = tokio::process::Command::new("redis-cli");
+    if let Some(password) = password {
+        cmd.env("REDISCLI_AUTH", password);
+    }
+    let out = cmd
         .arg("-p")
         .arg(port.to_string())
         .args(args)
@@ -76,6 +86,10 @@ pub struct RedisServer {
     pub opts: RedisOpts,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Arguments after the harness's own (e.g. `--replicaof`).
+    extra: Vec<String>,
+    /// The `--requirepass` among `extra`, for this harness's own `redis-cli` calls.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -85,16 +99,34 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A server with extra `redis-server` arguments (they win over the harness's).
+    pub async fn start_with(opts: RedisOpts, extra: Vec<String>) -> RedisServer {
+        Self::try_start_with(opts, extra)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// [`RedisServer::start`], reporting a missing `redis-server` instead of panicking (for
     /// `loadtest`, which starts Redis at run time).
     pub async fn try_start(opts: RedisOpts) -> Result<RedisServer, String> {
+        Self::try_start_with(opts, Vec::new()).await
+    }
+
+    async fn try_start_with(opts: RedisOpts, extra: Vec<String>) -> Result<RedisServer, String> {
         let port = free_port(opts.cluster);
         let dir = tempfile::tempdir().map_err(|e| format!("tempdir for redis: {e}"))?;
+        let password = extra
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| extra.get(i + 1))
+            .cloned();
         let mut server = RedisServer {
             port,
             opts,
             dir,
             child: None,
+            extra,
+            password,
         };
         server.spawn()?;
         server.wait_ready().await;
@@ -137,6 +169,7 @@ impl RedisServer {
                 .map(String::from),
             );
         }
+        args.extend(self.extra.iter().cloned());
         args
     }
 
@@ -161,7 +194,7 @@ impl RedisServer {
         poll_until(
             &format!("redis on port {port} to answer PING"),
             WAIT,
-            || async move { (redis_cli(port, &["ping"]).await == "PONG").then_some(()) },
+            || async move { (self.cli(&["ping"]).await == "PONG").then_some(()) },
         )
         .await
     }
@@ -188,7 +221,7 @@ impl RedisServer {
     }
 
     pub async fn cli(&self, args: &[&str]) -> String {
-        redis_cli(self.port, args).await
+        redis_cli_auth(self.port, self.password.as_deref(), args).await
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
@@ -234,6 +267,11 @@ impl RedisCluster {
                 .await,
             );
         }
+        RedisCluster::create(nodes).await
+    }
+
+    /// Makes a cluster of masters out of started `cluster: true` servers.
+    pub async fn create(nodes: Vec<RedisServer>) -> RedisCluster {
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(RedisServer::addr));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
@@ -251,7 +289,16 @@ impl RedisCluster {
             "cluster create failed: {stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        for node in &nodes {
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok`, knows every node and the full slot map
+    /// (after a start or a restart).
+    pub async fn wait_ok(&self) {
+        let masters = self.nodes.len();
+        for node in &self.nodes {
             let port = node.port;
             poll_until(
                 &format!("cluster_state:ok on :{port}"),
@@ -265,7 +312,7 @@ impl RedisCluster {
             .await;
         }
         // Every node must agree on the slot map before clients look at it.
-        for node in &nodes {
+        for node in &self.nodes {
             let port = node.port;
             poll_until(&format!("full slot map on :{port}"), WAIT, || async move {
                 let slots = redis_cli(port, &["cluster", "shards"]).await;
@@ -273,7 +320,6 @@ impl RedisCluster {
             })
             .await;
         }
-        RedisCluster { nodes }
     }
 
     /// The value of `--redis-cluster-nodes`.

@@ -1,5 +1,6 @@
-//! The command path to Redis: for a single server, `redis.pool_size` multiplexed connections from
-//! a deadpool-redis pool, held and shared as lanes; on Redis Cluster, one shared multiplexed cluster
+//! The command path to Redis: for a single server (or the master behind Sentinel),
+//! `redis.pool_size` multiplexed connections from a deadpool pool, held and shared as lanes; on
+//! Redis Cluster, one shared multiplexed cluster
 //! connection (deadpool's cluster pool cannot bound response time). Both fail fast when Redis does
 //! not answer, so a publish during an outage is refused, never left hanging.
 
@@ -12,7 +13,10 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 
+use super::sentinel::{MasterResolver, PoolManager};
 use crate::BackplaneError;
+
+type Pool = deadpool::managed::Pool<PoolManager>;
 
 pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -39,14 +43,14 @@ pub(crate) enum Commands {
 /// deadpool's recycle check (UNWATCH + PING), a second round trip per publish. A lane whose
 /// command failed goes back to the pool, which checks it (or replaces it) before its next use.
 pub(crate) struct Lanes {
-    pool: deadpool_redis::Pool,
+    pool: Pool,
     lanes: Vec<Lane>,
     next: AtomicUsize,
 }
 
 #[derive(Default)]
 struct Lane {
-    held: Mutex<Option<deadpool_redis::Connection>>,
+    held: Mutex<Option<deadpool::managed::Object<PoolManager>>>,
     /// One checkout per empty lane at a time: racing checkouts could exhaust the pool.
     filling: tokio::sync::Mutex<()>,
 }
@@ -100,6 +104,15 @@ impl Lanes {
     }
 }
 
+fn connection_config(
+    connect_timeout: Duration,
+    command_timeout: Duration,
+) -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(command_timeout))
+}
+
 pub(crate) fn unavailable(e: impl std::fmt::Display) -> BackplaneError {
     BackplaneError::Unavailable(e.to_string())
 }
@@ -111,13 +124,43 @@ impl Commands {
         connect_timeout: Duration,
         command_timeout: Duration,
     ) -> Result<Commands, BackplaneError> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(command_timeout));
+        let config = connection_config(connect_timeout, command_timeout);
         let manager = deadpool_redis::Manager::new_with_config(url, config).map_err(unavailable)?;
-        let pool = deadpool_redis::Pool::builder(manager)
+        Self::lanes(
+            PoolManager::Direct(manager),
+            pool_size,
+            connect_timeout,
+            command_timeout,
+        )
+    }
+
+    /// Lanes to the master behind Sentinel: a lane's connection is made to the master the
+    /// sentinels name when it is checked out, and dropped once its server is no longer master.
+    pub(crate) fn sentinel(
+        resolver: Arc<MasterResolver>,
+        pool_size: usize,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> Result<Commands, BackplaneError> {
+        let config = connection_config(connect_timeout, command_timeout);
+        Self::lanes(
+            PoolManager::Sentinel { resolver, config },
+            pool_size,
+            // Creating a connection resolves the master first: two connection set-ups.
+            connect_timeout * 3,
+            command_timeout,
+        )
+    }
+
+    fn lanes(
+        manager: PoolManager,
+        pool_size: usize,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> Result<Commands, BackplaneError> {
+        let pool = Pool::builder(manager)
             .max_size(pool_size)
-            .runtime(deadpool_redis::Runtime::Tokio1)
+            .runtime(deadpool::Runtime::Tokio1)
             .wait_timeout(Some(connect_timeout))
             .create_timeout(Some(connect_timeout))
             .recycle_timeout(Some(command_timeout))
@@ -171,6 +214,38 @@ impl Commands {
                     .await
                     .map_err(unavailable)
             }
+        }
+    }
+
+    /// Runs the publish script, then (with `wait`) `WAIT n timeout` on the same connection, so
+    /// the count covers this write. Returns the script's answer and how many replicas
+    /// acknowledged (None without `wait`).
+    pub(crate) async fn run_replicated<T: FromRedisValue + Send>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        wait: Option<(u32, Duration)>,
+    ) -> Result<(T, Option<u64>), BackplaneError> {
+        let Some((replicas, timeout)) = wait else {
+            return Ok((self.run(invocation).await?, None));
+        };
+        match self {
+            Commands::Single(lanes) => {
+                lanes
+                    .with(|mut c| async move {
+                        let answer: T = invocation.invoke_async(&mut c).await?;
+                        let acked: u64 = redis::cmd("WAIT")
+                            .arg(replicas)
+                            .arg(timeout.as_millis().max(1) as u64)
+                            .query_async(&mut c)
+                            .await?;
+                        Ok((answer, Some(acked)))
+                    })
+                    .await
+            }
+            // Refused by the configuration: WAIT would have to run on the shard's connection.
+            Commands::Cluster(_) => Err(unavailable(
+                "min_replicas_acked is not supported on Redis Cluster",
+            )),
         }
     }
 

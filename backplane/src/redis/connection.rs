@@ -1,6 +1,8 @@
 //! The pub/sub connection of a node's link: RESP3 pushes on a single server's connection manager
-//! (which reconnects and resubscribes by itself), or sharded pub/sub on a cluster connection.
+//! (which reconnects and resubscribes by itself), on one that follows the master behind Sentinel,
+//! or sharded pub/sub on a cluster connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -9,6 +11,7 @@ use redis::PushInfo;
 use tokio::sync::mpsc;
 
 use super::commands::unavailable;
+use super::sentinel::{FollowedMaster, MasterResolver};
 use super::{RedisConfig, Target};
 use crate::BackplaneError;
 
@@ -16,6 +19,7 @@ use crate::BackplaneError;
 /// reconnects and resubscribes by itself), or sharded pub/sub on a cluster connection.
 pub(crate) enum Connection {
     Single(ConnectionManager),
+    Sentinel(Arc<FollowedMaster>),
     Cluster(ClusterConnection),
 }
 
@@ -26,6 +30,21 @@ impl Connection {
         pushes: mpsc::UnboundedSender<PushInfo>,
     ) -> Result<Connection, BackplaneError> {
         match target {
+            Target::Sentinel { nodes, master } => {
+                // Its own sentinel client: resolving for the link never waits on the command
+                // pool's resolutions.
+                let resolver =
+                    Arc::new(MasterResolver::new(nodes, master, config.connect_timeout)?);
+                let followed = FollowedMaster::open(
+                    resolver,
+                    pushes,
+                    config.connect_timeout,
+                    config.command_timeout,
+                    config.health_interval,
+                )
+                .await?;
+                Ok(Connection::Sentinel(followed))
+            }
             Target::Single(url) => {
                 let separator = if url.contains('?') { '&' } else { '?' };
                 let client = redis::Client::open(format!("{url}{separator}protocol=resp3"))
@@ -82,6 +101,8 @@ impl Connection {
             match self {
                 Connection::Single(c) if subscribe => c.subscribe(names).await,
                 Connection::Single(c) => c.unsubscribe(names).await,
+                Connection::Sentinel(f) if subscribe => f.subscribe(names).await,
+                Connection::Sentinel(f) => f.unsubscribe(names).await,
                 Connection::Cluster(c) => {
                     // Each shard channel may live on another node: one command each.
                     for name in names {

@@ -14,6 +14,8 @@ pub(crate) struct Health {
     pub(crate) reconnects: AtomicU64,
     pub(crate) gap_fills: AtomicU64,
     errors: AtomicU64,
+    /// Channels the link is subscribed to (or subscribing) at Redis.
+    subscriptions: AtomicU64,
 }
 
 impl Default for Health {
@@ -24,6 +26,7 @@ impl Default for Health {
             reconnects: AtomicU64::new(0),
             gap_fills: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            subscriptions: AtomicU64::new(0),
         }
     }
 }
@@ -46,7 +49,12 @@ impl Health {
             pubsub_reconnects: self.reconnects.load(Ordering::Relaxed),
             gap_fills: self.gap_fills.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            pubsub_subscriptions: self.subscriptions.load(Ordering::Relaxed),
         }
+    }
+
+    pub(crate) fn set_subscriptions(&self, count: u64) {
+        self.subscriptions.store(count, Ordering::Relaxed);
     }
 
     pub(crate) fn count_error(&self) {

@@ -3,13 +3,16 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `{prefix}:{<tag>}:m` | hash | `e` epoch, `t` top offset |
-//! | `{prefix}:{<tag>}:h` | stream | history: id `<offset>-0`, fields `d` data, `t` publish ms |
-//! | `{prefix}:{<tag>}:i:<key>` | string | `"<offset> <epoch>"` of an idempotent publish |
-//! | `{prefix}:{<tag>}:p` | pub/sub (sharded on Cluster) | `"<offset> <epoch> <us> <channel>\n<data>"` |
+//! | `{prefix}:{<tag>}:m` | hash | `e` epoch, `t` top offset, `g` publication tag of the top |
+//! | `{prefix}:{<tag>}:h` | stream | history: id `<offset>-0`, fields `d` data, `t` publish ms, `g` publication tag |
+//! | `{prefix}:{<tag>}:i:c:<key>` | string | `"<offset> <epoch> <g> <sha1 of data>"` of a client's idempotent publish |
+//! | `{prefix}:{<tag>}:i:s:<key>` | string | the same for a key of the server API |
+//! | `{prefix}:{<tag>}:p` | pub/sub (sharded on Cluster) | `"<offset> <epoch> <us> <g> <channel>\n<data>"` |
 //!
 //! `<tag>` is the channel name with `%`, `{` and `}` percent-encoded, so any channel name gives a
-//! well-formed, injective hash tag.
+//! well-formed, injective hash tag. `<g>`, the publication tag, is 8 lowercase hex digits.
+
+use crate::IdempotencyScope;
 
 /// Builds the keys of one deployment (one prefix).
 #[derive(Debug, Clone)]
@@ -48,8 +51,13 @@ impl Keys {
         self.base(channel) + ":h"
     }
 
-    pub(crate) fn idempotency(&self, channel: &str, key: &str) -> String {
-        self.base(channel) + ":i:" + key
+    /// Client and server keys live apart: a client can never take a key the backend will use.
+    pub(crate) fn idempotency(&self, channel: &str, scope: IdempotencyScope, key: &str) -> String {
+        let scope = match scope {
+            IdempotencyScope::Client => ":i:c:",
+            IdempotencyScope::Server => ":i:s:",
+        };
+        self.base(channel) + scope + key
     }
 
     pub(crate) fn pubsub(&self, channel: &str) -> String {
@@ -82,7 +90,18 @@ mod tests {
             assert!(!meta.is_empty());
             assert_eq!(meta, tag(keys.history(channel)));
             assert_eq!(meta, tag(keys.pubsub(channel)));
-            assert_eq!(meta, tag(keys.idempotency(channel, "k}")));
+            assert_eq!(
+                meta,
+                tag(keys.idempotency(channel, IdempotencyScope::Client, "k}"))
+            );
         }
+        assert_eq!(
+            keys.idempotency("c", IdempotencyScope::Client, "k"),
+            "gw:{c}:i:c:k"
+        );
+        assert_eq!(
+            keys.idempotency("c", IdempotencyScope::Server, "k"),
+            "gw:{c}:i:s:k"
+        );
     }
 }

@@ -7,12 +7,19 @@
 //!   epoch and the top offset are read at one instant.
 //! - Live delivery runs on a dedicated pub/sub link ([`pubsub`]) that fills gaps from history,
 //!   re-syncs channels after reconnects and checks itself with round trips through pub/sub.
+//! - On Sentinel (`sentinel.rs`) both paths follow the master the sentinels name; with
+//!   `min_replicas_acked` a publish is acknowledged only once that many replicas have it (`WAIT`).
 
+mod channel_state;
 mod commands;
 mod connection;
 mod health;
 mod keys;
+mod link;
+mod link_reads;
 mod pubsub;
+mod sentinel;
+mod subscription_worker;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +28,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    new_epoch, Backplane, BackplaneError, HistoryPage, Publication, PublicationSink, PublishAck,
-    Settings, Stats,
+    format_tag, new_epoch, new_tag, parse_tag, Backplane, BackplaneError, HistoryPage, Idempotency,
+    Publication, PublicationSink, PublishAck, Settings, Stats,
 };
 use commands::{Commands, HISTORY, PUBLISH};
 use health::Health;
@@ -35,6 +42,10 @@ pub enum Target {
     Single(String),
     /// Seed nodes of a Redis Cluster (7+), e.g. `redis://10.0.0.1:7000`. Uses sharded pub/sub.
     Cluster(Vec<String>),
+    /// The master that Redis Sentinels monitor under `master`, followed across failovers.
+    /// `nodes` are sentinel URLs, e.g. `redis://10.0.0.1:26379`; credentials and `rediss://` in
+    /// them apply to the sentinels and to the master.
+    Sentinel { nodes: Vec<String>, master: String },
 }
 
 /// Connection settings of the Redis backplane.
@@ -52,6 +63,10 @@ pub struct RedisConfig {
     pub health_interval: Duration,
     /// How long the node stays subscribed to a channel after its last local subscriber left.
     pub subscribe_linger: Duration,
+    /// A publish is acknowledged only once this many replicas confirmed it (`WAIT`); 0: at once.
+    pub min_replicas_acked: u32,
+    /// How long a publish waits for `min_replicas_acked` replicas before it is refused.
+    pub replica_ack_timeout: Duration,
 }
 
 /// What the backplane and its link task share.
@@ -62,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     pub(crate) sink: Arc<dyn PublicationSink>,
     pub(crate) health: Health,
+    /// `WAIT` after each publish: (replicas, timeout).
+    pub(crate) replica_ack: Option<(u32, Duration)>,
 }
 
 /// The Redis implementation of [`Backplane`].
@@ -90,6 +107,16 @@ impl RedisBackplane {
             Target::Cluster(nodes) => {
                 Commands::cluster(nodes, config.connect_timeout, config.command_timeout).await?
             }
+            Target::Sentinel { nodes, master } => Commands::sentinel(
+                Arc::new(sentinel::MasterResolver::new(
+                    nodes,
+                    master,
+                    config.connect_timeout,
+                )?),
+                config.pool_size,
+                config.connect_timeout,
+                config.command_timeout,
+            )?,
         };
         let mut settings = settings;
         // The epoch and top must outlive the history they describe.
@@ -101,6 +128,8 @@ impl RedisBackplane {
             settings,
             sink,
             health: Health::default(),
+            replica_ack: (config.min_replicas_acked > 0)
+                .then_some((config.min_replicas_acked, config.replica_ack_timeout)),
         });
         // Fail at start rather than serve with a store that is not there.
         shared.commands.ping().await?;
@@ -108,6 +137,9 @@ impl RedisBackplane {
         Ok(Arc::new(RedisBackplane { shared, link }))
     }
 }
+
+/// The publish script's status for a reused idempotency key whose first data differs.
+const CONFLICT: u8 = 2;
 
 fn millis(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX).max(1)
@@ -131,7 +163,8 @@ pub(crate) async fn history(
         .arg(millis(settings.retention_for(channel).max_age))
         .arg(millis(settings.meta_ttl));
     type Entry = (String, Vec<Vec<u8>>);
-    let (epoch, top, entries): (String, u64, Vec<Entry>) = shared.commands.run(&invocation).await?;
+    let (epoch, top, entries, since_tag): (String, u64, Vec<Entry>, String) =
+        shared.commands.run(&invocation).await?;
     let epoch: Arc<str> = epoch.into();
     let channel: Arc<str> = channel.into();
     let mut publications = Vec::with_capacity(entries.len());
@@ -143,24 +176,28 @@ pub(crate) async fn history(
             .ok_or_else(|| {
                 BackplaneError::Unavailable(format!("unexpected history entry id {id}"))
             })?;
-        let data = fields
-            .chunks(2)
-            .find(|pair| pair.len() == 2 && pair[0] == b"d")
-            .map(|pair| &pair[1][..])
-            .ok_or_else(|| {
-                BackplaneError::Unavailable(format!("history entry {id} has no data"))
-            })?;
-        publications.push(Arc::new(Publication::new(
-            channel.clone(),
-            offset,
-            epoch.clone(),
-            data,
-        )));
+        let field = |name: &[u8]| {
+            fields
+                .chunks(2)
+                .find(|pair| pair.len() == 2 && pair[0] == name)
+                .map(|pair| &pair[1][..])
+        };
+        let data = field(b"d").ok_or_else(|| {
+            BackplaneError::Unavailable(format!("history entry {id} has no data"))
+        })?;
+        // Entries written before tags existed have none: tag 0.
+        let tag = field(b"g")
+            .and_then(|g| parse_tag(std::str::from_utf8(g).ok()?))
+            .unwrap_or(0);
+        publications.push(Arc::new(
+            Publication::new(channel.clone(), offset, epoch.clone(), data).tagged(tag),
+        ));
     }
     Ok(HistoryPage {
         epoch,
         top,
         publications,
+        since_tag: parse_tag(&since_tag),
     })
 }
 
@@ -170,15 +207,15 @@ impl Backplane for RedisBackplane {
         &self,
         channel: &str,
         data: Bytes,
-        idempotency_key: Option<&str>,
+        idempotency: Option<Idempotency<'_>>,
     ) -> Result<PublishAck, BackplaneError> {
         let shared = &*self.shared;
         let keys = &shared.keys;
         let settings = &shared.settings;
         let retention = settings.retention_for(channel);
-        let (idempotency, window) = match idempotency_key {
-            Some(key) => (
-                keys.idempotency(channel, key),
+        let (idempotency, window) = match idempotency {
+            Some(Idempotency { scope, key }) => (
+                keys.idempotency(channel, scope, key),
                 millis(settings.idempotency_window),
             ),
             None => (keys.meta(channel), 0),
@@ -196,14 +233,39 @@ impl Backplane for RedisBackplane {
             .arg(keys.pubsub(channel))
             .arg(if shared.sharded { "1" } else { "0" })
             .arg(window)
-            .arg(channel);
-        let result: Result<(u64, String, u8), _> = shared.commands.run(&invocation).await;
-        let (offset, epoch, _duplicate) = result.inspect_err(|_| shared.health.count_error())?;
-        Ok(PublishAck {
+            .arg(channel)
+            .arg(format_tag(new_tag()));
+        let result: Result<((u64, String, String, u8), Option<u64>), _> = shared
+            .commands
+            .run_replicated(&invocation, shared.replica_ack)
+            .await;
+        let ((offset, epoch, tag, status), acked) =
+            result.inspect_err(|_| shared.health.count_error())?;
+        let Some(tag) = parse_tag(&tag) else {
+            return Err(BackplaneError::Unavailable(format!(
+                "publish script answered tag {tag:?}"
+            )));
+        };
+        if let (Some((wanted, timeout)), Some(acked)) = (shared.replica_ack, acked) {
+            if acked < u64::from(wanted) {
+                shared.health.count_error();
+                return Err(BackplaneError::Unavailable(format!(
+                    "publication stored but not replicated: offset {offset} was acknowledged by \
+                     {acked} of the {wanted} replicas required within {timeout:?}, so whether it \
+                     survives a failover is unknown; retry with the same idempotency_key"
+                )));
+            }
+        }
+        let ack = PublishAck {
             channel: channel.into(),
             offset,
             epoch: epoch.into(),
-        })
+            tag,
+        };
+        match status {
+            CONFLICT => Err(crate::idempotency_conflict(&ack)),
+            _ => Ok(ack),
+        }
     }
 
     async fn history(

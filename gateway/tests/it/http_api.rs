@@ -187,6 +187,40 @@ async fn publish_rejects_missing_or_invalid_fields() {
 }
 
 #[tokio::test]
+async fn reused_idempotency_key_with_other_data_is_409() {
+    let node = Node::default().await;
+    let ch = channel("idem");
+    let body = |data: Value| json!({"channel": ch, "data": data, "idempotency_key": "order-1"});
+    let first = post_raw(&node, "/api/publish", body(json!("a")).to_string()).await;
+    assert_eq!(first.0, 200, "{first:?}");
+    let retry = post_raw(&node, "/api/publish", body(json!("a")).to_string()).await;
+    assert_eq!(retry, first, "same key, same data: the first ack");
+    let other = post_raw(&node, "/api/publish", body(json!("b")).to_string()).await;
+    assert_error(&other, 409, "idempotency_conflict");
+
+    // A WebSocket client's keys live apart from the server API's: the same key is its own.
+    let mut ws = WsClient::connect(&node).await;
+    let publish = |data: Value| json!({"op": "publish", "channel": ch, "data": data, "idempotency_key": "order-1"});
+    let from_client = ws.ok(publish(json!("c"))).await;
+    assert_eq!(from_client["offset"], 2, "{from_client}");
+    let error = ws.err(publish(json!("d")), "idempotency_conflict").await;
+    assert!(error["message"].is_string(), "{error}");
+
+    let (_, page) = history(&node, &format!("channel={ch}")).await;
+    let stored: Vec<Value> = page["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["data"].clone())
+        .collect();
+    assert_eq!(
+        stored,
+        vec![json!("a"), json!("c")],
+        "conflicts store nothing"
+    );
+}
+
+#[tokio::test]
 async fn publish_rejects_invalid_channel_names() {
     let node = Node::default().await;
     let long = "x".repeat(256);

@@ -675,7 +675,7 @@ async fn per_ip_connection_rate_answers_429() {
     let running = node.take();
     let rejected = running
         .node()
-        .metrics
+        .metrics()
         .limit_rejections
         .with_label_values(&["connection_rate_per_ip"])
         .get();

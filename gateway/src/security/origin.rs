@@ -4,8 +4,9 @@
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Response, StatusCode};
 
-use crate::auth::glob;
-use crate::response::{self, Body};
+use crate::http::response::{self, Body};
+use crate::protocol::error_code;
+use crate::security::auth::glob;
 
 /// Whether a request's `Origin` is allowed by `allowed` (patterns with `*`; empty allows all).
 /// A request without `Origin` is not from a browser page and is allowed.
@@ -36,7 +37,7 @@ pub fn allowed(allowed: &[String], headers: &HeaderMap) -> bool {
 pub fn refused() -> Response<Body> {
     response::error(
         StatusCode::FORBIDDEN,
-        "origin_not_allowed",
+        error_code::ORIGIN_NOT_ALLOWED,
         "this Origin may not use the gateway (origin.allowed)",
     )
 }

@@ -3,6 +3,10 @@
 //! and the close handshake. Both endpoints share the same reader, limits and writer; only what is
 //! done with a message differs.
 
+pub(crate) mod batch_writer;
+pub(crate) mod frame_reader;
+pub(crate) mod message;
+
 use std::borrow::Cow;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -14,31 +18,22 @@ use fastwebsockets::{CloseCode, Frame, OpCode, Payload, Role, WebSocketError, We
 use futures_util::stream::{Stream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
-use crate::batch_writer::BatchWriter;
-use crate::client::{oldest_live, Output, Session};
 use crate::drain::{reconnect_hint, Registration};
-use crate::frame_reader::FrameReader;
 use crate::metrics::observe_fanout;
 use crate::node::Node;
-use crate::protocol::{reply_err, reply_ok, Command};
-use crate::security::{Admission, Guard, Verdict};
-use crate::ws_message::{Assembler, Message, MessageError};
-
-/// Application close codes (4000–4999), listed in docs/protocol.md.
-pub mod close_code {
-    /// The connection's outbound queue overflowed; reconnect and resume from your positions.
-    pub const SLOW_CONSUMER: u16 = 4000;
-    /// The client answered no ping within the pong timeout.
-    pub const HEARTBEAT_TIMEOUT: u16 = 4001;
-}
+use crate::protocol::{close_code, reply_err, reply_ok, Command};
+use crate::security::guard::{Admission, Guard, Verdict};
+use crate::session::{oldest_live, Event, Output, Session};
+use crate::transport::ws::batch_writer::BatchWriter;
+use crate::transport::ws::frame_reader::FrameReader;
+use crate::transport::ws::message::{Assembler, Message, MessageError};
 
 /// What the connection does with the messages it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// The client protocol.
     Protocol,
     /// Echo every message back (conformance testing).
@@ -55,7 +50,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 const BATCH: usize = 256;
 
 /// Upgrades the request and starts the connection task, tracked by the node.
-pub fn accept(
+pub(crate) fn accept(
     node: &Arc<Node>,
     request: &mut hyper::Request<hyper::body::Incoming>,
     mode: Mode,
@@ -64,7 +59,7 @@ pub fn accept(
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
     let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
     let node = node.clone();
-    node.connections.clone().spawn(async move {
+    node.connection_tasks().clone().spawn(async move {
         match upgrade.await {
             Ok(ws) => {
                 let (read, write) = tokio::io::split(ws.into_inner());
@@ -88,16 +83,19 @@ pub fn accept(
 
 async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode, guard: Guard) {
     let transport = if mode == Mode::Echo { "echo" } else { "ws" };
-    let gauge = node.metrics.connections.with_label_values(&[transport]);
+    let gauge = node.metrics().connections.with_label_values(&[transport]);
     gauge.inc();
     let mut conn = Connection {
-        deliveries: node.metrics.deliveries.with_label_values(&[transport]),
-        fanout_latency: node.metrics.fanout_latency.with_label_values(&[transport]),
+        deliveries: node.metrics().deliveries.with_label_values(&[transport]),
+        fanout_latency: node
+            .metrics()
+            .fanout_latency
+            .with_label_values(&[transport]),
         heartbeat: Heartbeat::new(&node),
-        registration: node.registry.register(),
-        assembler: Assembler::new(node.config.websocket.max_message_size),
+        registration: node.streams().register(),
+        assembler: Assembler::new(node.config().websocket.max_message_size),
         // fastwebsockets refuses frames of at least this size before reading them.
-        frames: pin!(frames(read, node.config.websocket.max_message_size + 1)),
+        frames: pin!(frames(read, node.config().websocket.max_message_size + 1)),
         reading: true,
         guard,
         node,
@@ -121,13 +119,13 @@ fn frames(read: ReadHalf<Io>, max_frame_size: usize) -> impl Stream<Item = ReadR
 /// The RFC 6455 close code for a read error, or `None` when the transport itself is gone.
 fn close_code_for(e: &WebSocketError) -> Option<(u16, &'static str)> {
     match e {
-        WebSocketError::InvalidUTF8 => Some((1007, "invalid UTF-8")),
-        WebSocketError::FrameTooLarge => Some((1009, "message too big")),
+        WebSocketError::InvalidUTF8 => Some((close_code::INVALID_PAYLOAD, "invalid UTF-8")),
+        WebSocketError::FrameTooLarge => Some((close_code::MESSAGE_TOO_BIG, "message too big")),
         WebSocketError::UnexpectedEOF
         | WebSocketError::IoError(_)
         | WebSocketError::ConnectionClosed
         | WebSocketError::SendError(_) => None,
-        _ => Some((1002, "protocol error")),
+        _ => Some((close_code::PROTOCOL_ERROR, "protocol error")),
     }
 }
 
@@ -135,17 +133,20 @@ fn close_code_for(e: &WebSocketError) -> Option<(u16, &'static str)> {
 /// by UTF-8; anything else is answered with this close code instead of an echo.
 fn check_close(payload: &[u8]) -> Result<(), (u16, &'static str)> {
     if payload.len() > 125 {
-        return Err((1002, "control frame longer than 125 bytes"));
+        return Err((
+            close_code::PROTOCOL_ERROR,
+            "control frame longer than 125 bytes",
+        ));
     }
     match payload {
         [] => Ok(()),
-        [_] => Err((1002, "protocol error")),
+        [_] => Err((close_code::PROTOCOL_ERROR, "protocol error")),
         [high, low, reason @ ..] => {
             if std::str::from_utf8(reason).is_err() {
-                return Err((1007, "invalid UTF-8"));
+                return Err((close_code::INVALID_PAYLOAD, "invalid UTF-8"));
             }
             if !CloseCode::from(u16::from_be_bytes([*high, *low])).is_allowed() {
-                return Err((1002, "invalid close code"));
+                return Err((close_code::PROTOCOL_ERROR, "invalid close code"));
             }
             Ok(())
         }
@@ -201,12 +202,13 @@ enum End {
 
 impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     async fn serve(&mut self, mode: Mode) {
-        let mut session = (mode == Mode::Protocol).then(|| Session::new(self.node.clone()));
+        let conn = self.registration.id();
+        let mut session = (mode == Mode::Protocol).then(|| Session::new(self.node.clone(), conn));
         let mut out: Vec<Output> = Vec::new();
         let end = loop {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
             let step = tokio::select! {
-                _ = self.registration.closing() => Err(End::Close(1001, self.going_away())),
+                _ = self.registration.closing() => Err(End::Close(close_code::GOING_AWAY, self.going_away())),
                 (code, reason) = self.guard.deadline() => Err(End::Close(code, reason.into())),
                 frame = self.frames.next(), if accepts => self.on_frame(frame, session.as_mut(), &mut out).await,
                 event = next_event(&mut session) => {
@@ -233,12 +235,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 break end;
             }
             if let Some(session) = session.as_mut() {
-                while out.len() < BATCH {
-                    match session.try_next() {
-                        Some(event) => session.apply(event, &mut out),
-                        None => break,
-                    }
-                }
+                session.apply_ready(&mut out, BATCH);
                 if session.overflowed() {
                     break End::Close(close_code::SLOW_CONSUMER, "slow consumer".into());
                 }
@@ -261,7 +258,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     /// The 1001 close reason: JSON with a jittered reconnect delay, so clients closed together
     /// by a drain do not all come back in the same instant.
     fn going_away(&self) -> Cow<'static, str> {
-        let hint = reconnect_hint(self.node.config.drain.reconnect_jitter);
+        let hint = reconnect_hint(self.node.config().drain.reconnect_jitter);
         format!(
             "{{\"reason\":\"shutting_down\",\"reconnect_ms\":{}}}",
             hint.as_millis()
@@ -306,7 +303,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             OpCode::Pong if frame.payload.len() > 125 => {
                 self.reading = false;
                 Err(End::Close(
-                    1002,
+                    close_code::PROTOCOL_ERROR,
                     "control frame longer than 125 bytes".into(),
                 ))
             }
@@ -320,11 +317,15 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 Err(e) => {
                     self.reading = false;
                     Err(match e {
-                        MessageError::TooBig => End::Close(1009, "message too big".into()),
-                        MessageError::InvalidUtf8 => {
-                            End::Close(1007, "invalid UTF-8 in text".into())
+                        MessageError::TooBig => {
+                            End::Close(close_code::MESSAGE_TOO_BIG, "message too big".into())
                         }
-                        MessageError::Protocol(reason) => End::Close(1002, reason.into()),
+                        MessageError::InvalidUtf8 => {
+                            End::Close(close_code::INVALID_PAYLOAD, "invalid UTF-8 in text".into())
+                        }
+                        MessageError::Protocol(reason) => {
+                            End::Close(close_code::PROTOCOL_ERROR, reason.into())
+                        }
                     })
                 }
             },
@@ -346,15 +347,15 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 self.send(frame).await
             }
             Some(session) => match message {
-                Message::Binary(_) => {
-                    Err(End::Close(1003, "binary messages are not supported".into()))
-                }
+                Message::Binary(_) => Err(End::Close(
+                    close_code::UNSUPPORTED_DATA,
+                    "binary messages are not supported".into(),
+                )),
                 Message::Text(text) => {
-                    let count = session.subscription_count();
                     let parsed = Command::parse(&text);
-                    match self.guard.on_command(&parsed, count) {
+                    match self.guard.on_command(&parsed) {
                         Verdict::Proceed => {
-                            handle_command(&self.node, session, parsed, out);
+                            session.run_command(parsed, out);
                             Ok(())
                         }
                         Verdict::Reply(reply) => {
@@ -375,7 +376,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
 
     /// Writes one frame and flushes, bounded by the write timeout.
     async fn send(&mut self, frame: Frame<'_>) -> Result<(), End> {
-        let timeout = self.node.config.websocket.write_timeout;
+        let timeout = self.node.config().websocket.write_timeout;
         let write = async {
             self.writer.write_frame(frame).await?;
             self.writer.flush().await
@@ -385,7 +386,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
 
     /// Flushes, bounded by the write timeout.
     async fn flush(&mut self) -> Result<(), End> {
-        let timeout = self.node.config.websocket.write_timeout;
+        let timeout = self.node.config().websocket.write_timeout;
         bounded(timeout, self.writer.flush()).await
     }
 
@@ -394,14 +395,14 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         if out.is_empty() {
             return Ok(());
         }
-        let timeout = self.node.config.websocket.write_timeout;
+        let timeout = self.node.config().websocket.write_timeout;
         let mut delivered = 0;
         let oldest_live = oldest_live(out);
         let writer = &mut self.writer;
         let write = async {
             for output in out.drain(..) {
                 let text = match output {
-                    Output::Publication(p) | Output::Live(p) => {
+                    Output::History(p) | Output::Live(p) => {
                         delivered += 1;
                         writer
                             .write_frame(Frame::text(Payload::Borrowed(p.json())))
@@ -411,12 +412,9 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     Output::Reply(bytes) => bytes,
                     Output::Subscribed { id, result } => reply_ok(id, &result),
                     Output::SubscribeFailed { id, error, .. } => reply_err(id, &error),
-                    Output::Reset {
-                        channel,
-                        epoch,
-                        offset,
-                        reason,
-                    } => reset_push(&channel, &epoch, offset, reason),
+                    reset @ Output::Reset { .. } => {
+                        reset.reset_push().expect("a reset has a push form")
+                    }
                 };
                 writer
                     .write_frame(Frame::text(Payload::Borrowed(&text)))
@@ -456,79 +454,11 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     }
 }
 
-async fn next_event(session: &mut Option<Session>) -> crate::client::Event {
+async fn next_event(session: &mut Option<Session>) -> Event {
     match session {
         Some(session) => session.next().await,
         None => std::future::pending().await,
     }
-}
-
-fn handle_command(
-    node: &Node,
-    session: &mut Session,
-    parsed: Result<Command<'_>, crate::protocol::CommandError>,
-    out: &mut Vec<Output>,
-) {
-    let command = match parsed {
-        Ok(command) => command,
-        Err(e) => {
-            node.metrics
-                .protocol_errors
-                .with_label_values(&[e.error.code])
-                .inc();
-            out.push(Output::Reply(reply_err(e.id, &e.error)));
-            return;
-        }
-    };
-    match command {
-        Command::Subscribe { id, channel, since } => {
-            session.subscribe(id, channel.into(), since, out)
-        }
-        Command::Unsubscribe { id, channel } => {
-            out.push(Output::Reply(match session.unsubscribe(&channel) {
-                Ok(()) => reply_ok(id, &serde_json::Map::new()),
-                Err(error) => reply_err(id, &error),
-            }));
-        }
-        Command::Publish {
-            id,
-            channel,
-            data,
-            idempotency_key,
-        } => session.publish(
-            id,
-            channel.into(),
-            backplane::json::compact(data.get()),
-            idempotency_key.map(|k| k.into_owned()),
-        ),
-        Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
-        // Answered by the guard.
-        Command::Connect { .. } | Command::Refresh { .. } => {}
-    }
-}
-
-/// `{"reset":{"channel":C,"epoch":E,"offset":N,"reason":R}}`
-fn reset_push(channel: &str, epoch: &str, offset: u64, reason: &str) -> Bytes {
-    #[derive(Serialize)]
-    struct Reset<'a> {
-        channel: &'a str,
-        epoch: &'a str,
-        offset: u64,
-        reason: &'a str,
-    }
-    #[derive(Serialize)]
-    struct Push<'a> {
-        reset: Reset<'a>,
-    }
-    let push = Push {
-        reset: Reset {
-            channel,
-            epoch,
-            offset,
-            reason,
-        },
-    };
-    serde_json::to_vec(&push).expect("cannot fail").into()
 }
 
 /// Server-side liveness check: a connection silent for the ping interval is pinged; one still
@@ -550,12 +480,12 @@ enum Beat {
 
 impl Heartbeat {
     fn new(node: &Node) -> Self {
-        let interval = node.config.websocket.ping_interval;
+        let interval = node.config().websocket.ping_interval;
         Heartbeat {
             sleep: Box::pin(tokio::time::sleep(interval)),
             awaiting_pong: false,
             interval,
-            timeout: node.config.websocket.pong_timeout,
+            timeout: node.config().websocket.pong_timeout,
             activity: false,
         }
     }

@@ -4,12 +4,12 @@
 
 use hyper::{header, Response, StatusCode};
 
-use crate::response::{self, Body};
+use crate::http::response::{self, Body};
 
 /// The ES module a page imports from the node it talks to (`clients/js/index.js`).
-pub const CLIENT_JS: &str = include_str!("../../clients/js/index.js");
+pub const CLIENT_JS: &str = include_str!("../../../clients/js/index.js");
 /// The demo page (`clients/js/demo/index.html`).
-pub const DEMO_HTML: &str = include_str!("../../clients/js/demo/index.html");
+pub const DEMO_HTML: &str = include_str!("../../../clients/js/demo/index.html");
 
 /// A file of this build: it changes only with the binary, so caches revalidate (`no-cache`) with
 /// the ETag, which names the build, rather than holding a stale client after an upgrade.

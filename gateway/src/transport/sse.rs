@@ -6,104 +6,60 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backplane::Position;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{header, HeaderMap, Response, StatusCode};
 use serde::Serialize;
 
-use crate::body_channel::{body_channel, BodySender};
-use crate::client::{oldest_live, Output, Session};
 use crate::cursor;
 use crate::drain::{reconnect_hint, Registration};
+use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::protocol::{check_channel, SubscribeResult};
-use crate::response::{self, Body};
+use crate::protocol::{error_code, Reset, SubscribeResult};
+use crate::session::{oldest_live, Output, Session};
+use crate::transport::body_channel::{body_channel, BodySender};
+use crate::transport::stream_query::{decode_cursor, StreamQuery};
 
 const BATCH: usize = 256;
 
 /// Validates the request and starts the stream.
-pub fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Response<Body> {
+pub(crate) fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Response<Body> {
     if !accepts_event_stream(headers) {
         return response::error(
             StatusCode::NOT_ACCEPTABLE,
-            "not_acceptable",
+            error_code::NOT_ACCEPTABLE,
             "this endpoint only produces text/event-stream",
         );
     }
-    let mut channels: Vec<Arc<str>> = Vec::new();
-    let mut query_cursor = None;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        match &*key {
-            "channel" => {
-                if let Err(e) = check_channel(&value) {
-                    return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
-                }
-                if !channels.iter().any(|c| **c == *value) {
-                    channels.push(value.as_ref().into());
-                }
-            }
-            "last_event_id" => query_cursor = Some(value.into_owned()),
-            _ => {}
-        }
-    }
-    if channels.is_empty() {
-        return response::error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "at least one `channel` query parameter is required",
-        );
-    }
-    let max = node.config.client.max_subscriptions;
-    if channels.len() > max {
-        return response::error(
-            StatusCode::BAD_REQUEST,
-            "too_many_subscriptions",
-            format!("a stream may carry at most {max} channels"),
-        );
-    }
+    let request = StreamQuery::parse(
+        query,
+        "last_event_id",
+        node.config().client.max_subscriptions,
+        |_, _| Ok(()),
+    );
+    let request = match request {
+        Ok(request) => request,
+        Err(e) => return response::error(StatusCode::BAD_REQUEST, e.code, e.message),
+    };
     // EventSource keeps the original URL when it reconnects, so its header is the newer position.
     let header_cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty());
-    let positions = match header_cursor
-        .or(query_cursor.as_deref())
-        .filter(|c| !c.is_empty())
-    {
-        None => Vec::new(),
-        Some(c) => match cursor::decode(c) {
-            Ok(p) => p,
-            Err(message) => {
-                return response::error(StatusCode::BAD_REQUEST, "invalid_cursor", message)
-            }
-        },
+    let positions = match decode_cursor(header_cursor.or(request.cursor.as_deref())) {
+        Ok(positions) => positions,
+        Err(e) => return response::error(StatusCode::BAD_REQUEST, e.code, e.message),
     };
+    let channels = request.channels;
 
-    let mut session = Session::new(node.clone());
-    let mut starts = Vec::with_capacity(channels.len());
-    let mut out = Vec::new();
-    for channel in &channels {
-        let since =
-            positions
-                .iter()
-                .find(|(c, _, _)| **c == **channel)
-                .map(|(_, epoch, offset)| Position {
-                    epoch: epoch.clone(),
-                    offset: *offset,
-                });
-        starts.push(since.as_ref().map(|s| s.offset));
-        session.subscribe(None, channel.clone(), since, &mut out);
-    }
-    debug_assert!(
-        out.is_empty(),
-        "fresh sessions accept every distinct channel"
-    );
+    let registration = node.streams().register();
+    let mut session = Session::new(node.clone(), registration.id());
+    let starts = session.subscribe_from_cursor(&channels, &positions);
 
     let (tx, body) = body_channel(64);
-    let stream = Stream {
-        deliveries: node.metrics.deliveries.with_label_values(&["sse"]),
-        fanout_latency: node.metrics.fanout_latency.with_label_values(&["sse"]),
+    let stream = SseStream {
+        deliveries: node.metrics().deliveries.with_label_values(&["sse"]),
+        fanout_latency: node.metrics().fanout_latency.with_label_values(&["sse"]),
         node: node.clone(),
         tx,
         positions: channels
@@ -112,8 +68,7 @@ pub fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Respo
             .collect(),
         scratch: Vec::new(),
     };
-    let registration = node.registry.register();
-    node.connections
+    node.connection_tasks()
         .spawn(stream.run(session, starts, registration));
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -144,7 +99,8 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
     !present
 }
 
-struct Stream {
+/// One SSE response's task: its session and the position of every channel for the cursor.
+struct SseStream {
     node: Arc<Node>,
     tx: BodySender,
     /// (channel, epoch, offset delivered) for every channel, in request order.
@@ -162,28 +118,20 @@ struct Connected<'a> {
 }
 
 #[derive(Serialize)]
-struct Reset<'a> {
-    channel: &'a str,
-    reason: &'a str,
-    epoch: &'a str,
-    offset: u64,
-}
-
-#[derive(Serialize)]
 struct StreamError<'a> {
     channel: &'a str,
     code: &'a str,
     message: &'a str,
 }
 
-impl Stream {
+impl SseStream {
     async fn run(
         mut self,
         mut session: Session,
         starts: Vec<Option<u64>>,
         registration: Registration,
     ) {
-        let gauge = self.node.metrics.connections.with_label_values(&["sse"]);
+        let gauge = self.node.metrics().connections.with_label_values(&["sse"]);
         gauge.inc();
         let closing = tokio::select! {
             _ = self.stream(&mut session, starts) => false,
@@ -191,7 +139,7 @@ impl Stream {
         };
         if closing {
             // Tell EventSource when to come back (jittered), then end the stream.
-            let hint = reconnect_hint(self.node.config.drain.reconnect_jitter);
+            let hint = reconnect_hint(self.node.config().drain.reconnect_jitter);
             let retry = hint.max(Duration::from_millis(1)).as_millis();
             let _ = self.send(Bytes::from(format!("retry: {retry}\n\n"))).await;
         }
@@ -201,7 +149,7 @@ impl Stream {
     /// Runs until the client leaves, the node shuts down or the client falls too far behind.
     /// `Err` means the client is gone.
     async fn stream(&mut self, session: &mut Session, starts: Vec<Option<u64>>) -> Result<(), ()> {
-        let retry = self.node.config.sse.retry.as_millis();
+        let retry = self.node.config().sse.retry.as_millis();
         self.send(Bytes::from(format!("retry: {retry}\n\n")))
             .await?;
 
@@ -253,7 +201,7 @@ impl Stream {
         }
         self.emit(&mut held).await?;
 
-        let mut heartbeat = tokio::time::interval(self.node.config.sse.heartbeat_interval);
+        let mut heartbeat = tokio::time::interval(self.node.config().sse.heartbeat_interval);
         heartbeat.reset();
         loop {
             tokio::select! {
@@ -261,12 +209,7 @@ impl Stream {
                 _ = heartbeat.tick() => self.send(Bytes::from_static(b": heartbeat\n\n")).await?,
                 event = session.next() => session.apply(event, &mut out),
             }
-            while out.len() < BATCH {
-                match session.try_next() {
-                    Some(event) => session.apply(event, &mut out),
-                    None => break,
-                }
-            }
+            session.apply_ready(&mut out, BATCH);
             if session.overflowed() {
                 // The client reconnects with its Last-Event-ID and resumes losslessly.
                 return Ok(());
@@ -288,7 +231,7 @@ impl Stream {
         let result = async {
             for output in outputs.drain(..) {
                 match output {
-                    Output::Publication(p) | Output::Live(p) => {
+                    Output::History(p) | Output::Live(p) => {
                         let i = self.index(&p.channel);
                         self.positions[i].1 = p.epoch.clone();
                         self.positions[i].2 = p.offset;
@@ -329,15 +272,14 @@ impl Stream {
         let i = self.index(channel);
         self.positions[i].1 = epoch.clone();
         self.positions[i].2 = offset;
-        let data = serde_json::to_vec(&Reset {
+        let data = Reset {
             channel,
-            reason,
             epoch,
             offset,
-        })
-        .expect("cannot fail");
-        self.send_event(Some("reset"), true, Bytes::from(data))
-            .await
+            reason,
+        }
+        .to_json();
+        self.send_event(Some("reset"), true, data).await
     }
 
     /// Sends one event; `data` is one line of compact JSON, shared, not copied.
@@ -368,7 +310,7 @@ impl Stream {
     /// Queues a chunk for the response body; a client that takes longer than the write timeout
     /// to make room is dropped.
     async fn send(&self, chunk: Bytes) -> Result<(), ()> {
-        let timeout = self.node.config.websocket.write_timeout;
+        let timeout = self.node.config().sse_write_timeout();
         match tokio::time::timeout(timeout, self.tx.send(chunk)).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(()),

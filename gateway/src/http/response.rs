@@ -8,21 +8,21 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::{header, Response, StatusCode};
 
-use crate::protocol::ErrorBody;
+use crate::protocol::{error_code, ErrorBody};
 
 /// The body type of every response.
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
 }
 
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     full(Bytes::new())
 }
 
 /// A JSON response with the given status.
-pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -31,7 +31,11 @@ pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 /// A JSON error response.
-pub fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response<Body> {
+pub(crate) fn error(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<String>,
+) -> Response<Body> {
     #[derive(serde::Serialize)]
     struct Wrapper<'a> {
         error: &'a ErrorBody,
@@ -40,5 +44,14 @@ pub fn error(status: StatusCode, code: &'static str, message: impl Into<String>)
     json(
         status,
         serde_json::to_vec(&Wrapper { error: &body }).expect("cannot fail"),
+    )
+}
+
+/// 503 for a new stream, poll or WebSocket on a draining node: proxies and clients go to another.
+pub(crate) fn shutting_down() -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        error_code::SHUTTING_DOWN,
+        "this node is shutting down; connect to another",
     )
 }

@@ -1,7 +1,7 @@
 //! The security hooks the transports call: admission of a streaming connection (Origin, token,
 //! connection limits), the per-command guard of a WebSocket connection (command rate, `connect`
-//! and `refresh`, channel permissions, token expiry, idle timeout), the SSE channel check, and the
-//! API key check. Each refusal is counted in `gateway_limit_rejections_total` or
+//! and `refresh`, channel permissions, token expiry, idle timeout), the channel check of SSE
+//! streams and long-polls, and the API key check. What they check against is the node's `policy`. Each refusal is counted in `gateway_limit_rejections_total` or
 //! `gateway_auth_failures_total`.
 //!
 //! Refusals are whole HTTP responses returned as `Err`: large, but built once on a cold path.
@@ -20,67 +20,27 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 use tokio::time::{Instant, Sleep};
 
-use crate::auth::{AuthError, Identity, Verifier};
-use crate::config::Config;
-use crate::limits::{Limits, Permit, Refusal, TokenBucket};
-use crate::namespace::{Action, Namespaces};
+use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::protocol::{reply_err, reply_ok, Command, CommandError, ErrorBody};
-use crate::response::{self, Body};
-
-/// Application close codes of the security layer (4000–4999), listed in docs/protocol.md.
-pub mod close_code {
-    /// The `connect` command's token is invalid (or no key is configured to check it).
-    pub const UNAUTHORIZED: u16 = 4002;
-    /// The connection's token expired and was not refreshed.
-    pub const TOKEN_EXPIRED: u16 = 4003;
-    /// The command rate stayed above `limits.command_rate` for a whole burst.
-    pub const RATE_LIMITED: u16 = 4008;
-    /// No subscription within `limits.idle_timeout`.
-    pub const IDLE: u16 = 4009;
-    /// The user has `limits.max_connections_per_user` connections already.
-    pub const TOO_MANY_USER_CONNECTIONS: u16 = 4029;
-}
-
-/// What the node knows for security: keys, namespaces, limits.
-pub struct Security {
-    pub verifier: Verifier,
-    pub namespaces: Namespaces,
-    pub limits: Limits,
-}
-
-impl Security {
-    pub fn load(config: &Config) -> Result<Security, String> {
-        Ok(Security {
-            verifier: Verifier::load(&config.auth)?,
-            namespaces: Namespaces::new(&config.channels),
-            limits: Limits::new(&config.limits),
-        })
-    }
-}
+use crate::protocol::{
+    close_code, error_code, reply_err, reply_ok, Command, CommandError, ErrorBody,
+};
+use crate::security::auth::{AuthError, Identity};
+use crate::security::limits::{Permit, Refusal, TokenBucket};
+use crate::security::namespace::Action;
 
 /// A streaming connection let in: who it is, and its place in the connection counts.
-pub struct Admission {
-    pub identity: Option<Identity>,
-    pub permit: Permit,
-}
-
-fn count_limit(node: &Node, limit: &str) {
-    node.metrics
-        .limit_rejections
-        .with_label_values(&[limit])
-        .inc();
-}
-
-fn count_auth(node: &Node, reason: &str) {
-    node.metrics
-        .auth_failures
-        .with_label_values(&[reason])
-        .inc();
+pub(crate) struct Admission {
+    pub(crate) identity: Option<Identity>,
+    pub(crate) permit: Permit,
 }
 
 /// 429 with `Retry-After` (whole seconds, at least 1).
-pub fn too_many(code: &'static str, message: impl Into<String>, retry: Duration) -> Response<Body> {
+pub(crate) fn too_many(
+    code: &'static str,
+    message: impl Into<String>,
+    retry: Duration,
+) -> Response<Body> {
     let mut response = response::error(StatusCode::TOO_MANY_REQUESTS, code, message);
     let secs = retry.as_secs_f64().ceil().max(1.0) as u64;
     response.headers_mut().insert(
@@ -108,44 +68,45 @@ fn auth_response(e: &AuthError) -> Response<Body> {
 
 /// Lets a WebSocket or SSE connection in, or answers why not: 403 for a foreign Origin, 401 for a
 /// bad token (header or `?token=`), 429 over a connection limit.
-pub fn admit(
+pub(crate) fn admit(
     node: &Node,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Admission, Response<Body>> {
-    if !crate::origin::allowed(&node.config.origin.allowed, headers) {
-        count_auth(node, "origin");
-        return Err(crate::origin::refused());
+    if !crate::security::origin::allowed(&node.config().origin.allowed, headers) {
+        node.count_auth("origin");
+        return Err(crate::security::origin::refused());
     }
-    let security = &node.security;
-    let identity = match crate::auth::request_token(headers, query) {
+    let policy = node.policy();
+    let identity = match crate::security::auth::request_token(headers, query) {
         None => None,
-        Some(token) => match security.verifier.verify(&token) {
+        Some(token) => match policy.verifier.verify(&token) {
             Ok(identity) => Some(identity),
             Err(e) => {
-                count_auth(node, e.reason());
+                node.count_auth(e.reason());
                 return Err(auth_response(&e));
             }
         },
     };
-    let mut permit = security.limits.admit().map_err(|refusal| {
-        count_limit(node, refusal.label());
+    let mut permit = policy.limits.admit().map_err(|refusal| {
+        node.count_limit(refusal.label());
         refusal_response(refusal)
     })?;
     if let Some(identity) = &identity {
-        security
+        policy
             .limits
             .admit_user(&mut permit, &identity.user)
             .map_err(|refusal| {
-                count_limit(node, refusal.label());
+                node.count_limit(refusal.label());
                 refusal_response(refusal)
             })?;
     }
     Ok(Admission { identity, permit })
 }
 
-/// Checks that an SSE stream's connection may subscribe to each of `channels` (401/403).
-pub fn check_sse(
+/// Checks that an SSE stream's or a long-poll's connection may subscribe to each `channel` of the
+/// query (401/403).
+pub(crate) fn check_stream_channels(
     node: &Node,
     admission: &Admission,
     query: Option<&str>,
@@ -155,17 +116,12 @@ pub fn check_sse(
             continue;
         }
         if let Err(e) =
-            node.security
+            node.policy()
                 .namespaces
                 .check(Action::Subscribe, &channel, admission.identity.as_ref())
         {
-            count_auth(node, e.code);
-            let status = if e.code == "unauthorized" {
-                StatusCode::UNAUTHORIZED
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            return Err(response::error(status, e.code, e.message));
+            node.count_auth(e.code);
+            return Err(response::error(e.status(), e.code, e.message));
         }
     }
     Ok(())
@@ -186,7 +142,7 @@ fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
 }
 
 /// What a WebSocket connection does with a command after the guard looked at it.
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Run it.
     Proceed,
     /// Do not run it; send this reply instead.
@@ -196,7 +152,7 @@ pub enum Verdict {
 }
 
 /// The security state of one WebSocket connection.
-pub struct Guard {
+pub(crate) struct Guard {
     node: Arc<Node>,
     identity: Option<Identity>,
     permit: Permit,
@@ -217,8 +173,8 @@ struct Connected<'a> {
 
 impl Guard {
     /// `idle` arms the idle timeout (the protocol endpoint; not the echo endpoint).
-    pub fn new(node: Arc<Node>, admission: Admission, idle: bool) -> Guard {
-        let limits = &node.config.limits;
+    pub(crate) fn new(node: Arc<Node>, admission: Admission, idle: bool) -> Guard {
+        let limits = &node.config().limits;
         let bucket = (limits.command_rate > 0.0)
             .then(|| TokenBucket::new(limits.command_rate, limits.command_burst));
         let idle = (idle && !limits.idle_timeout.is_zero())
@@ -243,14 +199,14 @@ impl Guard {
         self.expiry = identity.expires_at.map(|exp| {
             Box::pin(tokio::time::sleep_until(expiry_instant(
                 exp,
-                self.node.config.auth.jwt_leeway,
+                self.node.config().auth.jwt_leeway,
             )))
         });
         self.identity = Some(identity);
     }
 
     /// Resolves when the connection must close: its token expired, or it stayed idle.
-    pub async fn deadline(&mut self) -> (u16, &'static str) {
+    pub(crate) async fn deadline(&mut self) -> (u16, &'static str) {
         let expiry = async {
             match self.expiry.as_mut() {
                 Some(sleep) => sleep.as_mut().await,
@@ -265,39 +221,34 @@ impl Guard {
         };
         tokio::select! {
             _ = expiry => {
-                count_auth(&self.node, "expired");
+                self.node.count_auth("expired");
                 (close_code::TOKEN_EXPIRED, "token expired")
             }
             _ = idle => {
-                count_limit(&self.node, "idle_timeout");
+                self.node.count_limit("idle_timeout");
                 (close_code::IDLE, "no subscription within the idle timeout")
             }
         }
     }
 
-    /// Looks at one parsed (or unparsable) command of a connection with `subscriptions`
-    /// subscriptions; `connect` and `refresh` are answered here.
-    pub fn on_command(
-        &mut self,
-        parsed: &Result<Command<'_>, CommandError>,
-        subscriptions: usize,
-    ) -> Verdict {
+    /// Looks at one parsed (or unparsable) command; `connect` and `refresh` are answered here.
+    pub(crate) fn on_command(&mut self, parsed: &Result<Command<'_>, CommandError>) -> Verdict {
         let id = match parsed {
             Ok(command) => command.id(),
             Err(e) => e.id,
         };
         if let Some(bucket) = self.bucket.as_mut() {
             if let Err(wait) = bucket.take() {
-                count_limit(&self.node, "command_rate");
+                self.node.count_limit("command_rate");
                 self.refused_in_row += 1;
                 let error = ErrorBody::new(
-                    "rate_limited",
+                    error_code::RATE_LIMITED,
                     format!(
                         "more than limits.command_rate commands; retry in {} ms",
                         wait.as_millis().max(1)
                     ),
                 );
-                let burst = self.node.config.limits.command_burst.max(1);
+                let burst = self.node.config().limits.command_burst.max(1);
                 if self.refused_in_row > burst {
                     return Verdict::Close(
                         reply_err(id, &error),
@@ -314,10 +265,10 @@ impl Guard {
         };
         self.commands += 1;
         let first = self.commands == 1;
-        let namespaces = &self.node.security.namespaces;
+        let namespaces = &self.node.policy().namespaces;
         let refuse = |error: ErrorBody| {
             self.node
-                .metrics
+                .metrics()
                 .protocol_errors
                 .with_label_values(&[error.code])
                 .inc();
@@ -327,13 +278,13 @@ impl Guard {
             Command::Connect { token, .. } => {
                 if self.identity.is_some() {
                     return refuse(ErrorBody::new(
-                        "already_connected",
+                        error_code::ALREADY_CONNECTED,
                         "the connection is authenticated already",
                     ));
                 }
                 if !first {
                     return refuse(ErrorBody::new(
-                        "bad_request",
+                        error_code::BAD_REQUEST,
                         "connect must be the first command",
                     ));
                 }
@@ -342,7 +293,7 @@ impl Guard {
             Command::Refresh { token, .. } => {
                 if self.identity.is_none() {
                     return refuse(ErrorBody::new(
-                        "bad_request",
+                        error_code::BAD_REQUEST,
                         "refresh needs an authenticated connection: send connect first",
                     ));
                 }
@@ -351,23 +302,19 @@ impl Guard {
             Command::Subscribe { channel, .. } => {
                 if let Err(e) = namespaces.check(Action::Subscribe, channel, self.identity.as_ref())
                 {
-                    count_auth(&self.node, e.code);
+                    self.node.count_auth(e.code);
                     return refuse(e);
-                }
-                let max = self.node.config.client.max_subscriptions;
-                if subscriptions >= max {
-                    count_limit(&self.node, "max_subscriptions");
                 }
                 self.idle = None;
                 Verdict::Proceed
             }
             Command::Publish { channel, data, .. } => {
                 if let Err(e) = namespaces.check(Action::Publish, channel, self.identity.as_ref()) {
-                    count_auth(&self.node, e.code);
+                    self.node.count_auth(e.code);
                     return refuse(e);
                 }
                 if let Err(e) = namespaces.check_size(channel, data.get().len()) {
-                    count_limit(&self.node, "message_size");
+                    self.node.count_limit("message_size");
                     return refuse(e);
                 }
                 Verdict::Proceed
@@ -377,10 +324,10 @@ impl Guard {
     }
 
     fn authenticate(&mut self, id: Option<u64>, token: &str, refresh: bool) -> Verdict {
-        let identity = match self.node.security.verifier.verify(token) {
+        let identity = match self.node.policy().verifier.verify(token) {
             Ok(identity) => identity,
             Err(e) => {
-                count_auth(&self.node, e.reason());
+                self.node.count_auth(e.reason());
                 let code = if e == AuthError::Expired {
                     close_code::TOKEN_EXPIRED
                 } else {
@@ -392,20 +339,20 @@ impl Guard {
         if refresh {
             let current = self.identity.as_ref().map(|i| &i.user);
             if current != Some(&identity.user) {
-                count_auth(&self.node, "user_mismatch");
+                self.node.count_auth("user_mismatch");
                 let error = ErrorBody::new(
-                    "forbidden",
+                    error_code::FORBIDDEN,
                     "refresh must keep the connection's user (`sub`)",
                 );
                 return Verdict::Reply(reply_err(id, &error));
             }
         } else if let Err(refusal) = self
             .node
-            .security
+            .policy()
             .limits
             .admit_user(&mut self.permit, &identity.user)
         {
-            count_limit(&self.node, refusal.label());
+            self.node.count_limit(refusal.label());
             let error = ErrorBody::new(refusal.code(), "this user has too many connections");
             return Verdict::Close(
                 reply_err(id, &error),
@@ -426,15 +373,15 @@ impl Guard {
 }
 
 /// Whether `/api/*` may be called with these headers: the key when keys are configured.
-pub fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Response<Body>> {
-    let keys = &node.config.auth.api_keys;
-    if keys.is_empty() || crate::auth::api_key_ok(keys, headers) {
+pub(crate) fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Response<Body>> {
+    let keys = &node.config().auth.api_keys;
+    if keys.is_empty() || crate::security::auth::api_key_ok(keys, headers) {
         return Ok(());
     }
-    count_auth(node, "api_key");
+    node.count_auth("api_key");
     let mut response = response::error(
         StatusCode::UNAUTHORIZED,
-        "invalid_api_key",
+        error_code::INVALID_API_KEY,
         "the API needs `Authorization: apikey <key>` with a configured key",
     );
     response
@@ -445,14 +392,14 @@ pub fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Response<Bo
 
 /// A response body that ends when the connection's token expires (SSE streams), and holds the
 /// connection's permit for as long as it lives.
-pub struct Expiring {
+pub(crate) struct Expiring {
     inner: Body,
     expiry: Option<Pin<Box<Sleep>>>,
     _permit: Permit,
 }
 
 impl Expiring {
-    pub fn wrap(node: &Node, inner: Body, admission: Admission) -> Body {
+    pub(crate) fn wrap(node: &Node, inner: Body, admission: Admission) -> Body {
         let expiry = admission
             .identity
             .as_ref()
@@ -460,7 +407,7 @@ impl Expiring {
             .map(|exp| {
                 Box::pin(tokio::time::sleep_until(expiry_instant(
                     exp,
-                    node.config.auth.jwt_leeway,
+                    node.config().auth.jwt_leeway,
                 )))
             });
         http_body_util::BodyExt::boxed_unsync(Expiring {

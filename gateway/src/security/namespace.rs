@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::auth::Identity;
 use crate::config::{Access, ChannelsConfig, NamespaceConfig};
-use crate::protocol::ErrorBody;
+use crate::protocol::{error_code, ErrorBody};
+use crate::security::auth::Identity;
 
 /// What a client wants to do on a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,17 +58,17 @@ impl Namespaces {
         match (access, identity) {
             (Access::Anonymous, _) => Ok(()),
             (Access::None, _) => Err(ErrorBody::new(
-                "forbidden",
+                error_code::FORBIDDEN,
                 format!("clients may not {verb} {channel}"),
             )),
             (_, None) => Err(ErrorBody::new(
-                "unauthorized",
+                error_code::UNAUTHORIZED,
                 format!("a token is required to {verb} {channel}"),
             )),
             (Access::Authenticated, Some(_)) => Ok(()),
             (Access::Token, Some(identity)) if identity.allows(channel) => Ok(()),
             (Access::Token, Some(_)) => Err(ErrorBody::new(
-                "forbidden",
+                error_code::FORBIDDEN,
                 format!("the token does not list channel {channel}"),
             )),
         }
@@ -79,7 +79,7 @@ impl Namespaces {
         let max = self.get(channel).max_message_size;
         if size > max {
             return Err(ErrorBody::new(
-                "message_too_large",
+                error_code::MESSAGE_TOO_LARGE,
                 format!("publication data is {size} bytes; {channel} allows at most {max}"),
             ));
         }

@@ -9,10 +9,9 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::client::backplane_error;
+use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::protocol::{check_channel, check_idempotency_key};
-use crate::response::{self, Body};
+use crate::protocol::{backplane_error, check_channel, check_idempotency_key, error_code};
 
 #[derive(Deserialize)]
 struct PublishRequest<'a> {
@@ -26,27 +25,41 @@ struct PublishRequest<'a> {
 
 /// `POST /api/publish {"channel": C, "data": <json>}` → `{"channel": C, "offset": N, "epoch": E}`.
 /// A 200 means the publication is in history and will reach every current subscriber.
-pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
-    let limit = node.config.websocket.max_message_size;
+pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
+    let limit = node.config().api_max_body();
     let body = match Limited::new(request.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return response::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                error_code::PAYLOAD_TOO_LARGE,
                 format!("request body is larger than {limit} bytes"),
             )
         }
         Err(e) => {
-            return response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                error_code::BAD_REQUEST,
+                e.to_string(),
+            );
         }
     };
     let request: PublishRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) if e.is_data() => {
-            return response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                error_code::BAD_REQUEST,
+                e.to_string(),
+            )
         }
-        Err(e) => return response::error(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
+        Err(e) => {
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                error_code::MALFORMED_JSON,
+                e.to_string(),
+            )
+        }
     };
     if let Err(e) = check_channel(&request.channel) {
         return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
@@ -55,14 +68,17 @@ pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<B
         return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
     }
     if let Err(e) = node
-        .security
+        .policy()
         .namespaces
         .check_size(&request.channel, request.data.get().len())
     {
-        return response::error(StatusCode::PAYLOAD_TOO_LARGE, e.code, e.message);
+        return response::error(e.status(), e.code, e.message);
     }
     let data = backplane::json::compact(request.data.get());
-    let key = request.idempotency_key.as_deref();
+    let key = request
+        .idempotency_key
+        .as_deref()
+        .map(backplane::Idempotency::server);
     match node.publish(&request.channel, data, key).await {
         Ok(ack) => response::json(
             StatusCode::OK,
@@ -70,24 +86,20 @@ pub async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<B
         ),
         Err(e) => {
             let error = backplane_error(&e);
-            let status = match error.code {
-                "backplane_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            response::error(status, error.code, error.message)
+            response::error(error.status(), error.code, error.message)
         }
     }
 }
 
 /// `GET /api/history?channel=C&since=N&limit=L` → publications with offset > N, oldest first.
-pub async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
-    let max_page = node.config.history.max_page;
+pub(crate) async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
+    let max_page = node.config().history.max_page;
     let (mut channel, mut since, mut limit) = (None, 0u64, max_page);
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let bad = |what: &str| {
             response::error(
                 StatusCode::BAD_REQUEST,
-                "bad_request",
+                error_code::BAD_REQUEST,
                 format!("`{key}` must be {what}, got {value:?}"),
             )
         };
@@ -107,7 +119,7 @@ pub async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
     let Some(channel) = channel else {
         return response::error(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            error_code::BAD_REQUEST,
             "the `channel` query parameter is required",
         );
     };
@@ -118,7 +130,7 @@ pub async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
         Ok(page) => page,
         Err(e) => {
             let error = backplane_error(&e);
-            return response::error(StatusCode::SERVICE_UNAVAILABLE, error.code, error.message);
+            return response::error(error.status(), error.code, error.message);
         }
     };
     // Publications are already serialised: splice their bytes rather than re-encoding them.

@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::AuthConfig;
-use crate::protocol::ErrorBody;
+use crate::protocol::{error_code, ErrorBody};
 
 /// An authenticated client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,9 +77,9 @@ pub enum AuthError {
 impl AuthError {
     pub fn code(&self) -> &'static str {
         match self {
-            AuthError::NotConfigured => "auth_not_configured",
-            AuthError::Expired => "token_expired",
-            AuthError::Invalid(_) => "invalid_token",
+            AuthError::NotConfigured => error_code::AUTH_NOT_CONFIGURED,
+            AuthError::Expired => error_code::TOKEN_EXPIRED,
+            AuthError::Invalid(_) => error_code::INVALID_TOKEN,
         }
     }
 
@@ -194,10 +194,6 @@ impl Verifier {
             issuer: config.jwt_issuer.clone(),
             leeway: config.jwt_leeway.as_secs(),
         })
-    }
-
-    pub fn is_enabled(&self) -> bool {
-        !self.keys.is_empty()
     }
 
     /// Checks the signature with every key of the token's algorithm (its `kid`'s key first),

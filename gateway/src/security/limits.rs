@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
+use crate::protocol::error_code;
 
 /// A token bucket: `rate` tokens a second, at most `burst` (at least 1) saved up.
 #[derive(Debug, Clone)]
@@ -67,8 +68,8 @@ pub enum Refusal {
 impl Refusal {
     pub fn code(self) -> &'static str {
         match self {
-            Refusal::Node => "too_many_connections",
-            Refusal::User => "too_many_user_connections",
+            Refusal::Node => error_code::TOO_MANY_CONNECTIONS,
+            Refusal::User => error_code::TOO_MANY_USER_CONNECTIONS,
         }
     }
 

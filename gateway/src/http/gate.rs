@@ -1,6 +1,6 @@
-//! What each listener serves and the checks every request passes before its route: the internal
-//! API listener (`auth.api_listen`), API keys, CORS preflights and headers, and the 429 served
-//! to a connection over the per-IP connection rate.
+//! The gate every request passes before its route (it neither binds nor accepts: `server` does):
+//! what each listener serves (the internal API listener, `auth.api_listen`), API keys, CORS
+//! preflights and headers, and the 429 served to a connection over the per-IP connection rate.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -10,9 +10,11 @@ use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::response::{self, Body};
-use crate::{origin, security};
+use crate::protocol::error_code;
+use crate::security::guard;
+use crate::security::origin;
 
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,9 +35,9 @@ fn is_stream(path: &str) -> bool {
 }
 
 /// Answers a request before its route when the listener, the API key or CORS says so.
-pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response<Body>> {
+pub fn before_route<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response<Body>> {
     let path = request.uri().path();
-    let separate_api = node.config.auth.api_listen.is_some();
+    let separate_api = node.config().auth.api_listen.is_some();
     let internal = is_api(path) || path == "/metrics";
     let served = match kind {
         Kind::Main => !(separate_api && internal),
@@ -44,30 +46,30 @@ pub fn gate<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response
     if !served {
         return Some(response::error(
             StatusCode::NOT_FOUND,
-            "not_found",
+            error_code::NOT_FOUND,
             format!("no route for {path} on this listener"),
         ));
     }
     let headers = request.headers();
     if (is_api(path) || is_stream(path)) && origin::is_preflight(request.method(), headers) {
-        if !origin::allowed(&node.config.origin.allowed, headers) {
+        if !origin::allowed(&node.config().origin.allowed, headers) {
             return Some(origin::refused());
         }
         let methods = if is_stream(path) { "GET" } else { "GET, POST" };
         return Some(origin::preflight(headers, methods));
     }
     if is_api(path) {
-        if !origin::allowed(&node.config.origin.allowed, headers) {
+        if !origin::allowed(&node.config().origin.allowed, headers) {
             return Some(origin::refused());
         }
-        if let Err(response) = security::check_api_key(node, headers) {
+        if let Err(response) = guard::check_api_key(node, headers) {
             return Some(response);
         }
     }
     None
 }
 
-/// The request headers [`finish`] needs (only `Origin`), kept while the route consumes the request.
+/// The request headers [`add_cors_headers`] needs (only `Origin`), kept while the route consumes the request.
 pub fn origin_of(headers: &HeaderMap) -> HeaderMap {
     let mut kept = HeaderMap::new();
     if let Some(origin) = headers.get(header::ORIGIN) {
@@ -77,8 +79,14 @@ pub fn origin_of(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// Adds the CORS headers to the response of an allowed cross-origin SSE or API request.
-pub fn finish(node: &Node, path: &str, request: &HeaderMap, response: &mut Response<Body>) {
-    if (is_api(path) || is_stream(path)) && origin::allowed(&node.config.origin.allowed, request) {
+pub fn add_cors_headers(
+    node: &Node,
+    path: &str,
+    request: &HeaderMap,
+    response: &mut Response<Body>,
+) {
+    if (is_api(path) || is_stream(path)) && origin::allowed(&node.config().origin.allowed, request)
+    {
         origin::add_cors(request, response);
     }
 }
@@ -90,8 +98,8 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |_request: Request<hyper::body::Incoming>| async move {
-        let mut response = security::too_many(
-            "connection_rate_limited",
+        let mut response = guard::too_many(
+            error_code::CONNECTION_RATE_LIMITED,
             "too many new connections from this address (limits.connection_rate_per_ip)",
             retry,
         );

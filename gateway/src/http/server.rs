@@ -18,11 +18,15 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::listener::Kind;
+use crate::demo;
+use crate::http::gate::Kind;
+use crate::http::response::{self, Body};
+use crate::http::tls::Tls;
+use crate::http::{api, assets, gate};
 use crate::node::Node;
-use crate::response::{self, Body};
-use crate::tls::Tls;
-use crate::{api, assets, demo, listener, poll, security, sse, ws};
+use crate::protocol::error_code;
+use crate::security::guard;
+use crate::transport::{poll, sse, ws};
 
 /// Starts gateway nodes.
 pub struct Gateway;
@@ -37,21 +41,7 @@ pub struct RunningGateway {
     http: TaskTracker,
 }
 
-/// Why a node could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot start the backplane: {0}")]
-    Backplane(#[from] backplane::BackplaneError),
-    #[error("{0}")]
-    Security(String),
-    #[error("TLS: {0}")]
-    Tls(String),
-}
+pub use crate::node::StartError;
 
 impl Gateway {
     /// Binds `config.server.listen` and serves until [`RunningGateway::shutdown`].
@@ -77,9 +67,9 @@ impl Gateway {
         let http = TaskTracker::new();
         if let Some(tls) = &tls {
             tls.spawn_reloader(
-                node.config.tls.reload_interval,
-                node.metrics.clone(),
-                node.shutdown.clone(),
+                node.config().tls.reload_interval,
+                node.metrics().clone(),
+                node.shutdown_token().clone(),
             );
         }
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -107,16 +97,16 @@ impl Gateway {
                 None,
             )));
         }
-        if node.config.auth.api_keys.is_empty()
-            && node.config.auth.api_open
+        if node.config().auth.api_keys.is_empty()
+            && node.config().auth.api_open
             && !api_addr.ip().is_loopback()
         {
             tracing::warn!(%api_addr, "the API is open: anyone reaching {api_addr} may publish (auth.api_open)");
         }
-        if node.config.demo.publisher {
+        if node.config().demo.publisher {
             tokio::spawn(demo::run_publisher(node.clone()));
         }
-        tracing::info!(%addr, scheme, backplane = node.backplane.kind(), "listening on {addr}");
+        tracing::info!(%addr, scheme, backplane = node.backplane().kind(), "listening on {addr}");
         if api_addr != addr {
             tracing::info!(%api_addr, "API and metrics served on {api_addr} only");
         }
@@ -154,12 +144,12 @@ impl RunningGateway {
     /// Stops gradually (SIGTERM): not ready but still serving for `drain.delay`, then new
     /// connections are refused and existing ones closed in batches over `drain.window`.
     pub async fn drain(self) {
-        let drain = self.node.config.drain.clone();
+        let drain = self.node.config().drain.clone();
         self.stop(drain.delay, drain.window).await
     }
 
     async fn stop(self, delay: Duration, window: Duration) {
-        let deadline = Instant::now() + self.node.config.server.shutdown_timeout;
+        let deadline = Instant::now() + self.node.config().server.shutdown_timeout;
         tracing::info!(?delay, ?window, "shutting down");
         self.node.set_draining();
         tokio::time::sleep(delay).await;
@@ -169,28 +159,31 @@ impl RunningGateway {
             let _ = api_accept.await;
         }
         self.http.close();
-        let registry = &self.node.registry;
+        let streams = self.node.streams();
         if window.is_zero() {
-            registry.close_all();
+            streams.close_all();
         } else {
-            let spread = registry.close_spread(window, &self.node.metrics);
+            let spread = streams.close_spread(window, self.node.metrics());
             if tokio::time::timeout_at(deadline, spread).await.is_err() {
                 tracing::warn!("drain window overran the shutdown deadline");
             }
             // Connections accepted while the listener was closing.
-            registry.close_all();
+            streams.close_all();
         }
         let all_closed = async {
-            self.node.connections.wait().await;
+            self.node.connection_tasks().wait().await;
             self.http.wait().await;
         };
         if tokio::time::timeout_at(deadline, all_closed).await.is_err() {
             tracing::warn!(
-                remaining = registry.len(),
+                remaining = streams.len(),
                 "connections still open at the shutdown deadline"
             );
         }
-        self.node.metrics.drain_remaining.set(registry.len() as i64);
+        self.node
+            .metrics()
+            .drain_remaining
+            .set(streams.len() as i64);
         tracing::info!("stopped");
     }
 }
@@ -204,7 +197,7 @@ async fn accept_loop(
 ) {
     loop {
         let (stream, peer) = tokio::select! {
-            _ = node.shutdown.cancelled() => return,
+            _ = node.shutdown_token().cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -215,21 +208,18 @@ async fn accept_loop(
                 }
             },
         };
-        if let Err(retry) = node.security.limits.accept_ip(peer.ip()) {
-            node.metrics
-                .limit_rejections
-                .with_label_values(&["connection_rate_per_ip"])
-                .inc();
+        if let Err(retry) = node.policy().limits.accept_ip(peer.ip()) {
+            node.count_limit("connection_rate_per_ip");
             match &tls {
-                None => http.spawn(listener::serve_refused(stream, retry)),
+                None => http.spawn(gate::serve_refused(stream, retry)),
                 Some(tls) => {
                     let acceptor = tls.acceptor();
-                    let handshake = node.config.limits.handshake_timeout;
+                    let handshake = node.config().limits.handshake_timeout;
                     http.spawn(async move {
                         if let Ok(Ok(stream)) =
                             tokio::time::timeout(handshake, acceptor.accept(stream)).await
                         {
-                            listener::serve_refused(stream, retry).await;
+                            gate::serve_refused(stream, retry).await;
                         }
                     })
                 }
@@ -252,17 +242,12 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: O
 }
 
 async fn serve_tls(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Tls) {
-    let handshake = node.config.limits.handshake_timeout;
+    let handshake = node.config().limits.handshake_timeout;
     let accept = tls.acceptor().accept(stream);
     match tokio::time::timeout(handshake, accept).await {
         Ok(Ok(stream)) => serve_io(TokioIo::new(stream), node, kind).await,
         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-        Err(_) => {
-            node.metrics
-                .limit_rejections
-                .with_label_values(&["handshake_timeout"])
-                .inc();
-        }
+        Err(_) => node.count_limit("handshake_timeout"),
     }
 }
 
@@ -282,7 +267,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(node.config.limits.handshake_timeout);
+        .header_read_timeout(node.config().limits.handshake_timeout);
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     tokio::select! {
@@ -294,13 +279,10 @@ where
                 .and_then(|e| e.downcast_ref::<hyper::Error>())
                 .is_some_and(hyper::Error::is_timeout);
             if timed_out {
-                node.metrics
-                    .limit_rejections
-                    .with_label_values(&["handshake_timeout"])
-                    .inc();
+                node.count_limit("handshake_timeout");
             }
         }
-        _ = node.shutdown.cancelled() => {
+        _ = node.shutdown_token().cancelled() => {
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;
         }
@@ -308,37 +290,71 @@ where
 }
 
 async fn route(node: &Arc<Node>, kind: Kind, request: Request<Incoming>) -> Response<Body> {
-    if let Some(response) = listener::gate(node, kind, &request) {
+    if let Some(response) = gate::before_route(node, kind, &request) {
         return response;
     }
     let path = request.uri().path().to_string();
-    let origin = listener::origin_of(request.headers());
+    let origin = gate::origin_of(request.headers());
     let mut response = serve(node, request).await;
-    listener::finish(node, &path, &origin, &mut response);
+    gate::add_cors_headers(node, &path, &origin, &mut response);
     response
 }
 
-async fn serve(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Body> {
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let allowed = match path.as_str() {
-        "/healthz" | "/readyz" | "/metrics" | "/api/history" | "/ws" | "/sse" | "/poll"
-        | "/client.js" => "GET",
-        "/" if node.config.demo.page => "GET",
-        "/ws/echo" if node.config.websocket.echo => "GET",
-        "/api/publish" => "POST",
-        _ => {
-            return response::error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no route for {path}"),
-            )
+/// Every route: its path and method are listed once, in [`Route::of`] and [`Route::method`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Healthz,
+    Readyz,
+    Metrics,
+    Publish,
+    History,
+    ClientJs,
+    DemoPage,
+    WebSocket(ws::Mode),
+    Sse,
+    Poll,
+}
+
+impl Route {
+    fn of(node: &Node, path: &str) -> Option<Route> {
+        Some(match path {
+            "/healthz" => Route::Healthz,
+            "/readyz" => Route::Readyz,
+            "/metrics" => Route::Metrics,
+            "/api/publish" => Route::Publish,
+            "/api/history" => Route::History,
+            "/client.js" => Route::ClientJs,
+            "/" if node.config().demo.page => Route::DemoPage,
+            "/ws" => Route::WebSocket(ws::Mode::Protocol),
+            "/ws/echo" if node.config().websocket.echo => Route::WebSocket(ws::Mode::Echo),
+            "/sse" => Route::Sse,
+            "/poll" => Route::Poll,
+            _ => return None,
+        })
+    }
+
+    fn method(self) -> &'static str {
+        match self {
+            Route::Publish => "POST",
+            _ => "GET",
         }
+    }
+}
+
+async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path();
+    let Some(route) = Route::of(node, path) else {
+        return response::error(
+            StatusCode::NOT_FOUND,
+            error_code::NOT_FOUND,
+            format!("no route for {path}"),
+        );
     };
-    if method != allowed {
+    let allowed = route.method();
+    if request.method() != allowed {
         let mut response = response::error(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            error_code::METHOD_NOT_ALLOWED,
             format!("{path} accepts {allowed} only"),
         );
         response
@@ -346,44 +362,29 @@ async fn serve(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
             .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
         return response;
     }
-    match path.as_str() {
-        "/healthz" => response::json(StatusCode::OK, &b"{\"status\":\"ok\"}"[..]),
-        "/readyz" => match node.readiness() {
+    match route {
+        Route::Healthz => response::json(StatusCode::OK, &b"{\"status\":\"ok\"}"[..]),
+        Route::Readyz => match node.readiness() {
             Ok(()) => response::json(StatusCode::OK, &b"{\"status\":\"ready\"}"[..]),
-            Err(reason) => response::error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason),
+            Err(reason) => response::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                error_code::NOT_READY,
+                reason,
+            ),
         },
-        "/metrics" => Response::builder()
+        Route::Metrics => Response::builder()
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(response::full(node.encode_metrics()))
             .expect("static parts are valid"),
-        "/api/publish" => api::publish(node, request).await,
-        "/api/history" => api::history(node, request.uri().query()).await,
-        "/poll" => {
-            // Like a new stream: a draining node sends pollers to another node at once.
-            if node.is_draining() {
-                return poll::no_store(shutting_down());
-            }
-            // Like an SSE stream: Origin, token and channel permissions; the connection counts
-            // against the limits while the poll waits.
-            let query = request.uri().query();
-            let admission = match security::admit(node, request.headers(), query) {
-                Ok(admission) => admission,
-                Err(response) => return poll::no_store(response),
-            };
-            if let Err(response) = security::check_sse(node, &admission, query) {
-                return poll::no_store(response);
-            }
-            let response = poll::poll(node, query).await;
-            drop(admission);
-            poll::no_store(response)
-        }
-        "/client.js" | "/" => {
+        Route::Publish => api::publish(node, request).await,
+        Route::History => api::history(node, request.uri().query()).await,
+        Route::ClientJs | Route::DemoPage => {
             let if_none_match = request
                 .headers()
                 .get(header::IF_NONE_MATCH)
                 .map(|v| v.as_bytes());
-            match path.as_str() {
-                "/client.js" => assets::serve(
+            match route {
+                Route::ClientJs => assets::serve(
                     assets::CLIENT_JS,
                     "text/javascript; charset=utf-8",
                     if_none_match,
@@ -391,58 +392,65 @@ async fn serve(node: &Arc<Node>, mut request: Request<Incoming>) -> Response<Bod
                 _ => assets::serve(assets::DEMO_HTML, "text/html; charset=utf-8", if_none_match),
             }
         }
-        "/sse" => {
-            // A draining node takes no new streams, so proxies that do not watch /readyz
-            // (nginx retries 503 on another upstream) move new clients elsewhere at once.
-            if node.is_draining() {
-                return shutting_down();
-            }
-            let query = request.uri().query();
-            let admission = match security::admit(node, request.headers(), query) {
+        Route::Poll => {
+            // Poll answers are never cached, refusals included.
+            let admission = match admit_stream(node, route, &request) {
                 Ok(admission) => admission,
-                Err(response) => return response,
+                Err(response) => return poll::no_store(response),
             };
-            if let Err(response) = security::check_sse(node, &admission, query) {
-                return response;
-            }
-            sse::open(node, query, request.headers())
-                .map(|body| security::Expiring::wrap(node, body, admission))
+            // The connection counts against the limits while the poll waits.
+            let response = poll::poll(node, request.uri().query()).await;
+            drop(admission);
+            poll::no_store(response)
         }
-        "/ws" | "/ws/echo" => {
-            // A draining node takes no new streams, so proxies that do not watch /readyz
-            // (nginx retries 503 on another upstream) move new clients elsewhere at once.
-            if node.is_draining() {
-                return shutting_down();
-            }
-            if !fastwebsockets::upgrade::is_upgrade_request(&request) {
-                return response::error(
-                    StatusCode::UPGRADE_REQUIRED,
-                    "upgrade_required",
-                    "this endpoint speaks WebSocket only",
-                );
-            }
-            let mode = if path == "/ws" {
-                ws::Mode::Protocol
-            } else {
-                ws::Mode::Echo
-            };
-            let admission = match security::admit(node, request.headers(), request.uri().query()) {
+        Route::Sse => match admit_stream(node, route, &request) {
+            Ok(admission) => sse::open(node, request.uri().query(), request.headers())
+                .map(|body| guard::Expiring::wrap(node, body, admission)),
+            Err(response) => response,
+        },
+        Route::WebSocket(mode) => {
+            let admission = match admit_stream(node, route, &request) {
                 Ok(admission) => admission,
                 Err(response) => return response,
             };
+            let mut request = request;
             match ws::accept(node, &mut request, mode, admission) {
                 Ok(response) => response.map(|_| response::empty()),
-                Err(e) => response::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+                Err(e) => response::error(
+                    StatusCode::BAD_REQUEST,
+                    error_code::BAD_REQUEST,
+                    e.to_string(),
+                ),
             }
         }
-        _ => unreachable!("every routed path is matched above"),
     }
 }
 
-fn shutting_down() -> Response<Body> {
-    response::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "shutting_down",
-        "this node is shutting down; connect to another",
-    )
+/// Lets a new WebSocket, SSE stream or long-poll in, or answers why not. A draining node takes
+/// none, so proxies that do not watch /readyz (nginx retries 503 on another upstream) move new
+/// clients elsewhere at once. Then Origin, token and connection limits; SSE and long-poll also
+/// check the permission of every channel of the query up front.
+#[allow(clippy::result_large_err)] // a refusal is a whole response, built once on a cold path
+fn admit_stream(
+    node: &Node,
+    route: Route,
+    request: &Request<Incoming>,
+) -> Result<guard::Admission, Response<Body>> {
+    if node.is_draining() {
+        return Err(response::shutting_down());
+    }
+    let is_websocket = matches!(route, Route::WebSocket(_));
+    if is_websocket && !fastwebsockets::upgrade::is_upgrade_request(request) {
+        return Err(response::error(
+            StatusCode::UPGRADE_REQUIRED,
+            error_code::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket only",
+        ));
+    }
+    let query = request.uri().query();
+    let admission = guard::admit(node, request.headers(), query)?;
+    if !is_websocket {
+        guard::check_stream_channels(node, &admission, query)?;
+    }
+    Ok(admission)
 }

@@ -10,17 +10,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backplane::Position;
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::{header, Response, StatusCode};
 use serde::Serialize;
 
-use crate::client::{oldest_live, Output, Session};
 use crate::cursor;
 use crate::drain::reconnect_hint;
+use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::protocol::{check_channel, ErrorBody};
-use crate::response::{self, Body};
+use crate::protocol::{error_code, ErrorBody};
+use crate::session::{oldest_live, Output, Session};
+use crate::transport::stream_query::{decode_cursor, StreamQuery};
 
 /// Most outputs gathered into one answer once something is ready; the rest waits for the next
 /// poll (the cursor says where to continue).
@@ -39,19 +39,6 @@ struct PositionOut<'a> {
     channel: &'a str,
     epoch: &'a str,
     offset: u64,
-}
-
-#[derive(Serialize)]
-struct ResetPush<'a> {
-    reset: ResetOut<'a>,
-}
-
-#[derive(Serialize)]
-struct ResetOut<'a> {
-    channel: &'a str,
-    epoch: &'a str,
-    offset: u64,
-    reason: &'a str,
 }
 
 /// Why an answer was sent, for `gateway_poll_responses_total{outcome}`.
@@ -79,18 +66,18 @@ impl Outcome {
 }
 
 /// Answers one poll.
-pub async fn poll(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
+pub(crate) async fn poll(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
     let request = match parse(node, query) {
         Ok(request) => request,
         Err(e) => {
-            node.metrics
+            node.metrics()
                 .poll_responses
                 .with_label_values(&["rejected"])
                 .inc();
             return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
         }
     };
-    let gauge = node.metrics.connections.with_label_values(&["poll"]);
+    let gauge = node.metrics().connections.with_label_values(&["poll"]);
     gauge.inc();
     let response = answer(node, request).await;
     gauge.dec();
@@ -99,59 +86,31 @@ pub async fn poll(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
 
 /// Reads the query; an error is a 400 with its code.
 fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
-    let bad = |code: &'static str, message: String| Err(ErrorBody::new(code, message));
-    let max_timeout = node.config.poll.max_timeout;
-    let mut channels: Vec<Arc<str>> = Vec::new();
-    let mut cursor_text = None;
+    let max_timeout = node.config().poll.max_timeout;
     let mut timeout = max_timeout;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        match &*key {
-            "channel" => {
-                check_channel(&value)?;
-                if !channels.iter().any(|c| **c == *value) {
-                    channels.push(value.as_ref().into());
-                }
-            }
-            "cursor" => cursor_text = Some(value.into_owned()),
-            "timeout" => match value.parse::<f64>() {
-                Ok(s) if s.is_finite() && s >= 0.0 && s <= max_timeout.as_secs_f64() => {
-                    timeout = Duration::from_secs_f64(s);
-                }
-                _ => {
-                    return bad(
-                        "bad_request",
-                        format!(
-                            "`timeout` must be a number of seconds from 0 to {}, got {value:?}",
-                            max_timeout.as_secs_f64()
-                        ),
-                    )
-                }
-            },
-            _ => {}
+    let read_timeout = |key: &str, value: &str| {
+        if key != "timeout" {
+            return Ok(());
         }
-    }
-    if channels.is_empty() {
-        return bad(
-            "bad_request",
-            "at least one `channel` query parameter is required".into(),
-        );
-    }
-    let max = node.config.client.max_subscriptions;
-    if channels.len() > max {
-        return bad(
-            "too_many_subscriptions",
-            format!("a poll may carry at most {max} channels"),
-        );
-    }
-    let positions = match cursor_text.as_deref().filter(|c| !c.is_empty()) {
-        None => Vec::new(),
-        Some(c) => match cursor::decode(c) {
-            Ok(p) => p,
-            Err(message) => return bad("invalid_cursor", message),
-        },
+        match value.parse::<f64>() {
+            Ok(s) if s.is_finite() && s >= 0.0 && s <= max_timeout.as_secs_f64() => {
+                timeout = Duration::from_secs_f64(s);
+                Ok(())
+            }
+            _ => Err(ErrorBody::new(
+                error_code::BAD_REQUEST,
+                format!(
+                    "`timeout` must be a number of seconds from 0 to {}, got {value:?}",
+                    max_timeout.as_secs_f64()
+                ),
+            )),
+        }
     };
+    let max_channels = node.config().client.max_subscriptions;
+    let request = StreamQuery::parse(query, "cursor", max_channels, read_timeout)?;
+    let positions = decode_cursor(request.cursor.as_deref())?;
     Ok(PollRequest {
-        channels,
+        channels: request.channels,
         positions,
         timeout,
     })
@@ -160,26 +119,11 @@ fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
 async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
     let deadline = tokio::time::Instant::now() + request.timeout;
     // Registered like a stream, so a drain answers waiting polls at once instead of at timeout.
-    let registration = node.registry.register();
-    let mut session = Session::new(node.clone());
+    let registration = node.streams().register();
+    let mut session = Session::new(node.clone(), registration.id());
+    let starts = session.subscribe_from_cursor(&request.channels, &request.positions);
+    let missing_position = starts.iter().any(Option::is_none);
     let mut out = Vec::new();
-    let mut missing_position = false;
-    for channel in &request.channels {
-        let since = request
-            .positions
-            .iter()
-            .find(|(c, _, _)| **c == **channel)
-            .map(|(_, epoch, offset)| Position {
-                epoch: epoch.as_str().into(),
-                offset: *offset,
-            });
-        missing_position |= since.is_none();
-        session.subscribe(None, channel.clone(), since, &mut out);
-    }
-    debug_assert!(
-        out.is_empty(),
-        "fresh sessions accept every distinct channel"
-    );
 
     // Every channel's starting position first: the answer's cursor must cover all of them.
     let mut delivered = Vec::new();
@@ -203,11 +147,7 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
                     }
                 }
                 Output::SubscribeFailed { error, .. } => {
-                    let status = match error.code {
-                        "backplane_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-                        _ => StatusCode::BAD_REQUEST,
-                    };
-                    return response::error(status, error.code, error.message);
+                    return response::error(error.status(), error.code, error.message);
                 }
                 other => delivered.push(other),
             }
@@ -233,15 +173,10 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
         }
     }
     // Whatever else is ready now goes into the same answer.
-    while delivered.len() < BATCH {
-        match session.try_next() {
-            Some(event) => session.apply(event, &mut delivered),
-            None => break,
-        }
-    }
+    session.apply_ready(&mut delivered, BATCH);
     let outcome = outcome.expect("set by the loop");
     let reconnect_ms = matches!(outcome, Outcome::Drained)
-        .then(|| reconnect_hint(node.config.drain.reconnect_jitter).as_millis() as u64);
+        .then(|| reconnect_hint(node.config().drain.reconnect_jitter).as_millis() as u64);
     let body = encode(&request.channels, &session, &delivered, reconnect_ms);
     record(node, outcome, &delivered);
     response::json(StatusCode::OK, body)
@@ -251,20 +186,20 @@ fn has_data(outputs: &[Output]) -> bool {
     outputs.iter().any(|o| {
         matches!(
             o,
-            Output::Publication(_) | Output::Live(_) | Output::Reset { .. }
+            Output::History(_) | Output::Live(_) | Output::Reset { .. }
         )
     })
 }
 
 fn record(node: &Node, outcome: Outcome, delivered: &[Output]) {
-    let metrics = &node.metrics;
+    let metrics = node.metrics();
     metrics
         .poll_responses
         .with_label_values(&[outcome.label()])
         .inc();
     let count = delivered
         .iter()
-        .filter(|o| matches!(o, Output::Publication(_) | Output::Live(_)))
+        .filter(|o| matches!(o, Output::History(_) | Output::Live(_)))
         .count();
     if count > 0 {
         metrics
@@ -277,15 +212,11 @@ fn record(node: &Node, outcome: Outcome, delivered: &[Output]) {
 
 /// A node that drains takes no new polls: the client goes to another node.
 fn draining(node: &Node) -> Response<Body> {
-    node.metrics
+    node.metrics()
         .poll_responses
         .with_label_values(&["drained"])
         .inc();
-    response::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "shutting_down",
-        "this node is shutting down; connect to another",
-    )
+    response::shutting_down()
 }
 
 /// `{"cursor": C, "positions": [...], "events": [...]}`: `events` holds publications (spliced in
@@ -314,7 +245,7 @@ fn encode(
     let size: usize = delivered
         .iter()
         .map(|o| match o {
-            Output::Publication(p) | Output::Live(p) => p.json().len() + 1,
+            Output::History(p) | Output::Live(p) => p.json().len() + 1,
             _ => 0,
         })
         .sum();
@@ -331,24 +262,11 @@ fn encode(
     let mut first = true;
     for output in delivered {
         let event = match output {
-            Output::Publication(p) | Output::Live(p) => p.json().clone(),
-            Output::Reset {
-                channel,
-                epoch,
-                offset,
-                reason,
-            } => Bytes::from(
-                serde_json::to_vec(&ResetPush {
-                    reset: ResetOut {
-                        channel,
-                        reason,
-                        epoch,
-                        offset: *offset,
-                    },
-                })
-                .expect("cannot fail"),
-            ),
-            _ => continue,
+            Output::History(p) | Output::Live(p) => p.json().clone(),
+            other => match other.reset_push() {
+                Some(push) => push,
+                None => continue,
+            },
         };
         if !first {
             body.put_u8(b',');
@@ -361,7 +279,7 @@ fn encode(
 }
 
 /// `Cache-Control` for poll answers: never cached, every answer depends on the cursor and time.
-pub fn no_store(mut response: Response<Body>) -> Response<Body> {
+pub(crate) fn no_store(mut response: Response<Body>) -> Response<Body> {
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),

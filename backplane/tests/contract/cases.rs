@@ -1,0 +1,477 @@
+//! The contract cases, each a function of the [`Store`] it runs on. A case starts its own
+//! nodes; channel names only need to be unique within a case (every test has its own store).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backplane::{BackplaneError, HistoryPage, Idempotency, PublishAck, Retention, Settings};
+use bytes::Bytes;
+
+use crate::{offsets, poll_until, Node, NodeOptions, Store};
+
+fn data(n: u64) -> Bytes {
+    Bytes::from(format!("{{\"n\":{n}}}"))
+}
+
+async fn node(store: &Store) -> Node {
+    store.node(NodeOptions::default()).await
+}
+
+fn with_settings(settings: Settings) -> NodeOptions {
+    NodeOptions {
+        settings,
+        ..NodeOptions::default()
+    }
+}
+
+async fn publish(node: &Node, channel: &str, n: u64) -> PublishAck {
+    node.backplane
+        .publish(channel, data(n), None)
+        .await
+        .expect("publish")
+}
+
+async fn publish_keyed(
+    node: &Node,
+    channel: &str,
+    data: &'static str,
+    key: Idempotency<'_>,
+) -> Result<PublishAck, BackplaneError> {
+    node.backplane
+        .publish(channel, Bytes::from_static(data.as_bytes()), Some(key))
+        .await
+}
+
+async fn history(node: &Node, channel: &str, since: u64, limit: usize) -> HistoryPage {
+    node.backplane
+        .history(channel, since, limit)
+        .await
+        .expect("history")
+}
+
+fn page_offsets(page: &HistoryPage) -> Vec<u64> {
+    offsets(&page.publications)
+}
+
+pub async fn offsets_are_gap_free_from_one(store: &Store) {
+    let node = node(store).await;
+    let first = publish(&node, "gapless", 1).await;
+    assert_eq!((&*first.channel, first.offset), ("gapless", 1));
+    for n in 2..=20 {
+        let ack = publish(&node, "gapless", n).await;
+        assert_eq!(ack.offset, n, "offsets count up by one");
+        assert_eq!(ack.epoch, first.epoch, "one epoch while history lives");
+    }
+    let other = publish(&node, "gapless-other", 1).await;
+    assert_eq!(other.offset, 1, "every channel counts from 1");
+    assert_ne!(other.epoch, first.epoch, "every channel has its own epoch");
+
+    let page = history(&node, "gapless", 0, 100).await;
+    assert_eq!((page.top, page.epoch.clone()), (20, first.epoch.clone()));
+    assert_eq!(page_offsets(&page), (1..=20).collect::<Vec<_>>());
+    for p in &page.publications {
+        assert_eq!(p.data(), &data(p.offset)[..]);
+        assert_eq!(p.epoch, first.epoch);
+    }
+}
+
+pub async fn empty_channel_epoch_is_stable(store: &Store) {
+    let node = node(store).await;
+    let first = history(&node, "empty", 0, 10).await;
+    assert_eq!((first.top, first.publications.len()), (0, 0));
+    assert_eq!(first.since_tag, None, "offset 0 names no publication");
+    let again = history(&node, "empty", 0, 10).await;
+    assert_eq!(
+        again.epoch, first.epoch,
+        "reads do not change an empty channel's epoch"
+    );
+    if store.shared() {
+        let peer = self::node(store).await;
+        let seen = history(&peer, "empty", 0, 10).await;
+        assert_eq!(seen.epoch, first.epoch, "every node sees the same epoch");
+    }
+    let ack = publish(&node, "empty", 1).await;
+    assert_eq!(
+        (ack.offset, ack.epoch),
+        (1, first.epoch),
+        "the first publish keeps the epoch readers saw"
+    );
+}
+
+pub async fn history_is_trimmed_by_count(store: &Store) {
+    let settings = Settings {
+        retention: Retention {
+            max_count: 5,
+            max_age: Duration::from_secs(600),
+        },
+        ..Settings::default()
+    };
+    let node = store.node(with_settings(settings)).await;
+    let mut acks = Vec::new();
+    for n in 1..=12 {
+        acks.push(publish(&node, "counted", n).await);
+    }
+    let page = history(&node, "counted", 0, 100).await;
+    assert_eq!(page.top, 12, "offsets keep counting");
+    assert_eq!(page_offsets(&page), vec![8, 9, 10, 11, 12], "the oldest go");
+    assert_eq!(
+        page.epoch, acks[0].epoch,
+        "trimming is not a loss of history"
+    );
+    let from_trimmed = history(&node, "counted", 3, 100).await;
+    assert_eq!(page_offsets(&from_trimmed), vec![8, 9, 10, 11, 12]);
+    assert_eq!(
+        from_trimmed.since_tag, None,
+        "a trimmed entry's tag is gone"
+    );
+    let at_the_edge = history(&node, "counted", 7, 100).await;
+    assert_eq!(page_offsets(&at_the_edge), vec![8, 9, 10, 11, 12]);
+    assert_eq!(
+        at_the_edge.since_tag,
+        Some(acks[6].tag),
+        "the entry after a trimmed one still names its tag, so a resume at the edge is checked"
+    );
+}
+
+pub async fn history_is_trimmed_by_age_per_namespace(store: &Store) {
+    let brief = Retention {
+        max_count: 100,
+        max_age: Duration::from_millis(200),
+    };
+    let settings = Settings {
+        namespace_retention: Arc::from([("brief".to_string(), brief)]),
+        ..Settings::default()
+    };
+    let node = store.node(with_settings(settings)).await;
+    let mut acks = Vec::new();
+    for n in 1..=3 {
+        acks.push(publish(&node, "brief:c", n).await);
+        publish(&node, "long:c", n).await;
+    }
+    let page = poll_until("brief:c to age out of history", || async {
+        let page = history(&node, "brief:c", 0, 100).await;
+        page.publications.is_empty().then_some(page)
+    })
+    .await;
+    assert_eq!(page.top, 3, "the top outlives the history");
+    assert_eq!(
+        page.epoch, acks[0].epoch,
+        "aging out is not a loss of history"
+    );
+    let at_top = history(&node, "brief:c", 3, 100).await;
+    assert_eq!(
+        at_top.since_tag,
+        Some(acks[2].tag),
+        "the top's tag outlives its entry"
+    );
+    assert_eq!(history(&node, "brief:c", 2, 100).await.since_tag, None);
+    let long = history(&node, "long:c", 0, 100).await;
+    assert_eq!(
+        page_offsets(&long),
+        vec![1, 2, 3],
+        "other namespaces keep the default retention"
+    );
+}
+
+pub async fn history_pages_are_contiguous_up_to_top(store: &Store) {
+    let node = node(store).await;
+    let mut acks = Vec::new();
+    for n in 1..=25 {
+        acks.push(publish(&node, "paged", n).await);
+    }
+    let mut all = Vec::new();
+    let mut since = 0;
+    for expected in [1..=10, 11..=20, 21..=25] {
+        let page = history(&node, "paged", since, 10).await;
+        assert_eq!((page.top, &page.epoch), (25, &acks[0].epoch));
+        assert_eq!(page_offsets(&page), expected.collect::<Vec<_>>());
+        since = page.publications.last().unwrap().offset;
+        all.extend(page.publications);
+    }
+    assert_eq!(offsets(&all), (1..=25).collect::<Vec<_>>());
+    for p in &all {
+        assert_eq!(p.data(), &data(p.offset)[..]);
+    }
+    let at_top = history(&node, "paged", 25, 10).await;
+    assert!(at_top.publications.is_empty());
+    assert_eq!(at_top.top, 25);
+    let ahead = history(&node, "paged", 30, 10).await;
+    assert!(ahead.publications.is_empty());
+    let end_of_time = history(&node, "paged", u64::MAX, 10).await;
+    assert!(
+        end_of_time.publications.is_empty(),
+        "the largest since reads nothing"
+    );
+    assert_eq!((end_of_time.top, end_of_time.since_tag), (25, None));
+    assert_eq!(ahead.top, 25, "a position ahead of the top reads the top");
+    assert_eq!(ahead.since_tag, None);
+    let middle = history(&node, "paged", 7, 3).await;
+    assert_eq!(page_offsets(&middle), vec![8, 9, 10]);
+}
+
+pub async fn delivery_is_in_order_and_only_while_subscribed(store: &Store) {
+    let options = NodeOptions {
+        subscribe_linger: Some(Duration::from_millis(100)),
+        ..NodeOptions::default()
+    };
+    let node = store.node(options.clone()).await;
+    // On a shared store the publications come from another node.
+    let peer = if store.shared() {
+        Some(store.node(options).await)
+    } else {
+        None
+    };
+    let publisher = peer.as_ref().unwrap_or(&node);
+    let bp = &node.backplane;
+    publish(publisher, "live", 1).await;
+    bp.subscribe("live").await.unwrap();
+    for n in 2..=5 {
+        publish(publisher, "live", n).await;
+    }
+    let got = node.sink.wait_for("live", 5).await;
+    assert_eq!(
+        offsets(&got),
+        vec![2, 3, 4, 5],
+        "in order, from the subscribe on"
+    );
+    for p in &got {
+        assert_eq!(p.data(), &data(p.offset)[..]);
+    }
+
+    bp.unsubscribe("live").await.unwrap();
+    store.wait_unsubscribed("live").await;
+    publish(publisher, "live", 6).await;
+    publish(publisher, "live", 7).await;
+    // Subscribing again and waiting for the next publication of the same channel is the
+    // barrier: had 6 or 7 been delivered, they would have arrived before 8.
+    bp.subscribe("live").await.unwrap();
+    publish(publisher, "live", 8).await;
+    let got = node.sink.wait_for("live", 8).await;
+    assert_eq!(
+        offsets(&got),
+        vec![2, 3, 4, 5, 8],
+        "nothing is delivered while unsubscribed"
+    );
+    if let Some(peer) = &peer {
+        assert!(
+            peer.sink.of("live").is_empty(),
+            "only subscribed nodes get deliveries"
+        );
+    }
+}
+
+pub async fn concurrent_publishers_get_distinct_gap_free_offsets(store: &Store) {
+    const PUBLISHERS: u64 = 4;
+    const EACH: u64 = 25;
+    let mut nodes = vec![node(store).await];
+    if store.shared() {
+        nodes.push(node(store).await);
+    }
+    let mut tasks = Vec::new();
+    for publisher in 0..PUBLISHERS {
+        let backplane = nodes[publisher as usize % nodes.len()].backplane.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acks = Vec::new();
+            for n in 0..EACH {
+                let payload = data(publisher * 1000 + n);
+                let ack = backplane.publish("busy", payload.clone(), None).await;
+                acks.push((ack.expect("publish"), payload));
+            }
+            acks
+        }));
+    }
+    let mut by_offset = BTreeMap::new();
+    for task in tasks {
+        let acks = task.await.unwrap();
+        let own: Vec<u64> = acks.iter().map(|(ack, _)| ack.offset).collect();
+        assert!(
+            own.windows(2).all(|w| w[0] < w[1]),
+            "one publisher's acks ascend"
+        );
+        for (ack, payload) in acks {
+            assert!(
+                by_offset.insert(ack.offset, (ack, payload)).is_none(),
+                "an offset was given twice"
+            );
+        }
+    }
+    let expected: Vec<u64> = (1..=PUBLISHERS * EACH).collect();
+    assert_eq!(by_offset.keys().copied().collect::<Vec<_>>(), expected);
+    let epochs: HashSet<_> = by_offset
+        .values()
+        .map(|(ack, _)| ack.epoch.clone())
+        .collect();
+    assert_eq!(epochs.len(), 1);
+
+    let page = history(&nodes[0], "busy", 0, 1000).await;
+    assert_eq!(page_offsets(&page), expected);
+    for p in &page.publications {
+        let (ack, payload) = &by_offset[&p.offset];
+        assert_eq!(
+            p.data(),
+            &payload[..],
+            "offset {} holds its publisher's data",
+            p.offset
+        );
+        assert_eq!(p.tag, ack.tag);
+    }
+}
+
+pub async fn idempotent_retry_returns_the_first_ack(store: &Store) {
+    let node = node(store).await;
+    node.backplane.subscribe("retried").await.unwrap();
+    for (n, key) in [(1, Idempotency::server("k")), (2, Idempotency::client("k"))] {
+        let first = publish_keyed(&node, "retried", "{\"a\":1}", key)
+            .await
+            .unwrap();
+        let again = publish_keyed(&node, "retried", "{\"a\":1}", key)
+            .await
+            .unwrap();
+        assert_eq!(first.offset, n);
+        assert_eq!(again, first, "a retry answers the first ack");
+        assert_eq!(again.tag, first.tag, "including its tag");
+    }
+    let next = publish(&node, "retried", 3).await;
+    assert_eq!(next.offset, 3, "a retry takes no offset");
+    let delivered = node.sink.wait_for("retried", 3).await;
+    assert_eq!(
+        offsets(&delivered),
+        vec![1, 2, 3],
+        "a retry is not delivered again"
+    );
+    let page = history(&node, "retried", 0, 100).await;
+    assert_eq!(
+        page_offsets(&page),
+        vec![1, 2, 3],
+        "a retry stores no second entry"
+    );
+}
+
+pub async fn idempotency_key_with_other_data_is_a_conflict(store: &Store) {
+    let node = node(store).await;
+    for (n, key) in [(1, Idempotency::server("k")), (2, Idempotency::client("k"))] {
+        let first = publish_keyed(&node, "clash", "{\"a\":1}", key)
+            .await
+            .unwrap();
+        assert_eq!(first.offset, n);
+        let other = publish_keyed(&node, "clash", "{\"a\":2}", key).await;
+        assert!(
+            matches!(other, Err(BackplaneError::Conflict(_))),
+            "other data under a used key: {other:?}"
+        );
+        let retry = publish_keyed(&node, "clash", "{\"a\":1}", key)
+            .await
+            .unwrap();
+        assert_eq!(retry, first, "the first publication still answers retries");
+    }
+    let page = history(&node, "clash", 0, 100).await;
+    assert_eq!(
+        page_offsets(&page),
+        vec![1, 2],
+        "the conflicting data was not stored"
+    );
+    assert!(page.publications.iter().all(|p| p.data() == b"{\"a\":1}"));
+    assert_eq!(publish(&node, "clash", 3).await.offset, 3);
+}
+
+pub async fn idempotency_scopes_live_apart(store: &Store) {
+    let node = node(store).await;
+    let client = publish_keyed(
+        &node,
+        "scoped",
+        "\"from a client\"",
+        Idempotency::client("order-1"),
+    )
+    .await
+    .unwrap();
+    let server = publish_keyed(
+        &node,
+        "scoped",
+        "\"from the backend\"",
+        Idempotency::server("order-1"),
+    )
+    .await
+    .expect("a client's key does not take the backend's");
+    assert_eq!((client.offset, server.offset), (1, 2));
+    let server_again = publish_keyed(
+        &node,
+        "scoped",
+        "\"from the backend\"",
+        Idempotency::server("order-1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(server_again, server);
+    let client_other = publish_keyed(
+        &node,
+        "scoped",
+        "\"from the backend\"",
+        Idempotency::client("order-1"),
+    )
+    .await;
+    assert!(matches!(client_other, Err(BackplaneError::Conflict(_))));
+    let elsewhere = publish_keyed(&node, "scoped-2", "\"x\"", Idempotency::server("order-1"))
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.offset, 1, "keys are per channel");
+    let page = history(&node, "scoped", 0, 100).await;
+    let stored: Vec<&[u8]> = page.publications.iter().map(|p| p.data()).collect();
+    assert_eq!(
+        stored,
+        vec![&b"\"from a client\""[..], b"\"from the backend\""]
+    );
+}
+
+pub async fn tags_are_carried_everywhere(store: &Store) {
+    let node = node(store).await;
+    node.backplane.subscribe("tagged").await.unwrap();
+    let mut acks = Vec::new();
+    for n in 1..=10 {
+        acks.push(publish(&node, "tagged", n).await);
+    }
+    let tags: Vec<u32> = acks.iter().map(|a| a.tag).collect();
+    let distinct: HashSet<u32> = tags.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        tags.len(),
+        "tags are random per publication: {tags:?}"
+    );
+
+    let delivered = node.sink.wait_for("tagged", 10).await;
+    assert_eq!(
+        delivered.iter().map(|p| p.tag).collect::<Vec<_>>(),
+        tags,
+        "live"
+    );
+    let page = history(&node, "tagged", 0, 100).await;
+    assert_eq!(
+        page.publications.iter().map(|p| p.tag).collect::<Vec<_>>(),
+        tags,
+        "history"
+    );
+
+    let mut readers = vec![node];
+    if store.shared() {
+        readers.push(self::node(store).await);
+    }
+    for reader in &readers {
+        assert_eq!(history(reader, "tagged", 0, 5).await.since_tag, None);
+        let inside = history(reader, "tagged", 4, 3).await;
+        assert_eq!(page_offsets(&inside), vec![5, 6, 7]);
+        assert_eq!(inside.since_tag, Some(tags[3]), "since inside history");
+        let at_top = history(reader, "tagged", 10, 3).await;
+        assert_eq!(at_top.since_tag, Some(tags[9]), "since at the top");
+        let position_only = history(reader, "tagged", 6, 0).await;
+        assert_eq!(
+            position_only.since_tag,
+            Some(tags[5]),
+            "also without a page"
+        );
+        assert_eq!(
+            history(reader, "tagged", 11, 3).await.since_tag,
+            None,
+            "ahead"
+        );
+    }
+}

@@ -1,0 +1,949 @@
+//! The delivery rule of one session, pure: no tokio, no node, no I/O. It holds a session's
+//! subscriptions and decides, for every event, what the client is sent and which history read
+//! comes next; the driver (`session`) runs those reads, touches the hub and counts metrics.
+//!
+//! Each subscription remembers the last offset it delivered. A live publication is written only
+//! if it is the next one; an older one is a duplicate and dropped; a newer one reveals a gap,
+//! which is filled from history in pages before live delivery resumes. While a subscription is
+//! being set up or is catching up, live publications are not buffered — only the highest live
+//! offset seen is kept — so memory stays bounded however large the gap. Publications are in
+//! history before they are fanned out, so whatever was skipped live is found in history.
+
+use std::sync::Arc;
+
+use backplane::{BackplaneError, HistoryPage, Position, Publication};
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+
+use crate::protocol::{
+    backplane_error, check_subscription_count, error_code, reset_reason, ErrorBody, Reset,
+    SubscribeResult,
+};
+
+/// What the session asks its transport to send, in order.
+#[derive(Debug)]
+pub(crate) enum Output {
+    /// A finished command's JSON reply.
+    Reply(Bytes),
+    /// A subscription is set up; sent before any of the channel's publications.
+    Subscribed {
+        id: Option<u64>,
+        result: SubscribeResult,
+    },
+    /// A subscription could not be set up; the channel is not subscribed.
+    SubscribeFailed {
+        id: Option<u64>,
+        channel: Arc<str>,
+        error: ErrorBody,
+    },
+    /// A publication read from history (resume or gap fill).
+    History(Arc<Publication>),
+    /// A publication delivered live, as fanned out.
+    Live(Arc<Publication>),
+    /// The channel's stream could not be continued: what was missed is lost. Delivery goes on
+    /// after `offset` of `epoch`.
+    Reset {
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        reason: &'static str,
+    },
+}
+
+impl Output {
+    /// The `{"reset": ...}` push of an [`Output::Reset`] (WebSocket, long-poll); `None` for any
+    /// other output.
+    pub(crate) fn reset_push(&self) -> Option<Bytes> {
+        match self {
+            Output::Reset {
+                channel,
+                epoch,
+                offset,
+                reason,
+            } => Some(
+                Reset {
+                    channel,
+                    epoch,
+                    offset: *offset,
+                    reason,
+                }
+                .to_push(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// What happened to the session's subscriptions.
+pub(crate) enum Input {
+    /// A live publication fanned out to the connection.
+    Live(Arc<Publication>),
+    /// The first read of a subscription (its top, and with `since` the page after it).
+    Subscribed {
+        gen: u64,
+        channel: Arc<str>,
+        id: Option<u64>,
+        since: Option<Position>,
+        page: Result<HistoryPage, BackplaneError>,
+    },
+    /// A history page asked for by [`Effect::Fetch`].
+    Page {
+        gen: u64,
+        channel: Arc<str>,
+        page: Result<HistoryPage, BackplaneError>,
+    },
+}
+
+/// What the driver must do besides sending outputs.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// Read the page of `channel` after `since`; `retry` after a failed read (wait first).
+    Fetch {
+        gen: u64,
+        channel: Arc<str>,
+        since: u64,
+        retry: bool,
+    },
+    /// The subscription ended without an unsubscribe command: leave the hub.
+    LeaveHub(Arc<str>),
+    /// A resume was decided, for `gateway_resumes_total`.
+    Resumed {
+        recovered: bool,
+        reason: Option<&'static str>,
+    },
+}
+
+enum State {
+    /// Joined the hub; the first read is in flight, its position not known yet.
+    Subscribing {
+        live_max: u64,
+    },
+    /// Reading history from `delivered`; live publications only raise `live_max`.
+    CatchingUp {
+        live_max: u64,
+    },
+    Live,
+}
+
+struct Subscription {
+    /// Tells this subscription's reads from those of an earlier one of the same channel.
+    gen: u64,
+    epoch: Arc<str>,
+    delivered: u64,
+    state: State,
+}
+
+/// The subscriptions of one session and the rule that delivers each channel exactly once, in
+/// order.
+pub(crate) struct Deliveries {
+    /// Looked up once per delivered publication: Fx hashing rather than SipHash (the keys are
+    /// the client's own channels, at most `client.max_subscriptions` of them).
+    subs: FxHashMap<Arc<str>, Subscription>,
+    next_gen: u64,
+    page_size: usize,
+    max_subscriptions: usize,
+    /// How many subscriptions are catching up, for the `gateway_catching_up` gauge.
+    catching_up: usize,
+}
+
+/// How a resume (a subscribe with a position) turned out.
+struct Resume {
+    recovered: bool,
+    reason: Option<&'static str>,
+    /// The offset delivery continues after.
+    continue_after: u64,
+}
+
+/// Where a subscription with `since` continues, given the first read of its channel.
+fn decide_resume(since: Option<&Position>, page: &HistoryPage) -> Resume {
+    let first = page.publications.first().map(|p| p.offset);
+    let lost = |reason| Resume {
+        recovered: false,
+        reason: Some(reason),
+        continue_after: page.top,
+    };
+    match since {
+        None => Resume {
+            recovered: false,
+            reason: None,
+            continue_after: page.top,
+        },
+        Some(s) if *s.epoch != *page.epoch => lost(reset_reason::EPOCH_CHANGED),
+        Some(s) if s.offset > page.top => lost(reset_reason::OFFSET_AHEAD),
+        Some(s) if s.offset == page.top || first == Some(s.offset + 1) => Resume {
+            recovered: true,
+            reason: None,
+            continue_after: s.offset,
+        },
+        Some(_) => lost(reset_reason::HISTORY_TRUNCATED),
+    }
+}
+
+impl Deliveries {
+    pub(crate) fn new(page_size: usize, max_subscriptions: usize) -> Self {
+        Deliveries {
+            subs: FxHashMap::default(),
+            next_gen: 0,
+            page_size,
+            max_subscriptions,
+            catching_up: 0,
+        }
+    }
+
+    /// The position delivered so far on a channel, if subscribed.
+    pub(crate) fn position(&self, channel: &str) -> Option<(&Arc<str>, u64)> {
+        self.subs.get(channel).map(|s| (&s.epoch, s.delivered))
+    }
+
+    /// How many subscriptions are reading history to fill a gap or resume.
+    pub(crate) fn catching_up(&self) -> usize {
+        self.catching_up
+    }
+
+    /// Starts a subscription; returns the generation its first read must carry
+    /// ([`Input::Subscribed`]).
+    pub(crate) fn subscribe(&mut self, channel: &Arc<str>) -> Result<u64, ErrorBody> {
+        if self.subs.contains_key(channel) {
+            return Err(ErrorBody::new(
+                error_code::ALREADY_SUBSCRIBED,
+                format!("already subscribed to {channel}"),
+            ));
+        }
+        check_subscription_count(self.subs.len() + 1, self.max_subscriptions)?;
+        self.next_gen += 1;
+        let gen = self.next_gen;
+        let sub = Subscription {
+            gen,
+            epoch: "".into(),
+            delivered: 0,
+            state: State::Subscribing { live_max: 0 },
+        };
+        self.subs.insert(channel.clone(), sub);
+        Ok(gen)
+    }
+
+    /// Ends a subscription at once; reads still in flight for it are ignored when they land.
+    pub(crate) fn unsubscribe(&mut self, channel: &str) -> Result<(), ErrorBody> {
+        match self.subs.remove(channel) {
+            Some(sub) => {
+                self.forget(&sub);
+                Ok(())
+            }
+            None => Err(ErrorBody::new(
+                error_code::NOT_SUBSCRIBED,
+                format!("not subscribed to {channel}"),
+            )),
+        }
+    }
+
+    /// Ends every subscription; returns their channels (the session is going away).
+    pub(crate) fn unsubscribe_all(&mut self) -> Vec<Arc<str>> {
+        let subs = std::mem::take(&mut self.subs);
+        subs.into_iter()
+            .map(|(channel, sub)| {
+                self.forget(&sub);
+                channel
+            })
+            .collect()
+    }
+
+    fn forget(&mut self, sub: &Subscription) {
+        if matches!(sub.state, State::CatchingUp { .. }) {
+            self.catching_up -= 1;
+        }
+    }
+
+    /// Applies one input, appending what must be sent to `out` and what the driver must do to
+    /// `effects`.
+    pub(crate) fn apply(&mut self, input: Input, out: &mut Vec<Output>, effects: &mut Vec<Effect>) {
+        match input {
+            Input::Live(p) => self.on_live(p, out, effects),
+            Input::Subscribed {
+                gen,
+                channel,
+                id,
+                since,
+                page,
+            } => self.on_subscribed(gen, channel, id, since, page, out, effects),
+            Input::Page { gen, channel, page } => self.on_page(gen, channel, page, out, effects),
+        }
+    }
+
+    fn on_live(&mut self, p: Arc<Publication>, out: &mut Vec<Output>, effects: &mut Vec<Effect>) {
+        let Some(sub) = self.subs.get_mut(&*p.channel) else {
+            return;
+        };
+        match &mut sub.state {
+            State::Subscribing { live_max } | State::CatchingUp { live_max } => {
+                *live_max = (*live_max).max(p.offset);
+            }
+            State::Live => {
+                if p.epoch != sub.epoch {
+                    // The channel's history was lost and restarted: continue with the new epoch.
+                    sub.epoch = p.epoch.clone();
+                    sub.delivered = p.offset - 1;
+                    out.push(Output::Reset {
+                        channel: p.channel.clone(),
+                        epoch: p.epoch.clone(),
+                        offset: sub.delivered,
+                        reason: reset_reason::EPOCH_CHANGED,
+                    });
+                }
+                if p.offset == sub.delivered + 1 {
+                    sub.delivered = p.offset;
+                    out.push(Output::Live(p));
+                } else if p.offset > sub.delivered + 1 {
+                    sub.state = State::CatchingUp { live_max: p.offset };
+                    self.catching_up += 1;
+                    effects.push(Effect::Fetch {
+                        gen: sub.gen,
+                        channel: p.channel.clone(),
+                        since: sub.delivered,
+                        retry: false,
+                    });
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_subscribed(
+        &mut self,
+        gen: u64,
+        channel: Arc<str>,
+        id: Option<u64>,
+        since: Option<Position>,
+        page: Result<HistoryPage, BackplaneError>,
+        out: &mut Vec<Output>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.gen == gen) else {
+            return;
+        };
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => {
+                self.subs.remove(&channel);
+                effects.push(Effect::LeaveHub(channel.clone()));
+                out.push(Output::SubscribeFailed {
+                    id,
+                    channel,
+                    error: backplane_error(&e),
+                });
+                return;
+            }
+        };
+        let State::Subscribing { live_max } = sub.state else {
+            return;
+        };
+        let resume = decide_resume(since.as_ref(), &page);
+        if since.is_some() {
+            effects.push(Effect::Resumed {
+                recovered: resume.recovered,
+                reason: resume.reason,
+            });
+        }
+        sub.epoch = page.epoch.clone();
+        sub.delivered = resume.continue_after;
+        out.push(Output::Subscribed {
+            id,
+            result: SubscribeResult {
+                channel: channel.clone(),
+                epoch: page.epoch.clone(),
+                offset: page.top,
+                recovered: resume.recovered,
+                reason: resume.reason,
+            },
+        });
+        let more = resume.recovered && deliver_page(sub, &channel, &page, self.page_size, out);
+        self.continue_or_go_live(channel, more, live_max, effects);
+    }
+
+    fn on_page(
+        &mut self,
+        gen: u64,
+        channel: Arc<str>,
+        page: Result<HistoryPage, BackplaneError>,
+        out: &mut Vec<Output>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.gen == gen) else {
+            return;
+        };
+        let State::CatchingUp { live_max } = sub.state else {
+            return;
+        };
+        let page = match page {
+            Ok(page) => page,
+            Err(_) => {
+                let since = sub.delivered;
+                effects.push(Effect::Fetch {
+                    gen,
+                    channel,
+                    since,
+                    retry: true,
+                });
+                return;
+            }
+        };
+        if page.epoch != sub.epoch {
+            sub.epoch = page.epoch.clone();
+            sub.delivered = page.top;
+            sub.state = State::Live;
+            self.catching_up -= 1;
+            out.push(Output::Reset {
+                channel,
+                epoch: page.epoch,
+                offset: page.top,
+                reason: reset_reason::EPOCH_CHANGED,
+            });
+            return;
+        }
+        let more = deliver_page(sub, &channel, &page, self.page_size, out);
+        self.continue_or_go_live(channel, more, live_max, effects);
+    }
+
+    /// After a page: read the next one while history or live traffic is ahead, else go live.
+    fn continue_or_go_live(
+        &mut self,
+        channel: Arc<str>,
+        more: bool,
+        live_max: u64,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(sub) = self.subs.get_mut(&channel) else {
+            return;
+        };
+        let was_catching_up = matches!(sub.state, State::CatchingUp { .. });
+        if more || live_max > sub.delivered {
+            if !was_catching_up {
+                self.catching_up += 1;
+            }
+            sub.state = State::CatchingUp { live_max };
+            effects.push(Effect::Fetch {
+                gen: sub.gen,
+                channel,
+                since: sub.delivered,
+                retry: false,
+            });
+        } else {
+            if was_catching_up {
+                self.catching_up -= 1;
+            }
+            sub.state = State::Live;
+        }
+    }
+}
+
+/// Writes a page's publications that follow `sub.delivered`; reports a gap the history can no
+/// longer fill as a reset. Returns whether history holds more after this page.
+fn deliver_page(
+    sub: &mut Subscription,
+    channel: &Arc<str>,
+    page: &HistoryPage,
+    page_size: usize,
+    out: &mut Vec<Output>,
+) -> bool {
+    let first = page.publications.first().map(|p| p.offset);
+    let lost_to = match first {
+        Some(first) if first > sub.delivered + 1 => Some(first - 1),
+        None if page.top > sub.delivered => Some(page.top),
+        _ => None,
+    };
+    if let Some(offset) = lost_to {
+        sub.delivered = offset;
+        out.push(Output::Reset {
+            channel: channel.clone(),
+            epoch: sub.epoch.clone(),
+            offset,
+            reason: reset_reason::HISTORY_TRUNCATED,
+        });
+    }
+    for p in &page.publications {
+        if p.offset == sub.delivered + 1 {
+            sub.delivered = p.offset;
+            out.push(Output::History(p.clone()));
+        }
+    }
+    page.publications.len() >= page_size && sub.delivered < page.top
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each case is a script: steps fed to one session's [`Deliveries`] (page size 3), each with
+    //! the transcript it must produce — outputs first, then effects, one line each.
+
+    use super::*;
+
+    const CHANNEL: &str = "c";
+    const PAGE_SIZE: usize = 3;
+
+    enum Step {
+        /// Subscribe to `c`, from a position or from now.
+        Sub(Option<(&'static str, u64)>),
+        /// Subscribe to another channel.
+        SubTo(&'static str),
+        /// The first read of `c` lands: epoch, top, offsets of the page.
+        First(&'static str, u64, &'static [u64]),
+        /// The first read of `c` fails.
+        FirstFails,
+        /// The first read of an earlier subscription of `c` lands.
+        StaleFirst(&'static str, u64, &'static [u64]),
+        /// A catch-up page of `c` lands: epoch, top, offsets.
+        Page(&'static str, u64, &'static [u64]),
+        /// A catch-up read of `c` fails.
+        PageFails,
+        /// A catch-up page of an earlier subscription of `c` lands.
+        StalePage(&'static str, u64, &'static [u64]),
+        /// A live publication of `c`: epoch, offset.
+        Live(&'static str, u64),
+        Unsub,
+        /// Records the position of `c` and the catching-up count.
+        At,
+    }
+    use Step::*;
+
+    /// A step and the transcript it must produce.
+    type ScriptStep = (Step, &'static [&'static str]);
+
+    fn publication(epoch: &str, offset: u64) -> Arc<Publication> {
+        Arc::new(Publication::new(
+            CHANNEL.into(),
+            offset,
+            epoch.into(),
+            b"{}",
+        ))
+    }
+
+    fn page(epoch: &str, top: u64, offsets: &[u64]) -> Result<HistoryPage, BackplaneError> {
+        Ok(HistoryPage {
+            epoch: epoch.into(),
+            top,
+            publications: offsets.iter().map(|o| publication(epoch, *o)).collect(),
+            since_tag: None,
+        })
+    }
+
+    fn describe_output(output: &Output) -> String {
+        match output {
+            Output::Reply(_) => "reply".into(),
+            Output::Subscribed { result: r, .. } => match r.reason {
+                _ if r.recovered => format!("subscribed {}@{} recovered", r.epoch, r.offset),
+                Some(reason) => format!("subscribed {}@{} {reason}", r.epoch, r.offset),
+                None => format!("subscribed {}@{}", r.epoch, r.offset),
+            },
+            Output::SubscribeFailed { error, .. } => format!("failed {}", error.code),
+            Output::History(p) => format!("history {}", p.offset),
+            Output::Live(p) => format!("live {}", p.offset),
+            Output::Reset {
+                epoch,
+                offset,
+                reason,
+                ..
+            } => format!("reset {epoch}@{offset} {reason}"),
+        }
+    }
+
+    fn describe_effect(effect: &Effect) -> String {
+        match effect {
+            Effect::Fetch {
+                since,
+                retry: false,
+                ..
+            } => format!("fetch {since}"),
+            Effect::Fetch {
+                since, retry: true, ..
+            } => format!("retry {since}"),
+            Effect::LeaveHub(_) => "leave".into(),
+            Effect::Resumed {
+                recovered: true, ..
+            } => "resumed".into(),
+            Effect::Resumed { reason, .. } => format!("not resumed {}", reason.unwrap_or("?")),
+        }
+    }
+
+    /// Runs a script with `max_subscriptions` 2; panics at the first step whose transcript
+    /// differs.
+    fn run(name: &str, script: &[ScriptStep]) {
+        let mut deliveries = Deliveries::new(PAGE_SIZE, 2);
+        let channel: Arc<str> = CHANNEL.into();
+        let (mut gen, mut since) = (0, None);
+        for (i, (step, expected)) in script.iter().enumerate() {
+            let mut lines = Vec::new();
+            let input = match step {
+                Sub(from) => {
+                    since = from.map(|(epoch, offset)| Position {
+                        epoch: epoch.into(),
+                        offset,
+                    });
+                    match deliveries.subscribe(&channel) {
+                        Ok(g) => gen = g,
+                        Err(e) => lines.push(format!("refused {}", e.code)),
+                    }
+                    None
+                }
+                SubTo(other) => {
+                    if let Err(e) = deliveries.subscribe(&Arc::from(*other)) {
+                        lines.push(format!("refused {}", e.code));
+                    }
+                    None
+                }
+                First(epoch, top, offsets) => Some((true, gen, page(epoch, *top, offsets))),
+                FirstFails => Some((true, gen, failed())),
+                StaleFirst(epoch, top, offsets) => {
+                    Some((true, gen - 1, page(epoch, *top, offsets)))
+                }
+                Page(epoch, top, offsets) => Some((false, gen, page(epoch, *top, offsets))),
+                PageFails => Some((false, gen, failed())),
+                StalePage(epoch, top, offsets) => {
+                    Some((false, gen - 1, page(epoch, *top, offsets)))
+                }
+                Live(..) | Unsub | At => None,
+            };
+            let (mut out, mut effects) = (Vec::new(), Vec::new());
+            match (step, input) {
+                (_, Some((true, gen, page))) => {
+                    let input = Input::Subscribed {
+                        gen,
+                        channel: channel.clone(),
+                        id: None,
+                        since: since.clone(),
+                        page,
+                    };
+                    deliveries.apply(input, &mut out, &mut effects);
+                }
+                (_, Some((false, gen, page))) => {
+                    let input = Input::Page {
+                        gen,
+                        channel: channel.clone(),
+                        page,
+                    };
+                    deliveries.apply(input, &mut out, &mut effects);
+                }
+                (Live(epoch, offset), None) => {
+                    let input = Input::Live(publication(epoch, *offset));
+                    deliveries.apply(input, &mut out, &mut effects);
+                }
+                (Unsub, None) => {
+                    if let Err(e) = deliveries.unsubscribe(CHANNEL) {
+                        lines.push(format!("refused {}", e.code));
+                    }
+                }
+                (At, None) => {
+                    let catching_up = deliveries.catching_up();
+                    lines.push(match deliveries.position(CHANNEL) {
+                        Some((epoch, offset)) => {
+                            format!("at {epoch}@{offset}, {catching_up} catching up")
+                        }
+                        None => format!("not subscribed, {catching_up} catching up"),
+                    });
+                }
+                _ => {}
+            }
+            lines.extend(out.iter().map(describe_output));
+            lines.extend(effects.iter().map(describe_effect));
+            assert_eq!(lines, *expected, "case `{name}`, step {i}");
+        }
+    }
+
+    fn failed() -> Result<HistoryPage, BackplaneError> {
+        Err(BackplaneError::Unavailable("down".into()))
+    }
+
+    #[test]
+    fn subscribe_from_now_then_live() {
+        run(
+            "from now",
+            &[
+                (Sub(None), &[]),
+                (First("e1", 5, &[]), &["subscribed e1@5"]),
+                (At, &["at e1@5, 0 catching up"]),
+                (Live("e1", 6), &["live 6"]),
+                (Live("e1", 7), &["live 7"]),
+            ],
+        );
+    }
+
+    #[test]
+    fn resume_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "resume inside history",
+                &[
+                    (Sub(Some(("e1", 2))), &[]),
+                    (
+                        First("e1", 4, &[3, 4]),
+                        &[
+                            "subscribed e1@4 recovered",
+                            "history 3",
+                            "history 4",
+                            "resumed",
+                        ],
+                    ),
+                    (At, &["at e1@4, 0 catching up"]),
+                    (Live("e1", 5), &["live 5"]),
+                ],
+            ),
+            (
+                "resume at the top",
+                &[
+                    (Sub(Some(("e1", 4))), &[]),
+                    (
+                        First("e1", 4, &[]),
+                        &["subscribed e1@4 recovered", "resumed"],
+                    ),
+                    (At, &["at e1@4, 0 catching up"]),
+                ],
+            ),
+            (
+                "resume over several pages",
+                &[
+                    (Sub(Some(("e1", 0))), &[]),
+                    (
+                        First("e1", 7, &[1, 2, 3]),
+                        &[
+                            "subscribed e1@7 recovered",
+                            "history 1",
+                            "history 2",
+                            "history 3",
+                            "resumed",
+                            "fetch 3",
+                        ],
+                    ),
+                    (At, &["at e1@3, 1 catching up"]),
+                    (
+                        Page("e1", 7, &[4, 5, 6]),
+                        &["history 4", "history 5", "history 6", "fetch 6"],
+                    ),
+                    (Page("e1", 7, &[7]), &["history 7"]),
+                    (At, &["at e1@7, 0 catching up"]),
+                ],
+            ),
+            (
+                "epoch_changed",
+                &[
+                    (Sub(Some(("e0", 2))), &[]),
+                    (
+                        First("e1", 5, &[]),
+                        &["subscribed e1@5 epoch_changed", "not resumed epoch_changed"],
+                    ),
+                    (At, &["at e1@5, 0 catching up"]),
+                    (Live("e1", 6), &["live 6"]),
+                ],
+            ),
+            (
+                "offset_ahead",
+                &[
+                    (Sub(Some(("e1", 9))), &[]),
+                    (
+                        First("e1", 5, &[]),
+                        &["subscribed e1@5 offset_ahead", "not resumed offset_ahead"],
+                    ),
+                    (At, &["at e1@5, 0 catching up"]),
+                ],
+            ),
+            (
+                "history_truncated",
+                &[
+                    (Sub(Some(("e1", 2))), &[]),
+                    (
+                        First("e1", 7, &[6, 7]),
+                        &[
+                            "subscribed e1@7 history_truncated",
+                            "not resumed history_truncated",
+                        ],
+                    ),
+                    (At, &["at e1@7, 0 catching up"]),
+                    (Live("e1", 8), &["live 8"]),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
+    }
+
+    #[test]
+    fn live_cases() {
+        let cases: Vec<(&str, Vec<ScriptStep>)> = vec![
+            (
+                "duplicates dropped",
+                vec![
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 6), &[]),
+                    (Live("e1", 4), &[]),
+                    (Live("e1", 7), &["live 7"]),
+                ],
+            ),
+            (
+                "a live gap is filled from history first",
+                vec![
+                    (Live("e1", 8), &["fetch 5"]),
+                    (At, &["at e1@5, 1 catching up"]),
+                    (Live("e1", 9), &[]),
+                    (
+                        Page("e1", 9, &[6, 7, 8]),
+                        &["history 6", "history 7", "history 8", "fetch 8"],
+                    ),
+                    (Page("e1", 9, &[9]), &["history 9"]),
+                    (At, &["at e1@9, 0 catching up"]),
+                    (Live("e1", 9), &[]),
+                    (Live("e1", 10), &["live 10"]),
+                ],
+            ),
+            (
+                "a gap during catch-up is reset",
+                vec![
+                    (Live("e1", 9), &["fetch 5"]),
+                    (
+                        Page("e1", 9, &[8, 9]),
+                        &["reset e1@7 history_truncated", "history 8", "history 9"],
+                    ),
+                    (At, &["at e1@9, 0 catching up"]),
+                ],
+            ),
+            (
+                "history emptied during catch-up",
+                vec![
+                    (Live("e1", 9), &["fetch 5"]),
+                    (Page("e1", 9, &[]), &["reset e1@9 history_truncated"]),
+                    (At, &["at e1@9, 0 catching up"]),
+                ],
+            ),
+            (
+                "a failed read is retried",
+                vec![
+                    (Live("e1", 7), &["fetch 5"]),
+                    (PageFails, &["retry 5"]),
+                    (At, &["at e1@5, 1 catching up"]),
+                    (Page("e1", 7, &[6, 7]), &["history 6", "history 7"]),
+                    (At, &["at e1@7, 0 catching up"]),
+                ],
+            ),
+            (
+                "epoch_changed on a live subscription",
+                vec![
+                    (Live("e2", 3), &["reset e2@2 epoch_changed", "live 3"]),
+                    (At, &["at e2@3, 0 catching up"]),
+                ],
+            ),
+            (
+                "epoch_changed during catch-up",
+                vec![
+                    (Live("e1", 8), &["fetch 5"]),
+                    (Page("e2", 2, &[1, 2]), &["reset e2@2 epoch_changed"]),
+                    (At, &["at e2@2, 0 catching up"]),
+                    (Live("e2", 3), &["live 3"]),
+                ],
+            ),
+            (
+                "unsubscribe mid-catch-up",
+                vec![
+                    (Live("e1", 8), &["fetch 5"]),
+                    (Unsub, &[]),
+                    (At, &["not subscribed, 0 catching up"]),
+                    (Page("e1", 8, &[6, 7, 8]), &[]),
+                    (Live("e1", 9), &[]),
+                    (Unsub, &["refused not_subscribed"]),
+                ],
+            ),
+            (
+                "a stale page generation is ignored",
+                vec![
+                    (Live("e1", 8), &["fetch 5"]),
+                    (Unsub, &[]),
+                    (Sub(None), &[]),
+                    (StalePage("e1", 8, &[6, 7, 8]), &[]),
+                    (First("e1", 8, &[]), &["subscribed e1@8"]),
+                    (StalePage("e1", 9, &[6, 7, 8]), &[]),
+                    (At, &["at e1@8, 0 catching up"]),
+                ],
+            ),
+        ];
+        for (name, steps) in cases {
+            // Every case starts from a live subscription delivered up to e1@5.
+            let mut script: Vec<ScriptStep> = vec![
+                (Sub(None), &[]),
+                (First("e1", 5, &[]), &["subscribed e1@5"]),
+            ];
+            script.extend(steps);
+            run(name, &script);
+        }
+    }
+
+    #[test]
+    fn setup_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "live publications racing the first read",
+                &[
+                    (Sub(None), &[]),
+                    (Live("e1", 6), &[]),
+                    (Live("e1", 7), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5", "fetch 5"]),
+                    (At, &["at e1@5, 1 catching up"]),
+                    (Live("e1", 8), &[]),
+                    (
+                        Page("e1", 7, &[6, 7]),
+                        &["history 6", "history 7", "fetch 7"],
+                    ),
+                    (Page("e1", 8, &[8]), &["history 8"]),
+                    (Live("e1", 8), &[]),
+                    (Live("e1", 9), &["live 9"]),
+                ],
+            ),
+            (
+                "live publications racing a resume",
+                &[
+                    (Sub(Some(("e1", 3))), &[]),
+                    (Live("e1", 6), &[]),
+                    (
+                        First("e1", 5, &[4, 5]),
+                        &[
+                            "subscribed e1@5 recovered",
+                            "history 4",
+                            "history 5",
+                            "resumed",
+                            "fetch 5",
+                        ],
+                    ),
+                    (Page("e1", 6, &[6]), &["history 6"]),
+                    (At, &["at e1@6, 0 catching up"]),
+                ],
+            ),
+            (
+                "the first read fails",
+                &[
+                    (Sub(None), &[]),
+                    (FirstFails, &["failed backplane_unavailable", "leave"]),
+                    (At, &["not subscribed, 0 catching up"]),
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                ],
+            ),
+            (
+                "a stale first read is ignored",
+                &[
+                    (Sub(None), &[]),
+                    (Unsub, &[]),
+                    (Sub(None), &[]),
+                    (StaleFirst("e1", 3, &[]), &[]),
+                    (At, &["at @0, 0 catching up"]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                ],
+            ),
+            (
+                "refusals",
+                &[
+                    (Sub(None), &[]),
+                    (Sub(None), &["refused already_subscribed"]),
+                    (SubTo("d"), &[]),
+                    (SubTo("e"), &["refused too_many_subscriptions"]),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The driver of a client session: runs the history reads and publishes the pure delivery rule
+//! (`delivery`) asks for, joins and leaves the hub, reads the connection's queue and counts the
+//! session's metrics, and dispatches the client's commands. Transports feed it commands and
+//! write what it outputs.
+
+pub(crate) mod delivery;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backplane::{BackplaneError, Position, Publication, PublishAck};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+
+use crate::hub::ConnId;
+use crate::node::Node;
+use crate::protocol::{
+    backplane_error, error_code, reply_err, reply_ok, Command, CommandError, ErrorBody,
+};
+use crate::queue::{outbound, QueueReceiver, QueueSender};
+pub(crate) use crate::session::delivery::Output;
+use crate::session::delivery::{Deliveries, Effect, Input};
+
+/// Most commands a session runs at once; a transport stops reading commands beyond it.
+pub const MAX_PENDING: usize = 256;
+const FETCH_RETRY: Duration = Duration::from_secs(1);
+
+/// Something for [`Session::apply`] to process.
+pub(crate) enum Event {
+    Live(Arc<Publication>),
+    Done(Completion),
+}
+
+/// An asynchronous step of a command or a catch-up, finished.
+pub(crate) enum Completion {
+    /// A history read the delivery rule asked for.
+    Read(Input),
+    Published {
+        id: Option<u64>,
+        result: Result<PublishAck, BackplaneError>,
+    },
+}
+
+/// The transport-independent state of one client connection.
+pub(crate) struct Session {
+    node: Arc<Node>,
+    conn: ConnId,
+    sender: QueueSender,
+    queue: QueueReceiver,
+    deliveries: Deliveries,
+    /// Commands and catch-ups in progress; `None` when there are none, so an idle session
+    /// holds no allocation for them.
+    pending: Option<FuturesUnordered<BoxFuture<'static, Completion>>>,
+}
+
+impl Session {
+    pub(crate) fn new(node: Arc<Node>, conn: ConnId) -> Self {
+        let client = &node.config().client;
+        let (sender, queue) = outbound(client.queue_max_bytes);
+        Session {
+            deliveries: Deliveries::new(client.history_page_size, client.max_subscriptions),
+            conn,
+            node,
+            sender,
+            queue,
+            pending: None,
+        }
+    }
+
+    /// Whether the transport may hand over another command now.
+    pub(crate) fn accepts_commands(&self) -> bool {
+        self.pending.as_ref().map_or(0, FuturesUnordered::len) < MAX_PENDING
+    }
+
+    /// True once the outbound queue overflowed: the connection must be closed.
+    pub(crate) fn overflowed(&self) -> bool {
+        self.queue.overflowed()
+    }
+
+    /// The position delivered so far on a channel, if subscribed.
+    pub(crate) fn position(&self, channel: &str) -> Option<(&Arc<str>, u64)> {
+        self.deliveries.position(channel)
+    }
+
+    /// Starts a subscription; its outcome arrives later as [`Output::Subscribed`] or
+    /// [`Output::SubscribeFailed`]. Immediate refusals are written to `out`.
+    pub(crate) fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        channel: Arc<str>,
+        since: Option<Position>,
+        out: &mut Vec<Output>,
+    ) {
+        let gen = match self.deliveries.subscribe(&channel) {
+            Ok(gen) => gen,
+            Err(error) => {
+                if error.code == error_code::TOO_MANY_SUBSCRIPTIONS {
+                    self.node.count_limit("max_subscriptions");
+                }
+                out.push(Output::SubscribeFailed { id, channel, error });
+                return;
+            }
+        };
+        // Joining the hub first means no publication fanned out from now on is missed; the
+        // position read afterwards tells which of them are new.
+        self.node
+            .hub()
+            .add(&channel, self.conn, self.sender.clone());
+        let node = self.node.clone();
+        let page_size = self.node.config().client.history_page_size;
+        self.pending().push(
+            async move {
+                let page = match node.reconcile(&channel).await {
+                    Ok(()) => match &since {
+                        Some(since) => node.history(&channel, since.offset, page_size).await,
+                        None => node.history(&channel, u64::MAX, 0).await,
+                    },
+                    Err(e) => Err(e),
+                };
+                Completion::Read(Input::Subscribed {
+                    gen,
+                    channel,
+                    id,
+                    since,
+                    page,
+                })
+            }
+            .boxed(),
+        );
+    }
+
+    /// Subscribes a stream's channels (SSE, long-poll), each from its position in `cursor`
+    /// (`(channel, epoch, offset)`) or from now. Returns each channel's starting offset, `None`
+    /// for a channel the cursor does not name.
+    pub(crate) fn subscribe_from_cursor(
+        &mut self,
+        channels: &[Arc<str>],
+        cursor: &[(String, String, u64)],
+    ) -> Vec<Option<u64>> {
+        let mut out = Vec::new();
+        let starts =
+            channels
+                .iter()
+                .map(|channel| {
+                    let since = cursor.iter().find(|(c, _, _)| **c == **channel).map(
+                        |(_, epoch, offset)| Position {
+                            epoch: epoch.clone(),
+                            offset: *offset,
+                        },
+                    );
+                    let start = since.as_ref().map(|s| s.offset);
+                    self.subscribe(None, channel.clone(), since, &mut out);
+                    start
+                })
+                .collect();
+        debug_assert!(
+            out.is_empty(),
+            "fresh sessions accept every distinct channel"
+        );
+        starts
+    }
+
+    /// Ends a subscription at once.
+    pub(crate) fn unsubscribe(&mut self, channel: &str) -> Result<(), ErrorBody> {
+        let catching_up = self.deliveries.catching_up();
+        self.deliveries.unsubscribe(channel)?;
+        self.count_catching_up(catching_up);
+        self.leave_hub(channel);
+        Ok(())
+    }
+
+    /// Runs one client command the guard let through (`connect` and `refresh` are the guard's);
+    /// a command that did not parse is answered with its error.
+    pub(crate) fn run_command(
+        &mut self,
+        parsed: Result<Command<'_>, CommandError>,
+        out: &mut Vec<Output>,
+    ) {
+        let command = match parsed {
+            Ok(command) => command,
+            Err(e) => {
+                self.node
+                    .metrics()
+                    .protocol_errors
+                    .with_label_values(&[e.error.code])
+                    .inc();
+                out.push(Output::Reply(reply_err(e.id, &e.error)));
+                return;
+            }
+        };
+        match command {
+            Command::Subscribe { id, channel, since } => {
+                self.subscribe(id, channel.into(), since, out)
+            }
+            Command::Unsubscribe { id, channel } => {
+                out.push(Output::Reply(match self.unsubscribe(&channel) {
+                    Ok(()) => reply_ok(id, &serde_json::Map::new()),
+                    Err(error) => reply_err(id, &error),
+                }));
+            }
+            Command::Publish {
+                id,
+                channel,
+                data,
+                idempotency_key,
+            } => self.publish(
+                id,
+                channel.into(),
+                backplane::json::compact(data.get()),
+                idempotency_key.map(|k| k.into_owned()),
+            ),
+            Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
+            // Answered by the guard.
+            Command::Connect { .. } | Command::Refresh { .. } => {}
+        }
+    }
+
+    /// Publishes on behalf of the client; the reply arrives as [`Output::Reply`].
+    pub(crate) fn publish(
+        &mut self,
+        id: Option<u64>,
+        channel: Arc<str>,
+        data: Bytes,
+        idempotency_key: Option<String>,
+    ) {
+        let node = self.node.clone();
+        self.pending().push(
+            async move {
+                let result = node
+                    .publish(
+                        &channel,
+                        data,
+                        idempotency_key
+                            .as_deref()
+                            .map(backplane::Idempotency::client),
+                    )
+                    .await;
+                Completion::Published { id, result }
+            }
+            .boxed(),
+        );
+    }
+
+    fn leave_hub(&self, channel: &str) {
+        if self.node.hub().remove(channel, self.conn) {
+            let node = self.node.clone();
+            let channel: Arc<str> = channel.into();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = node.hub().reconcile(node.backplane(), &channel).await {
+                        tracing::warn!(%channel, error = %e, "backplane unsubscribe failed");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Waits for the next live publication or finished step. Cancel-safe.
+    pub(crate) async fn next(&mut self) -> Event {
+        let busy = self.pending.as_ref().is_some_and(|p| !p.is_empty());
+        let (queue, pending) = (&mut self.queue, &mut self.pending);
+        let completion = tokio::select! {
+            p = queue.recv() => return Event::Live(p),
+            Some(c) = async { pending.as_mut()?.next().await }, if busy => c,
+        };
+        self.release_pending();
+        Event::Done(completion)
+    }
+
+    /// The next event if one is ready now.
+    fn try_next(&mut self) -> Option<Event> {
+        if let Some(p) = self.queue.try_recv() {
+            return Some(Event::Live(p));
+        }
+        let completion = self.pending.as_mut()?.next().now_or_never().flatten()?;
+        self.release_pending();
+        Some(Event::Done(completion))
+    }
+
+    /// Applies whatever is ready now until `out` holds `batch` outputs, so a transport writes
+    /// one batch rather than one output at a time.
+    pub(crate) fn apply_ready(&mut self, out: &mut Vec<Output>, batch: usize) {
+        while out.len() < batch {
+            match self.try_next() {
+                Some(event) => self.apply(event, out),
+                None => break,
+            }
+        }
+    }
+
+    fn pending(&mut self) -> &mut FuturesUnordered<BoxFuture<'static, Completion>> {
+        self.pending.get_or_insert_with(FuturesUnordered::new)
+    }
+
+    /// Frees the set of steps in progress once it is empty.
+    fn release_pending(&mut self) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(FuturesUnordered::is_empty)
+        {
+            self.pending = None;
+        }
+    }
+
+    /// Applies an event, writing what must be sent to `out`.
+    pub(crate) fn apply(&mut self, event: Event, out: &mut Vec<Output>) {
+        let input = match event {
+            Event::Live(p) => Input::Live(p),
+            Event::Done(Completion::Read(input)) => input,
+            Event::Done(Completion::Published { id, result }) => {
+                out.push(Output::Reply(match result {
+                    Ok(ack) => reply_ok(id, &ack),
+                    Err(e) => reply_err(id, &backplane_error(&e)),
+                }));
+                return;
+            }
+        };
+        if let Input::Page {
+            channel,
+            page: Err(e),
+            ..
+        } = &input
+        {
+            tracing::warn!(%channel, error = %e, "history read failed; retrying");
+        }
+        let catching_up = self.deliveries.catching_up();
+        // Empty unless the rule asks for something: no allocation on the live path.
+        let mut effects = Vec::new();
+        self.deliveries.apply(input, out, &mut effects);
+        self.count_catching_up(catching_up);
+        for effect in effects {
+            match effect {
+                Effect::Fetch {
+                    gen,
+                    channel,
+                    since,
+                    retry,
+                } => self.fetch(gen, channel, since, retry),
+                Effect::LeaveHub(channel) => self.leave_hub(&channel),
+                Effect::Resumed { recovered, reason } => {
+                    let result = if recovered {
+                        "recovered"
+                    } else {
+                        "not_recovered"
+                    };
+                    self.node
+                        .metrics()
+                        .resumes
+                        .with_label_values(&[result, reason.unwrap_or("none")])
+                        .inc();
+                }
+            }
+        }
+    }
+
+    /// Moves the catching-up gauge by what the rule changed since it counted `before`.
+    fn count_catching_up(&self, before: usize) {
+        let now = self.deliveries.catching_up();
+        if now != before {
+            let gauge = &self.node.metrics().catching_up;
+            gauge.add(now as i64 - before as i64);
+        }
+    }
+
+    fn fetch(&mut self, gen: u64, channel: Arc<str>, since: u64, retry: bool) {
+        let node = self.node.clone();
+        let limit = self.node.config().client.history_page_size;
+        self.pending().push(
+            async move {
+                if retry {
+                    tokio::time::sleep(FETCH_RETRY).await;
+                }
+                let page = node.history(&channel, since, limit).await;
+                node.metrics().history_pages.inc();
+                Completion::Read(Input::Page { gen, channel, page })
+            }
+            .boxed(),
+        );
+    }
+}
+
+/// The publish time of the oldest live publication among `outputs` (0 if none), for the
+/// fan-out latency of a written batch.
+pub(crate) fn oldest_live(outputs: &[Output]) -> u64 {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Live(p) if p.published_us > 0 => Some(p.published_us),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let catching_up = self.deliveries.catching_up();
+        let channels = self.deliveries.unsubscribe_all();
+        self.count_catching_up(catching_up);
+        for channel in channels {
+            self.leave_hub(&channel);
+        }
+    }
+}
