@@ -9,6 +9,8 @@ fmt:
 clippy:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Unit tests, the gateway's integration tests (gateway/tests/it, one binary), the deploy files'
+# tests (deploy/tests: real nginx and Prometheus), loadtest's smoke and peers tests; all on testkit/.
 cargo-test:
 	cargo test --workspace --locked
 

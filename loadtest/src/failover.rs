@@ -17,8 +17,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::gateway::{self, Spawned};
 use crate::stats;
+use testkit::GatewayProcess;
 
 const MASTER_NAME: &str = "loadtest";
 
@@ -100,7 +100,7 @@ fn run_dir(name: &str, port: u16) -> Result<PathBuf, String> {
 }
 
 async fn redis_server(replica_of: Option<u16>) -> Result<Proc, String> {
-    let port = gateway::free_port()?;
+    let port = testkit::free_port(false);
     let dir = run_dir("redis", port)?;
     let mut cmd = Command::new("redis-server");
     cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -130,7 +130,7 @@ async fn redis_server(replica_of: Option<u16>) -> Result<Proc, String> {
 }
 
 async fn redis_sentinel(master: u16, quorum: usize, down_after_ms: u64) -> Result<Proc, String> {
-    let port = gateway::free_port()?;
+    let port = testkit::free_port(false);
     let dir = run_dir("sentinel", port)?;
     let d = dir.display();
     let conf = format!(
@@ -496,10 +496,14 @@ fn verdict(log: &SubLog, acks: &[Ack]) -> Verdict {
 // The scenarios
 // ---------------------------------------------------------------------------------------------
 
-async fn start_nodes(bin: &Path, n: usize, args: Vec<String>) -> Result<Vec<Spawned>, String> {
+async fn start_nodes(
+    bin: &Path,
+    n: usize,
+    args: Vec<String>,
+) -> Result<Vec<GatewayProcess>, String> {
     let mut nodes = Vec::new();
-    for _ in 0..n {
-        nodes.push(gateway::spawn(bin, &args).await?);
+    for k in 0..n {
+        nodes.push(GatewayProcess::try_start(bin, &format!("node{k}"), &args, &[]).await?);
     }
     Ok(nodes)
 }
@@ -522,7 +526,8 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
         ],
     )
     .await?;
-    let origins: Arc<Vec<String>> = Arc::new(nodes.iter().map(Spawned::http_origin).collect());
+    let origins: Arc<Vec<String>> =
+        Arc::new(nodes.iter().map(|n| format!("http://{}", n.addr)).collect());
     let channels: Vec<String> = (0..a.channels).map(|c| format!("failover-{c}")).collect();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -687,7 +692,7 @@ pub async fn run_latency(bin: &Path, a: &LatencyArgs) -> Result<Vec<Value>, Stri
         )
         .await?
         .remove(0);
-        let url = format!("{}/api/publish", node.http_origin());
+        let url = node.url("/api/publish");
         let channel = format!("latency-{n}");
         let mut histogram = stats::new_histogram();
         let mut refused = 0u64;

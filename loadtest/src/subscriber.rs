@@ -91,7 +91,7 @@ pub struct Subscriber {
 enum Conn {
     GatewayWs(Box<Ws>),
     PlainWs(Box<Ws>),
-    Sse(SseStream),
+    Sse(Box<SseStream>),
     SocketIo(Box<SioClient>),
 }
 
@@ -377,7 +377,7 @@ async fn gateway_sse(t: &Target<'_>, resume: &Resume) -> Result<(Subscriber, Sub
                 let resume = Resume::Cursor(ev.id.ok_or("connected without id")?);
                 return Ok((
                     Subscriber {
-                        conn: Conn::Sse(stream),
+                        conn: Conn::Sse(Box::new(stream)),
                         resume,
                     },
                     Subscribed { base, recovered },
@@ -401,11 +401,11 @@ struct SseEvent {
     data: String,
 }
 
-/// A `text/event-stream` body split into events (the WHATWG parsing rules the gateway's
-/// output needs: `field: value` lines, comments, blank-line dispatch).
+/// A `text/event-stream` body split into events by the test kit's parser (the same one every
+/// test reads the gateway's SSE with).
 struct SseStream {
     resp: reqwest::Response,
-    buf: Vec<u8>,
+    parser: testkit::SseParser,
     /// The last `retry:` value (the drain hint at the end of a stream).
     retry_ms: Option<u64>,
 }
@@ -414,54 +414,32 @@ impl SseStream {
     fn new(resp: reqwest::Response) -> Self {
         SseStream {
             resp,
-            buf: Vec::new(),
+            parser: testkit::SseParser::new(),
             retry_ms: None,
         }
     }
 
     async fn next_event(&mut self) -> Result<SseEvent, String> {
         loop {
-            if let Some(end) = find_blank_line(&self.buf) {
-                let block: Vec<u8> = self.buf.drain(..end.1).collect();
-                let text = String::from_utf8_lossy(&block[..end.0]);
-                let mut ev = SseEvent::default();
-                let mut has_data = false;
-                for line in text.split('\n') {
-                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                    let value = value.strip_prefix(' ').unwrap_or(value);
-                    match field {
-                        "id" => ev.id = Some(value.to_string()),
-                        "event" => ev.event = Some(value.to_string()),
-                        "data" => {
-                            if has_data {
-                                ev.data.push('\n');
-                            }
-                            ev.data.push_str(value);
-                            has_data = true;
-                        }
-                        "retry" => self.retry_ms = value.parse().ok(),
-                        _ => {}
-                    }
+            while let Some(block) = self.parser.next_block() {
+                if let Some(retry) = &block.retry {
+                    self.retry_ms = retry.parse().ok();
                 }
-                if has_data {
-                    return Ok(ev);
+                if let Some(data) = block.data {
+                    return Ok(SseEvent {
+                        id: block.id,
+                        event: block.event,
+                        data,
+                    });
                 }
-                continue;
             }
             match self.resp.chunk().await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(Some(chunk)) => self.parser.push(&chunk),
                 Ok(None) => return Err("stream ended".into()),
                 Err(e) => return Err(format!("read: {e}")),
             }
         }
     }
-}
-
-/// (end of the event's text, end including the blank line) of the first complete event.
-fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    buf.windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| (i, i + 2))
 }
 
 #[cfg(test)]
@@ -496,11 +474,5 @@ mod tests {
             Some(420)
         );
         assert_eq!(reconnect_hint("bye"), None);
-    }
-
-    #[test]
-    fn blank_lines_end_events() {
-        assert_eq!(find_blank_line(b"data: x\n\nid: 1"), Some((7, 9)));
-        assert_eq!(find_blank_line(b"data: x\n"), None);
     }
 }

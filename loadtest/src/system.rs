@@ -2,12 +2,11 @@
 //! server (`ws`, uWebSockets, Socket.IO nodes on their own Redis), or servers already running.
 //! Everything started here is stopped when the `System` is dropped.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use crate::gateway::{self, free_port, Spawned};
+use testkit::{GatewayProcess, RedisOpts, RedisServer};
+
+use crate::gateway;
 use crate::peers::{PeerKind, Peers};
 
 /// Which server the load goes to.
@@ -57,7 +56,7 @@ pub struct Node {
 pub struct System {
     pub kind: SystemKind,
     pub nodes: Vec<Node>,
-    gateways: Vec<Spawned>,
+    gateways: Vec<GatewayProcess>,
     peers: Option<Peers>,
     // Dropped last: the nodes go before their Redis.
     _redis: Option<RedisServer>,
@@ -71,28 +70,29 @@ impl System {
             SystemKind::Gateway => {
                 let bin = gateway::find_binary(spec.gateway_bin.as_deref())?;
                 let redis = if spec.redis || nodes > 1 {
-                    Some(RedisServer::start()?)
+                    Some(RedisServer::try_start(RedisOpts::default()).await?)
                 } else {
                     None
                 };
                 let mut args = Vec::new();
                 if let Some(r) = &redis {
                     args.push("--redis-url".to_string());
-                    args.push(format!("redis://127.0.0.1:{}", r.port));
+                    args.push(r.url());
                 }
                 if spec.echo {
                     args.push("--ws-echo".to_string());
                 }
                 let mut gateways = Vec::with_capacity(nodes);
-                for _ in 0..nodes {
-                    gateways.push(gateway::spawn(&bin, &args).await?);
+                for i in 0..nodes {
+                    let name = format!("gateway{i}");
+                    gateways.push(GatewayProcess::try_start(&bin, &name, &args, &[]).await?);
                 }
                 Ok(System {
                     kind: spec.kind,
                     nodes: gateways
                         .iter()
                         .map(|g| Node {
-                            http: g.http_origin(),
+                            http: g.url(""),
                             pid: Some(g.pid()),
                         })
                         .collect(),
@@ -105,7 +105,10 @@ impl System {
                 let (kind, redis) = match spec.kind {
                     SystemKind::Ws => (PeerKind::Ws, None),
                     SystemKind::Uws => (PeerKind::Uws, None),
-                    _ => (PeerKind::SocketIo, Some(RedisServer::start()?)),
+                    _ => (
+                        PeerKind::SocketIo,
+                        Some(RedisServer::try_start(RedisOpts::default()).await?),
+                    ),
                 };
                 let nodes = if spec.kind == SystemKind::Socketio {
                     nodes
@@ -154,7 +157,7 @@ impl System {
     /// Kills node `index` with `signal` (SIGKILL or SIGTERM). Only for systems started here.
     pub fn signal(&mut self, index: usize, signal: libc::c_int) -> Result<(), String> {
         if let Some(g) = self.gateways.get_mut(index) {
-            g.signal(signal);
+            g.raw_signal(signal);
             return Ok(());
         }
         if let Some(p) = self.peers.as_mut() {
@@ -187,52 +190,5 @@ impl System {
             _ => "/echo",
         };
         format!("{}{path}", self.nodes[index].http.replacen("http", "ws", 1))
-    }
-}
-
-/// A throwaway redis-server on a free port, without persistence.
-pub struct RedisServer {
-    child: Child,
-    pub port: u16,
-}
-
-impl RedisServer {
-    pub fn start() -> Result<RedisServer, String> {
-        let port = free_port()?;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start redis-server (is it installed?): {e}"))?;
-        let server = RedisServer { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if server.ping() {
-                return Ok(server);
-            }
-            if Instant::now() > deadline {
-                return Err(format!("redis-server on port {port} did not answer PING"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

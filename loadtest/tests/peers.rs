@@ -10,10 +10,8 @@ mod peers;
 #[path = "../src/socketio.rs"]
 mod socketio;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -21,9 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use peers::{PeerKind, Peers};
 use socketio::{SioClient, SioDelivery};
-
-/// Upper bound for any single awaited event, so a broken peer fails instead of hanging.
-const WAIT: Duration = Duration::from_secs(30);
+use testkit::{RedisOpts, RedisServer, WAIT};
 
 /// Runs loadtest/peers/install.sh once per test process when node_modules is missing.
 fn ensure_installed() {
@@ -137,50 +133,6 @@ async fn uws_peer_broadcasts_and_echoes() {
     broadcast_and_echo(PeerKind::Uws).await;
 }
 
-/// A redis-server of the test's own on a free port, killed when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut redis = Redis { child, port };
-        let mut lines = stdout.lines();
-        let ready = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|line| line.contains("Ready to accept connections"));
-        if !ready {
-            let _ = redis.child.kill();
-            panic!("redis-server on port {port} did not become ready");
-        }
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        redis
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn next_delivery(client: &mut SioClient) -> SioDelivery {
     tokio::time::timeout(WAIT, client.next())
         .await
@@ -195,7 +147,7 @@ async fn next_delivery(client: &mut SioClient) -> SioDelivery {
 #[tokio::test]
 async fn socketio_cluster_recovers_sessions_after_a_node_is_killed() {
     ensure_installed();
-    let redis = Redis::start();
+    let redis = RedisServer::start(RedisOpts::default()).await;
     let mut peers = Peers::start(PeerKind::SocketIo, 3, Some(redis.port))
         .await
         .expect("start Socket.IO nodes");

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -12,47 +11,11 @@ fn temp_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("loadtest-smoke-{name}-{}", std::process::id()))
 }
 
-/// The gateway binary: $GATEWAY_BIN, else the one next to this crate's binary, built with
-/// `cargo build -p gateway --bin gateway` first (`cargo test -p loadtest` does not build it).
-fn gateway_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("GATEWAY_BIN") {
-            let p = PathBuf::from(p);
-            assert!(p.is_file(), "GATEWAY_BIN={} does not exist", p.display());
-            return p;
-        }
-        let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadtest"))
-            .parent()
-            .expect("binary directory")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "gateway", "--bin", "gateway"]);
-        if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-            build.arg("--release");
-        }
-        let status = build
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cannot run cargo to build the gateway");
-        assert!(status.success(), "cargo build -p gateway failed");
-        let p = dir.join("gateway");
-        assert!(
-            p.is_file(),
-            "gateway binary missing at {} (set GATEWAY_BIN)",
-            p.display()
-        );
-        p
-    })
-    .clone()
-}
-
 /// Runs `loadtest ARGS`; returns its exit success and stdout.
 fn loadtest(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .arg("--gateway-bin")
-        .arg(gateway_bin())
+        .arg(testkit::gateway_process::binary())
         .args(args)
         .output()
         .expect("run loadtest");

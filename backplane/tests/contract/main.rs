@@ -1,10 +1,9 @@
 //! The contract every [`Backplane`] implementation keeps, as one suite run against each of them:
 //! the memory backplane, a real single `redis-server` and a real 3-master Redis Cluster (started
-//! by the tests on free ports, stopped when each test ends). The cases live in `cases.rs` and
-//! take a [`Store`]; `contract_suite!` instantiates every case for one store.
+//! by `testkit` on free ports, stopped when each test ends). The cases live in `cases.rs` and take
+//! a [`Store`]; `contract_suite!` instantiates every case for one store.
 
 mod cases;
-mod redis_servers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use backplane::{Backplane, Publication, PublicationSink, Settings};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use redis_servers::{redis_cli, RedisCluster, RedisServer};
+use testkit::{redis_cli, RedisCluster, RedisOpts, RedisServer};
 
 /// Upper bound for one awaited condition: only there to fail instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -122,7 +121,7 @@ impl Store {
     }
 
     pub async fn redis() -> Store {
-        Store::Redis(RedisServer::start().await)
+        Store::Redis(RedisServer::start(RedisOpts::default()).await)
     }
 
     pub async fn cluster() -> Store {
@@ -143,7 +142,9 @@ impl Store {
                 return Node { backplane, sink };
             }
             Store::Redis(server) => Target::Single(server.url()),
-            Store::Cluster(cluster) => Target::Cluster(cluster.urls()),
+            Store::Cluster(cluster) => {
+                Target::Cluster(cluster.nodes.iter().map(RedisServer::url).collect())
+            }
         };
         let config = RedisConfig {
             target,

@@ -18,13 +18,17 @@ import {
 const A = 'http://a.test';
 const B = 'http://b.test';
 
-/** Resolves once `predicate()` holds, checking after every macrotask. */
-async function until(predicate, what) {
-  for (let i = 0; i < 1000; i++) {
-    if (predicate()) return;
+/**
+ * Resolves once `predicate()` holds. Checked after every macrotask (timers that fall due fire in
+ * between); fails only after a generous wall-clock deadline, never after a count of turns: a busy
+ * machine can run any number of turns before a 7 ms timer is due.
+ */
+async function until(predicate, what, deadlineMs = 10_000) {
+  const deadline = Date.now() + deadlineMs;
+  while (!predicate()) {
+    if (Date.now() > deadline) assert.fail(`never happened within ${deadlineMs} ms: ${what}`);
     await new Promise((r) => setImmediate(r));
   }
-  assert.fail(`never happened: ${what}`);
 }
 
 // ---------------------------------------------------------------------------------------------

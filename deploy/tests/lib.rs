@@ -1,0 +1,2 @@
+//! Nothing: this package only holds the deploy files' tests (`nginx.rs`, `prometheus.rs`), kept
+//! out of the gateway's test binary because they test `deploy/`, not the gateway's code.

@@ -1,0 +1,32 @@
+//! The gateway's integration tests, in one binary that compiles and links once (the layout of
+//! linkerd's `app/integration`): one module per area, the helpers in `testkit` (the workspace
+//! crate) plus `support` (what needs the gateway library itself). Every test drives real
+//! sockets: in-process nodes, or gateway and redis-server processes. The deploy files' tests
+//! (nginx, Prometheus) live in `deploy/tests`.
+
+mod support;
+
+mod config;
+mod demo;
+mod drain;
+mod fuzz_corpus;
+mod heartbeat;
+mod http_api;
+mod namespace_history;
+mod poll;
+mod redis_catchup;
+mod redis_cluster;
+mod redis_fanout;
+mod redis_faults;
+mod redis_outage;
+mod redis_poll;
+mod redis_pubsub;
+mod redis_sentinel;
+mod redis_sentinel_auth;
+mod resume;
+mod security;
+mod shutdown;
+mod slow_consumer;
+mod sse;
+mod tls;
+mod websocket;
