@@ -50,7 +50,7 @@ pub fn cursor(data: &[u8]) {
         let again = cursor::encode(
             positions
                 .iter()
-                .map(|(c, e, o)| (c.as_str(), e.as_str(), *o)),
+                .map(|e| (e.channel.as_str(), e.epoch.as_str(), e.offset, e.tag)),
         );
         assert_eq!(
             cursor::decode(&again).expect("re-encoded cursor"),
