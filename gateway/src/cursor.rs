@@ -21,8 +21,13 @@ pub struct CursorEntry {
     pub tag: Option<u32>,
 }
 
+/// Encodes positions `(channel, epoch, offset)` without tags as a cursor.
+pub fn encode<'a>(positions: impl IntoIterator<Item = (&'a str, &'a str, u64)>) -> String {
+    encode_tagged(positions.into_iter().map(|(c, e, o)| (c, e, o, None)))
+}
+
 /// Encodes positions `(channel, epoch, offset, tag)` as a cursor.
-pub fn encode<'a>(
+pub fn encode_tagged<'a>(
     positions: impl IntoIterator<Item = (&'a str, &'a str, u64, Option<u32>)>,
 ) -> String {
     let mut out = String::new();
@@ -115,7 +120,7 @@ mod tests {
 
     #[test]
     fn round_trips_any_channel_name() {
-        let cursor = encode([("chat:a,b", "e1", 7, Some(0xab)), ("x\"y", "e2", 0, None)]);
+        let cursor = encode_tagged([("chat:a,b", "e1", 7, Some(0xab)), ("x\"y", "e2", 0, None)]);
         assert!(!cursor.contains(['\n', '\r', ' ']));
         assert_eq!(
             decode(&cursor).unwrap(),

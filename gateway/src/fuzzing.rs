@@ -47,7 +47,7 @@ pub fn cursor(data: &[u8]) {
         return;
     };
     if let Ok(positions) = cursor::decode(text) {
-        let again = cursor::encode(
+        let again = cursor::encode_tagged(
             positions
                 .iter()
                 .map(|e| (e.channel.as_str(), e.epoch.as_str(), e.offset, e.tag)),

@@ -260,7 +260,7 @@ fn encode(
     let entries = positions
         .iter()
         .map(|p| (p.channel, p.epoch, p.offset, p.tag_bits));
-    body.put_slice(cursor::encode(entries).as_bytes());
+    body.put_slice(cursor::encode_tagged(entries).as_bytes());
     body.put_slice(b"\",\"positions\":");
     body.put_slice(&serde_json::to_vec(&positions).expect("cannot fail"));
     if let Some(ms) = reconnect_ms {
