@@ -756,7 +756,7 @@ mod tests {
                 StalePage(epoch, top, offsets) => {
                     Some((false, gen - 1, page(epoch, *top, offsets)))
                 }
-                Live(..) | Unsub | At | SubTagged(..) => None,
+                Live(..) | Unsub | At => None,
             };
             let (mut out, mut effects) = (Vec::new(), Vec::new());
             match (step, input) {

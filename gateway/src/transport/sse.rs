@@ -99,12 +99,15 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
     !present
 }
 
+/// (channel, epoch, offset delivered, the tag there if known) of one channel of a stream.
+type StreamPosition = (Arc<str>, Arc<str>, u64, Option<u32>);
+
 /// One SSE response's task: its session and the position of every channel for the cursor.
 struct SseStream {
     node: Arc<Node>,
     tx: BodySender,
-    /// (channel, epoch, offset delivered, its tag if known) for every channel, in request order.
-    positions: Vec<(Arc<str>, Arc<str>, u64, Option<u32>)>,
+    /// Every channel's position, in request order.
+    positions: Vec<StreamPosition>,
     /// Reused for every event's cursor.
     scratch: Vec<u8>,
     /// Metric children looked up once, not per batch (a lookup hashes the labels).
