@@ -35,7 +35,8 @@ pub(crate) fn new_epoch() -> Arc<str> {
 /// One page of a channel's history, read at a single instant.
 #[derive(Debug, Clone)]
 pub struct HistoryPage {
-    /// The channel's epoch at the time of the read.
+    /// The channel's epoch at the time of the read; empty for a channel with no publication
+    /// (never published to, or forgotten): its first publication creates the epoch.
     pub epoch: Arc<str>,
     /// The channel's newest offset at the time of the read (0 for a channel never published to).
     pub top: u64,
@@ -46,6 +47,8 @@ pub struct HistoryPage {
     /// reader compares it with the tag it holds, so a position from before a store rollback that
     /// reused the offset under the same epoch does not pass for the publication now there.
     pub since_tag: Option<u32>,
+    /// The tag of the publication at `top`, when the channel knows it (`None` at top 0).
+    pub top_tag: Option<u32>,
 }
 
 /// Who chose an idempotency key. Keys of each scope live apart, so a client can never take a key
@@ -225,7 +228,8 @@ pub trait Backplane: Send + Sync + 'static {
     ) -> Result<PublishAck, BackplaneError>;
 
     /// Reads up to `limit` publications with offset greater than `since`, in order, and the tag
-    /// of the publication at `since` (see [`HistoryPage::since_tag`]).
+    /// of the publication at `since` (see [`HistoryPage::since_tag`]). Creates nothing: a channel
+    /// never published to reads as epoch `""`, top 0, and leaves no state behind.
     async fn history(
         &self,
         channel: &str,

@@ -143,6 +143,40 @@ impl MemoryBackplane {
         }
     }
 
+    /// Runs `f` on the channel's state if the channel exists; creates nothing.
+    fn with_existing<R>(
+        &self,
+        channel: &str,
+        f: impl FnOnce(&mut Channel, Instant) -> R,
+    ) -> Option<R> {
+        loop {
+            let now = Instant::now();
+            let state = self.shard(channel).lock().get(channel)?.clone();
+            let mut state = state.lock();
+            if state.removed {
+                continue;
+            }
+            return Some(f(&mut state, now));
+        }
+    }
+
+    /// Forgets a channel that was never published to and holds nothing, so a subscribe and
+    /// unsubscribe of a fresh name leaves no state.
+    fn forget_if_unused(&self, channel: &str) {
+        let mut shard = self.shard(channel).lock();
+        let unused = shard.get(channel).is_some_and(|state| {
+            let mut state = state.lock();
+            let unused = state.top == 0
+                && !state.node_subscribed
+                && state.recent_keys.iter().all(HashMap::is_empty);
+            state.removed |= unused;
+            unused
+        });
+        if unused {
+            shard.remove(channel);
+        }
+    }
+
     fn sweep_once(&self) {
         let now = Instant::now();
         for shard in self.shards.iter() {
@@ -207,9 +241,14 @@ impl Backplane for MemoryBackplane {
             state.top += 1;
             let prev_tag = std::mem::replace(&mut state.top_tag, new_tag());
             let publication = Arc::new(
-                Publication::new(state.name.clone(), state.top, state.epoch.clone(), &data)
-                    .published_at(crate::now_us())
-                    .tagged(state.top_tag),
+                Publication::new(
+                    state.name.clone(),
+                    state.top,
+                    state.epoch.clone(),
+                    state.top_tag,
+                    &data,
+                )
+                .published_at(crate::now_us()),
             );
             state.history.push_back(Entry {
                 at: now,
@@ -248,7 +287,7 @@ impl Backplane for MemoryBackplane {
         since: u64,
         limit: usize,
     ) -> Result<HistoryPage, BackplaneError> {
-        Ok(self.with_channel(channel, |state, now| {
+        let page = self.with_existing(channel, |state, now| {
             let retention = self.settings.retention_for(&state.name);
             state.trim(now, &retention);
             let first = state
@@ -269,9 +308,15 @@ impl Backplane for MemoryBackplane {
                 None
             };
             HistoryPage {
-                epoch: state.epoch.clone(),
+                // The epoch exists once the channel has a publication.
+                epoch: if state.top == 0 {
+                    "".into()
+                } else {
+                    state.epoch.clone()
+                },
                 top: state.top,
                 since_tag,
+                top_tag: (state.top > 0).then_some(state.top_tag),
                 publications: state
                     .history
                     .iter()
@@ -280,6 +325,13 @@ impl Backplane for MemoryBackplane {
                     .map(|e| e.publication.clone())
                     .collect(),
             }
+        });
+        Ok(page.unwrap_or_else(|| HistoryPage {
+            epoch: "".into(),
+            top: 0,
+            publications: Vec::new(),
+            since_tag: None,
+            top_tag: None,
         }))
     }
 
@@ -289,7 +341,8 @@ impl Backplane for MemoryBackplane {
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError> {
-        self.with_channel(channel, |state, _| state.node_subscribed = false);
+        self.with_existing(channel, |state, _| state.node_subscribed = false);
+        self.forget_if_unused(channel);
         Ok(())
     }
 
@@ -342,7 +395,18 @@ mod tests {
     #[tokio::test]
     async fn idle_empty_channels_are_forgotten_but_subscribed_ones_kept() {
         let (bp, _) = backplane(100, Duration::from_secs(60));
-        bp.history("idle", 0, 1).await.unwrap();
+        let unknown = bp.history("unknown", 0, 1).await.unwrap();
+        assert_eq!((&*unknown.epoch, unknown.top), ("", 0));
+        assert_eq!(bp.channel_count(), 0, "a read creates nothing");
+        bp.subscribe("fresh").await.unwrap();
+        bp.unsubscribe("fresh").await.unwrap();
+        assert_eq!(
+            bp.channel_count(),
+            0,
+            "nor does a subscribe and unsubscribe"
+        );
+        bp.publish("idle", data(1), None).await.unwrap();
+        bp.with_channel("idle", |state, _| state.history.clear());
         bp.subscribe("kept").await.unwrap();
         for shard in bp.shards.iter() {
             for state in shard.lock().values() {
@@ -351,8 +415,7 @@ mod tests {
         }
         bp.sweep_once();
         assert_eq!(bp.channel_count(), 1);
-        let kept = bp.history("kept", 0, 1).await.unwrap().epoch;
-        bp.publish("kept", data(1), None).await.unwrap();
+        let kept = bp.publish("kept", data(1), None).await.unwrap().epoch;
         assert_eq!(bp.history("kept", 0, 1).await.unwrap().epoch, kept);
     }
 }

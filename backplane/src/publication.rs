@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// A message in a channel's history: `{"channel":C,"offset":N,"epoch":E,"data":D}`.
+/// A message in a channel's history: `{"channel":C,"offset":N,"epoch":E,"tag":T,"data":D}`.
 #[derive(Debug, Clone)]
 pub struct Publication {
     pub channel: Arc<str>,
@@ -15,24 +15,27 @@ pub struct Publication {
     /// When the publish was accepted, microseconds since the Unix epoch (0 if unknown).
     pub published_us: u64,
     /// Random per publication, so that (epoch, offset, tag) names one publication even after a
-    /// store rollback reused the offset (0 for entries written before tags existed). Not in the
-    /// wire form yet.
+    /// store rollback reused the offset (0 for entries written before tags existed). On the wire
+    /// as 8 lowercase hex digits ([`format_tag`]).
     pub tag: u32,
     json: Bytes,
     data: Range<usize>,
 }
 
 impl Publication {
-    /// Builds the publication and its JSON text; `data` must be compact JSON.
-    pub fn new(channel: Arc<str>, offset: u64, epoch: Arc<str>, data: &[u8]) -> Self {
-        let mut json = Vec::with_capacity(data.len() + channel.len() + epoch.len() + 48);
+    /// Builds the publication and its JSON text, the one serialisation every subscriber shares;
+    /// `data` must be compact JSON.
+    pub fn new(channel: Arc<str>, offset: u64, epoch: Arc<str>, tag: u32, data: &[u8]) -> Self {
+        let mut json = Vec::with_capacity(data.len() + channel.len() + epoch.len() + 64);
         json.extend_from_slice(b"{\"channel\":");
         serde_json::to_writer(&mut json, &*channel).expect("writing to a Vec cannot fail");
         json.extend_from_slice(b",\"offset\":");
         json.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
         json.extend_from_slice(b",\"epoch\":");
         serde_json::to_writer(&mut json, &*epoch).expect("writing to a Vec cannot fail");
-        json.extend_from_slice(b",\"data\":");
+        json.extend_from_slice(b",\"tag\":\"");
+        json.extend_from_slice(format_tag(tag).as_bytes());
+        json.extend_from_slice(b"\",\"data\":");
         let start = json.len();
         json.extend_from_slice(data);
         let data = start..json.len();
@@ -42,7 +45,7 @@ impl Publication {
             offset,
             epoch,
             published_us: 0,
-            tag: 0,
+            tag,
             json: Bytes::from(json),
             data,
         }
@@ -51,12 +54,6 @@ impl Publication {
     /// Records when the publish was accepted (microseconds since the Unix epoch).
     pub fn published_at(mut self, published_us: u64) -> Self {
         self.published_us = published_us;
-        self
-    }
-
-    /// Sets the publication's tag.
-    pub fn tagged(mut self, tag: u32) -> Self {
-        self.tag = tag;
         self
     }
 
@@ -77,9 +74,39 @@ pub struct PublishAck {
     pub channel: Arc<str>,
     pub offset: u64,
     pub epoch: Arc<str>,
-    /// The publication's tag ([`Publication::tag`]); not in the wire form yet.
-    #[serde(skip)]
+    /// The publication's tag ([`Publication::tag`]), as 8 hex digits on the wire.
+    #[serde(with = "tag_text")]
     pub tag: u32,
+}
+
+/// Serde form of a tag: 8 lowercase hex digits.
+mod tag_text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(tag: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_tag(*tag))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        super::parse_tag(&text).ok_or_else(|| D::Error::custom("a tag is 8 lowercase hex digits"))
+    }
+}
+
+/// Serde form of an optional tag: absent, or 8 lowercase hex digits.
+mod optional_tag_text {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(tag: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        match tag {
+            Some(tag) => super::tag_text::serialize(tag, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        super::tag_text::deserialize(d).map(Some)
+    }
 }
 
 /// A tag as shown: 8 lowercase hex digits.
@@ -96,11 +123,20 @@ pub fn parse_tag(text: &str) -> Option<u32> {
     u32::from_str_radix(text, 16).ok()
 }
 
-/// A position in a channel's stream: every publication up to `offset` of `epoch` was seen.
+/// A position in a channel's stream: every publication up to `offset` of `epoch` was seen, the
+/// one at `offset` carrying `tag` when the holder knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
     pub epoch: String,
     pub offset: u64,
+    /// The tag of the publication at `offset`; without it a rollback that reused the offset
+    /// under the same epoch cannot be told apart.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_tag_text"
+    )]
+    pub tag: Option<u32>,
 }
 
 #[cfg(test)]
@@ -109,25 +145,52 @@ mod tests {
 
     #[test]
     fn wire_form_is_valid_json_with_escaped_names() {
-        let p = Publication::new("chat:\"x\"".into(), 7, "e1".into(), b"{\"a\":[1,2]}");
+        let p = Publication::new(
+            "chat:\"x\"".into(),
+            7,
+            "e1".into(),
+            0xc0ffee,
+            b"{\"a\":[1,2]}",
+        );
         let v: serde_json::Value = serde_json::from_slice(p.json()).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"channel": "chat:\"x\"", "offset": 7, "epoch": "e1", "data": {"a": [1, 2]}})
+            serde_json::json!({"channel": "chat:\"x\"", "offset": 7, "epoch": "e1", "tag": "00c0ffee", "data": {"a": [1, 2]}})
         );
         assert_eq!(p.data(), b"{\"a\":[1,2]}");
     }
 
     #[test]
-    fn tag_is_eight_lowercase_hex_digits_and_not_on_the_wire() {
+    fn tag_is_eight_lowercase_hex_digits() {
         assert_eq!(format_tag(0xab), "000000ab");
         assert_eq!(format_tag(u32::MAX), "ffffffff");
         assert_eq!(parse_tag("00c0ffee"), Some(0xc0ffee));
         assert_eq!(parse_tag("c0ffee"), None);
         assert_eq!(parse_tag("00C0FFEE"), None);
         assert_eq!(parse_tag("+0c0ffee"), None);
-        let p = Publication::new("c".into(), 1, "e".into(), b"1").tagged(7);
+        let p = Publication::new("c".into(), 1, "e".into(), 7, b"1");
         assert_eq!(p.tag, 7);
-        assert!(!std::str::from_utf8(p.json()).unwrap().contains("tag"));
+    }
+
+    #[test]
+    fn ack_and_position_carry_the_tag_as_hex() {
+        let ack = PublishAck {
+            channel: "c".into(),
+            offset: 3,
+            epoch: "e".into(),
+            tag: 0xab,
+        };
+        assert_eq!(
+            serde_json::to_value(&ack).unwrap(),
+            serde_json::json!({"channel": "c", "offset": 3, "epoch": "e", "tag": "000000ab"})
+        );
+        let with: Position =
+            serde_json::from_str(r#"{"epoch":"e","offset":3,"tag":"000000ab"}"#).unwrap();
+        assert_eq!(with.tag, Some(0xab));
+        let without: Position = serde_json::from_str(r#"{"epoch":"e","offset":3}"#).unwrap();
+        assert_eq!(without.tag, None);
+        assert!(
+            serde_json::from_str::<Position>(r#"{"epoch":"e","offset":3,"tag":"AB"}"#).is_err()
+        );
     }
 }

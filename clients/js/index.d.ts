@@ -9,12 +9,16 @@ export const TRANSPORTS: readonly TransportName[];
 export interface Position {
   epoch: string;
   offset: number;
+  /** Tag of the publication at `offset` (8 hex digits), when known. */
+  tag?: string;
 }
 
 export interface Publication<T = unknown> {
   channel: string;
   offset: number;
   epoch: string;
+  /** Random per publication, 8 hex digits: (epoch, offset, tag) names one publication. */
+  tag: string;
   data: T;
 }
 
@@ -30,6 +34,7 @@ export interface PublishAck {
   channel: string;
   offset: number;
   epoch: string;
+  tag: string;
 }
 
 export type ConnectionState = 'connecting' | 'connected' | 'disconnected' | 'closed';

@@ -67,24 +67,33 @@ function base64urlDecode(text) {
 
 /**
  * The server's cursor for a set of positions: base64url (no padding) of
- * `[[channel, epoch, offset], ...]`. Channels without a position are left out (they start live).
+ * `[[channel, epoch, offset, tag?], ...]` (the tag of the publication at `offset` when known).
+ * Channels without a position are left out (they start live).
  */
 export function encodeCursor(positions) {
   const triples = [];
   for (const [channel, p] of positions) {
-    if (p) triples.push([channel, p.epoch, p.offset]);
+    if (p) triples.push(p.tag ? [channel, p.epoch, p.offset, p.tag] : [channel, p.epoch, p.offset]);
   }
   return triples.length ? base64urlEncode(JSON.stringify(triples)) : '';
 }
 
-/** The positions held by a cursor, as a Map channel → {epoch, offset}. */
+/** The positions held by a cursor, as a Map channel → {epoch, offset, tag?}. */
 export function decodeCursor(cursor) {
   const out = new Map();
   if (!cursor) return out;
-  for (const [channel, epoch, offset] of JSON.parse(base64urlDecode(cursor))) {
-    out.set(channel, { epoch, offset });
+  for (const [channel, epoch, offset, tag] of JSON.parse(base64urlDecode(cursor))) {
+    out.set(channel, position(epoch, offset, tag));
   }
   return out;
+}
+
+/**
+ * A position: `{epoch, offset}` plus the `tag` of the publication at `offset` when known, which
+ * lets the server tell a rollback that reused the offset (`history_diverged`).
+ */
+function position(epoch, offset, tag) {
+  return typeof tag === 'string' && tag ? { epoch, offset, tag } : { epoch, offset };
 }
 
 /**
@@ -100,7 +109,9 @@ export class Positions {
       try {
         const saved = JSON.parse(storage.getItem(key) || '{}');
         for (const [channel, p] of Object.entries(saved)) {
-          if (p && typeof p.epoch === 'string' && Number.isInteger(p.offset)) this.map.set(channel, p);
+          if (p && typeof p.epoch === 'string' && Number.isInteger(p.offset)) {
+            this.map.set(channel, position(p.epoch, p.offset, p.tag));
+          }
         }
       } catch {
         // A corrupt entry only means starting live.
@@ -112,8 +123,8 @@ export class Positions {
     return this.map.get(channel) || null;
   }
 
-  set(channel, epoch, offset) {
-    this.map.set(channel, { epoch, offset });
+  set(channel, epoch, offset, tag) {
+    this.map.set(channel, position(epoch, offset, tag));
     this.save();
   }
 
@@ -129,7 +140,7 @@ export class Positions {
   accept(publication) {
     const p = this.map.get(publication.channel);
     if (p && p.epoch === publication.epoch && publication.offset <= p.offset) return false;
-    this.map.set(publication.channel, { epoch: publication.epoch, offset: publication.offset });
+    this.map.set(publication.channel, position(publication.epoch, publication.offset, publication.tag));
     this.save();
     return true;
   }
@@ -478,7 +489,7 @@ class PollTransport {
     const subscribed = new Set(this.client.channels());
     for (const p of answer.positions) {
       if (subscribed.has(p.channel) && !this.client.positions.get(p.channel)) {
-        this.client._subscribed({ channel: p.channel, epoch: p.epoch, offset: p.offset, recovered: false }, null);
+        this.client._subscribed({ channel: p.channel, epoch: p.epoch, offset: p.offset, tag: p.tag, recovered: false }, null);
       }
     }
     for (const event of answer.events) {
@@ -488,7 +499,7 @@ class PollTransport {
     // The answer's positions are what the server delivered; they agree with ours unless a
     // publication was a duplicate, and then theirs is right too.
     for (const p of answer.positions) {
-      if (subscribed.has(p.channel)) this.client.positions.set(p.channel, p.epoch, p.offset);
+      if (subscribed.has(p.channel)) this.client.positions.set(p.channel, p.epoch, p.offset, p.tag);
     }
   }
 
@@ -754,7 +765,7 @@ export class Client {
     if (result.recovered) return;
     // Not recovered: delivery starts after `result.offset`. Without a position asked for, that
     // is simply where the subscription starts; with one, what lay between was lost.
-    this.positions.set(result.channel, result.epoch, result.offset);
+    this.positions.set(result.channel, result.epoch, result.offset, result.tag);
     if (since && result.reason) {
       this._resetTo({ channel: result.channel, reason: result.reason, epoch: result.epoch, offset: result.offset });
     } else {

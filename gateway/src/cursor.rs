@@ -1,16 +1,35 @@
 //! The SSE cursor: one opaque string (an event `id:`) that records the position of every channel
 //! of a stream, so `Last-Event-ID` alone is enough to resume all of them.
 //!
-//! Form: base64url (no padding) of the JSON array `[[channel, epoch, offset], ...]`.
+//! Form: base64url (no padding) of the JSON array `[[channel, epoch, offset, tag?], ...]`; the
+//! tag (8 hex digits) of the publication at `offset` is there when known. Cursors from before
+//! tags (three-element entries) stay readable.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use serde::Deserialize;
 
 /// Longest cursor accepted, in bytes.
 pub const MAX_CURSOR_LEN: usize = 64 * 1024;
 
-/// Encodes positions as a cursor.
+/// One channel's position in a cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorEntry {
+    pub channel: String,
+    pub epoch: String,
+    pub offset: u64,
+    pub tag: Option<u32>,
+}
+
+/// Encodes positions `(channel, epoch, offset)` without tags as a cursor.
 pub fn encode<'a>(positions: impl IntoIterator<Item = (&'a str, &'a str, u64)>) -> String {
+    encode_tagged(positions.into_iter().map(|(c, e, o)| (c, e, o, None)))
+}
+
+/// Encodes positions `(channel, epoch, offset, tag)` as a cursor.
+pub fn encode_tagged<'a>(
+    positions: impl IntoIterator<Item = (&'a str, &'a str, u64, Option<u32>)>,
+) -> String {
     let mut out = String::new();
     encode_into(positions, &mut Vec::new(), &mut out);
     out
@@ -19,13 +38,13 @@ pub fn encode<'a>(positions: impl IntoIterator<Item = (&'a str, &'a str, u64)>) 
 /// Appends the cursor to `out`, using `scratch` for the JSON form, so a stream can reuse both
 /// buffers for every event.
 pub fn encode_into<'a>(
-    positions: impl IntoIterator<Item = (&'a str, &'a str, u64)>,
+    positions: impl IntoIterator<Item = (&'a str, &'a str, u64, Option<u32>)>,
     scratch: &mut Vec<u8>,
     out: &mut String,
 ) {
     scratch.clear();
     scratch.push(b'[');
-    for (i, (channel, epoch, offset)) in positions.into_iter().enumerate() {
+    for (i, (channel, epoch, offset, tag)) in positions.into_iter().enumerate() {
         if i > 0 {
             scratch.push(b',');
         }
@@ -35,38 +54,89 @@ pub fn encode_into<'a>(
         serde_json::to_writer(&mut *scratch, epoch).expect("cannot fail");
         scratch.push(b',');
         scratch.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+        if let Some(tag) = tag {
+            scratch.extend_from_slice(b",\"");
+            scratch.extend_from_slice(backplane::format_tag(tag).as_bytes());
+            scratch.push(b'"');
+        }
         scratch.push(b']');
     }
     scratch.push(b']');
     URL_SAFE_NO_PAD.encode_string(&scratch[..], out);
 }
 
-/// Decodes a cursor into `(channel, epoch, offset)` triples.
-pub fn decode(cursor: &str) -> Result<Vec<(String, String, u64)>, String> {
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawEntry {
+    Tagged(String, String, u64, String),
+    Untagged(String, String, u64),
+}
+
+/// Decodes a cursor into its entries.
+pub fn decode(cursor: &str) -> Result<Vec<CursorEntry>, String> {
     if cursor.len() > MAX_CURSOR_LEN {
         return Err(format!("cursor is longer than {MAX_CURSOR_LEN} bytes"));
     }
     let json = URL_SAFE_NO_PAD
         .decode(cursor.trim())
         .map_err(|e| format!("cursor is not base64url: {e}"))?;
-    serde_json::from_slice(&json).map_err(|e| format!("cursor does not hold positions: {e}"))
+    let raw: Vec<RawEntry> = serde_json::from_slice(&json)
+        .map_err(|e| format!("cursor does not hold positions: {e}"))?;
+    raw.into_iter()
+        .map(|entry| {
+            Ok(match entry {
+                RawEntry::Untagged(channel, epoch, offset) => CursorEntry {
+                    channel,
+                    epoch,
+                    offset,
+                    tag: None,
+                },
+                RawEntry::Tagged(channel, epoch, offset, tag) => CursorEntry {
+                    channel,
+                    epoch,
+                    offset,
+                    tag: Some(
+                        backplane::parse_tag(&tag)
+                            .ok_or_else(|| format!("cursor tag {tag:?} is not 8 hex digits"))?,
+                    ),
+                },
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn entry(channel: &str, epoch: &str, offset: u64, tag: Option<u32>) -> CursorEntry {
+        CursorEntry {
+            channel: channel.into(),
+            epoch: epoch.into(),
+            offset,
+            tag,
+        }
+    }
+
     #[test]
     fn round_trips_any_channel_name() {
-        let cursor = encode([("chat:a,b", "e1", 7), ("x\"y", "e2", 0)]);
+        let cursor = encode_tagged([("chat:a,b", "e1", 7, Some(0xab)), ("x\"y", "e2", 0, None)]);
         assert!(!cursor.contains(['\n', '\r', ' ']));
         assert_eq!(
             decode(&cursor).unwrap(),
             vec![
-                ("chat:a,b".to_string(), "e1".to_string(), 7),
-                ("x\"y".to_string(), "e2".to_string(), 0)
+                entry("chat:a,b", "e1", 7, Some(0xab)),
+                entry("x\"y", "e2", 0, None)
             ]
         );
+    }
+
+    #[test]
+    fn reads_cursors_from_before_tags() {
+        let old = URL_SAFE_NO_PAD.encode(r#"[["a","e1",7]]"#);
+        assert_eq!(decode(&old).unwrap(), vec![entry("a", "e1", 7, None)]);
+        let bad_tag = URL_SAFE_NO_PAD.encode(r#"[["a","e1",7,"xyz"]]"#);
+        assert!(decode(&bad_tag).is_err());
     }
 
     #[test]

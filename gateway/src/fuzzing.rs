@@ -47,10 +47,10 @@ pub fn cursor(data: &[u8]) {
         return;
     };
     if let Ok(positions) = cursor::decode(text) {
-        let again = cursor::encode(
+        let again = cursor::encode_tagged(
             positions
                 .iter()
-                .map(|(c, e, o)| (c.as_str(), e.as_str(), *o)),
+                .map(|e| (e.channel.as_str(), e.epoch.as_str(), e.offset, e.tag)),
         );
         assert_eq!(
             cursor::decode(&again).expect("re-encoded cursor"),

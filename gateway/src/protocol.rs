@@ -111,6 +111,9 @@ pub mod reset_reason {
     pub const OFFSET_AHEAD: &str = "offset_ahead";
     /// History no longer holds what followed the position.
     pub const HISTORY_TRUNCATED: &str = "history_truncated";
+    /// The publication at the position is not the one the client saw (its tag differs): the
+    /// store lost acknowledged writes and reused the offset under the same epoch.
+    pub const HISTORY_DIVERGED: &str = "history_diverged";
 }
 
 /// Longest channel name accepted, in bytes.
@@ -380,6 +383,19 @@ pub struct SubscribeResult {
     pub recovered: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// The tag of the publication at `offset`, when the channel has one.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_tag"
+    )]
+    pub tag: Option<u32>,
+}
+
+fn serialize_tag<S: serde::Serializer>(tag: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+    match tag {
+        Some(tag) => s.serialize_str(&backplane::format_tag(*tag)),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Serialize)]

@@ -139,7 +139,13 @@ mod tests {
 
     fn publication(size: usize) -> Arc<Publication> {
         let data = format!("\"{}\"", "x".repeat(size));
-        Arc::new(Publication::new("c".into(), 1, "e".into(), data.as_bytes()))
+        Arc::new(Publication::new(
+            "c".into(),
+            1,
+            "e".into(),
+            0,
+            data.as_bytes(),
+        ))
     }
 
     #[test]

@@ -369,14 +369,14 @@ mod tests {
 
     fn live(epoch: &str, offset: u64) -> Arc<Publication> {
         Arc::new(
-            Publication::new("c".into(), offset, epoch.into(), b"1")
+            Publication::new("c".into(), offset, epoch.into(), 0, b"1")
                 .published_at(1_000_000 * offset),
         )
     }
 
     fn entry(epoch: &str, offset: u64, ms: u64) -> Entry {
         (
-            Arc::new(Publication::new("c".into(), offset, epoch.into(), b"1")),
+            Arc::new(Publication::new("c".into(), offset, epoch.into(), 0, b"1")),
             ms,
         )
     }
@@ -531,9 +531,8 @@ mod tests {
     fn a_reused_offset_is_caught_by_its_tag_too() {
         let mut s = subscribed_at(at("e", 10));
         let mut out = Vec::new();
-        let tagged = |o: u64, tag: u32| {
-            Arc::new(Publication::new("c".into(), o, "e".into(), b"1").tagged(tag))
-        };
+        let tagged =
+            |o: u64, tag: u32| Arc::new(Publication::new("c".into(), o, "e".into(), tag, b"1"));
         s.on_live(tagged(11, 7), &mut out);
         assert_eq!(s.resync(), Some(Work::Read { since: 10 }));
         let entries = vec![(tagged(11, 8), 0), (tagged(12, 9), 0)];

@@ -506,9 +506,8 @@ impl Task {
             Some(e) if **e == *epoch => e.clone(),
             _ => epoch.into(),
         };
-        let publication = Publication::new(name.clone(), offset, epoch, data)
-            .published_at(published_us)
-            .tagged(tag);
+        let publication =
+            Publication::new(name.clone(), offset, epoch, tag, data).published_at(published_us);
         let publication = Arc::new(publication);
         self.with_state(&name, None, |state, out| state.on_live(publication, out));
     }

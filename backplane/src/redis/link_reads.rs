@@ -94,12 +94,15 @@ pub(crate) async fn page(
         .key(keys.history(channel))
         .arg(since)
         .arg(limit)
-        .arg(&*new_epoch())
-        .arg(millis(settings.retention_for(channel).max_age))
-        .arg(millis(settings.meta_ttl));
+        .arg(millis(settings.retention_for(channel).max_age));
     type Fields = Vec<Vec<u8>>;
-    let (epoch, top, rows, _since_tag): (String, u64, Vec<(String, Fields)>, String) =
-        shared.commands.run(&invocation).await?;
+    let (epoch, top, rows, _since_tag, _top_tag): (
+        String,
+        u64,
+        Vec<(String, Fields)>,
+        String,
+        String,
+    ) = shared.commands.run(&invocation).await?;
     let epoch: Arc<str> = epoch.into();
     let mut entries: Vec<Entry> = Vec::with_capacity(rows.len());
     for (id, fields) in rows {
@@ -126,8 +129,7 @@ pub(crate) async fn page(
         let tag = field(b"g")
             .and_then(|g| parse_tag(std::str::from_utf8(g).ok()?))
             .unwrap_or(0);
-        let publication =
-            Publication::new(channel.clone(), offset, epoch.clone(), data).tagged(tag);
+        let publication = Publication::new(channel.clone(), offset, epoch.clone(), tag, data);
         entries.push((Arc::new(publication), published_ms));
     }
     Ok(Page {

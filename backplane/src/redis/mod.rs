@@ -159,11 +159,9 @@ pub(crate) async fn history(
         .key(keys.history(channel))
         .arg(since)
         .arg(limit)
-        .arg(&*new_epoch())
-        .arg(millis(settings.retention_for(channel).max_age))
-        .arg(millis(settings.meta_ttl));
+        .arg(millis(settings.retention_for(channel).max_age));
     type Entry = (String, Vec<Vec<u8>>);
-    let (epoch, top, entries, since_tag): (String, u64, Vec<Entry>, String) =
+    let (epoch, top, entries, since_tag, top_tag): (String, u64, Vec<Entry>, String, String) =
         shared.commands.run(&invocation).await?;
     let epoch: Arc<str> = epoch.into();
     let channel: Arc<str> = channel.into();
@@ -189,15 +187,20 @@ pub(crate) async fn history(
         let tag = field(b"g")
             .and_then(|g| parse_tag(std::str::from_utf8(g).ok()?))
             .unwrap_or(0);
-        publications.push(Arc::new(
-            Publication::new(channel.clone(), offset, epoch.clone(), data).tagged(tag),
-        ));
+        publications.push(Arc::new(Publication::new(
+            channel.clone(),
+            offset,
+            epoch.clone(),
+            tag,
+            data,
+        )));
     }
     Ok(HistoryPage {
         epoch,
         top,
         publications,
         since_tag: parse_tag(&since_tag),
+        top_tag: parse_tag(&top_tag),
     })
 }
 

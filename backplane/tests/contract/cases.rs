@@ -76,27 +76,35 @@ pub async fn offsets_are_gap_free_from_one(store: &Store) {
     }
 }
 
-pub async fn empty_channel_epoch_is_stable(store: &Store) {
+pub async fn reads_of_unknown_channels_create_nothing(store: &Store) {
     let node = node(store).await;
-    let first = history(&node, "empty", 0, 10).await;
-    assert_eq!((first.top, first.publications.len()), (0, 0));
-    assert_eq!(first.since_tag, None, "offset 0 names no publication");
-    let again = history(&node, "empty", 0, 10).await;
+    assert_eq!(store.stored(&node).await, 0, "a fresh store");
+    let read = history(&node, "unknown", 0, 10).await;
     assert_eq!(
-        again.epoch, first.epoch,
-        "reads do not change an empty channel's epoch"
+        (&*read.epoch, read.top),
+        ("", 0),
+        "no publication, no epoch"
     );
-    if store.shared() {
-        let peer = self::node(store).await;
-        let seen = history(&peer, "empty", 0, 10).await;
-        assert_eq!(seen.epoch, first.epoch, "every node sees the same epoch");
-    }
-    let ack = publish(&node, "empty", 1).await;
+    assert_eq!(read.publications.len(), 0);
+    assert_eq!((read.since_tag, read.top_tag), (None, None));
+    history(&node, "unknown", 5, 0).await;
+    node.backplane.subscribe("unknown").await.unwrap();
+    node.backplane.unsubscribe("unknown").await.unwrap();
+    store.wait_unsubscribed("unknown").await;
     assert_eq!(
-        (ack.offset, ack.epoch),
-        (1, first.epoch),
-        "the first publish keeps the epoch readers saw"
+        store.stored(&node).await,
+        0,
+        "reads and a subscribe+unsubscribe leave nothing behind"
     );
+    let ack = publish(&node, "unknown", 1).await;
+    assert_eq!(ack.offset, 1);
+    assert!(
+        !ack.epoch.is_empty(),
+        "the first publication creates the epoch"
+    );
+    let after = history(&node, "unknown", 0, 10).await;
+    assert_eq!((after.epoch, after.top), (ack.epoch, 1));
+    assert_eq!(after.top_tag, Some(ack.tag));
 }
 
 pub async fn history_is_trimmed_by_count(store: &Store) {

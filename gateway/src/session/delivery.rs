@@ -8,6 +8,12 @@
 //! being set up or is catching up, live publications are not buffered — only the highest live
 //! offset seen is kept — so memory stays bounded however large the gap. Publications are in
 //! history before they are fanned out, so whatever was skipped live is found in history.
+//!
+//! A new epoch is delivered from its start: its first page is read before the one reset that
+//! announces it, so the reset says exactly where delivery goes on. Offset 0 carries no epoch: a
+//! subscription that delivered nothing adopts a new epoch silently, and a resume from offset 0 of
+//! any epoch is a resume from the start. A resume whose tag differs from the tag history has at
+//! the position is not recovered (`history_diverged`): the store reused the offset.
 
 use std::sync::Arc;
 
@@ -84,6 +90,9 @@ pub(crate) enum Input {
         channel: Arc<str>,
         id: Option<u64>,
         since: Option<Position>,
+        /// Whether the page was read from offset 0 rather than after `since` (asked for by
+        /// [`Effect::ReadFromStart`]).
+        from_start: bool,
         page: Result<HistoryPage, BackplaneError>,
     },
     /// A history page asked for by [`Effect::Fetch`].
@@ -103,6 +112,14 @@ pub(crate) enum Effect {
         channel: Arc<str>,
         since: u64,
         retry: bool,
+    },
+    /// A resume met another epoch: read its first page from offset 0 and feed it back as
+    /// [`Input::Subscribed`] with `from_start`, so the result can say where delivery goes on.
+    ReadFromStart {
+        gen: u64,
+        channel: Arc<str>,
+        id: Option<u64>,
+        since: Position,
     },
     /// The subscription ended without an unsubscribe command: leave the hub.
     LeaveHub(Arc<str>),
@@ -130,6 +147,12 @@ struct Subscription {
     gen: u64,
     epoch: Arc<str>,
     delivered: u64,
+    /// The tag of the publication at `delivered`, when known.
+    tag: Option<u32>,
+    /// Another epoch seen live while not live; `live_max` counts its offsets.
+    newer_epoch: Option<Arc<str>>,
+    /// The `since` of the catch-up read in flight.
+    reading_since: u64,
     state: State,
 }
 
@@ -152,31 +175,63 @@ struct Resume {
     reason: Option<&'static str>,
     /// The offset delivery continues after.
     continue_after: u64,
+    /// The tag of the publication at `continue_after`, when known.
+    tag: Option<u32>,
+    /// Whether the first page is delivered (recovered, or a new epoch from its start).
+    deliver_page: bool,
 }
 
-/// Where a subscription with `since` continues, given the first read of its channel.
-fn decide_resume(since: Option<&Position>, page: &HistoryPage) -> Resume {
+/// Where a new epoch is delivered from: before its first retained publication, or after its top
+/// when history holds none.
+fn start_of(page: &HistoryPage) -> u64 {
+    page.publications.first().map_or(page.top, |p| p.offset - 1)
+}
+
+/// Where a subscription with `since` continues, given the first read of its channel; `None`
+/// when the channel is in another epoch and the page was not read from its start.
+fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool) -> Option<Resume> {
     let first = page.publications.first().map(|p| p.offset);
-    let lost = |reason| Resume {
-        recovered: false,
-        reason: Some(reason),
+    let at_top = |recovered, reason| Resume {
+        recovered,
+        reason,
         continue_after: page.top,
+        tag: page.top_tag,
+        deliver_page: false,
     };
-    match since {
-        None => Resume {
+    let recovered_after = |offset, tag| Resume {
+        recovered: true,
+        reason: None,
+        continue_after: offset,
+        tag,
+        deliver_page: true,
+    };
+    let Some(s) = since else {
+        return Some(at_top(false, None));
+    };
+    let diverged = matches!((s.tag, page.since_tag), (Some(held), Some(now)) if held != now);
+    Some(match s {
+        // Offset 0 carries no epoch: every epoch starts there.
+        s if s.offset == 0 && (first == Some(1) || page.top == 0) => recovered_after(0, None),
+        s if s.offset == 0 => at_top(false, Some(reset_reason::HISTORY_TRUNCATED)),
+        s if *s.epoch != *page.epoch && !from_start => return None,
+        s if *s.epoch != *page.epoch => Resume {
             recovered: false,
-            reason: None,
-            continue_after: page.top,
+            reason: Some(reset_reason::EPOCH_CHANGED),
+            continue_after: start_of(page),
+            tag: page
+                .publications
+                .is_empty()
+                .then_some(page.top_tag)
+                .flatten(),
+            deliver_page: true,
         },
-        Some(s) if *s.epoch != *page.epoch => lost(reset_reason::EPOCH_CHANGED),
-        Some(s) if s.offset > page.top => lost(reset_reason::OFFSET_AHEAD),
-        Some(s) if s.offset == page.top || first == Some(s.offset + 1) => Resume {
-            recovered: true,
-            reason: None,
-            continue_after: s.offset,
-        },
-        Some(_) => lost(reset_reason::HISTORY_TRUNCATED),
-    }
+        s if s.offset > page.top => at_top(false, Some(reset_reason::OFFSET_AHEAD)),
+        _ if diverged => at_top(false, Some(reset_reason::HISTORY_DIVERGED)),
+        s if s.offset == page.top || first == Some(s.offset + 1) => {
+            recovered_after(s.offset, s.tag.or(page.since_tag))
+        }
+        _ => at_top(false, Some(reset_reason::HISTORY_TRUNCATED)),
+    })
 }
 
 impl Deliveries {
@@ -190,9 +245,12 @@ impl Deliveries {
         }
     }
 
-    /// The position delivered so far on a channel, if subscribed.
-    pub(crate) fn position(&self, channel: &str) -> Option<(&Arc<str>, u64)> {
-        self.subs.get(channel).map(|s| (&s.epoch, s.delivered))
+    /// The position delivered so far on a channel, if subscribed: epoch, offset and the tag of
+    /// the publication there when known.
+    pub(crate) fn position(&self, channel: &str) -> Option<(&Arc<str>, u64, Option<u32>)> {
+        self.subs
+            .get(channel)
+            .map(|s| (&s.epoch, s.delivered, s.tag))
     }
 
     /// How many subscriptions are reading history to fill a gap or resume.
@@ -216,6 +274,9 @@ impl Deliveries {
             gen,
             epoch: "".into(),
             delivered: 0,
+            tag: None,
+            newer_epoch: None,
+            reading_since: 0,
             state: State::Subscribing { live_max: 0 },
         };
         self.subs.insert(channel.clone(), sub);
@@ -263,8 +324,9 @@ impl Deliveries {
                 channel,
                 id,
                 since,
+                from_start,
                 page,
-            } => self.on_subscribed(gen, channel, id, since, page, out, effects),
+            } => self.on_subscribed(gen, channel, id, since, from_start, page, out, effects),
             Input::Page { gen, channel, page } => self.on_page(gen, channel, page, out, effects),
         }
     }
@@ -275,26 +337,44 @@ impl Deliveries {
         };
         match &mut sub.state {
             State::Subscribing { live_max } | State::CatchingUp { live_max } => {
-                *live_max = (*live_max).max(p.offset);
+                let newest = sub.newer_epoch.as_ref().unwrap_or(&sub.epoch);
+                if p.epoch == *newest {
+                    *live_max = (*live_max).max(p.offset);
+                } else if p.epoch != sub.epoch {
+                    // Another epoch: read it from its start once the read in flight lands.
+                    sub.newer_epoch = Some(p.epoch.clone());
+                    *live_max = p.offset;
+                }
             }
             State::Live => {
                 if p.epoch != sub.epoch {
-                    // The channel's history was lost and restarted: continue with the new epoch.
+                    if sub.delivered > 0 {
+                        // The channel's history was lost and restarted: read the new epoch
+                        // from its start, then reset to where it begins.
+                        sub.newer_epoch = Some(p.epoch.clone());
+                        sub.state = State::CatchingUp { live_max: p.offset };
+                        self.catching_up += 1;
+                        sub.reading_since = 0;
+                        effects.push(Effect::Fetch {
+                            gen: sub.gen,
+                            channel: p.channel.clone(),
+                            since: 0,
+                            retry: false,
+                        });
+                        return;
+                    }
+                    // Nothing delivered yet: offset 0 belongs to every epoch.
                     sub.epoch = p.epoch.clone();
-                    sub.delivered = p.offset - 1;
-                    out.push(Output::Reset {
-                        channel: p.channel.clone(),
-                        epoch: p.epoch.clone(),
-                        offset: sub.delivered,
-                        reason: reset_reason::EPOCH_CHANGED,
-                    });
+                    sub.tag = None;
                 }
                 if p.offset == sub.delivered + 1 {
                     sub.delivered = p.offset;
+                    sub.tag = Some(p.tag);
                     out.push(Output::Live(p));
                 } else if p.offset > sub.delivered + 1 {
                     sub.state = State::CatchingUp { live_max: p.offset };
                     self.catching_up += 1;
+                    sub.reading_since = sub.delivered;
                     effects.push(Effect::Fetch {
                         gen: sub.gen,
                         channel: p.channel.clone(),
@@ -313,6 +393,7 @@ impl Deliveries {
         channel: Arc<str>,
         id: Option<u64>,
         since: Option<Position>,
+        from_start: bool,
         page: Result<HistoryPage, BackplaneError>,
         out: &mut Vec<Output>,
         effects: &mut Vec<Effect>,
@@ -336,7 +417,16 @@ impl Deliveries {
         let State::Subscribing { live_max } = sub.state else {
             return;
         };
-        let resume = decide_resume(since.as_ref(), &page);
+        let Some(resume) = decide_resume(since.as_ref(), &page, from_start) else {
+            let since = since.expect("only a resume reads again");
+            effects.push(Effect::ReadFromStart {
+                gen,
+                channel,
+                id,
+                since,
+            });
+            return;
+        };
         if since.is_some() {
             effects.push(Effect::Resumed {
                 recovered: resume.recovered,
@@ -345,6 +435,7 @@ impl Deliveries {
         }
         sub.epoch = page.epoch.clone();
         sub.delivered = resume.continue_after;
+        sub.tag = resume.tag;
         out.push(Output::Subscribed {
             id,
             result: SubscribeResult {
@@ -353,10 +444,11 @@ impl Deliveries {
                 offset: page.top,
                 recovered: resume.recovered,
                 reason: resume.reason,
+                tag: page.top_tag,
             },
         });
-        let more = resume.recovered && deliver_page(sub, &channel, &page, self.page_size, out);
-        self.continue_or_go_live(channel, more, live_max, effects);
+        let more = resume.deliver_page && deliver_page(sub, &channel, &page, self.page_size, out);
+        self.continue_or_go_live(channel, more, live_max, false, effects);
     }
 
     fn on_page(
@@ -370,61 +462,96 @@ impl Deliveries {
         let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.gen == gen) else {
             return;
         };
-        let State::CatchingUp { live_max } = sub.state else {
+        let State::CatchingUp { mut live_max } = sub.state else {
             return;
+        };
+        let retry = |sub: &Subscription, effects: &mut Vec<Effect>| {
+            effects.push(Effect::Fetch {
+                gen,
+                channel: channel.clone(),
+                since: sub.reading_since,
+                retry: true,
+            });
         };
         let page = match page {
             Ok(page) => page,
-            Err(_) => {
-                let since = sub.delivered;
+            Err(_) => return retry(sub, effects),
+        };
+        if page.epoch != sub.epoch {
+            if sub.reading_since != 0 {
+                // Read the new epoch from its start before announcing it: one reset, exact.
+                sub.reading_since = 0;
                 effects.push(Effect::Fetch {
                     gen,
                     channel,
-                    since,
-                    retry: true,
+                    since: 0,
+                    retry: false,
                 });
                 return;
             }
-        };
-        if page.epoch != sub.epoch {
+            if sub.delivered > 0 {
+                let offset = start_of(&page);
+                out.push(Output::Reset {
+                    channel: channel.clone(),
+                    epoch: page.epoch.clone(),
+                    offset,
+                    reason: reset_reason::EPOCH_CHANGED,
+                });
+                sub.delivered = offset;
+                sub.tag = page
+                    .publications
+                    .is_empty()
+                    .then_some(page.top_tag)
+                    .flatten();
+            }
+            if sub.newer_epoch.as_ref() != Some(&page.epoch) {
+                // The live offsets seen belong to another epoch.
+                live_max = 0;
+            }
             sub.epoch = page.epoch.clone();
-            sub.delivered = page.top;
-            sub.state = State::Live;
-            self.catching_up -= 1;
-            out.push(Output::Reset {
-                channel,
-                epoch: page.epoch,
-                offset: page.top,
-                reason: reset_reason::EPOCH_CHANGED,
-            });
-            return;
+        } else if page.top < sub.delivered {
+            // History went back in this epoch (a store rollback the link has not rotated yet):
+            // wait rather than read it again at once.
+            return retry(sub, effects);
         }
+        let before = (sub.delivered, out.len());
         let more = deliver_page(sub, &channel, &page, self.page_size, out);
-        self.continue_or_go_live(channel, more, live_max, effects);
+        let progressed = (sub.delivered, out.len()) != before;
+        self.continue_or_go_live(channel, more, live_max, !progressed, effects);
     }
 
     /// After a page: read the next one while history or live traffic is ahead, else go live.
+    /// `retry` waits before that read (the page brought nothing new).
     fn continue_or_go_live(
         &mut self,
         channel: Arc<str>,
         more: bool,
         live_max: u64,
+        retry: bool,
         effects: &mut Vec<Effect>,
     ) {
         let Some(sub) = self.subs.get_mut(&channel) else {
             return;
         };
+        if sub.newer_epoch.as_ref() == Some(&sub.epoch) {
+            sub.newer_epoch = None;
+        }
         let was_catching_up = matches!(sub.state, State::CatchingUp { .. });
-        if more || live_max > sub.delivered {
+        let since = match sub.newer_epoch {
+            Some(_) => Some(0),
+            None => (more || live_max > sub.delivered).then_some(sub.delivered),
+        };
+        if let Some(since) = since {
             if !was_catching_up {
                 self.catching_up += 1;
             }
             sub.state = State::CatchingUp { live_max };
+            sub.reading_since = since;
             effects.push(Effect::Fetch {
                 gen: sub.gen,
                 channel,
-                since: sub.delivered,
-                retry: false,
+                since,
+                retry,
             });
         } else {
             if was_catching_up {
@@ -446,12 +573,13 @@ fn deliver_page(
 ) -> bool {
     let first = page.publications.first().map(|p| p.offset);
     let lost_to = match first {
-        Some(first) if first > sub.delivered + 1 => Some(first - 1),
-        None if page.top > sub.delivered => Some(page.top),
+        Some(first) if first > sub.delivered + 1 => Some((first - 1, None)),
+        None if page.top > sub.delivered => Some((page.top, page.top_tag)),
         _ => None,
     };
-    if let Some(offset) = lost_to {
+    if let Some((offset, tag)) = lost_to {
         sub.delivered = offset;
+        sub.tag = tag;
         out.push(Output::Reset {
             channel: channel.clone(),
             epoch: sub.epoch.clone(),
@@ -462,6 +590,7 @@ fn deliver_page(
     for p in &page.publications {
         if p.offset == sub.delivered + 1 {
             sub.delivered = p.offset;
+            sub.tag = Some(p.tag);
             out.push(Output::History(p.clone()));
         }
     }
@@ -481,10 +610,16 @@ mod tests {
     enum Step {
         /// Subscribe to `c`, from a position or from now.
         Sub(Option<(&'static str, u64)>),
+        /// Subscribe to `c` from a position with a tag: epoch, offset, tag.
+        SubTagged(&'static str, u64, u32),
         /// Subscribe to another channel.
         SubTo(&'static str),
         /// The first read of `c` lands: epoch, top, offsets of the page.
         First(&'static str, u64, &'static [u64]),
+        /// The first read lands with the tag history has at `since`: epoch, top, offsets, tag.
+        FirstTagged(&'static str, u64, &'static [u64], u32),
+        /// The re-read from offset 0 asked for by `read from start` lands.
+        FirstFromStart(&'static str, u64, &'static [u64]),
         /// The first read of `c` fails.
         FirstFails,
         /// The first read of an earlier subscription of `c` lands.
@@ -511,6 +646,7 @@ mod tests {
             CHANNEL.into(),
             offset,
             epoch.into(),
+            0,
             b"{}",
         ))
     }
@@ -521,6 +657,7 @@ mod tests {
             top,
             publications: offsets.iter().map(|o| publication(epoch, *o)).collect(),
             since_tag: None,
+            top_tag: (top > 0).then_some(0),
         })
     }
 
@@ -554,6 +691,7 @@ mod tests {
             Effect::Fetch {
                 since, retry: true, ..
             } => format!("retry {since}"),
+            Effect::ReadFromStart { .. } => "read from start".into(),
             Effect::LeaveHub(_) => "leave".into(),
             Effect::Resumed {
                 recovered: true, ..
@@ -575,11 +713,21 @@ mod tests {
                     since = from.map(|(epoch, offset)| Position {
                         epoch: epoch.into(),
                         offset,
+                        tag: None,
                     });
                     match deliveries.subscribe(&channel) {
                         Ok(g) => gen = g,
                         Err(e) => lines.push(format!("refused {}", e.code)),
                     }
+                    None
+                }
+                SubTagged(epoch, offset, tag) => {
+                    since = Some(Position {
+                        epoch: (*epoch).into(),
+                        offset: *offset,
+                        tag: Some(*tag),
+                    });
+                    gen = deliveries.subscribe(&channel).expect("subscribed");
                     None
                 }
                 SubTo(other) => {
@@ -589,6 +737,16 @@ mod tests {
                     None
                 }
                 First(epoch, top, offsets) => Some((true, gen, page(epoch, *top, offsets))),
+                FirstTagged(epoch, top, offsets, tag) => {
+                    let mut tagged = page(epoch, *top, offsets);
+                    if let Ok(p) = &mut tagged {
+                        p.since_tag = Some(*tag);
+                    }
+                    Some((true, gen, tagged))
+                }
+                FirstFromStart(epoch, top, offsets) => {
+                    Some((true, gen, page(epoch, *top, offsets)))
+                }
                 FirstFails => Some((true, gen, failed())),
                 StaleFirst(epoch, top, offsets) => {
                     Some((true, gen - 1, page(epoch, *top, offsets)))
@@ -608,6 +766,7 @@ mod tests {
                         channel: channel.clone(),
                         id: None,
                         since: since.clone(),
+                        from_start: matches!(step, FirstFromStart(..)),
                         page,
                     };
                     deliveries.apply(input, &mut out, &mut effects);
@@ -632,7 +791,7 @@ mod tests {
                 (At, None) => {
                     let catching_up = deliveries.catching_up();
                     lines.push(match deliveries.position(CHANNEL) {
-                        Some((epoch, offset)) => {
+                        Some((epoch, offset, _)) => {
                             format!("at {epoch}@{offset}, {catching_up} catching up")
                         }
                         None => format!("not subscribed, {catching_up} catching up"),
@@ -723,12 +882,133 @@ mod tests {
                 "epoch_changed",
                 &[
                     (Sub(Some(("e0", 2))), &[]),
+                    (First("e1", 5, &[]), &["read from start"]),
                     (
-                        First("e1", 5, &[]),
+                        FirstFromStart("e1", 5, &[]),
                         &["subscribed e1@5 epoch_changed", "not resumed epoch_changed"],
                     ),
                     (At, &["at e1@5, 0 catching up"]),
                     (Live("e1", 6), &["live 6"]),
+                ],
+            ),
+            (
+                "epoch_changed: the new epoch from its start",
+                &[
+                    (Sub(Some(("e0", 2))), &[]),
+                    (First("e1", 5, &[3, 4, 5]), &["read from start"]),
+                    (
+                        FirstFromStart("e1", 5, &[1, 2, 3]),
+                        &[
+                            "subscribed e1@5 epoch_changed",
+                            "history 1",
+                            "history 2",
+                            "history 3",
+                            "not resumed epoch_changed",
+                            "fetch 3",
+                        ],
+                    ),
+                    (Page("e1", 5, &[4, 5]), &["history 4", "history 5"]),
+                    (At, &["at e1@5, 0 catching up"]),
+                ],
+            ),
+            (
+                "epoch_changed: the new epoch from its first retained publication",
+                &[
+                    (Sub(Some(("e0", 2))), &[]),
+                    (First("e1", 9, &[]), &["read from start"]),
+                    (
+                        FirstFromStart("e1", 9, &[8, 9]),
+                        &[
+                            "subscribed e1@9 epoch_changed",
+                            "history 8",
+                            "history 9",
+                            "not resumed epoch_changed",
+                        ],
+                    ),
+                    (At, &["at e1@9, 0 catching up"]),
+                ],
+            ),
+            (
+                "offset 0 of another epoch is the start",
+                &[
+                    (Sub(Some(("e0", 0))), &[]),
+                    (
+                        First("e1", 2, &[1, 2]),
+                        &[
+                            "subscribed e1@2 recovered",
+                            "history 1",
+                            "history 2",
+                            "resumed",
+                        ],
+                    ),
+                    (At, &["at e1@2, 0 catching up"]),
+                ],
+            ),
+            (
+                "offset 0 of an empty channel",
+                &[
+                    (Sub(Some(("e0", 0))), &[]),
+                    (First("", 0, &[]), &["subscribed @0 recovered", "resumed"]),
+                    (Live("e1", 1), &["live 1"]),
+                    (At, &["at e1@1, 0 catching up"]),
+                ],
+            ),
+            (
+                "offset 0 with the start trimmed",
+                &[
+                    (Sub(Some(("e0", 0))), &[]),
+                    (
+                        First("e1", 5, &[4, 5]),
+                        &[
+                            "subscribed e1@5 history_truncated",
+                            "not resumed history_truncated",
+                        ],
+                    ),
+                ],
+            ),
+            (
+                "history_diverged",
+                &[
+                    (SubTagged("e1", 4, 7), &[]),
+                    (
+                        FirstTagged("e1", 6, &[5, 6], 8),
+                        &[
+                            "subscribed e1@6 history_diverged",
+                            "not resumed history_diverged",
+                        ],
+                    ),
+                    (At, &["at e1@6, 0 catching up"]),
+                    (Live("e1", 7), &["live 7"]),
+                ],
+            ),
+            (
+                "a matching tag resumes",
+                &[
+                    (SubTagged("e1", 4, 7), &[]),
+                    (
+                        FirstTagged("e1", 6, &[5, 6], 7),
+                        &[
+                            "subscribed e1@6 recovered",
+                            "history 5",
+                            "history 6",
+                            "resumed",
+                        ],
+                    ),
+                ],
+            ),
+            (
+                "without a tag a rollback cannot be told",
+                &[
+                    (Sub(Some(("e1", 4))), &[]),
+                    (
+                        FirstTagged("e1", 6, &[5, 6], 8),
+                        &[
+                            "subscribed e1@6 recovered",
+                            "history 5",
+                            "history 6",
+                            "resumed",
+                        ],
+                    ),
                 ],
             ),
             (
@@ -821,19 +1101,84 @@ mod tests {
                 ],
             ),
             (
-                "epoch_changed on a live subscription",
+                "epoch_changed on a live subscription: from its start",
                 vec![
-                    (Live("e2", 3), &["reset e2@2 epoch_changed", "live 3"]),
-                    (At, &["at e2@3, 0 catching up"]),
+                    (Live("e2", 3), &["fetch 0"]),
+                    (At, &["at e1@5, 1 catching up"]),
+                    (Live("e2", 4), &[]),
+                    (
+                        Page("e2", 4, &[1, 2, 3]),
+                        &[
+                            "reset e2@0 epoch_changed",
+                            "history 1",
+                            "history 2",
+                            "history 3",
+                            "fetch 3",
+                        ],
+                    ),
+                    (Page("e2", 4, &[4]), &["history 4"]),
+                    (At, &["at e2@4, 0 catching up"]),
+                    (Live("e2", 5), &["live 5"]),
                 ],
             ),
             (
-                "epoch_changed during catch-up",
+                "epoch_changed with the new epoch's start trimmed",
+                vec![
+                    (Live("e2", 9), &["fetch 0"]),
+                    (
+                        Page("e2", 9, &[7, 8, 9]),
+                        &[
+                            "reset e2@6 epoch_changed",
+                            "history 7",
+                            "history 8",
+                            "history 9",
+                        ],
+                    ),
+                    (At, &["at e2@9, 0 catching up"]),
+                ],
+            ),
+            (
+                "epoch_changed during catch-up: read the start, then one reset",
                 vec![
                     (Live("e1", 8), &["fetch 5"]),
-                    (Page("e2", 2, &[1, 2]), &["reset e2@2 epoch_changed"]),
+                    (Page("e2", 2, &[]), &["fetch 0"]),
+                    (
+                        Page("e2", 2, &[1, 2]),
+                        &["reset e2@0 epoch_changed", "history 1", "history 2"],
+                    ),
                     (At, &["at e2@2, 0 catching up"]),
                     (Live("e2", 3), &["live 3"]),
+                ],
+            ),
+            (
+                "a new epoch seen live during catch-up",
+                vec![
+                    (Live("e1", 8), &["fetch 5"]),
+                    (Live("e2", 1), &[]),
+                    (Live("e1", 9), &[]),
+                    (
+                        Page("e1", 8, &[6, 7, 8]),
+                        &["history 6", "history 7", "history 8", "fetch 0"],
+                    ),
+                    (
+                        Page("e2", 1, &[1]),
+                        &["reset e2@0 epoch_changed", "history 1"],
+                    ),
+                    (At, &["at e2@1, 0 catching up"]),
+                ],
+            ),
+            (
+                "a rolled-back top is read again after the delay",
+                vec![
+                    (Live("e1", 8), &["fetch 5"]),
+                    (Page("e1", 3, &[]), &["retry 5"]),
+                    (Page("e1", 5, &[]), &["retry 5"]),
+                    (At, &["at e1@5, 1 catching up"]),
+                    (
+                        Page("e1", 8, &[6, 7, 8]),
+                        &["history 6", "history 7", "history 8"],
+                    ),
+                    (At, &["at e1@8, 0 catching up"]),
                 ],
             ),
             (
@@ -909,6 +1254,39 @@ mod tests {
                     ),
                     (Page("e1", 6, &[6]), &["history 6"]),
                     (At, &["at e1@6, 0 catching up"]),
+                ],
+            ),
+            (
+                "an empty channel's first epoch is adopted silently",
+                &[
+                    (Sub(None), &[]),
+                    (First("", 0, &[]), &["subscribed @0"]),
+                    (Live("e1", 1), &["live 1"]),
+                    (Live("e1", 2), &["live 2"]),
+                    (At, &["at e1@2, 0 catching up"]),
+                ],
+            ),
+            (
+                "an empty channel's first epoch found by a gap fill",
+                &[
+                    (Sub(None), &[]),
+                    (First("", 0, &[]), &["subscribed @0"]),
+                    (Live("e1", 3), &["fetch 0"]),
+                    (
+                        Page("e1", 3, &[1, 2, 3]),
+                        &["history 1", "history 2", "history 3"],
+                    ),
+                    (At, &["at e1@3, 0 catching up"]),
+                ],
+            ),
+            (
+                "a publication racing an empty channel's first read",
+                &[
+                    (Sub(None), &[]),
+                    (Live("e1", 1), &[]),
+                    (First("", 0, &[]), &["subscribed @0", "fetch 0"]),
+                    (Page("e1", 1, &[1]), &["history 1"]),
+                    (At, &["at e1@1, 0 catching up"]),
                 ],
             ),
             (

@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
+use crate::cursor::CursorEntry;
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::protocol::{
@@ -79,8 +80,9 @@ impl Session {
         self.queue.overflowed()
     }
 
-    /// The position delivered so far on a channel, if subscribed.
-    pub(crate) fn position(&self, channel: &str) -> Option<(&Arc<str>, u64)> {
+    /// The position delivered so far on a channel, if subscribed (with the tag there when
+    /// known).
+    pub(crate) fn position(&self, channel: &str) -> Option<(&Arc<str>, u64, Option<u32>)> {
         self.deliveries.position(channel)
     }
 
@@ -124,6 +126,27 @@ impl Session {
                     channel,
                     id,
                     since,
+                    from_start: false,
+                    page,
+                })
+            }
+            .boxed(),
+        );
+    }
+
+    /// Reads a resumed channel's new epoch from its start ([`Effect::ReadFromStart`]).
+    fn read_from_start(&mut self, gen: u64, channel: Arc<str>, id: Option<u64>, since: Position) {
+        let node = self.node.clone();
+        let limit = self.node.config().client.history_page_size;
+        self.pending().push(
+            async move {
+                let page = node.history(&channel, 0, limit).await;
+                Completion::Read(Input::Subscribed {
+                    gen,
+                    channel,
+                    id,
+                    since: Some(since),
+                    from_start: true,
                     page,
                 })
             }
@@ -132,29 +155,30 @@ impl Session {
     }
 
     /// Subscribes a stream's channels (SSE, long-poll), each from its position in `cursor`
-    /// (`(channel, epoch, offset)`) or from now. Returns each channel's starting offset, `None`
-    /// for a channel the cursor does not name.
+    /// or from now. Returns each channel's starting offset and tag, `None` for a channel the
+    /// cursor does not name.
     pub(crate) fn subscribe_from_cursor(
         &mut self,
         channels: &[Arc<str>],
-        cursor: &[(String, String, u64)],
-    ) -> Vec<Option<u64>> {
+        cursor: &[CursorEntry],
+    ) -> Vec<Option<(u64, Option<u32>)>> {
         let mut out = Vec::new();
-        let starts =
-            channels
-                .iter()
-                .map(|channel| {
-                    let since = cursor.iter().find(|(c, _, _)| **c == **channel).map(
-                        |(_, epoch, offset)| Position {
-                            epoch: epoch.clone(),
-                            offset: *offset,
-                        },
-                    );
-                    let start = since.as_ref().map(|s| s.offset);
-                    self.subscribe(None, channel.clone(), since, &mut out);
-                    start
-                })
-                .collect();
+        let starts = channels
+            .iter()
+            .map(|channel| {
+                let since = cursor
+                    .iter()
+                    .find(|e| *e.channel == **channel)
+                    .map(|e| Position {
+                        epoch: e.epoch.clone(),
+                        offset: e.offset,
+                        tag: e.tag,
+                    });
+                let start = since.as_ref().map(|s| (s.offset, s.tag));
+                self.subscribe(None, channel.clone(), since, &mut out);
+                start
+            })
+            .collect();
         debug_assert!(
             out.is_empty(),
             "fresh sessions accept every distinct channel"
@@ -339,6 +363,12 @@ impl Session {
                     since,
                     retry,
                 } => self.fetch(gen, channel, since, retry),
+                Effect::ReadFromStart {
+                    gen,
+                    channel,
+                    id,
+                    since,
+                } => self.read_from_start(gen, channel, id, since),
                 Effect::LeaveHub(channel) => self.leave_hub(&channel),
                 Effect::Resumed { recovered, reason } => {
                     let result = if recovered {

@@ -29,8 +29,8 @@ const BATCH: usize = 1024;
 /// A validated poll request.
 struct PollRequest {
     channels: Vec<Arc<str>>,
-    /// `(channel, epoch, offset)` from the cursor; channels absent from it start at live.
-    positions: Vec<(String, String, u64)>,
+    /// The cursor's positions; channels absent from it start at live.
+    positions: Vec<crate::cursor::CursorEntry>,
     timeout: Duration,
 }
 
@@ -39,6 +39,10 @@ struct PositionOut<'a> {
     channel: &'a str,
     epoch: &'a str,
     offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
+    #[serde(skip)]
+    tag_bits: Option<u32>,
 }
 
 /// Why an answer was sent, for `gateway_poll_responses_total{outcome}`.
@@ -232,13 +236,15 @@ fn encode(
     let positions: Vec<PositionOut> = channels
         .iter()
         .map(|c| {
-            let (epoch, offset) = session
+            let (epoch, offset, tag) = session
                 .position(c)
                 .expect("every channel of the poll is subscribed");
             PositionOut {
                 channel: c,
                 epoch,
                 offset,
+                tag: tag.map(backplane::format_tag),
+                tag_bits: tag,
             }
         })
         .collect();
@@ -251,8 +257,10 @@ fn encode(
         .sum();
     let mut body = BytesMut::with_capacity(size + 256);
     body.put_slice(b"{\"cursor\":\"");
-    let triples = positions.iter().map(|p| (p.channel, p.epoch, p.offset));
-    body.put_slice(cursor::encode(triples).as_bytes());
+    let entries = positions
+        .iter()
+        .map(|p| (p.channel, p.epoch, p.offset, p.tag_bits));
+    body.put_slice(cursor::encode_tagged(entries).as_bytes());
     body.put_slice(b"\",\"positions\":");
     body.put_slice(&serde_json::to_vec(&positions).expect("cannot fail"));
     if let Some(ms) = reconnect_ms {

@@ -64,7 +64,7 @@ pub(crate) fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -
         tx,
         positions: channels
             .iter()
-            .map(|c| (c.clone(), Arc::<str>::from(""), 0))
+            .map(|c| (c.clone(), Arc::<str>::from(""), 0, None))
             .collect(),
         scratch: Vec::new(),
     };
@@ -99,12 +99,15 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
     !present
 }
 
+/// (channel, epoch, offset delivered, the tag there if known) of one channel of a stream.
+type StreamPosition = (Arc<str>, Arc<str>, u64, Option<u32>);
+
 /// One SSE response's task: its session and the position of every channel for the cursor.
 struct SseStream {
     node: Arc<Node>,
     tx: BodySender,
-    /// (channel, epoch, offset delivered) for every channel, in request order.
-    positions: Vec<(Arc<str>, Arc<str>, u64)>,
+    /// Every channel's position, in request order.
+    positions: Vec<StreamPosition>,
     /// Reused for every event's cursor.
     scratch: Vec<u8>,
     /// Metric children looked up once, not per batch (a lookup hashes the labels).
@@ -128,7 +131,7 @@ impl SseStream {
     async fn run(
         mut self,
         mut session: Session,
-        starts: Vec<Option<u64>>,
+        starts: Vec<Option<(u64, Option<u32>)>>,
         registration: Registration,
     ) {
         let gauge = self.node.metrics().connections.with_label_values(&["sse"]);
@@ -148,7 +151,11 @@ impl SseStream {
 
     /// Runs until the client leaves, the node shuts down or the client falls too far behind.
     /// `Err` means the client is gone.
-    async fn stream(&mut self, session: &mut Session, starts: Vec<Option<u64>>) -> Result<(), ()> {
+    async fn stream(
+        &mut self,
+        session: &mut Session,
+        starts: Vec<Option<(u64, Option<u32>)>>,
+    ) -> Result<(), ()> {
         let retry = self.node.config().sse.retry.as_millis();
         self.send(Bytes::from(format!("retry: {retry}\n\n")))
             .await?;
@@ -168,10 +175,10 @@ impl SseStream {
                         let i = self.index(&result.channel);
                         let start = match (result.recovered, starts[i]) {
                             (true, Some(since)) => since,
-                            _ => result.offset,
+                            _ => (result.offset, result.tag),
                         };
                         self.positions[i].1 = result.epoch.clone();
-                        self.positions[i].2 = start;
+                        (self.positions[i].2, self.positions[i].3) = start;
                         results[i] = Some(result);
                     }
                     Output::SubscribeFailed { channel, error, .. } => {
@@ -221,7 +228,7 @@ impl SseStream {
     fn index(&self, channel: &str) -> usize {
         self.positions
             .iter()
-            .position(|(c, _, _)| **c == *channel)
+            .position(|(c, ..)| **c == *channel)
             .expect("outputs only name the stream's channels")
     }
 
@@ -235,6 +242,7 @@ impl SseStream {
                         let i = self.index(&p.channel);
                         self.positions[i].1 = p.epoch.clone();
                         self.positions[i].2 = p.offset;
+                        self.positions[i].3 = Some(p.tag);
                         delivered += 1;
                         self.send_event(None, true, p.json().clone()).await?;
                     }
@@ -272,6 +280,7 @@ impl SseStream {
         let i = self.index(channel);
         self.positions[i].1 = epoch.clone();
         self.positions[i].2 = offset;
+        self.positions[i].3 = None;
         let data = Reset {
             channel,
             epoch,
@@ -292,7 +301,10 @@ impl SseStream {
         let mut head = String::with_capacity(128);
         if with_id {
             head.push_str("id: ");
-            let positions = self.positions.iter().map(|(c, e, o)| (&**c, &**e, *o));
+            let positions = self
+                .positions
+                .iter()
+                .map(|(c, e, o, t)| (&**c, &**e, *o, *t));
             cursor::encode_into(positions, &mut self.scratch, &mut head);
             head.push('\n');
         }

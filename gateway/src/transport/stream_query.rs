@@ -46,8 +46,10 @@ impl StreamQuery {
     }
 }
 
-/// The positions a cursor holds, `(channel, epoch, offset)`; an absent or empty cursor holds none.
-pub(crate) fn decode_cursor(cursor: Option<&str>) -> Result<Vec<(String, String, u64)>, ErrorBody> {
+/// The positions a cursor holds; an absent or empty cursor holds none.
+pub(crate) fn decode_cursor(
+    cursor: Option<&str>,
+) -> Result<Vec<crate::cursor::CursorEntry>, ErrorBody> {
     match cursor.filter(|c| !c.is_empty()) {
         None => Ok(Vec::new()),
         Some(c) => {

@@ -43,10 +43,11 @@ async fn client(
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("c{i}: no reconnect hint in {ended}"));
     let mut pubs = first.pubs(&channel);
-    let position = (
-        epoch.clone(),
-        pubs.last().map_or(start_offset, |p| p.offset),
-    );
+    // The epoch of the last publication: the subscribe result's is '' while the channel had
+    // none (#12.5).
+    let position = pubs.last().map_or((epoch.clone(), start_offset), |p| {
+        (p.epoch.clone(), p.offset)
+    });
     // The hint is part of the protocol: a well-behaved client waits before reconnecting.
     tokio::time::sleep(Duration::from_millis(reconnect_ms)).await;
     let second = Sub::connect(&format!("c{i}'"), others[i % 2]).await;

@@ -238,7 +238,8 @@ async fn redis_outage_refuses_publishes_and_epoch_changes_without_persistence() 
 
     let live = Sub::connect("live@node1", nodes[1].addr).await;
     let r = live.subscribe(channel, None).await;
-    let e1 = r["epoch"].as_str().expect("epoch").to_string();
+    // A channel with no publication has no epoch yet (#12.5): the first publication makes it.
+    assert_eq!(r["epoch"], "", "{r}");
     let live_start = r["offset"].as_u64().unwrap();
 
     let acks = Acks::default();
@@ -248,6 +249,7 @@ async fn redis_outage_refuses_publishes_and_epoch_changes_without_persistence() 
         .await;
     live.wait_for("live publications", WAIT, |l| l.pub_count(channel) >= 10)
         .await;
+    let e1 = live.pubs(channel)[0].epoch.clone();
 
     outage_then_restart(&mut redis, &publisher, &nodes, &live, channel, 30).await;
     for node in &nodes {
@@ -365,7 +367,8 @@ async fn redis_outage_with_aof_resume_is_complete() {
 
     let live = Sub::connect("live@node1", nodes[1].addr).await;
     let r = live.subscribe(channel, None).await;
-    let e1 = r["epoch"].as_str().expect("epoch").to_string();
+    // A channel with no publication has no epoch yet (#12.5): the first publication makes it.
+    assert_eq!(r["epoch"], "", "{r}");
     let live_start = r["offset"].as_u64().unwrap();
     let offline = Sub::connect("offline@node0", nodes[0].addr).await;
     let offline_start = offline.subscribe(channel, None).await["offset"]
@@ -381,6 +384,7 @@ async fn redis_outage_with_aof_resume_is_complete() {
         .await;
     let offline_pubs = offline.pubs(channel);
     let position = offline.log().position(channel).unwrap();
+    let e1 = position.0.clone();
     offline.close().await;
     publisher
         .wait_attempts("more publishes while the client is offline", 20, |a| {

@@ -31,11 +31,12 @@ async fn resume_recovers_missed_publications_exactly_once() {
     let ch = channel("resume");
     let mut ws = WsClient::connect(&node).await;
     let res = ws.subscribe(&ch).await;
-    let epoch = res["epoch"].clone();
+    assert_eq!(res["epoch"], "", "no publication, no epoch yet (#12.5)");
     for n in 1..=3 {
         publish(&node, &ch, json!({"n": n})).await;
     }
-    expect_offsets(&mut ws, &ch, 1, 3).await;
+    // The position's epoch is the publications' own.
+    let epoch = expect_offsets(&mut ws, &ch, 1, 3).await[0]["epoch"].clone();
     drop(ws);
 
     for n in 4..=8 {
@@ -106,12 +107,17 @@ async fn resume_with_other_epoch_is_not_recovered() {
     assert_eq!(res["reason"], "epoch_changed", "{res}");
     assert_eq!(res["offset"], 3, "{res}");
     assert_ne!(res["epoch"], "some-other-epoch");
+    // The channel's epoch is delivered from its start (#12.7), then live.
+    for offset in 1..=3 {
+        let push = ws.push().await;
+        assert_eq!(
+            push["offset"], offset,
+            "epoch delivered from its start: {push}"
+        );
+    }
     publish(&node, &ch, json!("live")).await;
     let push = ws.push().await;
-    assert_eq!(
-        push["offset"], 4,
-        "delivery must start at live after epoch_changed: {push}"
-    );
+    assert_eq!(push["offset"], 4, "then live: {push}");
 
     let text = metrics(&node).await;
     assert!(
@@ -180,13 +186,14 @@ async fn resume_across_large_gap_while_publishing_continues() {
 
     // A client follows the channel for a while, then drops.
     let mut ws = WsClient::connect(&node).await;
-    let epoch = ws.subscribe(&ch).await["epoch"].clone();
+    ws.subscribe(&ch).await;
     let mut expected: HashMap<u64, Value> = HashMap::new();
     let head = publish_many(node.addr, &ch, 10, |i| json!({"phase": "head", "i": i})).await;
     for (i, off) in head.iter().enumerate() {
         expected.insert(*off, json!({"phase": "head", "i": i}));
     }
-    expect_offsets(&mut ws, &ch, 1, 10).await;
+    // The position's epoch is the publications' own (an empty channel has none, #12.5).
+    let epoch = expect_offsets(&mut ws, &ch, 1, 10).await[0]["epoch"].clone();
     drop(ws);
 
     // 5000 publications while it is away.

@@ -29,7 +29,10 @@ async fn stream_starts_with_retry_and_connected_then_publications() {
     assert!(!cursor0.is_empty());
 
     publish(&node, &a, json!({"k": 1})).await;
-    let (id1, p1) = sse.publication().await;
+    let (id1, mut p1) = sse.publication().await;
+    // Every publication carries its tag, 8 hex digits (#12.1).
+    let tag = p1.as_object_mut().unwrap().remove("tag").expect("a tag");
+    assert_eq!(tag.as_str().map(str::len), Some(8), "{tag}");
     assert_eq!(
         p1,
         json!({"channel": a, "offset": 2, "epoch": ea, "data": {"k": 1}})

@@ -94,6 +94,27 @@ test('positions: duplicates dropped, epochs followed, persisted to storage', () 
   assert.equal(new Positions(store, 'k').get('c'), null);
 });
 
+test('tags: kept with positions, persisted, carried in cursors; old cursors still read', () => {
+  const storage = new Map();
+  const store = {
+    getItem: (k) => storage.get(k) ?? null,
+    setItem: (k, v) => storage.set(k, v),
+    removeItem: (k) => storage.delete(k),
+  };
+  const p = new Positions(store, 'k');
+  assert.equal(p.accept({ channel: 'c', epoch: 'e1', offset: 5, tag: '00c0ffee' }), true);
+  assert.deepEqual(p.get('c'), { epoch: 'e1', offset: 5, tag: '00c0ffee' });
+  assert.deepEqual(new Positions(store, 'k').get('c'), { epoch: 'e1', offset: 5, tag: '00c0ffee' });
+  // A reset names no publication: no tag.
+  p.set('c', 'e2', 0);
+  assert.deepEqual(p.get('c'), { epoch: 'e2', offset: 0 });
+
+  const tagged = new Map([['a', { epoch: 'e', offset: 3, tag: '0000abcd' }], ['b', { epoch: 'e', offset: 1 }]]);
+  const cursor = encodeCursor(tagged);
+  assert.deepEqual(JSON.parse(Buffer.from(cursor, 'base64url').toString()), [['a', 'e', 3, '0000abcd'], ['b', 'e', 1]]);
+  assert.deepEqual(decodeCursor(cursor), tagged);
+});
+
 // ---------------------------------------------------------------------------------------------
 // Fakes
 
