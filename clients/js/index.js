@@ -764,10 +764,14 @@ export class Client {
     if (!this.handlers.has(result.channel)) return;
     if (result.recovered) return;
     // Not recovered: delivery starts after `result.offset`. Without a position asked for, that
-    // is simply where the subscription starts; with one, what lay between was lost.
-    this.positions.set(result.channel, result.epoch, result.offset, result.tag);
+    // is simply where the subscription starts; with one, what lay between was lost. After
+    // `epoch_changed` the server delivers the new epoch from its start, so the position is its
+    // offset 0 (which carries no epoch's tag).
+    const fromStart = since && result.reason === 'epoch_changed';
+    const offset = fromStart ? 0 : result.offset;
+    this.positions.set(result.channel, result.epoch, offset, fromStart ? undefined : result.tag);
     if (since && result.reason) {
-      this._resetTo({ channel: result.channel, reason: result.reason, epoch: result.epoch, offset: result.offset });
+      this._resetTo({ channel: result.channel, reason: result.reason, epoch: result.epoch, offset });
     } else {
       this._emit('position', { channel: result.channel, epoch: result.epoch, offset: result.offset });
     }

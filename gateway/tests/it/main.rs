@@ -24,6 +24,7 @@ mod redis_pubsub;
 mod redis_sentinel;
 mod redis_sentinel_auth;
 mod resume;
+mod rollback_resume;
 mod security;
 mod shutdown;
 mod slow_consumer;

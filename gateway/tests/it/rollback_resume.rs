@@ -3,10 +3,8 @@
 //! client that resumes with the tag of its position. Real processes: `redis-server` with RDB
 //! snapshots only, killed with `kill -9` and restarted from the snapshot, and a gateway node.
 
-mod redis_support;
-
+use crate::support::*;
 use futures_util::StreamExt;
-use redis_support::*;
 use serde_json::{json, Value};
 
 /// A position from a publish answer: epoch, offset, tag.
