@@ -6,10 +6,9 @@ use std::sync::{Arc, LazyLock};
 
 use redis::Script;
 
-use super::channel_state::{Delivered, Entry, Page};
-use super::commands::HISTORY;
-use super::{millis, Shared};
-use crate::{format_tag, new_epoch, parse_tag, BackplaneError, Publication};
+use super::channel_state::{Delivered, Page};
+use super::Shared;
+use crate::{format_tag, new_epoch, parse_tag, BackplaneError};
 
 static POSITIONS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -87,55 +86,11 @@ pub(crate) async fn page(
     since: u64,
     limit: usize,
 ) -> Result<Page, BackplaneError> {
-    let keys = &shared.keys;
-    let settings = &shared.settings;
-    let mut invocation = HISTORY.key(keys.meta(channel));
-    invocation
-        .key(keys.history(channel))
-        .arg(since)
-        .arg(limit)
-        .arg(millis(settings.retention_for(channel).max_age));
-    type Fields = Vec<Vec<u8>>;
-    let (epoch, top, rows, _since_tag, _top_tag): (
-        String,
-        u64,
-        Vec<(String, Fields)>,
-        String,
-        String,
-    ) = shared.commands.run(&invocation).await?;
-    let epoch: Arc<str> = epoch.into();
-    let mut entries: Vec<Entry> = Vec::with_capacity(rows.len());
-    for (id, fields) in rows {
-        let offset = id
-            .split('-')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| {
-                BackplaneError::Unavailable(format!("unexpected history entry id {id}"))
-            })?;
-        let field = |name: &[u8]| {
-            fields
-                .chunks(2)
-                .find(|pair| pair.len() == 2 && pair[0] == name)
-                .map(|pair| &pair[1][..])
-        };
-        let data = field(b"d").ok_or_else(|| {
-            BackplaneError::Unavailable(format!("history entry {id} has no data"))
-        })?;
-        let published_ms = field(b"t")
-            .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok())
-            .unwrap_or(0);
-        // Entries written before tags existed have none: tag 0.
-        let tag = field(b"g")
-            .and_then(|g| parse_tag(std::str::from_utf8(g).ok()?))
-            .unwrap_or(0);
-        let publication = Publication::new(channel.clone(), offset, epoch.clone(), tag, data);
-        entries.push((Arc::new(publication), published_ms));
-    }
+    let page = super::read_history(shared, channel, since, limit).await?;
     Ok(Page {
-        epoch,
-        top,
-        entries,
+        epoch: page.epoch,
+        top: page.top,
+        entries: page.entries,
     })
 }
 

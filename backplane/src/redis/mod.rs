@@ -145,13 +145,24 @@ fn millis(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX).max(1)
 }
 
-/// Reads a page of history (and the epoch and top) in one script call.
-pub(crate) async fn history(
+/// One run of the history script: the page's entries (each with its publish time, ms), the
+/// channel's epoch and top, and the tags at `since` and at the top.
+pub(crate) struct ScriptPage {
+    pub(crate) epoch: Arc<str>,
+    pub(crate) top: u64,
+    pub(crate) entries: Vec<(Arc<Publication>, u64)>,
+    pub(crate) since_tag: Option<u32>,
+    pub(crate) top_tag: Option<u32>,
+}
+
+/// Reads a page of history (and the epoch, top and tags) in one script call. Client reads and
+/// the pub/sub link's reads share it.
+pub(crate) async fn read_history(
     shared: &Shared,
-    channel: &str,
+    channel: &Arc<str>,
     since: u64,
     limit: usize,
-) -> Result<HistoryPage, BackplaneError> {
+) -> Result<ScriptPage, BackplaneError> {
     let keys = &shared.keys;
     let settings = &shared.settings;
     let mut invocation = HISTORY.key(keys.meta(channel));
@@ -160,13 +171,12 @@ pub(crate) async fn history(
         .arg(since)
         .arg(limit)
         .arg(millis(settings.retention_for(channel).max_age));
-    type Entry = (String, Vec<Vec<u8>>);
-    let (epoch, top, entries, since_tag, top_tag): (String, u64, Vec<Entry>, String, String) =
+    type Row = (String, Vec<Vec<u8>>);
+    let (epoch, top, rows, since_tag, top_tag): (String, u64, Vec<Row>, String, String) =
         shared.commands.run(&invocation).await?;
     let epoch: Arc<str> = epoch.into();
-    let channel: Arc<str> = channel.into();
-    let mut publications = Vec::with_capacity(entries.len());
-    for (id, fields) in entries {
+    let mut entries = Vec::with_capacity(rows.len());
+    for (id, fields) in rows {
         let offset = id
             .split('-')
             .next()
@@ -183,24 +193,39 @@ pub(crate) async fn history(
         let data = field(b"d").ok_or_else(|| {
             BackplaneError::Unavailable(format!("history entry {id} has no data"))
         })?;
+        let published_ms = field(b"t")
+            .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok())
+            .unwrap_or(0);
         // Entries written before tags existed have none: tag 0.
         let tag = field(b"g")
             .and_then(|g| parse_tag(std::str::from_utf8(g).ok()?))
             .unwrap_or(0);
-        publications.push(Arc::new(Publication::new(
-            channel.clone(),
-            offset,
-            epoch.clone(),
-            tag,
-            data,
-        )));
+        let publication = Publication::new(channel.clone(), offset, epoch.clone(), tag, data);
+        entries.push((Arc::new(publication), published_ms));
     }
-    Ok(HistoryPage {
+    Ok(ScriptPage {
         epoch,
         top,
-        publications,
+        entries,
         since_tag: parse_tag(&since_tag),
         top_tag: parse_tag(&top_tag),
+    })
+}
+
+/// Reads a page of history (and the epoch and top) in one script call.
+pub(crate) async fn history(
+    shared: &Shared,
+    channel: &str,
+    since: u64,
+    limit: usize,
+) -> Result<HistoryPage, BackplaneError> {
+    let page = read_history(shared, &channel.into(), since, limit).await?;
+    Ok(HistoryPage {
+        epoch: page.epoch,
+        top: page.top,
+        publications: page.entries.into_iter().map(|(p, _)| p).collect(),
+        since_tag: page.since_tag,
+        top_tag: page.top_tag,
     })
 }
 
