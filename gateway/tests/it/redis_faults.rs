@@ -349,15 +349,6 @@ async fn rdb_snapshot_rollback_is_made_explicit_and_loses_nothing() {
         };
         assert_ne!(e2, &e1, "{}: the reset names a new epoch", sub.name);
         assert_eq!(reason, "epoch_changed");
-        let pubs_of = |items: &[Item]| -> Vec<Pub> {
-            items
-                .iter()
-                .filter_map(|i| match i {
-                    Item::Pub(p) => Some(p.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
         // Before the reset: 1..=15 of the old epoch in order (nothing reused delivered there).
         let before = pubs_of(&items[..reset_at]);
         let want_before: Vec<(String, u64, Value)> = acked[..15]
