@@ -695,17 +695,21 @@ async fn websocket_through_nginx_receives_and_resumes() {
         (Some(0), &json!(false)),
         "{r}"
     );
-    let epoch = r["epoch"].clone();
+    // A channel with no publication has no epoch yet; its first publication brings one.
+    assert_eq!(r["epoch"], "", "{r}");
     let held = stack.node_holding("ws").await;
     let other = &stack.nodes[1 - held];
 
     // (a) published through the other node's own address, delivered through nginx.
     publish(other, &ch, json!({"n": 1})).await;
     let p = publication_wss(&mut ws).await;
+    let epoch = p["epoch"].clone();
+    assert_tag(&p);
     assert_eq!(
         p,
-        json!({"channel": ch, "offset": 1, "epoch": epoch, "data": {"n": 1}})
+        json!({"channel": ch, "offset": 1, "epoch": epoch, "tag": p["tag"], "data": {"n": 1}})
     );
+    assert_ne!(epoch, "", "{p}");
     // ... and published through nginx (HTTP/2), delivered.
     let (status, version, ack) = publish_via(&client, nginx, &ch, &json!({"n": 2})).await;
     assert_eq!((status, version), (200, reqwest::Version::HTTP_2), "{ack}");
@@ -818,16 +822,22 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
     let connected = sse.connected().await;
     let chans = connected_channels(&connected);
     assert_eq!(chans[&a]["offset"], 0, "{chans:?}");
-    let epoch_a = chans[&a]["epoch"].clone();
+    assert_eq!(
+        chans[&a]["epoch"], "",
+        "no publication yet, no epoch: {chans:?}"
+    );
     let held = stack.node_holding("sse").await;
     let other = &stack.nodes[1 - held];
 
     publish(other, &a, json!("a1")).await;
     let (id1, p) = sse.publication().await;
+    let epoch_a = p["epoch"].clone();
+    assert_tag(&p);
     assert_eq!(
         p,
-        json!({"channel": a, "offset": 1, "epoch": epoch_a, "data": "a1"})
+        json!({"channel": a, "offset": 1, "epoch": epoch_a, "tag": p["tag"], "data": "a1"})
     );
+    assert_ne!(epoch_a, "", "{p}");
     let (status, _, ack) = publish_via(&client, nginx, &b, &json!("b1")).await;
     assert_eq!(status, 200, "{ack}");
     let (id2, p) = sse.publication().await;
@@ -1280,4 +1290,16 @@ async fn long_poll_through_nginx_waits_resumes_and_skips_a_draining_node() {
             retried,
         )
         .await;
+}
+
+/// A publication's tag: 8 lowercase hex digits.
+fn assert_tag(p: &Value) {
+    let tag = p["tag"].as_str().unwrap_or_default();
+    assert!(
+        tag.len() == 8
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "publication tag {tag:?}: {p}"
+    );
 }
