@@ -107,7 +107,11 @@ async fn a_rollback_nobody_saw_is_caught_by_the_tag_of_a_resume() {
             "since": {"epoch": before_rollback.0, "offset": 8, "tag": before_rollback.2}}))
         .await;
     assert_eq!(reply["result"]["recovered"], true, "{reply}");
-    good.wait_offset(channel, 17).await;
+    // The subscribe result already names offset 17 (the top): wait for the publications.
+    good.wait_for("9..17 to be delivered", WAIT, |log| {
+        log.pubs(channel).last().is_some_and(|p| p.offset >= 17)
+    })
+    .await;
     let got: Vec<(u64, Value)> = good
         .pubs(channel)
         .into_iter()
