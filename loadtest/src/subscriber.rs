@@ -169,8 +169,11 @@ impl Subscriber {
                     return Event::Reset;
                 }
                 let Some(offset) = push.offset else { continue };
-                if let Resume::Position { offset: o, .. } = &mut self.resume {
+                if let Resume::Position { offset: o, epoch } = &mut self.resume {
                     *o = offset;
+                    if let Some(e) = push.epoch.filter(|e| e != epoch) {
+                        *epoch = e;
+                    }
                 }
                 return Event::Publication {
                     offset,
@@ -267,6 +270,9 @@ fn reconnect_hint(reason: &str) -> Option<u64> {
 struct Push {
     id: Option<u64>,
     offset: Option<u64>,
+    /// A publication's epoch: the position takes it from the publication, since a channel with
+    /// no publication yet subscribes with the empty epoch.
+    epoch: Option<String>,
     result: Option<SubscribeResult>,
     error: Option<serde_json::Value>,
     data: Option<Stamp>,
