@@ -358,3 +358,38 @@ async fn shutdown_closes_http2_websockets_with_1001() {
     assert_eq!(code, Some(1001));
     within("node shutdown", stopped).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_connection_over_the_per_ip_rate_gets_429_over_http2_too() {
+    let certs = Certs::new();
+    let node = Node::with(|c| {
+        certs.configure(c);
+        c.limits.connection_rate_per_ip = 0.01;
+        c.limits.connection_burst_per_ip = 1;
+    })
+    .await;
+    let mut allowed = H2::over_tls(&node, &certs).await;
+    // The next connection from this address is over the rate: ALPN still picked h2, and the
+    // browser must get a 429 it can read, not a broken connection.
+    let tls = tls_connect(&node, &certs.der, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("HTTP/2 handshake with the refusing server");
+    tokio::spawn(connection);
+    let request = hyper::Request::get(https(&node, "/ws"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = within("the refusal", sender.send_request(request))
+        .await
+        .expect("an HTTP/2 answer");
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "connection_rate_limited");
+    // The admitted connection goes on.
+    let (status, _) = allowed.request("GET", "/healthz", None).await;
+    assert_eq!(status, 200);
+}
