@@ -1,5 +1,6 @@
 //! The HTTP server: binds the listener, serves HTTP/1.1 and HTTP/2 (cleartext, or TLS with ALPN)
-//! on one port with WebSockets over both, routes requests, and shuts down in order (not ready, stop accepting, close clients, wait).
+//! on one port with WebSockets over both, routes requests, and shuts down in order (not ready,
+//! stop accepting, close clients, wait).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -343,8 +344,8 @@ impl Route {
         }
     }
 
-    /// Whether `method` may open this route: its own, or for a WebSocket also HTTP/2's extended
-    /// CONNECT (`:protocol websocket`, RFC 8441).
+    /// Whether the request's method fits this route: its own, or for a WebSocket also HTTP/2's
+    /// extended CONNECT (`:protocol websocket`, RFC 8441).
     fn accepts<B>(self, request: &Request<B>) -> bool {
         request.method() == self.method()
             || matches!(self, Route::WebSocket(_))

@@ -95,8 +95,9 @@ pub(crate) fn accept(
     mode: Mode,
     admission: Admission,
 ) -> Result<Answer, WebSocketError> {
-    // deflate negotiation: the `sec-websocket-extensions` offer is answered here, for both
-    // handshakes alike (RFC 8441 §5 keeps the header's meaning on HTTP/2).
+    // deflate negotiation: when the request carries `sec-websocket-extensions`, negotiate here
+    // (once, for both handshakes: RFC 8441 §5 keeps the header's meaning on HTTP/2), add the
+    // answer to `response` in both arms and hand the parameters to `spawn_connection`.
     match handshake {
         Handshake::Upgrade => {
             let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
