@@ -288,7 +288,18 @@ where
         }
         _ = node.shutdown_token().cancelled() => {
             connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            // An HTTP/2 stream whose client stopped reading cannot end: its last data waits for
+            // flow control, and hyper has no reset for an upgraded stream. Once every WebSocket
+            // and SSE task has ended, the connection gets `websocket.write_timeout` to finish
+            // (a WebSocket's last write on HTTP/1.1 gets as long), then it is dropped.
+            let abandoned = async {
+                node.connection_tasks().wait().await;
+                tokio::time::sleep(node.config().websocket.write_timeout).await;
+            };
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = abandoned => {}
+            }
         }
     }
 }

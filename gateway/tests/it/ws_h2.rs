@@ -37,6 +37,8 @@ impl H2 {
     /// Cleartext HTTP/2 with prior knowledge (h2c, no Upgrade from HTTP/1.1).
     async fn cleartext(node: &Node) -> H2 {
         let tcp = TcpStream::connect(node.addr).await.unwrap();
+        // Small frames go out at once (no Nagle wait for the server's delayed ACK).
+        tcp.set_nodelay(true).unwrap();
         H2::handshake(TokioIo::new(tcp), format!("http://{}", node.addr)).await
     }
 
@@ -392,4 +394,76 @@ async fn a_connection_over_the_per_ip_rate_gets_429_over_http2_too() {
     // The admitted connection goes on.
     let (status, _) = allowed.request("GET", "/healthz", None).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_stalled_stream_is_cut_as_slow_consumer_while_its_connection_goes_on() {
+    const PAYLOAD: usize = 16 * 1024;
+    const WINDOW: u64 = 8;
+    const MAX_WINDOWS: u64 = 640; // 80 MB at most, far beyond any flow-control window
+    let node = Node::with(|c| {
+        c.client.queue_max_bytes = 256 * 1024;
+        c.websocket.max_message_size = 1024 * 1024;
+        c.server.shutdown_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let ch = "h2:slow";
+    let mut h2 = H2::cleartext(&node).await;
+    let mut slow = h2.websocket("/ws", &[]).await.expect("slow stream");
+    slow.subscribe(ch).await;
+    // From here on `slow` is not read: its stream window fills, then the server's queue.
+    let mut fast = h2.websocket("/ws", &[]).await.expect("fast stream");
+    fast.subscribe(ch).await;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut expect = 1;
+        // Until the node's shutdown closes it (1001).
+        while let WsEvent::Json(push) = fast.event().await {
+            assert_eq!(
+                push["offset"], expect,
+                "fast stream lost or reordered a push"
+            );
+            if seen_tx.send(expect).is_err() {
+                return;
+            }
+            expect += 1;
+        }
+    });
+    let pad = "s".repeat(PAYLOAD);
+    let mut last = 0;
+    let mut cut = false;
+    for window in 0..MAX_WINDOWS {
+        for i in 0..WINDOW {
+            h2.publish(ch, json!({"w": window, "i": i, "pad": pad}))
+                .await;
+        }
+        last += WINDOW;
+        fast_reached(&mut seen_rx, last).await;
+        let (_, text) = h2.request("GET", "/metrics", None).await;
+        if metric(&text, "gateway_slow_consumer_disconnects_total", &[]).unwrap_or(0.0) >= 1.0 {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "no slow consumer disconnect after {last} publications");
+    h2.wait_metric("gateway_websocket_connections", &OVER_H2, |v| v == 1.0)
+        .await;
+    h2.publish(ch, json!("after")).await;
+    fast_reached(&mut seen_rx, last + 1).await;
+
+    // The node stops although the cut stream still holds data its client never read.
+    within("node shutdown", node.shutdown()).await;
+    drop(slow);
+}
+
+async fn fast_reached(seen: &mut tokio::sync::mpsc::UnboundedReceiver<u64>, last: u64) {
+    within("fast stream to receive everything", async {
+        while let Some(offset) = seen.recv().await {
+            if offset >= last {
+                return;
+            }
+        }
+        panic!("fast stream ended before offset {last}");
+    })
+    .await
 }
