@@ -2,7 +2,8 @@
 // (ALPN h2) opens `new WebSocket("wss://<same origin>/ws")`; Chromium sends it as an extended
 // CONNECT stream of the page's HTTP/2 connection. The page subscribes and receives a
 // publication, and the node's gateway_websocket_connections{http_version="2"} proves the
-// WebSocket ran over HTTP/2 (and none over HTTP/1.1).
+// WebSocket ran over HTTP/2 (and none over HTTP/1.1). The demo page's shipped client does the
+// same.
 //
 //   cargo build -p gateway && cd clients/js && npm ci && node --test test/browser/ws_h2.test.mjs
 
@@ -86,4 +87,24 @@ test('a page served over h2 opens its WebSocket as a stream of the same connecti
   assert.deepEqual(closed, { code: 1000, wasClean: true });
   await eventually('the WebSocket gone from the gauge', async () => (await websockets('2')) === 0);
   await page.close();
+});
+
+test('the shipped client on the demo page connects over h2 as well', async () => {
+  const page = await browser.context.newPage();
+  const problems = [];
+  page.on('pageerror', (e) => problems.push(String(e)));
+  await page.goto(`${node.url}/?transport=websocket`);
+  await page.waitForFunction(
+    (endpoint) => {
+      const s = window.demo && window.demo.states.at(-1);
+      return s && s.state === 'connected' && s.transport === 'websocket' && s.endpoint === endpoint;
+    },
+    node.url,
+    { timeout: WAIT_MS },
+  );
+  await eventually('the demo WebSocket counted over HTTP/2', async () => (await websockets('2')) === 1);
+  assert.equal(await websockets('1.1'), 0, 'no WebSocket over HTTP/1.1');
+  assert.deepEqual(problems, []);
+  await page.close();
+  await eventually('the demo WebSocket gone', async () => (await websockets('2')) === 0);
 });
