@@ -11,6 +11,8 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     pub connections: IntGaugeVec,
+    /// Open WebSockets by the HTTP version of their opening handshake.
+    pub websockets: IntGaugeVec,
     pub subscriptions: IntGauge,
     pub channels: IntGauge,
     pub publications: IntCounter,
@@ -149,6 +151,12 @@ impl Metrics {
                 "Open client connections by transport.",
                 "transport",
                 &TRANSPORTS,
+            ),
+            websockets: f.gauge_vec(
+                "gateway_websocket_connections",
+                "Open WebSockets (/ws and /ws/echo) by the HTTP version they were opened over: 1.1 (Upgrade) or 2 (extended CONNECT, RFC 8441).",
+                "http_version",
+                &["1.1", "2"],
             ),
             subscriptions: f.gauge(
                 "gateway_subscriptions",

@@ -3,12 +3,15 @@
 //! preflights and headers, and the 429 served to a connection over the per-IP connection rate.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::sync::Notify;
 
 use crate::http::response::{self, Body};
 use crate::node::Node;
@@ -92,27 +95,42 @@ pub fn add_cors_headers(
 }
 
 /// Serves a connection refused by the per-IP connection rate: every request gets 429 with
-/// `Retry-After`, then the connection closes.
+/// `Retry-After`, then the connection closes. Either HTTP version: over TLS, ALPN may already
+/// have picked h2, and a browser must read the 429 rather than a broken connection.
 pub async fn serve_refused<I>(io: I, retry: Duration)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |_request: Request<hyper::body::Incoming>| async move {
-        let mut response = guard::too_many(
-            error_code::CONNECTION_RATE_LIMITED,
-            "too many new connections from this address (limits.connection_rate_per_ip)",
-            retry,
-        );
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        Ok::<_, Infallible>(response)
-    });
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        hyper::server::conn::http1::Builder::new()
-            .keep_alive(false)
-            .serve_connection(TokioIo::new(io), service),
-    )
-    .await;
+    let answered = Arc::new(Notify::new());
+    let service = {
+        let answered = answered.clone();
+        service_fn(move |_request: Request<hyper::body::Incoming>| {
+            answered.notify_one();
+            async move {
+                let mut response = guard::too_many(
+                    error_code::CONNECTION_RATE_LIMITED,
+                    "too many new connections from this address (limits.connection_rate_per_ip)",
+                    retry,
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(false);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let serve = async {
+        tokio::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = answered.notified() => {}
+        }
+        // HTTP/2: GOAWAY once the first request is in, which still gets its answer.
+        connection.as_mut().graceful_shutdown();
+        let _ = connection.await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
 }

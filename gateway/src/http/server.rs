@@ -1,5 +1,6 @@
-//! The HTTP server: binds the listener, serves HTTP/1.1 and cleartext HTTP/2 on one port, routes
-//! requests, and shuts down in order (not ready, stop accepting, close clients, wait).
+//! The HTTP server: binds the listener, serves HTTP/1.1 and HTTP/2 (cleartext, or TLS with ALPN)
+//! on one port with WebSockets over both, routes requests, and shuts down in order (not ready,
+//! stop accepting, close clients, wait).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -268,6 +269,9 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(node.config().limits.handshake_timeout);
+    // RFC 8441: a client holding an HTTP/2 connection (TLS with ALPN h2, or cleartext prior
+    // knowledge) opens its WebSockets as streams of it (extended CONNECT, `ws::Handshake`).
+    builder.http2().enable_connect_protocol();
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     tokio::select! {
@@ -284,7 +288,18 @@ where
         }
         _ = node.shutdown_token().cancelled() => {
             connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            // An HTTP/2 stream whose client stopped reading cannot end: its last data waits for
+            // flow control, and hyper has no reset for an upgraded stream. Once every WebSocket
+            // and SSE task has ended, the connection gets `websocket.write_timeout` to finish
+            // (a WebSocket's last write on HTTP/1.1 gets as long), then it is dropped.
+            let abandoned = async {
+                node.connection_tasks().wait().await;
+                tokio::time::sleep(node.config().websocket.write_timeout).await;
+            };
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = abandoned => {}
+            }
         }
     }
 }
@@ -339,6 +354,14 @@ impl Route {
             _ => "GET",
         }
     }
+
+    /// Whether the request's method fits this route: its own, or for a WebSocket also HTTP/2's
+    /// extended CONNECT (`:protocol websocket`, RFC 8441).
+    fn accepts<B>(self, request: &Request<B>) -> bool {
+        request.method() == self.method()
+            || matches!(self, Route::WebSocket(_))
+                && ws::Handshake::of(request) == Some(ws::Handshake::ExtendedConnect)
+    }
 }
 
 async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
@@ -351,7 +374,7 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
         );
     };
     let allowed = route.method();
-    if request.method() != allowed {
+    if !route.accepts(&request) {
         let mut response = response::error(
             StatusCode::METHOD_NOT_ALLOWED,
             error_code::METHOD_NOT_ALLOWED,
@@ -409,12 +432,19 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
             Err(response) => response,
         },
         Route::WebSocket(mode) => {
+            let Some(handshake) = ws::Handshake::of(&request) else {
+                return response::error(
+                    StatusCode::UPGRADE_REQUIRED,
+                    error_code::UPGRADE_REQUIRED,
+                    "this endpoint speaks WebSocket only",
+                );
+            };
             let admission = match admit_stream(node, route, &request) {
                 Ok(admission) => admission,
                 Err(response) => return response,
             };
             let mut request = request;
-            match ws::accept(node, &mut request, mode, admission) {
+            match ws::accept(node, &mut request, handshake, mode, admission) {
                 Ok(response) => response.map(|_| response::empty()),
                 Err(e) => response::error(
                     StatusCode::BAD_REQUEST,
@@ -426,7 +456,8 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Lets a new WebSocket, SSE stream or long-poll in, or answers why not. A draining node takes
+/// Lets a new WebSocket (either handshake, checked by the caller), SSE stream or long-poll in,
+/// or answers why not: the same checks for all of them. A draining node takes
 /// none, so proxies that do not watch /readyz (nginx retries 503 on another upstream) move new
 /// clients elsewhere at once. Then Origin, token and connection limits; SSE and long-poll also
 /// check the permission of every channel of the query up front.
@@ -440,13 +471,6 @@ fn admit_stream(
         return Err(response::shutting_down());
     }
     let is_websocket = matches!(route, Route::WebSocket(_));
-    if is_websocket && !fastwebsockets::upgrade::is_upgrade_request(request) {
-        return Err(response::error(
-            StatusCode::UPGRADE_REQUIRED,
-            error_code::UPGRADE_REQUIRED,
-            "this endpoint speaks WebSocket only",
-        ));
-    }
     let query = request.uri().query();
     let admission = guard::admit(node, request.headers(), query)?;
     if !is_websocket {

@@ -31,3 +31,4 @@ mod slow_consumer;
 mod sse;
 mod tls;
 mod websocket;
+mod ws_h2;

@@ -14,14 +14,14 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 
-struct Certs {
+pub(crate) struct Certs {
     dir: tempfile::TempDir,
-    der: Vec<u8>,
-    pem: String,
+    pub(crate) der: Vec<u8>,
+    pub(crate) pem: String,
 }
 
 impl Certs {
-    fn new() -> Certs {
+    pub(crate) fn new() -> Certs {
         let dir = tempfile::tempdir().unwrap();
         let mut certs = Certs {
             dir,
@@ -42,7 +42,7 @@ impl Certs {
         std::fs::write(self.dir.path().join("cert.pem"), &self.pem).unwrap();
     }
 
-    fn configure(&self, config: &mut gateway::Config) {
+    pub(crate) fn configure(&self, config: &mut gateway::Config) {
         config.tls.cert_file = Some(self.dir.path().join("cert.pem"));
         config.tls.key_file = Some(self.dir.path().join("key.pem"));
         config.tls.reload_interval = Duration::from_millis(50);
@@ -50,7 +50,7 @@ impl Certs {
 }
 
 /// A TLS connection to the node offering `alpn`, trusting `trusted` (DER).
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     node: &Node,
     trusted: &[u8],
     alpn: &[&[u8]],
@@ -74,7 +74,7 @@ async fn tls_connect(
     .expect("TLS handshake")
 }
 
-fn https_client(certs: &Certs, node: &Node, http1_only: bool) -> reqwest::Client {
+pub(crate) fn https_client(certs: &Certs, node: &Node, http1_only: bool) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(certs.pem.as_bytes()).unwrap())
@@ -86,7 +86,7 @@ fn https_client(certs: &Certs, node: &Node, http1_only: bool) -> reqwest::Client
     builder.build().unwrap()
 }
 
-fn https(node: &Node, path: &str) -> String {
+pub(crate) fn https(node: &Node, path: &str) -> String {
     format!("https://localhost:{}{path}", node.addr.port())
 }
 

@@ -3,8 +3,9 @@
 // Debian's Chromium driven by playwright-core. Every process started here is killed at exit,
 // also when a test fails.
 
-import { spawn } from 'node:child_process';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -118,8 +119,14 @@ function gatewayEnv(extra) {
   return env;
 }
 
-/** A gateway node on a free port; resolves once it announced its address and /readyz is 200. */
-export async function startGateway(name, args = [], env = {}) {
+/**
+ * A gateway node on a free port; resolves once it announced its address and /readyz is 200.
+ * With `tls` (from `testCertificate`) the node serves HTTPS (ALPN h2, http/1.1), its `url` is
+ * `https://localhost:PORT` and its `fetch` trusts the certificate.
+ */
+export async function startGateway(name, args = [], env = {}, { tls } = {}) {
+  if (tls) env = { ...env, GATEWAY__TLS__CERT_FILE: tls.cert, GATEWAY__TLS__KEY_FILE: tls.key };
+  const fetchNode = tls ? tls.fetch : fetch;
   const proc = track(
     spawn(GATEWAY_BIN, ['--listen', '127.0.0.1:0', '--log-json', ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -136,18 +143,54 @@ export async function startGateway(name, args = [], env = {}) {
       }
       return null;
     });
-    const url = `http://${addr}`;
-    await eventually(`${name}: /readyz 200`, async () => (await fetch(`${url}/readyz`)).ok);
-    return { ...proc, url };
+    const url = tls ? `https://localhost:${addr.split(':')[1]}` : `http://${addr}`;
+    await eventually(`${name}: /readyz 200`, async () => (await fetchNode(`${url}/readyz`)).ok);
+    return { ...proc, url, fetch: fetchNode };
   } catch (e) {
     await proc.kill();
     throw new Error(`${e.message}\n${name} log:\n${proc.log.slice(-40).join('\n')}`);
   }
 }
 
-/** `POST /api/publish`; the ack. */
-export async function publish(base, channel, data) {
-  const response = await fetch(`${base}/api/publish`, {
+/**
+ * A self-signed certificate for `localhost` and 127.0.0.1 (openssl), and a `fetch` for Node that
+ * trusts it: enough of `fetch` for these tests (method, headers, body; ok, status, text, json).
+ */
+export function testCertificate() {
+  const dir = mkdtempSync(join(tmpdir(), 'gateway-browser-tls-'));
+  const cert = join(dir, 'cert.pem');
+  const key = join(dir, 'key.pem');
+  execFileSync('openssl', [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
+  ], { stdio: 'ignore' });
+  const ca = readFileSync(cert);
+  const fetchTls = (url, { method = 'GET', headers = {}, body } = {}) =>
+    new Promise((resolveFetch, reject) => {
+      const request = https.request(url, { method, headers, ca }, (response) => {
+        const chunks = [];
+        response.on('data', (c) => chunks.push(c));
+        response.on('error', reject);
+        response.on('end', () => {
+          const text = Buffer.concat(chunks).toString();
+          resolveFetch({
+            ok: response.statusCode >= 200 && response.statusCode < 300,
+            status: response.statusCode,
+            text: async () => text,
+            json: async () => JSON.parse(text),
+          });
+        });
+      });
+      request.on('error', reject);
+      request.end(body);
+    });
+  return { cert, key, fetch: fetchTls, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** `POST /api/publish`; the ack. `fetchNode`: the node's `fetch` for an HTTPS node. */
+export async function publish(base, channel, data, fetchNode = fetch) {
+  const response = await fetchNode(`${base}/api/publish`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify({ channel, data }),
@@ -158,8 +201,8 @@ export async function publish(base, channel, data) {
 }
 
 /** The value of one sample of a node's /metrics, or undefined. */
-export async function metric(base, name, labels = {}) {
-  const text = await (await fetch(`${base}/metrics`)).text();
+export async function metric(base, name, labels = {}, fetchNode = fetch) {
+  const text = await (await fetchNode(`${base}/metrics`)).text();
   const want = Object.entries(labels).map(([k, v]) => `${k}="${v}"`);
   for (const line of text.split('\n')) {
     if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
@@ -168,8 +211,11 @@ export async function metric(base, name, labels = {}) {
   return undefined;
 }
 
-/** Headless Chromium with a fresh profile and nothing that reaches for the internet. */
-export async function launchBrowser() {
+/**
+ * Headless Chromium with a fresh profile and nothing that reaches for the internet; `args` are
+ * added to its command line.
+ */
+export async function launchBrowser(args = []) {
   const profile = mkdtempSync(join(tmpdir(), 'gateway-browser-profile-'));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
@@ -184,6 +230,7 @@ export async function launchBrowser() {
       '--disable-background-networking',
       '--disable-component-update',
       '--disable-sync',
+      ...args,
     ],
   });
   return {

@@ -1,5 +1,6 @@
-//! WebSocket transport (`GET /ws`, and `GET /ws/echo` for conformance runs): the upgrade and one
-//! task per connection that reads frames, owns the write half, the client session, the heartbeat
+//! WebSocket transport (`GET /ws`, and `GET /ws/echo` for conformance runs): the opening
+//! handshake (HTTP/1.1 Upgrade, or extended CONNECT on an HTTP/2 stream) and one task per
+//! connection that reads frames, owns the write half, the client session, the heartbeat
 //! and the close handshake. Both endpoints share the same reader, limits and writer; only what is
 //! done with a message differs.
 
@@ -49,20 +50,99 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Outputs written per batch before the task looks at its other duties again.
 const BATCH: usize = 256;
 
-/// Upgrades the request and starts the connection task, tracked by the node.
+/// How a request opens a WebSocket: each needs its own answer, then both run the same
+/// connection task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handshake {
+    /// RFC 6455: `GET` with `Upgrade: websocket` on HTTP/1.1, answered 101.
+    Upgrade,
+    /// RFC 8441: `CONNECT` with `:protocol websocket` on an HTTP/2 stream, answered 200; the
+    /// stream then carries the frames.
+    ExtendedConnect,
+}
+
+impl Handshake {
+    /// The handshake `request` attempts, or `None` for a plain request.
+    pub(crate) fn of<B>(request: &hyper::Request<B>) -> Option<Handshake> {
+        if request.method() == hyper::Method::CONNECT {
+            let websocket = request
+                .extensions()
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+            return (websocket && request.version() == hyper::Version::HTTP_2)
+                .then_some(Handshake::ExtendedConnect);
+        }
+        fastwebsockets::upgrade::is_upgrade_request(request).then_some(Handshake::Upgrade)
+    }
+
+    /// The `http_version` label of `gateway_websocket_connections`.
+    fn http_version(self) -> &'static str {
+        match self {
+            Handshake::Upgrade => "1.1",
+            Handshake::ExtendedConnect => "2",
+        }
+    }
+}
+
+type Answer = hyper::Response<http_body_util::Empty<Bytes>>;
+
+/// Answers the handshake `request` attempts (see [`Handshake::of`]) and starts the connection
+/// task, tracked by the node. The caller has admitted the connection (origin, token, limits).
 pub(crate) fn accept(
     node: &Arc<Node>,
     request: &mut hyper::Request<hyper::body::Incoming>,
+    handshake: Handshake,
     mode: Mode,
     admission: Admission,
-) -> Result<hyper::Response<http_body_util::Empty<Bytes>>, WebSocketError> {
-    let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
+) -> Result<Answer, WebSocketError> {
+    // deflate negotiation: when the request carries `sec-websocket-extensions`, negotiate here
+    // (once, for both handshakes: RFC 8441 §5 keeps the header's meaning on HTTP/2), add the
+    // answer to `response` in both arms and hand the parameters to `spawn_connection`.
+    match handshake {
+        Handshake::Upgrade => {
+            let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
+            let io = async move { upgrade.await.map(|ws| ws.into_inner()) };
+            spawn_connection(node, io, handshake, mode, admission);
+            Ok(response)
+        }
+        Handshake::ExtendedConnect => {
+            let (response, stream) = accept_extended_connect(request)?;
+            let io = async move { stream.await.map(TokioIo::new) };
+            spawn_connection(node, io, handshake, mode, admission);
+            Ok(response)
+        }
+    }
+}
+
+/// RFC 8441 §5: the same version check as on HTTP/1.1, but no key and no `Sec-WebSocket-Accept`
+/// (the stream itself is the proof); a 200 opens the stream for frames.
+fn accept_extended_connect(
+    request: &mut hyper::Request<hyper::body::Incoming>,
+) -> Result<(Answer, hyper::upgrade::OnUpgrade), WebSocketError> {
+    let version = request.headers().get("sec-websocket-version");
+    if version.map(|v| v.as_bytes()) != Some(b"13") {
+        return Err(WebSocketError::InvalidSecWebsocketVersion);
+    }
+    let stream = hyper::upgrade::on(request);
+    let response = hyper::Response::new(http_body_util::Empty::new());
+    Ok((response, stream))
+}
+
+/// Starts the connection task once the handshake's stream is ready: the same reader, writer,
+/// limits and session whichever HTTP version carries it.
+fn spawn_connection<E: std::fmt::Display + Send + 'static>(
+    node: &Arc<Node>,
+    io: impl std::future::Future<Output = Result<Io, E>> + Send + 'static,
+    handshake: Handshake,
+    mode: Mode,
+    admission: Admission,
+) {
     let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
     let node = node.clone();
     node.connection_tasks().clone().spawn(async move {
-        match upgrade.await {
-            Ok(ws) => {
-                let (read, write) = tokio::io::split(ws.into_inner());
+        match io.await {
+            Ok(io) => {
+                let (read, write) = tokio::io::split(io);
                 // fastwebsockets' writer comes with a reader; frames are read by FrameReader
                 // instead, so that reader gets nothing to read and is dropped at once.
                 let (_, mut writer) = fastwebsockets::after_handshake_split(
@@ -73,12 +153,17 @@ pub(crate) fn accept(
                 // Every frame goes out as header and payload slices straight into the batch,
                 // so fastwebsockets keeps no copy buffer of its own.
                 writer.set_writev_threshold(0);
+                let open = node
+                    .metrics()
+                    .websockets
+                    .with_label_values(&[handshake.http_version()]);
+                open.inc();
                 run(node, read, writer, mode, guard).await;
+                open.dec();
             }
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            Err(e) => tracing::debug!(error = %e, ?handshake, "websocket upgrade failed"),
         }
     });
-    Ok(response)
 }
 
 async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode, guard: Guard) {
