@@ -30,6 +30,9 @@ def check_config(gateway_bin, toml_text=None, env=None, label="config"):
     text = (toml_text or "") + "".join(f"{k}={v}\n" for k, v in run_env.items())
     if "cluster_nodes" in text or "GATEWAY__REDIS__CLUSTER_NODES" in text:
         args += ["--redis-cluster-nodes", "127.0.0.1:1"]
+    elif "sentinel_master" in text:
+        # The sentinels' addresses carry the password, so the chart passes them in the environment.
+        args += ["--redis-sentinel-nodes", "127.0.0.1:1"]
     elif "url" in text or "GATEWAY__REDIS__URL" in text:
         args += ["--redis-url", "redis://127.0.0.1:1"]
     proc = subprocess.Popen(args, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

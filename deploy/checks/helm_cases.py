@@ -4,8 +4,9 @@ result (or on the refusal to render).
 
 usage: helm_cases.py HELM_BIN CHART_DIR [GATEWAY_BIN]
 
-Covers: Redis modes (dev, plain URL/host/cluster, Secret URL, Secret password + host/cluster) and
-their conflicts; the shutdown timing guards; checksum/config rolling on config changes only;
+Covers: the bare install (generated API keys, dev Redis); the in-chart Redis modes (dev,
+standalone, sentinel: StatefulSet, generated password, the gateway's wiring); external Redis
+(plain URL/host/cluster, Secret URL, Secret password + host/cluster) and their conflicts; the shutdown timing guards; checksum/config rolling on config changes only;
 replicas vs HPA; the connections metric; the auth wiring (secure by default); values.schema.json refusing
 unknown keys. With GATEWAY_BIN, the gateway binary must accept every rendered gateway.toml.
 """
@@ -26,16 +27,7 @@ GATEWAY_BIN = sys.argv[3] if len(sys.argv) > 3 else None
 FAILURES = []
 
 
-def with_auth(sets, values_files=()):
-    """A render must choose API keys or an open API (secure by default); cases that are not
-    about auth choose the open API."""
-    if values_files or any(s.removeprefix("str:").startswith("auth.") for s in sets):
-        return list(sets)
-    return list(sets) + ["auth.apiOpen=true"]
-
-
 def render(*sets, values_files=()):
-    sets = with_auth(sets, values_files)
     cmd = [HELM, "template", "t", CHART, "--namespace", "ns", "--kube-version", "1.30.0"]
     for f in values_files:
         cmd += ["-f", f]
@@ -91,15 +83,105 @@ def refused(expect, *sets):
 
 
 def c_default():
+    # `helm install gateway ./helm` with no flags: renders, secure (a generated API key).
     objs = ok()
     assert toml(objs)["redis"]["url"] == "redis://t-gateway-redis:6379"
     assert toml(objs)["server"]["listen"] == "0.0.0.0:8080"
     assert find(objs, "Deployment", "t-gateway-redis"), "dev Redis missing"
     assert "replicas" not in find(objs, "Deployment", "t-gateway")["spec"], "replicas set although the HPA owns them"
     assert find(objs, "HorizontalPodAutoscaler"), "HPA missing"
-    assert "env" not in container(objs), "unexpected env"
-    for kind in ("Ingress", "NetworkPolicy", "ServiceMonitor", "PrometheusRule"):
+    assert set(env(objs)) == {"GATEWAY__AUTH__API_KEYS"}, f"unexpected env {list(env(objs))}"
+    assert env(objs)["GATEWAY__AUTH__API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "t-gateway-api-keys", "key": "api-keys"}
+    assert "api_open" not in toml(objs).get("auth", {})
+    for kind in ("Ingress", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "StatefulSet"):
         assert not find(objs, kind), f"{kind} rendered by default"
+
+
+def c_generated_api_keys():
+    import base64
+    objs = ok()
+    secret = find(objs, "Secret", "t-gateway-api-keys")
+    assert secret, "no generated API key Secret"
+    key = base64.b64decode(secret["data"]["api-keys"]).decode()
+    assert len(key) == 40 and key.isalnum(), f"weak generated key {key!r}"
+    other = base64.b64decode(find(ok(), "Secret", "t-gateway-api-keys")["data"]["api-keys"]).decode()
+    assert other != key, "the same key on two installs"
+    # The test pod reads the same Secret.
+    pod = find(objs, "Pod", "t-gateway-test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert vols["api-keys"]["secret"]["secretName"] == "t-gateway-api-keys"
+    # Given keys, or an open API: nothing generated; generate=false without keys is refused.
+    assert not find(ok("auth.apiKeys.existingSecret=k"), "Secret", "t-gateway-api-keys")
+    assert not find(ok("auth.apiOpen=true"), "Secret")
+    assert "api-keys" not in {v["name"] for v in find(ok("auth.apiOpen=true"), "Pod")["spec"]["volumes"]}
+    refused("auth.apiKeys.existingSecret", "auth.apiKeys.generate=false")
+
+
+def statefulset(objs):
+    return find(objs, "StatefulSet", "t-gateway-redis")
+
+
+def sts_env(objs, container_name):
+    c = next(c for c in statefulset(objs)["spec"]["template"]["spec"]["containers"] if c["name"] == container_name)
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+
+def c_redis_standalone():
+    objs = ok("redis.mode=standalone", "networkPolicy.enabled=true")
+    sts = statefulset(objs)
+    assert sts["spec"]["replicas"] == 1
+    assert [c["name"] for c in sts["spec"]["template"]["spec"]["containers"]] == ["redis"]
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    assert not find(objs, "Deployment", "t-gateway-redis"), "dev Redis rendered too"
+    assert find(objs, "Secret", "t-gateway-redis-auth"), "no generated Redis password"
+    e = env(objs)
+    assert e["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "t-gateway-redis-auth", "key": "redis-password"}
+    assert e["GATEWAY__REDIS__URL"]["value"] == "redis://:$(REDIS_PASSWORD)@t-gateway-redis:6379"
+    assert list(e).index("REDIS_PASSWORD") < list(e).index("GATEWAY__REDIS__URL"), "$(REDIS_PASSWORD) used before defined"
+    assert "url" not in toml(objs).get("redis", {}), "the password-less URL in gateway.toml"
+    r = sts_env(objs, "redis")
+    assert r["FIRST_MASTER"] == "t-gateway-redis-0.t-gateway-redis-headless.ns.svc.cluster.local:6379", r
+    assert "SENTINELS" not in r
+    script = find(objs, "ConfigMap", "t-gateway-redis-scripts")["data"]["redis-start.sh"]
+    assert "appendfsync always" in script
+    # The given password Secret is used and nothing is generated.
+    objs = ok("redis.mode=standalone", "redis.auth.existingSecret=mine", "redis.auth.key=pw")
+    assert not find(objs, "Secret", "t-gateway-redis-auth")
+    assert env(objs)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "pw"}
+    vols = {v["name"]: v for v in statefulset(objs)["spec"]["template"]["spec"]["volumes"]}
+    assert vols["auth"]["secret"]["secretName"] == "mine"
+
+
+def c_redis_sentinel():
+    objs = ok("redis.mode=sentinel", "networkPolicy.enabled=true")
+    sts = statefulset(objs)
+    assert sts["spec"]["replicas"] == 3
+    assert [c["name"] for c in sts["spec"]["template"]["spec"]["containers"]] == ["redis", "sentinel"]
+    headless = find(objs, "Service", "t-gateway-redis-headless")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert not find(objs, "Service", "t-gateway-redis"), "a ClusterIP Service in front of a Sentinel set"
+    assert find(objs, "PodDisruptionBudget", "t-gateway-redis")["spec"]["maxUnavailable"] == 1
+    hosts = [f"t-gateway-redis-{i}.t-gateway-redis-headless.ns.svc.cluster.local:26379" for i in range(3)]
+    e = env(objs)
+    assert e["GATEWAY__REDIS__SENTINEL_NODES"]["value"] == ",".join(f"redis://:$(REDIS_PASSWORD)@{h}" for h in hosts)
+    cfg = toml(objs)["redis"]
+    assert cfg["sentinel_master"] == "gateway" and cfg["min_replicas_acked"] == 1, cfg
+    s = sts_env(objs, "sentinel")
+    assert s["SENTINELS"] == " ".join(hosts) and s["QUORUM"] == "2", s
+    assert s["SENTINEL_CONF"].startswith("/data/"), "a Sentinel's state must survive its restart"
+    ports = {p["port"] for r in find(objs, "NetworkPolicy", "t-gateway")["spec"]["egress"] for p in r["ports"]}
+    assert {6379, 26379} <= ports, ports
+    # The operator's own min_replicas_acked wins; the knobs reach the pods.
+    objs = ok("redis.mode=sentinel", "config.redis.min_replicas_acked=2", "redis.sentinel.replicas=5",
+              "redis.sentinel.quorum=3", "redis.sentinel.masterName=prices")
+    assert toml(objs)["redis"]["min_replicas_acked"] == 2
+    assert toml(objs)["redis"]["sentinel_master"] == "prices"
+    assert statefulset(objs)["spec"]["replicas"] == 5
+    assert env(objs)["GATEWAY__REDIS__SENTINEL_NODES"]["value"].count("26379") == 5
+    refused("minimum", "redis.mode=sentinel", "redis.sentinel.replicas=2")
+    refused("value must be one of", "redis.mode=cluster")
 
 
 def c_plain_url():
@@ -189,8 +271,8 @@ def c_auth_secrets():
 
 
 def c_auth_secure_by_default():
-    # Neither keys nor an explicit open API: refused at render time, saying what to set.
-    refused("auth.apiKeys.existingSecret", "auth.apiOpen=false")
+    # Neither keys (given or generated) nor an explicit open API: refused, saying what to set.
+    refused("auth.apiKeys.existingSecret", "auth.apiOpen=false", "auth.apiKeys.generate=false")
     objs = ok("auth.apiOpen=true")
     assert toml(objs)["auth"]["api_open"] is True
     assert "GATEWAY__AUTH__API_KEYS" not in env(objs) if "env" in container(objs) else True
@@ -223,12 +305,16 @@ def c_schema():
 def c_notes():
     def notes(*sets):
         cmd = [HELM, "install", "t", CHART, "--namespace", "ns", "--dry-run=client"]
-        for s in with_auth(sets):
+        for s in sets:
             cmd += ["--set", s]
         p = subprocess.run(cmd, check=False, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         return p.stdout.split("NOTES:", 1)[1]
-    assert "DEV-ONLY Redis" in notes()
+    text = notes()
+    assert "DEV-ONLY Redis" in text
+    assert "get secret t-gateway-api-keys" in text and "helm test t" in text, text
+    assert "sentinel get-master-addr-by-name gateway" in notes("redis.mode=sentinel")
+    assert "DEV-ONLY" not in notes("redis.mode=standalone")
     assert "in-memory backplane" in notes("redis.enabled=false")
     text = notes("redis.enabled=false", "externalRedis.host=r", "auth.apiKeys.existingSecret=k")
     assert "WARNING" not in text and "DEV-ONLY" not in text, text

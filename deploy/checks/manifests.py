@@ -8,9 +8,10 @@ usage: manifests.py [--k8s-version 1.30.0] [--rules FILE] [--dashboard FILE]
    strict: unknown fields are errors. Kinds without a core schema are errors too, except the
    prometheus-operator CRDs ServiceMonitor and PrometheusRule, which are skipped explicitly (and
    checked by 3 instead).
-2. References between objects: Service/PDB/NetworkPolicy/topology selectors select the gateway
-   pods, HPA and Ingress targets exist, volumes name existing ConfigMaps, container ports named in
-   probes and Services exist.
+2. References between objects: Service/PDB/NetworkPolicy/topology selectors select the pods of
+   exactly one workload (the gateway's Deployment, the in-chart Redis' Deployment or StatefulSet),
+   HPA and Ingress targets exist, volumes name existing ConfigMaps, container ports named in probes
+   and Services exist, a StatefulSet's serviceName is a headless Service of the render.
 3. Project invariants: gateway.toml parses as TOML and fits the shutdown sequence
    (drain.delay + drain.window < server.shutdown_timeout < terminationGracePeriodSeconds - preStop);
    the gateway binary itself accepts gateway.toml (with --gateway-bin); a PrometheusRule carries
@@ -101,34 +102,41 @@ def main():
         # 2. references
         configmaps = {o["metadata"]["name"]: o for o in by_kind.get("ConfigMap", [])}
         deployments = {o["metadata"]["name"]: o for o in by_kind.get("Deployment", [])}
+        # Workloads: the gateway's Deployment, and the in-chart Redis (a Deployment or a StatefulSet).
+        workloads = {f"{o['kind']}/{o['metadata']['name']}": o
+                     for o in by_kind.get("Deployment", []) + by_kind.get("StatefulSet", [])}
         services = {o["metadata"]["name"]: o for o in by_kind.get("Service", [])}
-        pods = {n: d["spec"]["template"] for n, d in deployments.items()}
-        for name, dep in deployments.items():
+        pods = {n: d["spec"]["template"] for n, d in workloads.items()}
+        for name, dep in workloads.items():
             tpl = dep["spec"]["template"]
             labels = tpl["metadata"].get("labels", {})
             if not selects(dep["spec"]["selector"], labels):
-                err(f"{path}: Deployment/{name}: selector does not match its own pod labels")
+                err(f"{path}: {name}: selector does not match its own pod labels")
             others = [n for n, p in pods.items() if n != name and selects(dep["spec"]["selector"], p["metadata"].get("labels", {}))]
             if others:
-                err(f"{path}: Deployment/{name}: selector also matches the pods of {others}")
+                err(f"{path}: {name}: selector also matches the pods of {others}")
             spec = tpl["spec"]
             for tsc in spec.get("topologySpreadConstraints") or []:
                 if not selects(tsc.get("labelSelector"), labels):
-                    err(f"{path}: Deployment/{name}: a topologySpreadConstraint does not select its pods")
+                    err(f"{path}: {name}: a topologySpreadConstraint does not select its pods")
             for vol in spec.get("volumes") or []:
                 cm = (vol.get("configMap") or {}).get("name")
                 if cm and cm not in configmaps:
-                    err(f"{path}: Deployment/{name}: volume {vol['name']} names missing ConfigMap {cm}")
+                    err(f"{path}: {name}: volume {vol['name']} names missing ConfigMap {cm}")
+            if dep["kind"] == "StatefulSet":
+                svc = services.get(dep["spec"].get("serviceName"))
+                if svc is None or svc["spec"].get("clusterIP") != "None":
+                    err(f"{path}: {name}: serviceName {dep['spec'].get('serviceName')} is not a headless Service of the render")
             for c in spec["containers"]:
                 ports = {p.get("name") for p in c.get("ports") or []}
                 for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                     port = ((c.get(probe) or {}).get("httpGet") or {}).get("port")
                     if isinstance(port, str) and port not in ports:
-                        err(f"{path}: Deployment/{name}: {probe} uses unknown port {port}")
+                        err(f"{path}: {name}: {probe} uses unknown port {port}")
         for svc in by_kind.get("Service", []):
             targets = [n for n, p in pods.items() if selects({"matchLabels": svc["spec"].get("selector")}, p["metadata"].get("labels", {}))]
             if len(targets) != 1:
-                err(f"{path}: {name_of(svc)}: selects the pods of {targets}, expected exactly one Deployment")
+                err(f"{path}: {name_of(svc)}: selects the pods of {targets}, expected exactly one workload")
                 continue
             names = {p.get("name") for c in pods[targets[0]]["spec"]["containers"] for p in c.get("ports") or []}
             for port in svc["spec"]["ports"]:
@@ -137,7 +145,9 @@ def main():
         for kind in ("PodDisruptionBudget", "NetworkPolicy"):
             for obj in by_kind.get(kind, []):
                 sel = obj["spec"].get("selector") or obj["spec"].get("podSelector")
-                if not any(selects(sel, p["metadata"].get("labels", {})) for p in pods.values()):
+                # (Bare Pods too: the chart's `helm test` pod has a NetworkPolicy of its own.)
+                candidates = list(pods.values()) + by_kind.get("Pod", [])
+                if not any(selects(sel, p["metadata"].get("labels", {})) for p in candidates):
                     err(f"{path}: {name_of(obj)}: selects no pods")
         for hpa in by_kind.get("HorizontalPodAutoscaler", []):
             target = hpa["spec"]["scaleTargetRef"]

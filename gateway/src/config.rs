@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole node configuration.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// Who the clients and API callers are: server API keys and connection JWTs.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Keys accepted on `/api/*` as `Authorization: apikey <key>`; empty means no key is checked.
@@ -58,7 +58,7 @@ pub struct AuthConfig {
 /// Who may do what on which channels. A channel belongs to the namespace named by its prefix
 /// before the first `:` (`chat:room1` → `chat`); a channel without a configured prefix belongs to
 /// the default namespace.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelsConfig {
     /// Rules of channels in no configured namespace.
@@ -68,7 +68,7 @@ pub struct ChannelsConfig {
 }
 
 /// Who may subscribe to or publish on a namespace's channels.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Access {
     /// Nobody (clients); the server API still may.
@@ -81,7 +81,7 @@ pub enum Access {
     Token,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NamespaceConfig {
     /// Who may subscribe.
@@ -110,7 +110,7 @@ impl Default for NamespaceConfig {
 }
 
 /// Abuse limits. A zero disables a count or rate limit.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Most WebSocket and SSE connections on this node.
@@ -149,7 +149,7 @@ impl Default for LimitsConfig {
 }
 
 /// Which web origins may open WebSocket and SSE connections and call the API from a browser.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct OriginConfig {
     /// Allowed `Origin` values (`https://app.example.com`, `https://*.example.com`); empty
@@ -158,7 +158,7 @@ pub struct OriginConfig {
 }
 
 /// HTTPS with HTTP/2 (ALPN h2, http/1.1) on the main listener.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain; with `key_file`, the listener speaks TLS.
@@ -196,7 +196,7 @@ impl Default for AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PollConfig {
     /// Longest a long-poll request may wait for publications; also its default `timeout`.
@@ -205,7 +205,7 @@ pub struct PollConfig {
 }
 
 /// The demo page and its price feed, for trying the gateway out.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
     /// Serves the demo page at `/` (the client library at `/client.js` is always served).
@@ -219,7 +219,7 @@ pub struct DemoConfig {
 
 /// How a node stopping on SIGTERM lets go of its clients (SIGINT and the in-process `shutdown`
 /// close everything at once). Kubernetes deployments set both, e.g. 5s and 20s.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DrainConfig {
     /// After SIGTERM, report not ready but keep serving this long, so load balancers stop
@@ -234,7 +234,7 @@ pub struct DrainConfig {
     pub reconnect_jitter: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address for every endpoint (API, WebSocket, SSE, health, metrics).
@@ -244,22 +244,23 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Human,
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
+    /// `human` (readable lines) or `json` (one object per line, for log collectors).
     pub format: LogFormat,
     /// A `tracing` filter directive such as `info` or `gateway=debug,info`; `RUST_LOG` wins.
     pub level: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebSocketConfig {
     /// Largest message (after reassembling fragments) a client may send, in bytes.
@@ -277,7 +278,7 @@ pub struct WebSocketConfig {
     pub echo: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SseConfig {
     /// Interval of `: heartbeat` comments that keep proxies from closing idle streams.
@@ -288,7 +289,7 @@ pub struct SseConfig {
     pub retry: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
     /// Bytes a connection may have queued for sending before it is cut off as a slow consumer.
@@ -299,7 +300,7 @@ pub struct ClientConfig {
     pub max_subscriptions: usize,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HistoryConfig {
     /// Publications kept per channel.
@@ -319,7 +320,7 @@ pub struct HistoryConfig {
 
 /// The Redis backplane; with none of `url`, `cluster_nodes` and `sentinel_nodes` the node runs on
 /// the embedded in-memory backplane.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSection {
     /// A single Redis server, e.g. `redis://127.0.0.1:6379`.

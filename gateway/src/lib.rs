@@ -4,6 +4,7 @@
 //!
 //! [`Gateway::start`] binds the listener and serves until [`RunningGateway::shutdown`].
 
+pub mod cli;
 pub mod config;
 pub mod cursor;
 mod demo;

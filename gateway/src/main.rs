@@ -1,10 +1,12 @@
-//! The `gateway` binary: reads configuration, starts the node and stops it on SIGTERM/SIGINT.
+//! The `gateway` binary: with no subcommand it reads the configuration, starts the node and
+//! stops it on SIGTERM/SIGINT; `gateway config check|defaults` and `gateway token` help set it up.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use gateway::config::{Config, LogFormat, Overrides};
 use gateway::Gateway;
 use tracing_subscriber::EnvFilter;
@@ -14,8 +16,52 @@ use tracing_subscriber::EnvFilter;
 /// Configuration comes from built-in defaults, then the --config file, then GATEWAY__SECTION__KEY
 /// environment variables (e.g. GATEWAY__SERVER__LISTEN=0.0.0.0:8080), then these flags.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version = gateway::cli::VERSION, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check or print the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Mint an HS256 connection token with the configured key (auth.jwt_hs256_keys), for
+    /// development: `gateway token --sub alice --channels 'chat:*' --ttl 1h`.
+    Token {
+        /// The user (the token's `sub`).
+        #[arg(long)]
+        sub: String,
+        /// Channels the token allows (its `channels` claim; `*` matches any run), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        channels: Option<Vec<String>>,
+        /// How long the token is valid, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The configuration file with the key (the environment applies too).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Load FILE (and the GATEWAY__* environment) as the node would, and say whether the node
+    /// would start with it: exit 0, or 2 with a message naming the key at fault.
+    Check {
+        /// The TOML file; without it, the defaults and the environment are checked.
+        file: Option<PathBuf>,
+    },
+    /// Print a complete gateway.toml: every key at its default, with what it does.
+    Defaults,
+}
+
+/// Flags of the node itself (no subcommand).
+#[derive(Args, Debug)]
+struct NodeArgs {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -50,6 +96,60 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        None => run_node(cli.node),
+        Some(Command::Config(ConfigCommand::Defaults)) => {
+            print!("{}", gateway::cli::defaults_toml());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Config(ConfigCommand::Check { file })) => {
+            let label = file
+                .as_ref()
+                .map_or("the defaults and the environment".into(), |f| {
+                    f.display().to_string()
+                });
+            match Config::load(&Overrides {
+                file,
+                ..Overrides::default()
+            }) {
+                Ok(_) => {
+                    println!("{label}: ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{label}: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Some(Command::Token {
+            sub,
+            channels,
+            ttl,
+            config,
+        }) => {
+            let minted = Config::load(&Overrides {
+                file: config,
+                ..Overrides::default()
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|c| gateway::cli::mint(&c.auth, &sub, channels.as_deref(), ttl));
+            match minted {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gateway token: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+/// Runs a node until SIGTERM (drain) or SIGINT (stop now).
+fn run_node(cli: NodeArgs) -> ExitCode {
     let overrides = Overrides {
         file: cli.config,
         listen: cli.listen,

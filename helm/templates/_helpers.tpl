@@ -52,15 +52,20 @@ app.kubernetes.io/component: gateway
 app.kubernetes.io/component: gateway
 {{- end }}
 
+{{/* The in-chart Redis pods: "dev-redis" for the dev mode, "redis" for standalone and sentinel. */}}
+{{- define "gateway.redisComponent" -}}
+{{- ternary "dev-redis" "redis" (eq (toString .Values.redis.mode) "dev") }}
+{{- end }}
+
 {{- define "gateway.redisSelectorLabels" -}}
 app.kubernetes.io/name: {{ include "gateway.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/component: dev-redis
+app.kubernetes.io/component: {{ include "gateway.redisComponent" . }}
 {{- end }}
 
 {{- define "gateway.redisLabels" -}}
 {{ include "gateway.commonLabels" . }}
-app.kubernetes.io/component: dev-redis
+app.kubernetes.io/component: {{ include "gateway.redisComponent" . }}
 {{- end }}
 
 {{/* Images ------------------------------------------------------------------------------ */}}
@@ -121,7 +126,8 @@ in values.yaml). Keys left at the gateway's defaults are not checked. */}}
 {{- end }}
 
 {{/* Redis --------------------------------------------------------------------------------
-How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or "none". */}}
+How the gateway reaches Redis: the in-chart "dev", "standalone" or "sentinel" (redis.mode), or an
+external "secretUrl", "secretPassword", "plain", or "none". */}}
 {{- define "gateway.redisMode" -}}
 {{- $r := .Values.externalRedis }}
 {{- $external := or $r.url $r.host $r.clusterNodes $r.existingSecret }}
@@ -134,7 +140,11 @@ How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or 
 {{- if and $r.host $r.clusterNodes }}
 {{- fail "externalRedis: host and clusterNodes are exclusive" }}
 {{- end }}
-{{- if .Values.redis.enabled }}dev
+{{- if .Values.redis.enabled }}
+{{- if not (has (toString .Values.redis.mode) (list "dev" "standalone" "sentinel")) }}
+{{- fail (printf "redis.mode %q: choose dev, standalone or sentinel" (toString .Values.redis.mode)) }}
+{{- end }}
+{{- .Values.redis.mode }}
 {{- else if $r.existingSecret }}
 {{- if and $r.existingSecretUrlKey $r.existingSecretPasswordKey }}
 {{- fail "externalRedis: existingSecretUrlKey and existingSecretPasswordKey are exclusive" }}
@@ -154,6 +164,48 @@ How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or 
 {{- end }}
 {{- else if $external }}plain
 {{- else }}none
+{{- end }}
+{{- end }}
+
+{{/* The in-chart Redis' password Secret (standalone, sentinel): the given one or the generated one. */}}
+{{- define "gateway.redisSecretName" -}}
+{{- default (printf "%s-auth" (include "gateway.redisName" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{- define "gateway.redisHeadless" -}}
+{{- printf "%s-headless" (include "gateway.redisName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The stable DNS name of pod I of the in-chart Redis StatefulSet. */}}
+{{- define "gateway.redisPodHost" -}}
+{{- printf "%s-%d.%s.%s.svc.%s" (include "gateway.redisName" .root) (int .index) (include "gateway.redisHeadless" .root) .root.Release.Namespace .root.Values.clusterDomain }}
+{{- end }}
+
+{{/* Every Sentinel of the in-chart Sentinel set, "host:26379" each, space-separated. */}}
+{{- define "gateway.sentinelHosts" -}}
+{{- $hosts := list }}
+{{- range $i := until (int .Values.redis.sentinel.replicas) }}
+{{- $hosts = append $hosts (printf "%s:26379" (include "gateway.redisPodHost" (dict "root" $ "index" $i))) }}
+{{- end }}
+{{- join " " $hosts }}
+{{- end }}
+
+{{/* The API keys Secret: the given one, or the one the chart generates (none with apiOpen). */}}
+{{- define "gateway.apiKeysSecretName" -}}
+{{- if .Values.auth.apiKeys.existingSecret }}{{ .Values.auth.apiKeys.existingSecret }}
+{{- else if and (not .Values.auth.apiOpen) .Values.auth.apiKeys.generate }}
+{{- printf "%s-api-keys" (include "gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* A random secret value (base64), or the one an existing Secret already holds: `helm upgrade`
+keeps generated secrets (lookup reads the live object; `helm template` has none and generates). */}}
+{{- define "gateway.keptSecretValue" -}}
+{{- $existing := lookup "v1" "Secret" .namespace .name }}
+{{- if and $existing $existing.data (hasKey $existing.data .key) }}
+{{- index $existing.data .key }}
+{{- else }}
+{{- randAlphaNum 40 | b64enc }}
 {{- end }}
 {{- end }}
 
@@ -185,6 +237,12 @@ How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or 
 {{- $r := .Values.externalRedis }}
 {{- if eq $mode "dev" }}
 {{- $_ := set $redis "url" (printf "redis://%s:6379" (include "gateway.redisName" .)) }}
+{{- else if eq $mode "sentinel" }}
+{{- /* The sentinel addresses carry the password: env GATEWAY__REDIS__SENTINEL_NODES. */}}
+{{- $_ := set $redis "sentinel_master" .Values.redis.sentinel.masterName }}
+{{- if not (hasKey $redis "min_replicas_acked") }}
+{{- $_ := set $redis "min_replicas_acked" (int64 .Values.redis.sentinel.minReplicasAcked) }}
+{{- end }}
 {{- else if eq $mode "plain" }}
 {{- if $r.url }}
 {{- $_ := set $redis "url" $r.url }}
@@ -200,8 +258,8 @@ How the gateway reaches Redis: "dev", "secretUrl", "secretPassword", "plain" or 
 {{- $auth := default dict (get $cfg "auth") }}
 {{- $_ := set $auth "api_open" true }}
 {{- $_ := set $cfg "auth" $auth }}
-{{- else if not .Values.auth.apiKeys.existingSecret }}
-{{- fail "auth: the gateway's API (/api/publish) listens on 0.0.0.0 and needs keys: set auth.apiKeys.existingSecret (a Secret with comma-separated API keys), or auth.apiOpen=true to serve it without a key" }}
+{{- else if not (include "gateway.apiKeysSecretName" .) }}
+{{- fail "auth: the gateway's API (/api/publish) listens on 0.0.0.0 and needs keys: keep auth.apiKeys.generate=true (the chart creates them), set auth.apiKeys.existingSecret (a Secret with comma-separated API keys), or auth.apiOpen=true to serve it without a key" }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
