@@ -135,10 +135,20 @@ fn now_unix() -> u64 {
         .as_secs()
 }
 
+/// The farthest an expiry timer is set: a token whose `exp` lies beyond it (up to `u64::MAX`
+/// seconds) is treated as expiring then, rather than overflowing the clock.
+const FARTHEST_EXPIRY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// When a token expiring at `exp` (Unix seconds) must end its connection, on the Tokio clock.
+/// Every step saturates: `exp` comes from the client.
 fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
-    let left = Duration::from_secs(exp.saturating_sub(now_unix())) + leeway;
-    Instant::now() + left
+    let left = Duration::from_secs(exp.saturating_sub(now_unix()))
+        .saturating_add(leeway)
+        .min(FARTHEST_EXPIRY);
+    let now = Instant::now();
+    now.checked_add(left)
+        .or_else(|| now.checked_add(FARTHEST_EXPIRY / 100))
+        .unwrap_or(now)
 }
 
 /// What a WebSocket connection does with a command after the guard looked at it.
@@ -383,6 +393,36 @@ pub(crate) fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Resp
         StatusCode::UNAUTHORIZED,
         error_code::INVALID_API_KEY,
         "the API needs `Authorization: apikey <key>` with a configured key",
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("apikey"));
+    Err(response)
+}
+
+/// A node without API keys serves `/api/*` only where its API address is private (loopback,
+/// `config` refuses the rest unless `auth.api_open`). Behind a proxy the TCP peer is the proxy,
+/// so loopback says nothing about the client: a keyless API refuses a request that came through
+/// a proxy (from `limits.trusted_proxies`, or carrying `X-Forwarded-For`, `Forwarded` or
+/// `X-Real-IP`) unless `auth.api_open` says the API is meant to be open.
+pub(crate) fn check_keyless_api_is_direct(
+    node: &Node,
+    from_proxy: bool,
+    headers: &HeaderMap,
+) -> Result<(), Response<Body>> {
+    let auth = &node.config().auth;
+    if !auth.api_keys.is_empty()
+        || auth.api_open
+        || !(from_proxy || crate::security::client_ip::is_forwarded(headers))
+    {
+        return Ok(());
+    }
+    node.count_auth("api_key");
+    let mut response = response::error(
+        StatusCode::UNAUTHORIZED,
+        error_code::INVALID_API_KEY,
+        "this node has no auth.api_keys and the request came through a proxy: the API is served \
+         without a key to direct loopback clients only (set auth.api_keys, or auth.api_open)",
     );
     response
         .headers_mut()
