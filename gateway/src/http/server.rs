@@ -518,7 +518,7 @@ fn admit_stream(
     let query = request.uri().query();
     let admission = guard::admit(node, request.headers(), query)?;
     if !is_websocket {
-        guard::check_stream_channels(node, &admission, query)?;
+        guard::check_stream_channels(node, &admission, query, route == Route::Poll)?;
     }
     Ok(admission)
 }
