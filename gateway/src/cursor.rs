@@ -169,14 +169,28 @@ mod tests {
     fn longest_encoding_bounds_every_cursor() {
         let names = ["a", "x\"y\\z", "é☃", &"\"".repeat(255), &"n".repeat(200)];
         for name in names {
-            let positions = vec![(name, "0123456789abcdef0123456789abcdef", u64::MAX, Some(u32::MAX)); 3];
+            let positions = vec![
+                (
+                    name,
+                    "0123456789abcdef0123456789abcdef",
+                    u64::MAX,
+                    Some(u32::MAX)
+                );
+                3
+            ];
             let cursor = encode_tagged(positions.iter().copied());
             let bound = longest_encoding(positions.iter().map(|p| p.0));
             assert!(cursor.len() <= bound, "{name}: {} > {bound}", cursor.len());
-            assert!(bound - cursor.len() <= 4, "{name}: bound {bound} is loose for {}", cursor.len());
+            assert!(
+                bound - cursor.len() <= 4,
+                "{name}: bound {bound} is loose for {}",
+                cursor.len()
+            );
         }
         // The stream: 256 channels of 200 bytes would need more than the limit.
-        let long: Vec<String> = (0..256).map(|i| format!("{i:03}{}", "c".repeat(197))).collect();
+        let long: Vec<String> = (0..256)
+            .map(|i| format!("{i:03}{}", "c".repeat(197)))
+            .collect();
         assert!(longest_encoding(long.iter().map(String::as_str)) > MAX_CURSOR_LEN);
     }
 

@@ -240,7 +240,13 @@ async fn accept_loop(
             ip: peer.ip(),
             from_proxy,
         };
-        http.spawn(serve_connection(stream, peer, node.clone(), kind, tls.clone()));
+        http.spawn(serve_connection(
+            stream,
+            peer,
+            node.clone(),
+            kind,
+            tls.clone(),
+        ));
     }
 }
 

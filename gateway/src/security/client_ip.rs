@@ -42,7 +42,9 @@ impl Cidr {
     fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -168,7 +170,10 @@ mod tests {
         assert!(!p.contains(ip("192.168.1.8")));
         assert!(p.contains(ip("fd12::1")));
         assert!(p.contains(ip("172.16.0.1")));
-        assert!(p.contains(ip("::ffff:10.1.1.1")), "mapped IPv4 peers match IPv4 blocks");
+        assert!(
+            p.contains(ip("::ffff:10.1.1.1")),
+            "mapped IPv4 peers match IPv4 blocks"
+        );
         assert!(proxies(&["0.0.0.0/0"]).contains(ip("8.8.8.8")));
         for bad in ["10.0.0.0/33", "::/129", "nginx", "10.0.0.0/x", ""] {
             let err = TrustedProxies::parse(&[bad.to_string()]).unwrap_err();
@@ -197,7 +202,11 @@ mod tests {
             (&["203.0.113.9, 10.0.0.5, garbage"], "10.0.0.2"),
         ];
         for (headers, expected) in cases {
-            assert_eq!(p.client_ip(peer, &xff(headers)), ip(expected), "{headers:?}");
+            assert_eq!(
+                p.client_ip(peer, &xff(headers)),
+                ip(expected),
+                "{headers:?}"
+            );
         }
         // A peer that is not trusted is the client, whatever it claims.
         assert_eq!(

@@ -279,7 +279,10 @@ mod tests {
             assert!(limits.tracked_ips() <= MAX_TRACKED_IPS);
             // An address seen within every generation keeps its (empty) bucket.
             if n % 1000 == 0 {
-                assert!(limits.accept_ip(busy).is_err(), "forgot a busy address at {n}");
+                assert!(
+                    limits.accept_ip(busy).is_err(),
+                    "forgot a busy address at {n}"
+                );
             }
         }
     }
@@ -291,12 +294,20 @@ mod tests {
             connection_burst_per_ip: 1,
             ..LimitsConfig::default()
         });
-        limits.accept_ip("2001:db8:1:2::1".parse().unwrap()).unwrap();
-        assert!(limits.accept_ip("2001:db8:1:2::ffff".parse().unwrap()).is_err());
-        limits.accept_ip("2001:db8:1:3::1".parse().unwrap()).unwrap();
+        limits
+            .accept_ip("2001:db8:1:2::1".parse().unwrap())
+            .unwrap();
+        assert!(limits
+            .accept_ip("2001:db8:1:2::ffff".parse().unwrap())
+            .is_err());
+        limits
+            .accept_ip("2001:db8:1:3::1".parse().unwrap())
+            .unwrap();
         // IPv4 seen through a dual-stack socket is the IPv4 address.
         limits.accept_ip("203.0.113.9".parse().unwrap()).unwrap();
-        assert!(limits.accept_ip("::ffff:203.0.113.9".parse().unwrap()).is_err());
+        assert!(limits
+            .accept_ip("::ffff:203.0.113.9".parse().unwrap())
+            .is_err());
     }
 
     #[test]

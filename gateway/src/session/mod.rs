@@ -216,7 +216,10 @@ impl Session {
             .collect();
         for channel in revoked {
             if self.unsubscribe(&channel).is_ok() {
-                out.push(Output::Reply(unsubscribed_push(&channel, "permission_revoked")));
+                out.push(Output::Reply(unsubscribed_push(
+                    &channel,
+                    "permission_revoked",
+                )));
             }
         }
     }
