@@ -311,39 +311,45 @@ where
     // hyper's header read timeout covers HTTP/1.1 only once a request has begun; a peer that
     // sends nothing, half an HTTP/2 preface, or a preface and no request is cut off here.
     // Scoped, so the timer is not part of the connection's future once the handshake is over.
-    {
+    let ended = {
         let handshake = tokio::time::sleep(node.config().limits.handshake_timeout);
         tokio::pin!(handshake);
         tokio::select! {
-            _ = connection.as_mut() => return,
-            _ = handshake => if !requested.load(Ordering::Relaxed) {
-                node.count_limit("handshake_timeout");
-                return;
-            },
+            result = connection.as_mut() => Some(result),
+            _ = handshake => {
+                if !requested.load(Ordering::Relaxed) {
+                    node.count_limit("handshake_timeout");
+                    return;
+                }
+                None
+            }
             _ = node.shutdown_token().cancelled() => {
                 connection.as_mut().graceful_shutdown();
                 let _ = connection.await;
                 return;
             }
         }
-    }
+    };
     drop(requested);
-    tokio::select! {
-        result = connection.as_mut() => {
-            // hyper's header read timeout (slowloris) ends the connection with a timeout error.
-            let timed_out = result
-                .as_ref()
-                .err()
-                .and_then(|e| e.downcast_ref::<hyper::Error>())
-                .is_some_and(hyper::Error::is_timeout);
-            if timed_out {
-                node.count_limit("handshake_timeout");
+    let result = match ended {
+        Some(result) => result,
+        None => tokio::select! {
+            result = connection.as_mut() => result,
+            _ = node.shutdown_token().cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+                return;
             }
-        }
-        _ = node.shutdown_token().cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        }
+        },
+    };
+    // hyper's header read timeout (slowloris) ends the connection with a timeout error.
+    let timed_out = result
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_timeout);
+    if timed_out {
+        node.count_limit("handshake_timeout");
     }
 }
 
