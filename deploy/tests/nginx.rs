@@ -78,7 +78,11 @@ async fn full_history(node: impl Endpoint, channel: &str) -> (String, u64, Vec<P
         let top = body["top"].as_u64().expect("history top");
         let page = body["publications"].as_array().expect("publications");
         for p in page {
-            out.push(Pub::from_json(p).expect("publication in history"));
+            out.push(Pub {
+                epoch: p["epoch"].as_str().expect("publication epoch").to_string(),
+                offset: p["offset"].as_u64().expect("publication offset"),
+                data: p["data"].clone(),
+            });
         }
         match out.last() {
             Some(last) if !page.is_empty() && last.offset < top => since = last.offset,
