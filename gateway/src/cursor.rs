@@ -169,15 +169,14 @@ mod tests {
     fn longest_encoding_bounds_every_cursor() {
         let names = ["a", "x\"y\\z", "é☃", &"\"".repeat(255), &"n".repeat(200)];
         for name in names {
-            let positions = vec![
-                (
-                    name,
-                    "0123456789abcdef0123456789abcdef",
-                    u64::MAX,
-                    Some(u32::MAX)
-                );
-                3
-            ];
+            // The longest epoch, offset and tag the bound allows for.
+            let longest = (
+                name,
+                "0123456789abcdef0123456789abcdef",
+                u64::MAX,
+                Some(u32::MAX),
+            );
+            let positions = [longest; 3];
             let cursor = encode_tagged(positions.iter().copied());
             let bound = longest_encoding(positions.iter().map(|p| p.0));
             assert!(cursor.len() <= bound, "{name}: {} > {bound}", cursor.len());
