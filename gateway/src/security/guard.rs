@@ -548,3 +548,28 @@ impl hyper::body::Body for Expiring {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_instants_saturate_instead_of_overflowing() {
+        let now = Instant::now();
+        // Table: exp, leeway; none may panic, each lies between now and the farthest expiry.
+        for (exp, leeway) in [
+            (u64::MAX, Duration::ZERO),
+            (u64::MAX, Duration::MAX),
+            (0, Duration::MAX),
+            (0, Duration::ZERO),
+            (now_unix() + 60, Duration::from_secs(5)),
+        ] {
+            let at = expiry_instant(exp, leeway);
+            assert!(at >= now, "{exp} {leeway:?}");
+            assert!(at <= Instant::now() + FARTHEST_EXPIRY, "{exp} {leeway:?}");
+        }
+        // An ordinary token expires no later than it says (plus the leeway).
+        let soon = expiry_instant(now_unix() + 60, Duration::from_secs(5));
+        assert!(soon <= Instant::now() + Duration::from_secs(66));
+    }
+}
