@@ -311,46 +311,53 @@ where
     // hyper's header read timeout covers HTTP/1.1 only once a request has begun; a peer that
     // sends nothing, half an HTTP/2 preface, or a preface and no request is cut off here.
     // Scoped, so the timer is not part of the connection's future once the handshake is over.
-    let ended = {
+    {
         let handshake = tokio::time::sleep(node.config().limits.handshake_timeout);
         tokio::pin!(handshake);
         tokio::select! {
-            result = connection.as_mut() => Some(result),
-            _ = handshake => {
-                if !requested.load(Ordering::Relaxed) {
+            result = connection.as_mut() => {
+                if ended_by_header_timeout(&result) {
                     node.count_limit("handshake_timeout");
-                    return;
                 }
-                None
-            }
-            _ = node.shutdown_token().cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
                 return;
+            }
+            _ = handshake => if !requested.load(Ordering::Relaxed) {
+                node.count_limit("handshake_timeout");
+                return;
+            },
+            // Shutting down: the select below ends the connection as it ends any other.
+            _ = node.shutdown_token().cancelled() => {}
+        }
+    }
+    drop(requested);
+    tokio::select! {
+        result = connection.as_mut() => {
+            // hyper's header read timeout (slowloris) ends the connection with a timeout error.
+            let timed_out = result
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<hyper::Error>())
+                .is_some_and(hyper::Error::is_timeout);
+            if timed_out {
+                node.count_limit("handshake_timeout");
             }
         }
-    };
-    drop(requested);
-    let result = match ended {
-        Some(result) => result,
-        None => tokio::select! {
-            result = connection.as_mut() => result,
-            _ = node.shutdown_token().cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
-                return;
-            }
-        },
-    };
-    // hyper's header read timeout (slowloris) ends the connection with a timeout error.
-    let timed_out = result
+        _ = node.shutdown_token().cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// Whether hyper ended a connection because a request's headers did not arrive in time.
+fn ended_by_header_timeout<T>(
+    result: &Result<T, Box<dyn std::error::Error + Send + Sync>>,
+) -> bool {
+    result
         .as_ref()
         .err()
         .and_then(|e| e.downcast_ref::<hyper::Error>())
-        .is_some_and(hyper::Error::is_timeout);
-    if timed_out {
-        node.count_limit("handshake_timeout");
-    }
+        .is_some_and(hyper::Error::is_timeout)
 }
 
 async fn route(
