@@ -5,6 +5,12 @@
 #
 #   deploy/local-cluster.sh            # Redis on 127.0.0.1:6390, nodes on 127.0.0.1:8081-8083
 #   REDIS_PORT=7000 FIRST_PORT=9001 deploy/local-cluster.sh
+#   GATEWAY__AUTH__API_KEYS=k1 deploy/local-cluster.sh   # the API with a key (any GATEWAY__* works)
+#
+# The API (/api/publish, /api/history): without GATEWAY__AUTH__API_KEYS the nodes serve it to
+# direct loopback callers only; a request that came through a proxy (deploy/nginx/nginx.conf sets
+# X-Forwarded-For) gets 401, so putting nginx in front never publishes an open API. With keys,
+# callers send `Authorization: apikey <key>` directly or through nginx.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,5 +46,10 @@ for i in 0 1 2; do
   until curl -fs "127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.1; done
   echo "node $i     http://127.0.0.1:$port   (ws://127.0.0.1:$port/ws, /sse, /api/publish)"
 done
+if [ -n "${GATEWAY__AUTH__API_KEYS:-}" ]; then
+  echo "API        keys from GATEWAY__AUTH__API_KEYS: send 'Authorization: apikey <key>'"
+else
+  echo "API        no key: direct loopback callers only (through a proxy: 401)"
+fi
 echo "logs in $DATA; Ctrl-C stops everything"
 wait -n "${pids[@]}" || true

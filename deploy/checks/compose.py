@@ -163,6 +163,11 @@ def main():
         if not drain < shutdown < grace:
             err(f"{name}: need drain.delay + drain.window ({drain}s) < server.shutdown_timeout "
                 f"({shutdown}s) < stop_grace_period ({grace}s)")
+        # #13.5: nginx proxies the nodes' main port to the world, so an open (keyless) API must
+        # live on the internal listener only.
+        if env.get("GATEWAY__AUTH__API_OPEN", "").lower() == "true" and not env.get("GATEWAY__AUTH__API_LISTEN"):
+            err(f"{name}: GATEWAY__AUTH__API_OPEN without GATEWAY__AUTH__API_LISTEN would publish an "
+                "open API through nginx: move the API to the internal listener or set API keys")
         if svc.get("read_only") is not True:
             err(f"{name}: the gateway runs with a read-only root filesystem")
         if len(sys.argv) > 3:
@@ -180,7 +185,8 @@ def main():
         err("prometheus.yml: no job_name gateway (deploy/prometheus/rules.yml selects job=\"gateway\")")
     else:
         targets = sorted(t for sc in jobs["gateway"].get("static_configs", []) for t in sc["targets"])
-        want = sorted(f"{g}:8080" for g in gateways)
+        # /metrics is served on the nodes' internal listener (GATEWAY__AUTH__API_LISTEN).
+        want = sorted(f"{g}:8090" for g in gateways)
         if targets != want:
             err(f"prometheus.yml: gateway targets {targets} != compose gateways {want}")
 

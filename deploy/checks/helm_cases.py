@@ -285,13 +285,17 @@ def c_auth_secure_by_default():
 
 
 def c_ingress():
-    objs = ok("ingress.enabled=true", "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-read-timeout=7200")
+    # #13.5: an Ingress publishes every path, /api/* included: never with an open API.
+    refused("would publish an open API", "ingress.enabled=true", "auth.apiOpen=true")
+    objs = ok("ingress.enabled=true", "auth.apiKeys.existingSecret=k")
+    assert find(objs, "Ingress")
+    objs = ok("ingress.enabled=true", "auth.apiKeys.existingSecret=k", "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-read-timeout=7200")
     ann = find(objs, "Ingress")["metadata"]["annotations"]
     assert ann["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "7200", "user annotation does not win"
     assert ann["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert ann["nginx.ingress.kubernetes.io/proxy-http-version"] == "1.1"
     assert ann["nginx.org/websocket-services"] == "t-gateway"
-    objs = ok("ingress.enabled=true", "ingress.longLivedConnectionAnnotations=false")
+    objs = ok("ingress.enabled=true", "auth.apiKeys.existingSecret=k", "ingress.longLivedConnectionAnnotations=false")
     assert not find(objs, "Ingress")["metadata"].get("annotations")
 
 

@@ -28,6 +28,69 @@ use tokio_rustls::rustls;
 /// The name the test certificate is issued for; clients resolve it to nginx's loopback address.
 const HOST: &str = "gateway.test";
 
+/// The API key of the nodes behind nginx: the API is published through the proxy only with keys
+/// (a keyless node refuses proxied `/api/*`, see
+/// `the_shipped_config_keeps_a_keyless_api_off_the_public_side`).
+const API_KEY: &str = "nginx-test-api-key";
+
+fn api_auth() -> String {
+    format!("apikey {API_KEY}")
+}
+
+/// `POST /api/publish` straight to a node, with the key; asserts 200 and returns the ack.
+async fn publish(node: &impl Endpoint, channel: &str, data: Value) -> Value {
+    let resp = within(
+        "POST /api/publish",
+        http()
+            .post(node.url("/api/publish"))
+            .header("authorization", api_auth())
+            .body(json!({"channel": channel, "data": data}).to_string())
+            .send(),
+    )
+    .await
+    .expect("POST /api/publish");
+    let (status, body) = json_response(resp).await;
+    assert_eq!(status, 200, "publish to {channel:?} failed: {body}");
+    body
+}
+
+/// The whole history of `channel` straight from a node, with the key, paged.
+async fn full_history(node: impl Endpoint, channel: &str) -> (String, u64, Vec<Pub>) {
+    let mut since = 0;
+    let mut out = Vec::new();
+    loop {
+        let path = format!(
+            "/api/history?channel={}&since={since}&limit=1000",
+            enc(channel)
+        );
+        let resp = within(
+            "GET /api/history",
+            http()
+                .get(node.url(&path))
+                .header("authorization", api_auth())
+                .send(),
+        )
+        .await
+        .expect("GET /api/history");
+        let (status, body) = json_response(resp).await;
+        assert_eq!(status, 200, "history of {channel}: {body}");
+        let epoch = body["epoch"].as_str().expect("history epoch").to_string();
+        let top = body["top"].as_u64().expect("history top");
+        let page = body["publications"].as_array().expect("publications");
+        for p in page {
+            out.push(Pub {
+                epoch: p["epoch"].as_str().expect("publication epoch").to_string(),
+                offset: p["offset"].as_u64().expect("publication offset"),
+                data: p["data"].clone(),
+            });
+        }
+        match out.last() {
+            Some(last) if !page.is_empty() && last.offset < top => since = last.offset,
+            _ => return (epoch, top, out),
+        }
+    }
+}
+
 fn shipped_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../nginx/nginx.conf")
 }
@@ -428,8 +491,16 @@ struct Stack {
 }
 
 impl Stack {
-    /// Redis, two nodes with `env`, and nginx whose upstream is the two nodes plus `extra`.
+    /// Redis, two nodes with API keys and `env`, and nginx whose upstream is the two nodes plus
+    /// `extra`.
     async fn start(env: &[(&str, &str)], extra: &[String]) -> Stack {
+        let mut keyed = vec![("GATEWAY__AUTH__API_KEYS", API_KEY)];
+        keyed.extend_from_slice(env);
+        Stack::start_nodes_with(&keyed, extra).await
+    }
+
+    /// As [`Stack::start`], the nodes configured by `env` alone (no API key unless it sets one).
+    async fn start_nodes_with(env: &[(&str, &str)], extra: &[String]) -> Stack {
         nginx_binary();
         let redis = RedisServer::start(RedisOpts::default()).await;
         let mut env_all: Vec<(&str, &str)> = PATIENT.to_vec();
@@ -484,6 +555,7 @@ async fn publish_via(
         client
             .post(nginx.url("/api/publish"))
             .header("content-type", "application/json")
+            .header("authorization", api_auth())
             .body(json!({"channel": channel, "data": data}).to_string())
             .send(),
     )
@@ -1112,6 +1184,7 @@ async fn publish_through_nginx_is_never_retried_on_another_node() {
             "GET /api/history through nginx",
             client
                 .get(nginx.url(&format!("/api/history?channel={}", enc(&ch))))
+                .header("authorization", api_auth())
                 .send(),
         )
         .await
@@ -1302,4 +1375,65 @@ fn assert_tag(p: &Value) {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
         "publication tag {tag:?}: {p}"
     );
+}
+
+/// `#13.5`: the shipped front publishes no open API. Nodes as `deploy/local-cluster.sh` runs them
+/// (loopback, no API key — allowed, since loopback callers are local) refuse `/api/*` that came
+/// through nginx; nodes with keys answer 401 to a proxied request without one and serve it with
+/// one. Direct local callers keep the keyless API.
+#[tokio::test]
+async fn the_shipped_config_keeps_a_keyless_api_off_the_public_side() {
+    let keyless = Stack::start_nodes_with(&[], &[]).await;
+    let nginx = &keyless.nginx;
+    let client = nginx.client();
+    let ch = unique("open-api");
+    for key in [None, Some("apikey anything")] {
+        let mut req = client
+            .post(nginx.url("/api/publish"))
+            .header("content-type", "application/json")
+            .body(json!({"channel": ch, "data": 1}).to_string());
+        if let Some(key) = key {
+            req = req.header("authorization", key);
+        }
+        let got = json_response(within("POST /api/publish", req.send()).await.unwrap()).await;
+        assert_error(&got, 401, "invalid_api_key");
+        let mut req = client.get(nginx.url(&format!("/api/history?channel={}", enc(&ch))));
+        if let Some(key) = key {
+            req = req.header("authorization", key);
+        }
+        let got = json_response(within("GET /api/history", req.send()).await.unwrap()).await;
+        assert_error(&got, 401, "invalid_api_key");
+    }
+    // Nothing was stored; a local caller, straight to the node, still publishes.
+    let (_, top, _) = full_history(keyless.nodes[0].addr, &ch).await;
+    assert_eq!(top, 0);
+    publish(&keyless.nodes[0], &ch, json!(1)).await;
+    drop(keyless);
+
+    let keyed = Stack::start(&[], &[]).await;
+    let nginx = &keyed.nginx;
+    let client = nginx.client();
+    let no_key = within(
+        "POST /api/publish without a key",
+        client
+            .post(nginx.url("/api/publish"))
+            .header("content-type", "application/json")
+            .body(json!({"channel": ch, "data": 1}).to_string())
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(no_key.headers()["www-authenticate"], "apikey");
+    assert_error(&json_response(no_key).await, 401, "invalid_api_key");
+    let history = within(
+        "GET /api/history without a key",
+        client
+            .get(nginx.url(&format!("/api/history?channel={}", enc(&ch))))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_error(&json_response(history).await, 401, "invalid_api_key");
+    let (status, _, body) = publish_via(&client, nginx, &ch, &json!(2)).await;
+    assert_eq!(status, 200, "{body}");
 }

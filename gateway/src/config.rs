@@ -131,6 +131,9 @@ pub struct LimitsConfig {
     /// A WebSocket connection that has subscribed to nothing for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the client for the
+    /// per-IP limits and the logs.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -144,6 +147,7 @@ impl Default for LimitsConfig {
             command_burst: 0,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -497,7 +501,8 @@ impl Config {
                 .with_list_parse_key("auth.api_keys")
                 .with_list_parse_key("auth.jwt_hs256_keys")
                 .with_list_parse_key("auth.jwt_public_keys")
-                .with_list_parse_key("origin.allowed"),
+                .with_list_parse_key("origin.allowed")
+                .with_list_parse_key("limits.trusted_proxies"),
         );
         let err = |e: config::ConfigError| ConfigError(e.to_string());
         if let Some(listen) = overrides.listen {
@@ -746,6 +751,8 @@ impl Config {
                 )));
             }
         }
+        crate::security::client_ip::TrustedProxies::parse(&l.trusted_proxies)
+            .map_err(|e| ConfigError(format!("limits.trusted_proxies: {e}")))?;
         if l.handshake_timeout.is_zero() {
             return Err(ConfigError(
                 "limits.handshake_timeout must be greater than zero".into(),

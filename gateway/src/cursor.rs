@@ -9,8 +9,34 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Deserialize;
 
-/// Longest cursor accepted, in bytes.
+/// Longest cursor accepted, in bytes. A stream whose cursor could grow beyond it is refused
+/// when it opens ([`longest_encoding`]), so every cursor the server issues is accepted back.
 pub const MAX_CURSOR_LEN: usize = 64 * 1024;
+
+/// The most a cursor entry takes besides its JSON-quoted channel name: brackets, commas, an
+/// epoch of up to 32 characters quoted, an offset of up to 20 digits, a quoted 8-digit tag.
+const ENTRY_OVERHEAD: usize = 2 + 1 + (32 + 2) + 1 + 20 + 1 + (8 + 2) + 1;
+
+/// The longest cursor a stream over `channels` can be given, in bytes.
+pub fn longest_encoding<'a>(channels: impl IntoIterator<Item = &'a str>) -> usize {
+    let json: usize = 2 + channels
+        .into_iter()
+        .map(|c| quoted_len(c) + ENTRY_OVERHEAD)
+        .sum::<usize>();
+    json.div_ceil(3) * 4
+}
+
+/// The length of `text` as a JSON string, as `serde_json` writes it.
+fn quoted_len(text: &str) -> usize {
+    2 + text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
 
 /// One channel's position in a cursor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +163,34 @@ mod tests {
         assert_eq!(decode(&old).unwrap(), vec![entry("a", "e1", 7, None)]);
         let bad_tag = URL_SAFE_NO_PAD.encode(r#"[["a","e1",7,"xyz"]]"#);
         assert!(decode(&bad_tag).is_err());
+    }
+
+    #[test]
+    fn longest_encoding_bounds_every_cursor() {
+        let names = ["a", "x\"y\\z", "é☃", &"\"".repeat(255), &"n".repeat(200)];
+        for name in names {
+            // The longest epoch, offset and tag the bound allows for.
+            let longest = (
+                name,
+                "0123456789abcdef0123456789abcdef",
+                u64::MAX,
+                Some(u32::MAX),
+            );
+            let positions = [longest; 3];
+            let cursor = encode_tagged(positions.iter().copied());
+            let bound = longest_encoding(positions.iter().map(|p| p.0));
+            assert!(cursor.len() <= bound, "{name}: {} > {bound}", cursor.len());
+            assert!(
+                bound - cursor.len() <= 4,
+                "{name}: bound {bound} is loose for {}",
+                cursor.len()
+            );
+        }
+        // The issue's stream: 256 channels of 200 bytes would need more than the limit.
+        let long: Vec<String> = (0..256)
+            .map(|i| format!("{i:03}{}", "c".repeat(197)))
+            .collect();
+        assert!(longest_encoding(long.iter().map(String::as_str)) > MAX_CURSOR_LEN);
     }
 
     #[test]

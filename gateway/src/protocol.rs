@@ -56,6 +56,9 @@ pub mod error_code {
     pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
     /// An SSE `Last-Event-ID` or poll `cursor` that does not decode.
     pub const INVALID_CURSOR: &str = "invalid_cursor";
+    /// An SSE stream or poll whose channels would need a cursor longer than the server accepts
+    /// back (400): fewer or shorter channel names.
+    pub const CURSOR_TOO_LONG: &str = "cursor_too_long";
     /// The backplane cannot be reached; try again (503).
     pub const BACKPLANE_UNAVAILABLE: &str = "backplane_unavailable";
     /// An idempotency key reused with other data within the window (409); nothing was stored.

@@ -255,6 +255,9 @@ keeps generated secrets (lookup reads the live object; `helm template` has none 
 {{- $_ := set $cfg "redis" $redis }}
 {{- /* Secure by default: the API listens beyond loopback, so it needs keys or an explicit open. */}}
 {{- if .Values.auth.apiOpen }}
+{{- if and .Values.ingress.enabled (not .Values.auth.apiKeys.existingSecret) }}
+{{- fail "auth: auth.apiOpen=true with ingress.enabled=true would publish an open API (/api/publish, /api/history) through the Ingress: give the API keys instead (auth.apiKeys; callers send Authorization: apikey <key>)" }}
+{{- end }}
 {{- $auth := default dict (get $cfg "auth") }}
 {{- $_ := set $auth "api_open" true }}
 {{- $_ := set $cfg "auth" $auth }}

@@ -1,6 +1,7 @@
 //! The gate every request passes before its route (it neither binds nor accepts: `server` does):
-//! what each listener serves (the internal API listener, `auth.api_listen`), API keys, CORS
-//! preflights and headers, and the 429 served to a connection over the per-IP connection rate.
+//! what each listener serves (the internal API listener, `auth.api_listen`), API keys (and no
+//! keyless API through a proxy), CORS preflights and headers, and the 429 served to a connection
+//! or a proxied request over the per-IP connection rate.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -38,7 +39,13 @@ fn is_stream(path: &str) -> bool {
 }
 
 /// Answers a request before its route when the listener, the API key or CORS says so.
-pub fn before_route<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<Response<Body>> {
+/// `from_proxy`: the TCP peer is one of `limits.trusted_proxies`.
+pub fn before_route<B>(
+    node: &Node,
+    kind: Kind,
+    from_proxy: bool,
+    request: &Request<B>,
+) -> Option<Response<Body>> {
     let path = request.uri().path();
     let separate_api = node.config().auth.api_listen.is_some();
     let internal = is_api(path) || path == "/metrics";
@@ -68,6 +75,9 @@ pub fn before_route<B>(node: &Node, kind: Kind, request: &Request<B>) -> Option<
         if let Err(response) = guard::check_api_key(node, headers) {
             return Some(response);
         }
+        if let Err(response) = guard::check_keyless_api_is_direct(node, from_proxy, headers) {
+            return Some(response);
+        }
     }
     None
 }
@@ -92,6 +102,16 @@ pub fn add_cors_headers(
     {
         origin::add_cors(request, response);
     }
+}
+
+/// 429 for one request over the per-IP connection rate (a client behind a trusted proxy,
+/// whose connection to the node is shared and stays open).
+pub fn rate_limited(retry: Duration) -> Response<Body> {
+    guard::too_many(
+        error_code::CONNECTION_RATE_LIMITED,
+        "too many new connections from this address (limits.connection_rate_per_ip)",
+        retry,
+    )
 }
 
 /// Serves a connection refused by the per-IP connection rate: every request gets 429 with

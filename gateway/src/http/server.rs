@@ -3,7 +3,8 @@
 //! stop accepting, close clients, wait).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -209,8 +210,17 @@ async fn accept_loop(
                 }
             },
         };
-        if let Err(retry) = node.policy().limits.accept_ip(peer.ip()) {
+        // A trusted proxy's connections carry many clients: their requests are counted one by
+        // one, against the client `X-Forwarded-For` names (`route`).
+        let from_proxy = node.policy().trusted_proxies.contains(peer.ip());
+        let accepted = if from_proxy {
+            Ok(())
+        } else {
+            node.policy().limits.accept_ip(peer.ip())
+        };
+        if let Err(retry) = accepted {
             node.count_limit("connection_rate_per_ip");
+            tracing::debug!(client = %peer.ip(), "over limits.connection_rate_per_ip");
             match &tls {
                 None => http.spawn(gate::serve_refused(stream, retry)),
                 Some(tls) => {
@@ -227,40 +237,68 @@ async fn accept_loop(
             };
             continue;
         }
-        http.spawn(serve_connection(stream, node.clone(), kind, tls.clone()));
+        let peer = Peer {
+            ip: peer.ip(),
+            from_proxy,
+        };
+        http.spawn(serve_connection(
+            stream,
+            peer,
+            node.clone(),
+            kind,
+            tls.clone(),
+        ));
     }
 }
 
-async fn serve_connection(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Option<Tls>) {
+/// The TCP peer of a connection, and whether it is one of `limits.trusted_proxies`.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    ip: IpAddr,
+    from_proxy: bool,
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: Peer,
+    node: Arc<Node>,
+    kind: Kind,
+    tls: Option<Tls>,
+) {
     let _ = stream.set_nodelay(true);
     match tls {
-        None => serve_io(TokioIo::new(stream), node, kind).await,
+        None => serve_io(TokioIo::new(stream), peer, node, kind).await,
         // Boxed: a connection's task is as large as its largest branch, and the TLS one (the
         // handshake, rustls state inside hyper's connection) would add kilobytes to every
         // plain connection, for as long as an SSE stream lasts.
-        Some(tls) => Box::pin(serve_tls(stream, node, kind, tls)).await,
+        Some(tls) => Box::pin(serve_tls(stream, peer, node, kind, tls)).await,
     }
 }
 
-async fn serve_tls(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Tls) {
+async fn serve_tls(stream: TcpStream, peer: Peer, node: Arc<Node>, kind: Kind, tls: Tls) {
     let handshake = node.config().limits.handshake_timeout;
     let accept = tls.acceptor().accept(stream);
     match tokio::time::timeout(handshake, accept).await {
-        Ok(Ok(stream)) => serve_io(TokioIo::new(stream), node, kind).await,
+        Ok(Ok(stream)) => serve_io(TokioIo::new(stream), peer, node, kind).await,
         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
         Err(_) => node.count_limit("handshake_timeout"),
     }
 }
 
-async fn serve_io<I>(io: I, node: Arc<Node>, kind: Kind)
+async fn serve_io<I>(io: I, peer: Peer, node: Arc<Node>, kind: Kind)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    // Set by the first request: until then the connection is in its handshake (HTTP/2 preface
+    // and SETTINGS, or an HTTP/1.1 request line), which must end within the handshake timeout.
+    let requested = Arc::new(AtomicBool::new(false));
     let service = {
         let node = node.clone();
+        let requested = requested.clone();
         service_fn(move |request| {
+            requested.store(true, Ordering::Relaxed);
             let node = node.clone();
-            async move { Ok::<_, Infallible>(route(&node, kind, request).await) }
+            async move { Ok::<_, Infallible>(route(&node, kind, peer, request).await) }
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -274,6 +312,28 @@ where
     builder.http2().enable_connect_protocol();
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
+    // hyper's header read timeout covers HTTP/1.1 only once a request has begun; a peer that
+    // sends nothing, half an HTTP/2 preface, or a preface and no request is cut off here.
+    // Scoped, so the timer is not part of the connection's future once the handshake is over.
+    {
+        let handshake = tokio::time::sleep(node.config().limits.handshake_timeout);
+        tokio::pin!(handshake);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if ended_by_header_timeout(&result) {
+                    node.count_limit("handshake_timeout");
+                }
+                return;
+            }
+            _ = handshake => if !requested.load(Ordering::Relaxed) {
+                node.count_limit("handshake_timeout");
+                return;
+            },
+            // Shutting down: the select below ends the connection as it ends any other.
+            _ = node.shutdown_token().cancelled() => {}
+        }
+    }
+    drop(requested);
     tokio::select! {
         result = connection.as_mut() => {
             // hyper's header read timeout (slowloris) ends the connection with a timeout error.
@@ -304,8 +364,35 @@ where
     }
 }
 
-async fn route(node: &Arc<Node>, kind: Kind, request: Request<Incoming>) -> Response<Body> {
-    if let Some(response) = gate::before_route(node, kind, &request) {
+/// Whether hyper ended a connection because a request's headers did not arrive in time.
+fn ended_by_header_timeout<T>(
+    result: &Result<T, Box<dyn std::error::Error + Send + Sync>>,
+) -> bool {
+    result
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_timeout)
+}
+
+async fn route(
+    node: &Arc<Node>,
+    kind: Kind,
+    peer: Peer,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    if peer.from_proxy {
+        let client = node
+            .policy()
+            .trusted_proxies
+            .client_ip(peer.ip, request.headers());
+        if let Err(retry) = node.policy().limits.accept_ip(client) {
+            node.count_limit("connection_rate_per_ip");
+            tracing::debug!(%client, proxy = %peer.ip, "over limits.connection_rate_per_ip");
+            return gate::rate_limited(retry);
+        }
+    }
+    if let Some(response) = gate::before_route(node, kind, peer.from_proxy, &request) {
         return response;
     }
     let path = request.uri().path().to_string();
@@ -474,7 +561,7 @@ fn admit_stream(
     let query = request.uri().query();
     let admission = guard::admit(node, request.headers(), query)?;
     if !is_websocket {
-        guard::check_stream_channels(node, &admission, query)?;
+        guard::check_stream_channels(node, &admission, query, route == Route::Poll)?;
     }
     Ok(admission)
 }

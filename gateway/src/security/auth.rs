@@ -106,9 +106,18 @@ impl AuthError {
 struct Claims {
     sub: String,
     exp: Option<u64>,
+    /// Parsed here only so that an `nbf` that is not a whole number of seconds (a float, a
+    /// negative or a huge number) refuses the token: jsonwebtoken skips a `nbf` it cannot parse.
+    #[serde(default)]
+    #[allow(dead_code)]
+    nbf: Option<u64>,
     #[serde(default)]
     channels: Option<Vec<String>>,
 }
+
+/// Largest `auth.jwt_leeway` the verifier uses, in seconds: jsonwebtoken adds it to the current
+/// time unchecked.
+const MAX_LEEWAY_SECS: u64 = 24 * 3600;
 
 struct Key {
     kid: Option<String>,
@@ -192,12 +201,12 @@ impl Verifier {
             keys,
             audience: config.jwt_audience.clone(),
             issuer: config.jwt_issuer.clone(),
-            leeway: config.jwt_leeway.as_secs(),
+            leeway: config.jwt_leeway.as_secs().min(MAX_LEEWAY_SECS),
         })
     }
 
     /// Checks the signature with every key of the token's algorithm (its `kid`'s key first),
-    /// then `exp`, `aud` and `iss`.
+    /// then `exp`, `nbf` (both with the leeway), `aud` and `iss`.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         if self.keys.is_empty() {
             return Err(AuthError::NotConfigured);
@@ -206,6 +215,8 @@ impl Verifier {
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
+        // A token that is not valid yet is refused like a wrong one (`invalid_token`).
+        validation.validate_nbf = true;
         // A configured audience or issuer must also be present: jsonwebtoken checks them only
         // when the token carries them.
         let mut required = vec!["exp", "sub"];
@@ -248,6 +259,11 @@ impl Verifier {
                 Err(e) => match e.kind() {
                     // The signature matched: the claims are wrong whatever other key we try.
                     ErrorKind::ExpiredSignature => return Err(AuthError::Expired),
+                    ErrorKind::ImmatureSignature => {
+                        return Err(AuthError::Invalid(
+                            "the token is not valid yet (`nbf` is in the future)".into(),
+                        ))
+                    }
                     ErrorKind::InvalidSignature => last = AuthError::Invalid(e.to_string()),
                     _ => return Err(AuthError::Invalid(e.to_string())),
                 },

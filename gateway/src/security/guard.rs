@@ -1,6 +1,7 @@
 //! The security hooks the transports call: admission of a streaming connection (Origin, token,
 //! connection limits), the per-command guard of a WebSocket connection (command rate, `connect`
-//! and `refresh`, channel permissions, token expiry, idle timeout), the channel check of SSE
+//! and `refresh` — which revokes what the new token no longer allows —, channel permissions,
+//! token expiry, idle timeout while no subscription is held), the channel check of SSE
 //! streams and long-polls, and the API key check. What they check against is the node's `policy`. Each refusal is counted in `gateway_limit_rejections_total` or
 //! `gateway_auth_failures_total`.
 //!
@@ -20,6 +21,7 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 use tokio::time::{Instant, Sleep};
 
+use crate::cursor;
 use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::{
@@ -104,17 +106,56 @@ pub(crate) fn admit(
     Ok(Admission { identity, permit })
 }
 
+/// Longest request target hyper accepts (`http::Uri`); a longer one is answered 414.
+const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+
+/// How long the cursor of an SSE stream or a poll may grow so that it is accepted back: at most
+/// [`cursor::MAX_CURSOR_LEN`], and for a poll (`cursor_in_url`) whatever the next request's URL
+/// leaves once its other parameters are in.
+fn cursor_budget(query: &str, cursor_in_url: bool) -> usize {
+    if !cursor_in_url {
+        return cursor::MAX_CURSOR_LEN;
+    }
+    let others: usize = query
+        .split('&')
+        .filter(|pair| !pair.starts_with("cursor="))
+        .map(|pair| pair.len() + 1)
+        .sum();
+    let fixed = "/poll?".len() + others + "cursor=".len();
+    MAX_URI_LEN
+        .saturating_sub(fixed)
+        .min(cursor::MAX_CURSOR_LEN)
+}
+
 /// Checks that an SSE stream's or a long-poll's connection may subscribe to each `channel` of the
-/// query (401/403).
+/// query (401/403), and that the cursor of these channels can never grow beyond what the server
+/// accepts back (400 `cursor_too_long`; `cursor_in_url`: a poll, whose cursor rides in the URL).
 pub(crate) fn check_stream_channels(
     node: &Node,
     admission: &Admission,
     query: Option<&str>,
+    cursor_in_url: bool,
 ) -> Result<(), Response<Body>> {
-    for (key, channel) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        if key != "channel" {
-            continue;
-        }
+    let query = query.unwrap_or("");
+    let channels: Vec<Cow<'_, str>> = form_urlencoded::parse(query.as_bytes())
+        .filter(|(key, _)| key == "channel")
+        .map(|(_, channel)| channel)
+        .collect();
+    let longest = cursor::longest_encoding(channels.iter().map(|c| c.as_ref()));
+    let budget = cursor_budget(query, cursor_in_url);
+    if longest > budget {
+        return Err(response::error(
+            StatusCode::BAD_REQUEST,
+            error_code::CURSOR_TOO_LONG,
+            format!(
+                "the cursor of these channels could grow to {longest} bytes, over the {budget} \
+                 bytes a cursor may hold (at most {} bytes; a poll's whole URL at most {MAX_URI_LEN}): \
+                 use fewer or shorter channel names, or several streams",
+                cursor::MAX_CURSOR_LEN
+            ),
+        ));
+    }
+    for channel in channels {
         if let Err(e) =
             node.policy()
                 .namespaces
@@ -135,10 +176,20 @@ fn now_unix() -> u64 {
         .as_secs()
 }
 
+/// The farthest an expiry timer is set: a token whose `exp` lies beyond it (up to `u64::MAX`
+/// seconds) is treated as expiring then, rather than overflowing the clock.
+const FARTHEST_EXPIRY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// When a token expiring at `exp` (Unix seconds) must end its connection, on the Tokio clock.
+/// Every step saturates: `exp` comes from the client.
 fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
-    let left = Duration::from_secs(exp.saturating_sub(now_unix())) + leeway;
-    Instant::now() + left
+    let left = Duration::from_secs(exp.saturating_sub(now_unix()))
+        .saturating_add(leeway)
+        .min(FARTHEST_EXPIRY);
+    let now = Instant::now();
+    now.checked_add(left)
+        .or_else(|| now.checked_add(FARTHEST_EXPIRY / 100))
+        .unwrap_or(now)
 }
 
 /// What a WebSocket connection does with a command after the guard looked at it.
@@ -149,6 +200,9 @@ pub(crate) enum Verdict {
     Reply(Bytes),
     /// Send this reply, then close with this code and reason.
     Close(Bytes, u16, Cow<'static, str>),
+    /// A `refresh` was accepted: send this reply, then end the subscriptions the new token no
+    /// longer allows ([`Guard::may_subscribe`]).
+    Refreshed(Bytes),
 }
 
 /// The security state of one WebSocket connection.
@@ -161,6 +215,9 @@ pub(crate) struct Guard {
     refused_in_row: u32,
     commands: u64,
     expiry: Option<Pin<Box<Sleep>>>,
+    /// `limits.idle_timeout`, when it applies to this connection.
+    idle_timeout: Option<Duration>,
+    /// Runs while the connection holds no subscription.
     idle: Option<Pin<Box<Sleep>>>,
 }
 
@@ -177,8 +234,8 @@ impl Guard {
         let limits = &node.config().limits;
         let bucket = (limits.command_rate > 0.0)
             .then(|| TokenBucket::new(limits.command_rate, limits.command_burst));
-        let idle = (idle && !limits.idle_timeout.is_zero())
-            .then(|| Box::pin(tokio::time::sleep(limits.idle_timeout)));
+        let idle_timeout = (idle && !limits.idle_timeout.is_zero()).then_some(limits.idle_timeout);
+        let idle = idle_timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout)));
         let mut guard = Guard {
             node,
             identity: None,
@@ -187,6 +244,7 @@ impl Guard {
             refused_in_row: 0,
             commands: 0,
             expiry: None,
+            idle_timeout,
             idle,
         };
         if let Some(identity) = admission.identity {
@@ -203,6 +261,29 @@ impl Guard {
             )))
         });
         self.identity = Some(identity);
+    }
+
+    /// Tells the guard whether the connection holds a subscription now (after every step): the
+    /// idle timeout runs from the moment it holds none — at the start, and again after its last
+    /// subscription ended or failed — and stops while it holds one.
+    pub(crate) fn note_subscriptions(&mut self, subscribed: bool) {
+        let Some(timeout) = self.idle_timeout else {
+            return;
+        };
+        if subscribed {
+            self.idle = None;
+        } else if self.idle.is_none() {
+            self.idle = Some(Box::pin(tokio::time::sleep(timeout)));
+        }
+    }
+
+    /// Whether the connection, with its current token, may subscribe to `channel`.
+    pub(crate) fn may_subscribe(&self, channel: &str) -> bool {
+        self.node
+            .policy()
+            .namespaces
+            .check(Action::Subscribe, channel, self.identity.as_ref())
+            .is_ok()
     }
 
     /// Resolves when the connection must close: its token expired, or it stayed idle.
@@ -226,7 +307,7 @@ impl Guard {
             }
             _ = idle => {
                 self.node.count_limit("idle_timeout");
-                (close_code::IDLE, "no subscription within the idle timeout")
+                (close_code::IDLE, "no subscription for limits.idle_timeout")
             }
         }
     }
@@ -305,7 +386,6 @@ impl Guard {
                     self.node.count_auth(e.code);
                     return refuse(e);
                 }
-                self.idle = None;
                 Verdict::Proceed
             }
             Command::Publish { channel, data, .. } => {
@@ -368,7 +448,11 @@ impl Guard {
             },
         );
         self.set_identity(identity);
-        Verdict::Reply(reply)
+        if refresh {
+            Verdict::Refreshed(reply)
+        } else {
+            Verdict::Reply(reply)
+        }
     }
 }
 
@@ -383,6 +467,36 @@ pub(crate) fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), Resp
         StatusCode::UNAUTHORIZED,
         error_code::INVALID_API_KEY,
         "the API needs `Authorization: apikey <key>` with a configured key",
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("apikey"));
+    Err(response)
+}
+
+/// A node without API keys serves `/api/*` only where its API address is private (loopback,
+/// `config` refuses the rest unless `auth.api_open`). Behind a proxy the TCP peer is the proxy,
+/// so loopback says nothing about the client: a keyless API refuses a request that came through
+/// a proxy (from `limits.trusted_proxies`, or carrying `X-Forwarded-For`, `Forwarded` or
+/// `X-Real-IP`) unless `auth.api_open` says the API is meant to be open.
+pub(crate) fn check_keyless_api_is_direct(
+    node: &Node,
+    from_proxy: bool,
+    headers: &HeaderMap,
+) -> Result<(), Response<Body>> {
+    let auth = &node.config().auth;
+    if !auth.api_keys.is_empty()
+        || auth.api_open
+        || !(from_proxy || crate::security::client_ip::is_forwarded(headers))
+    {
+        return Ok(());
+    }
+    node.count_auth("api_key");
+    let mut response = response::error(
+        StatusCode::UNAUTHORIZED,
+        error_code::INVALID_API_KEY,
+        "this node has no auth.api_keys and the request came through a proxy: the API is served \
+         without a key to direct loopback clients only (set auth.api_keys, or auth.api_open)",
     );
     response
         .headers_mut()
@@ -432,5 +546,30 @@ impl hyper::body::Body for Expiring {
             }
         }
         Pin::new(&mut self.inner).poll_frame(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_instants_saturate_instead_of_overflowing() {
+        let now = Instant::now();
+        // Table: exp, leeway; none may panic, each lies between now and the farthest expiry.
+        for (exp, leeway) in [
+            (u64::MAX, Duration::ZERO),
+            (u64::MAX, Duration::MAX),
+            (0, Duration::MAX),
+            (0, Duration::ZERO),
+            (now_unix() + 60, Duration::from_secs(5)),
+        ] {
+            let at = expiry_instant(exp, leeway);
+            assert!(at >= now, "{exp} {leeway:?}");
+            assert!(at <= Instant::now() + FARTHEST_EXPIRY, "{exp} {leeway:?}");
+        }
+        // An ordinary token expires no later than it says (plus the leeway).
+        let soon = expiry_instant(now_unix() + 60, Duration::from_secs(5));
+        assert!(soon <= Instant::now() + Duration::from_secs(66));
     }
 }

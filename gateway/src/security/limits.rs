@@ -49,11 +49,6 @@ impl TokenBucket {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
-
-    fn is_full(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.tokens >= self.burst
-    }
 }
 
 /// Why a connection is refused.
@@ -87,11 +82,66 @@ pub struct Limits {
     config: LimitsConfig,
     connections: Arc<AtomicUsize>,
     users: Arc<Mutex<HashMap<Arc<str>, usize>>>,
-    ips: Mutex<HashMap<IpAddr, TokenBucket>>,
+    ips: Mutex<IpBuckets>,
 }
 
-/// Most IP addresses tracked at once; beyond it, addresses whose bucket is full are forgotten.
+/// Most IP addresses tracked at once (two generations of half of it each).
 const MAX_TRACKED_IPS: usize = 65_536;
+
+/// The per-IP buckets, in two generations so that forgetting costs O(1) per new address: new
+/// addresses go into `current`; an address seen again moves from `previous` to `current`; when
+/// `current` holds half the cap, `previous` (addresses not seen for a whole generation) is
+/// dropped and `current` becomes it. A forgotten address starts again with a full bucket, which
+/// gives it at most one burst more — and only after half the cap of other addresses came.
+#[derive(Default)]
+struct IpBuckets {
+    current: HashMap<IpKey, TokenBucket>,
+    previous: HashMap<IpKey, TokenBucket>,
+    /// Most addresses per generation.
+    generation: usize,
+}
+
+/// What one bucket is kept for: an IPv4 address, or an IPv6 /64 (one subscriber's usual
+/// allocation: keyed per full address, one /64 would bring 2^64 fresh buckets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum IpKey {
+    V4(u32),
+    V6Net(u64),
+}
+
+impl IpKey {
+    fn of(ip: IpAddr) -> IpKey {
+        match crate::security::client_ip::canonical(ip) {
+            IpAddr::V4(v4) => IpKey::V4(u32::from(v4)),
+            IpAddr::V6(v6) => IpKey::V6Net((u128::from(v6) >> 64) as u64),
+        }
+    }
+}
+
+impl IpBuckets {
+    fn new(cap: usize) -> IpBuckets {
+        IpBuckets {
+            generation: (cap / 2).max(1),
+            ..IpBuckets::default()
+        }
+    }
+
+    fn bucket(&mut self, key: IpKey, new: impl FnOnce() -> TokenBucket) -> &mut TokenBucket {
+        if !self.current.contains_key(&key) {
+            let bucket = self.previous.remove(&key).unwrap_or_else(new);
+            if self.current.len() >= self.generation {
+                self.previous = std::mem::take(&mut self.current);
+            }
+            self.current.insert(key, bucket);
+        }
+        self.current.get_mut(&key).expect("inserted above")
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
 
 impl Limits {
     pub fn new(config: &LimitsConfig) -> Self {
@@ -99,25 +149,29 @@ impl Limits {
             config: config.clone(),
             connections: Arc::default(),
             users: Arc::default(),
-            ips: Mutex::default(),
+            ips: Mutex::new(IpBuckets::new(MAX_TRACKED_IPS)),
         }
     }
 
-    /// Whether a new TCP connection from `ip` is within `limits.connection_rate_per_ip`;
-    /// `Err` says when to retry.
+    /// Whether a new connection from client `ip` (see `client_ip`) is within
+    /// `limits.connection_rate_per_ip`; `Err` says when to retry. O(1) whatever the number of
+    /// addresses tracked.
     pub fn accept_ip(&self, ip: IpAddr) -> Result<(), Duration> {
         let rate = self.config.connection_rate_per_ip;
         if rate <= 0.0 {
             return Ok(());
         }
-        let mut ips = self.ips.lock();
-        if ips.len() >= MAX_TRACKED_IPS && !ips.contains_key(&ip) {
-            let now = Instant::now();
-            ips.retain(|_, bucket| !bucket.is_full(now));
-        }
-        ips.entry(ip)
-            .or_insert_with(|| TokenBucket::new(rate, self.config.connection_burst_per_ip))
+        let burst = self.config.connection_burst_per_ip;
+        self.ips
+            .lock()
+            .bucket(IpKey::of(ip), || TokenBucket::new(rate, burst))
             .take()
+    }
+
+    /// Addresses (IPv6 /64s) with a bucket now.
+    #[cfg(test)]
+    fn tracked_ips(&self) -> usize {
+        self.ips.lock().len()
     }
 
     /// Counts a new streaming connection against the node's limit.
@@ -205,6 +259,55 @@ mod tests {
         fast.take().unwrap();
         fast.refill(Instant::now() + Duration::from_millis(1));
         fast.take().unwrap();
+    }
+
+    #[test]
+    fn the_ip_table_stays_bounded_and_remembers_recent_addresses() {
+        let limits = Limits::new(&LimitsConfig {
+            connection_rate_per_ip: 0.001,
+            connection_burst_per_ip: 1,
+            ..LimitsConfig::default()
+        });
+        let v4 = |n: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+        let busy = v4(0);
+        limits.accept_ip(busy).unwrap();
+        assert!(limits.accept_ip(busy).is_err());
+        // Three times the cap of new addresses: each costs O(1) (a generation swap is a move),
+        // and the table never holds more than the cap.
+        for n in 1..=(3 * MAX_TRACKED_IPS as u32) {
+            limits.accept_ip(v4(n)).unwrap();
+            assert!(limits.tracked_ips() <= MAX_TRACKED_IPS);
+            // An address seen within every generation keeps its (empty) bucket.
+            if n % 1000 == 0 {
+                assert!(
+                    limits.accept_ip(busy).is_err(),
+                    "forgot a busy address at {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn one_ipv6_64_shares_a_bucket() {
+        let limits = Limits::new(&LimitsConfig {
+            connection_rate_per_ip: 0.001,
+            connection_burst_per_ip: 1,
+            ..LimitsConfig::default()
+        });
+        limits
+            .accept_ip("2001:db8:1:2::1".parse().unwrap())
+            .unwrap();
+        assert!(limits
+            .accept_ip("2001:db8:1:2::ffff".parse().unwrap())
+            .is_err());
+        limits
+            .accept_ip("2001:db8:1:3::1".parse().unwrap())
+            .unwrap();
+        // IPv4 seen through a dual-stack socket is the IPv4 address.
+        limits.accept_ip("203.0.113.9".parse().unwrap()).unwrap();
+        assert!(limits
+            .accept_ip("::ffff:203.0.113.9".parse().unwrap())
+            .is_err());
     }
 
     #[test]

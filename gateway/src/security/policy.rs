@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::security::auth::Verifier;
+use crate::security::client_ip::TrustedProxies;
 use crate::security::limits::Limits;
 use crate::security::namespace::Namespaces;
 
@@ -12,6 +13,7 @@ pub(crate) struct Policy {
     pub(crate) verifier: Verifier,
     pub(crate) namespaces: Namespaces,
     pub(crate) limits: Limits,
+    pub(crate) trusted_proxies: TrustedProxies,
 }
 
 impl Policy {
@@ -20,6 +22,7 @@ impl Policy {
             verifier: Verifier::load(&config.auth)?,
             namespaces: Namespaces::new(&config.channels),
             limits: Limits::new(&config.limits),
+            trusted_proxies: TrustedProxies::parse(&config.limits.trusted_proxies)?,
         })
     }
 }

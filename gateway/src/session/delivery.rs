@@ -253,6 +253,11 @@ impl Deliveries {
             .map(|s| (&s.epoch, s.delivered, s.tag))
     }
 
+    /// The channels subscribed (subscribing ones included).
+    pub(crate) fn channels(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.subs.keys()
+    }
+
     /// How many subscriptions are reading history to fill a gap or resume.
     pub(crate) fn catching_up(&self) -> usize {
         self.catching_up

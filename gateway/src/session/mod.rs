@@ -195,6 +195,35 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the session holds a subscription (one still subscribing included).
+    pub(crate) fn has_subscriptions(&self) -> bool {
+        self.deliveries.channels().next().is_some()
+    }
+
+    /// After a `refresh`: ends every subscription the connection's new token no longer allows
+    /// (`allowed` says), telling the client with an `unsubscribed` push each (reason
+    /// `permission_revoked`).
+    pub(crate) fn unsubscribe_revoked(
+        &mut self,
+        allowed: impl Fn(&str) -> bool,
+        out: &mut Vec<Output>,
+    ) {
+        let revoked: Vec<Arc<str>> = self
+            .deliveries
+            .channels()
+            .filter(|channel| !allowed(channel))
+            .cloned()
+            .collect();
+        for channel in revoked {
+            if self.unsubscribe(&channel).is_ok() {
+                out.push(Output::Reply(unsubscribed_push(
+                    &channel,
+                    "permission_revoked",
+                )));
+            }
+        }
+    }
+
     /// Runs one client command the guard let through (`connect` and `refresh` are the guard's);
     /// a command that did not parse is answered with its error.
     pub(crate) fn run_command(
@@ -410,6 +439,15 @@ impl Session {
             .boxed(),
         );
     }
+}
+
+/// `{"unsubscribed": {"channel": C, "reason": R}}`: the server ended a subscription.
+fn unsubscribed_push(channel: &str, reason: &str) -> Bytes {
+    serde_json::to_vec(&serde_json::json!({
+        "unsubscribed": {"channel": channel, "reason": reason}
+    }))
+    .expect("cannot fail")
+    .into()
 }
 
 /// The publish time of the oldest live publication among `outputs` (0 if none), for the

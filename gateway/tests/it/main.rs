@@ -27,6 +27,7 @@ mod redis_sentinel_auth;
 mod resume;
 mod rollback_resume;
 mod security;
+mod security_holes;
 mod shutdown;
 mod slow_consumer;
 mod sse;

@@ -321,6 +321,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             }
             if let Some(session) = session.as_mut() {
                 session.apply_ready(&mut out, BATCH);
+                self.guard.note_subscriptions(session.has_subscriptions());
                 if session.overflowed() {
                     break End::Close(close_code::SLOW_CONSUMER, "slow consumer".into());
                 }
@@ -445,6 +446,12 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         }
                         Verdict::Reply(reply) => {
                             out.push(Output::Reply(reply));
+                            Ok(())
+                        }
+                        Verdict::Refreshed(reply) => {
+                            out.push(Output::Reply(reply));
+                            let guard = &self.guard;
+                            session.unsubscribe_revoked(|c| guard.may_subscribe(c), out);
                             Ok(())
                         }
                         // Written by the connection loop: writing here, inside the frame
