@@ -1,7 +1,7 @@
 # `make test` runs every check CI runs; `.ci/run` installs what a fresh machine lacks, then calls it.
-.PHONY: test fmt clippy cargo-test client-js browser autobahn deploy-checks
+.PHONY: test fmt clippy cargo-test client-js browser autobahn deploy-checks api-contract
 
-test: fmt clippy cargo-test client-js browser autobahn deploy-checks
+test: fmt clippy cargo-test client-js browser autobahn deploy-checks api-contract
 
 fmt:
 	cargo fmt --all -- --check
@@ -32,3 +32,8 @@ autobahn:
 # Dockerfile, compose, Kubernetes base, Helm chart, Prometheus rules: linted and validated offline.
 deploy-checks:
 	bash .ci/deploy-checks.sh
+
+# Schemathesis against a live node, from the node's own OpenAPI document (/api/openapi.json, kept
+# in gateway/src/http/openapi.json): every check, no failure allowed.
+api-contract:
+	bash .ci/api-contract/run.sh

@@ -1,10 +1,11 @@
 //! The HTTP layer: listeners and routing (`server`), the checks every request passes before its
-//! route (`gate`), the server API (`api`), the compiled-in client and demo page (`assets`), the
-//! response and error shape (`response`) and TLS (`tls`).
+//! route (`gate`), the server API (`api`) and its contract (`openapi`), the compiled-in client
+//! and demo page (`assets`), the response and error shape (`response`) and TLS (`tls`).
 
 pub(crate) mod api;
 pub(crate) mod assets;
 pub(crate) mod gate;
+pub(crate) mod openapi;
 pub(crate) mod response;
 pub(crate) mod server;
 pub(crate) mod tls;

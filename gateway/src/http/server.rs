@@ -24,7 +24,7 @@ use crate::demo;
 use crate::http::gate::Kind;
 use crate::http::response::{self, Body};
 use crate::http::tls::Tls;
-use crate::http::{api, assets, gate};
+use crate::http::{api, assets, gate, openapi};
 use crate::node::Node;
 use crate::protocol::error_code;
 use crate::security::guard;
@@ -402,14 +402,15 @@ async fn route(
     response
 }
 
-/// Every route: its path and method are listed once, in [`Route::of`] and [`Route::method`].
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Every route: its path and method are listed once, in [`ROUTES`] and [`Route::method`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Route {
     Healthz,
     Readyz,
     Metrics,
     Publish,
     History,
+    OpenApi,
     ClientJs,
     DemoPage,
     WebSocket(ws::Mode),
@@ -417,22 +418,31 @@ enum Route {
     Poll,
 }
 
+/// Path → route. `gateway/src/http/openapi.json` documents each of them but the demo page, the
+/// client script and the conformance echo (a test holds the two to each other).
+const ROUTES: &[(&str, Route)] = &[
+    ("/healthz", Route::Healthz),
+    ("/readyz", Route::Readyz),
+    ("/metrics", Route::Metrics),
+    ("/api/publish", Route::Publish),
+    ("/api/history", Route::History),
+    ("/api/openapi.json", Route::OpenApi),
+    ("/client.js", Route::ClientJs),
+    ("/", Route::DemoPage),
+    ("/ws", Route::WebSocket(ws::Mode::Protocol)),
+    ("/ws/echo", Route::WebSocket(ws::Mode::Echo)),
+    ("/sse", Route::Sse),
+    ("/poll", Route::Poll),
+];
+
 impl Route {
     fn of(node: &Node, path: &str) -> Option<Route> {
-        Some(match path {
-            "/healthz" => Route::Healthz,
-            "/readyz" => Route::Readyz,
-            "/metrics" => Route::Metrics,
-            "/api/publish" => Route::Publish,
-            "/api/history" => Route::History,
-            "/client.js" => Route::ClientJs,
-            "/" if node.config().demo.page => Route::DemoPage,
-            "/ws" => Route::WebSocket(ws::Mode::Protocol),
-            "/ws/echo" if node.config().websocket.echo => Route::WebSocket(ws::Mode::Echo),
-            "/sse" => Route::Sse,
-            "/poll" => Route::Poll,
-            _ => return None,
-        })
+        let (_, route) = ROUTES.iter().find(|(p, _)| *p == path)?;
+        match route {
+            Route::DemoPage if !node.config().demo.page => None,
+            Route::WebSocket(ws::Mode::Echo) if !node.config().websocket.echo => None,
+            route => Some(*route),
+        }
     }
 
     fn method(self) -> &'static str {
@@ -488,6 +498,7 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
             .expect("static parts are valid"),
         Route::Publish => api::publish(node, request).await,
         Route::History => api::history(node, request.uri().query()).await,
+        Route::OpenApi => response::json(StatusCode::OK, openapi::document(node.config())),
         Route::ClientJs | Route::DemoPage => {
             let if_none_match = request
                 .headers()
@@ -564,4 +575,23 @@ fn admit_stream(
         guard::check_stream_channels(node, &admission, query, route == Route::Poll)?;
     }
     Ok(admission)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// openapi.json documents exactly the routes (path and method) the router serves, but the
+    /// demo page, the client script and the conformance echo.
+    #[test]
+    fn the_openapi_document_and_the_routes_agree() {
+        let undocumented = ["/", "/client.js", "/ws/echo"];
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .filter(|(path, _)| !undocumented.contains(path))
+            .map(|(path, route)| (path.to_string(), route.method().to_string()))
+            .collect();
+        routes.sort();
+        assert_eq!(openapi::operations(), routes);
+    }
 }

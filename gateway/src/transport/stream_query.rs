@@ -13,8 +13,9 @@ pub(crate) struct StreamQuery {
 }
 
 impl StreamQuery {
-    /// Reads every `channel` (checked, duplicates dropped, at least one, at most
-    /// `max_channels`) and the cursor under `cursor_key`; hands every other key to `other`.
+    /// Reads every `channel` (checked, duplicates dropped, at least one, at most `max_channels`
+    /// parameters — a repeat counts, so the work per request stays bounded before any
+    /// de-duplication) and the cursor under `cursor_key`; hands every other key to `other`.
     pub(crate) fn parse(
         query: Option<&str>,
         cursor_key: &str,
@@ -23,8 +24,11 @@ impl StreamQuery {
     ) -> Result<StreamQuery, ErrorBody> {
         let mut channels: Vec<Arc<str>> = Vec::new();
         let mut cursor = None;
+        let mut given = 0;
         for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             if key == "channel" {
+                given += 1;
+                check_subscription_count(given, max_channels)?;
                 check_channel(&value)?;
                 if !channels.iter().any(|c| **c == *value) {
                     channels.push(value.as_ref().into());
@@ -41,7 +45,6 @@ impl StreamQuery {
                 "at least one `channel` query parameter is required",
             ));
         }
-        check_subscription_count(channels.len(), max_channels)?;
         Ok(StreamQuery { channels, cursor })
     }
 }
