@@ -62,6 +62,8 @@ done
 echo "node on $ADDR; schemathesis seed $SEED"
 
 status=0
+# From the scratch directory: Schemathesis keeps a cache (.schemathesis/) where it runs.
+cd "$WORK"
 "$TOOLS/venv/bin/schemathesis" --config-file "$ROOT/.ci/api-contract/schemathesis.toml" \
   run "http://$ADDR/api/openapi.json" \
   --header "Authorization: apikey $KEY" \
