@@ -18,7 +18,10 @@ REDIS_PORT="${REDIS_PORT:-6390}"
 FIRST_PORT="${FIRST_PORT:-8081}"
 command -v redis-server >/dev/null || { echo "redis-server not found (apt-get install redis-server)" >&2; exit 1; }
 
-cargo build --release --locked -p gateway
+# Where cargo puts the binary (CARGO_TARGET_DIR, a config's build.target-dir): cargo says it.
+GATEWAY="$(cargo build --release --locked -p gateway --bin gateway --message-format=json-render-diagnostics \
+  | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)"
+[ -x "$GATEWAY" ] || { echo "cargo build did not name the gateway binary" >&2; exit 1; }
 DATA="$(mktemp -d)"
 pids=()
 stop() {
@@ -40,11 +43,11 @@ echo "redis      redis://127.0.0.1:$REDIS_PORT"
 
 for i in 0 1 2; do
   port=$((FIRST_PORT + i))
-  ./target/release/gateway --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+  "$GATEWAY" --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$REDIS_PORT" \
     >"$DATA/node$i.log" 2>&1 &
   pids+=("$!")
   until curl -fs "127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.1; done
-  echo "node $i     http://127.0.0.1:$port   (ws://127.0.0.1:$port/ws, /sse, /api/publish)"
+  echo "node $i     http://127.0.0.1:$port   (ws://127.0.0.1:$port/ws, /sse, /api/publish)   pid $!"
 done
 if [ -n "${GATEWAY__AUTH__API_KEYS:-}" ]; then
   echo "API        keys from GATEWAY__AUTH__API_KEYS: send 'Authorization: apikey <key>'"

@@ -326,6 +326,26 @@ def c_notes():
     assert "WARNING: auth.apiOpen is true" in text, text
 
 
+def c_readme_kubernetes_commands():
+    # The README's Kubernetes line, run as written (no cluster here: --dry-run=client renders and
+    # validates exactly what `helm install` would send), and with each `--set` it offers.
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    line = re.search(r"^- Kubernetes:(.*?)(?=^- |\Z)", readme, re.M | re.S)
+    assert line, "README.md has no '- Kubernetes:' line"
+    spans = re.findall(r"`([^`]+)`", line.group(1))
+    commands = [c for c in spans if c.startswith("helm install")]
+    assert commands, f"no helm install command in {line.group(0)!r}"
+    variants = [commands[0] + " " + s for s in spans if s.startswith("--set ")]
+    for command in commands + variants:
+        p = subprocess.run([HELM] + command.split()[1:] + ["--dry-run=client"], cwd=root,
+                           check=False, capture_output=True, text=True)
+        assert p.returncode == 0, f"{command}: {p.stderr.strip()}"
+        assert "NOTES:" in p.stdout, f"{command}: no NOTES"
+
+
 # The cases are independent: run them side by side (each mostly waits for helm or the gateway).
 CASES = [(t[2:], fn) for t, fn in list(globals().items()) if t.startswith("c_") and callable(fn)]
 with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
