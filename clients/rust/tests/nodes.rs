@@ -181,23 +181,42 @@ async fn history_pages_through_everything_after_a_position() {
     assert!(stream.next().await.is_none());
 }
 
-/// A subscriber on node A, a publisher going on all along; A is killed. The subscriber moves to
-/// node B and what it received is exactly the acknowledged sequence.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_survives_a_node_kill_exactly_once() {
-    let (_redis, mut nodes) = cluster(2, &[]).await;
+/// How node A goes away under the subscriber.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// `kill -9`: the connection breaks at once.
+    Kill,
+    /// SIGTERM: a drain closes the WebSocket with 1001 and a reconnect hint.
+    Drain,
+    /// SIGSTOP: the connection stays open but silent; only the heartbeat notices.
+    Freeze,
+}
+
+/// A subscriber on node A, a publisher going on all along; A goes away (`fault`). The
+/// subscriber moves to node B and what it received is exactly the acknowledged sequence.
+async fn subscriber_survives(fault: Fault) {
+    // The publisher is unthrottled: history must span the seconds a heartbeat takes to notice
+    // a frozen node, or the resume would (rightly) be a `history_truncated` reset.
+    let (_redis, mut nodes) = cluster(2, &[("GATEWAY__HISTORY__MAX_COUNT", "1000000")]).await;
     let (a, b) = (base(&nodes[0]), base(&nodes[1]));
-    let ch = channel("rc-kill");
-    let mut sub = Subscriber::builder([a.clone(), b.clone()])
-        .backoff(QUICK)
-        .connect()
-        .unwrap();
+    let ch = channel("rc-fault");
+    let mut builder = Subscriber::builder([a.clone(), b.clone()]).backoff(QUICK);
+    if fault == Fault::Freeze {
+        builder = builder.heartbeat(Duration::from_secs(1), Duration::from_secs(2));
+    }
+    let mut sub = builder.connect().unwrap();
     sub.subscribe(&ch).await.unwrap();
     let (recovered, _) = subscribed(&mut sub).await;
     assert!(!recovered, "a fresh subscription starts live");
 
-    // The publisher also starts on A and fails over to B with the same idempotency keys.
-    let api = ApiClient::new([a, b.clone()], None)
+    // The publisher also starts on A and fails over to B with the same idempotency keys (a
+    // frozen A would only hold it up until the request timeout: it publishes on B then).
+    let publish_to = if fault == Fault::Freeze {
+        vec![b.clone()]
+    } else {
+        vec![a, b.clone()]
+    };
+    let api = ApiClient::new(publish_to, None)
         .unwrap()
         .with_retries(20, QUICK);
     let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<PublishAck>();
@@ -215,29 +234,37 @@ async fn a_subscriber_survives_a_node_kill_exactly_once() {
         }
     });
 
+    let b_ws = format!("{}/ws", b.replace("http", "ws"));
     let mut received: Vec<Publication> = Vec::new();
-    let mut killed_at = None;
+    let mut faulted_at = None;
     let mut reconnected_at = None;
-    let mut stop = Some(stop_tx);
+    let mut close_codes = Vec::new();
     loop {
         let event = within("a subscriber event", sub.recv()).await.unwrap();
         match event {
             Event::Publication(p) => received.push(p),
             Event::Reconnected { node } => {
-                assert!(killed_at.is_some(), "reconnected before the kill");
-                assert_eq!(node, format!("{}/ws", b.replace("http", "ws")));
-                reconnected_at = Some(received.len());
+                assert!(faulted_at.is_some(), "reconnected before the fault");
+                if reconnected_at.is_none() {
+                    assert_eq!(node, b_ws, "the first reconnect goes to the next node");
+                    reconnected_at = Some(received.len());
+                }
             }
             Event::Subscribed { recovered, .. } => {
                 assert!(recovered, "the resume on B must recover: {event:?}")
             }
             Event::Reset(r) => panic!("no history was lost, yet a reset came: {r:?}"),
             Event::Error { .. } => panic!("unexpected {event:?}"),
-            Event::Connected { .. } | Event::Disconnected { .. } => {}
+            Event::Disconnected { code, .. } => close_codes.push(code),
+            Event::Connected { .. } => {}
         }
-        if killed_at.is_none() && received.len() >= 20 {
-            nodes[0].kill9();
-            killed_at = Some(received.len());
+        if faulted_at.is_none() && received.len() >= 20 {
+            match fault {
+                Fault::Kill => nodes[0].kill9(),
+                Fault::Drain => nodes[0].sigterm(),
+                Fault::Freeze => nodes[0].raw_signal(libc::SIGSTOP),
+            }
+            faulted_at = Some(received.len());
         }
         if let Some(at) = reconnected_at {
             if received.len() >= at + 20 {
@@ -245,7 +272,7 @@ async fn a_subscriber_survives_a_node_kill_exactly_once() {
             }
         }
     }
-    stop.take().unwrap().send(()).unwrap();
+    stop_tx.send(()).unwrap();
     within("the publisher to stop", publisher).await.unwrap();
     let mut acks = Vec::new();
     while let Ok(ack) = acks_rx.try_recv() {
@@ -260,7 +287,29 @@ async fn a_subscriber_survives_a_node_kill_exactly_once() {
         assert!(same(p, ack), "#{i}: received {p:?}, acknowledged {ack:?}");
         assert_eq!(p.data, json!({"i": i}));
     }
-    assert!(received.len() > killed_at.unwrap());
+    assert!(received.len() > faulted_at.unwrap());
+    if fault == Fault::Drain {
+        assert_eq!(
+            close_codes.first(),
+            Some(&Some(1001)),
+            "a drain closes with 1001"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_survives_a_node_kill_exactly_once() {
+    subscriber_survives(Fault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_follows_a_drain_to_the_next_node_exactly_once() {
+    subscriber_survives(Fault::Drain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_detects_a_frozen_node_by_heartbeat_and_resumes_exactly_once() {
+    subscriber_survives(Fault::Freeze).await;
 }
 
 /// Positions read from one subscriber, persisted as JSON, given to another on another node:
