@@ -147,13 +147,14 @@ impl SubscriberBuilder {
             next_url: 0,
             connected_once: false,
         };
-        let task = tokio::spawn(task.run());
+        // The task ends by itself once the Subscriber is dropped: its command channel closes
+        // (the connection is closed with 1000) and its event channel refuses sends.
+        tokio::spawn(task.run());
         Ok(Subscriber {
             commands: commands_tx,
             events,
             channels: HashSet::new(),
             delivered: self.positions,
-            task,
         })
     }
 }
@@ -183,7 +184,6 @@ pub struct Subscriber {
     channels: HashSet<String>,
     /// Positions of what the application has received (not what is still queued).
     delivered: HashMap<String, Position>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl Subscriber {
@@ -249,7 +249,7 @@ impl Subscriber {
         self.delivered.clone()
     }
 
-    /// Stops the subscriber and closes its connection.
+    /// Stops the subscriber and closes its connection (dropping it does the same).
     pub fn close(self) {}
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
@@ -288,12 +288,6 @@ impl Stream for Subscriber {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         self.get_mut().poll_event(cx)
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -580,6 +574,10 @@ impl Task {
                 }
                 if code == "backplane_unavailable" {
                     end = Some(dropped("backplane_unavailable while subscribing"));
+                } else {
+                    // A refusal (forbidden, invalid_channel…) would only repeat on every
+                    // reconnect: the channel is no longer resubscribed.
+                    self.channels.remove(&channel);
                 }
                 events.push(Event::Error {
                     channel: Some(channel),
