@@ -401,3 +401,58 @@ async fn a_position_history_no_longer_covers_surfaces_a_reset() {
         other => panic!("expected a gap, got {other:?}"),
     }
 }
+
+/// Two nodes on embedded backplanes: each has its own epoch for the channel. When the
+/// subscriber's node dies, the other one's history is another epoch: a reset to offset 0 of
+/// that epoch, then that epoch from its start, then live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_epoch_is_a_reset_then_the_new_epoch_from_its_start() {
+    let mut a = GatewayProcess::start("embedded-a", &[], &[]).await;
+    let b = GatewayProcess::start("embedded-b", &[], &[]).await;
+    let ch = channel("rc-epoch");
+    let on_a = ApiClient::new([base(&a)], None).unwrap();
+    let on_b = ApiClient::new([base(&b)], None).unwrap();
+
+    let mut sub = Subscriber::builder([base(&a), base(&b)])
+        .backoff(QUICK)
+        .connect()
+        .unwrap();
+    sub.subscribe(&ch).await.unwrap();
+    subscribed(&mut sub).await;
+    for i in 0..3 {
+        let ack = on_a.publish(&ch, &json!(i)).await.unwrap();
+        assert!(same(&next_publication(&mut sub).await, &ack));
+    }
+    let mut b_acks = Vec::new();
+    for i in 0..2 {
+        b_acks.push(on_b.publish(&ch, &json!(format!("b{i}"))).await.unwrap());
+    }
+    assert_ne!(b_acks[0].epoch, sub.positions()[&ch].epoch);
+
+    a.kill9();
+    let (recovered, position) = subscribed(&mut sub).await;
+    assert!(!recovered);
+    assert_eq!(
+        position,
+        Position {
+            epoch: b_acks[0].epoch.clone(),
+            offset: 0,
+            tag: None
+        }
+    );
+    match next_event(&mut sub).await {
+        Event::Reset(reset) => {
+            assert_eq!(reset.reason, "epoch_changed");
+            assert_eq!(
+                (reset.epoch.as_str(), reset.offset),
+                (b_acks[0].epoch.as_str(), 0)
+            );
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    for ack in &b_acks {
+        assert!(same(&next_publication(&mut sub).await, ack));
+    }
+    let live = on_b.publish(&ch, &json!("live")).await.unwrap();
+    assert!(same(&next_publication(&mut sub).await, &live));
+}
