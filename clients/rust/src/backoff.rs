@@ -7,7 +7,9 @@ use std::time::Duration;
 /// `min(max, initial · 2^n)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
+    /// The ceiling of the first retry.
     pub initial: Duration,
+    /// The largest ceiling, however many attempts failed.
     pub max: Duration,
 }
 

@@ -8,19 +8,30 @@ pub enum Error {
     /// error `{"error": {"code", "message"}}`.
     #[error("{code} ({status}): {message}")]
     Api {
+        /// The HTTP status (0 for a WebSocket reply).
         status: u16,
+        /// The server's snake_case error code.
         code: String,
+        /// The server's human-readable message.
         message: String,
     },
     /// 409 `idempotency_conflict`: the key was used within the window with other `data`;
     /// nothing was stored.
     #[error("idempotency_conflict: {message}")]
-    IdempotencyConflict { message: String },
+    IdempotencyConflict {
+        /// The server's message.
+        message: String,
+    },
     /// Every attempt failed with an outcome-unknown answer (transport error, 502/503/504);
     /// `last` is the last one. A publish may still have been stored: retrying with the same
     /// idempotency key is safe.
     #[error("gave up after {attempts} attempts: {last}")]
-    Exhausted { attempts: u32, last: Box<Error> },
+    Exhausted {
+        /// How many attempts were made.
+        attempts: u32,
+        /// The error of the last one.
+        last: Box<Error>,
+    },
     /// The connection failed or broke (connect refused, reset, timeout, TLS).
     #[error("transport: {0}")]
     Transport(String),
@@ -32,8 +43,11 @@ pub enum Error {
     /// subscribe reasons (`epoch_changed`, `history_truncated`).
     #[error("{channel}: history cannot continue from the position ({reason})")]
     HistoryGap {
+        /// The channel paged.
         channel: String,
+        /// Why history cannot continue.
         reason: String,
+        /// The channel's epoch now.
         epoch: String,
     },
     /// A URL or option given to the client is not usable.

@@ -9,6 +9,8 @@
 //!   publication exactly once and in order, or an explicit [`Event::Reset`] first — the rule of
 //!   the JavaScript client.
 
+#![warn(missing_docs)]
+
 mod api;
 mod backoff;
 mod error;

@@ -26,23 +26,36 @@ use crate::types::{Position, Publication, Reset};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The first connection is open (to `node`, one of the URLs given).
-    Connected { node: String },
+    Connected {
+        /// The WebSocket URL connected to.
+        node: String,
+    },
     /// A later connection is open, on `node`; every channel is being resubscribed from its
     /// position.
-    Reconnected { node: String },
+    Reconnected {
+        /// The WebSocket URL connected to.
+        node: String,
+    },
     /// The connection to `node` failed or dropped (`code`: the WebSocket close code, if one
     /// came); the next attempt, to the next node, starts in `retry_in`.
     Disconnected {
+        /// The WebSocket URL of the connection.
         node: String,
+        /// The close code the server sent, if any.
         code: Option<u16>,
+        /// The close reason or the error.
         reason: String,
+        /// The delay before the next attempt.
         retry_in: Duration,
     },
     /// The server accepted a subscription; `position` is the channel's position now.
     /// `recovered: true` means the publications after the position asked for follow.
     Subscribed {
+        /// The channel subscribed.
         channel: String,
+        /// Whether the position asked for was recovered.
         recovered: bool,
+        /// The channel's position after the answer.
         position: Position,
     },
     /// A publication, exactly once and in order per channel.
@@ -53,8 +66,11 @@ pub enum Event {
     /// The server refused a subscription (`forbidden`, `invalid_channel`…). On
     /// `backplane_unavailable` the subscriber also reconnects, which subscribes again.
     Error {
+        /// The channel of the refused command.
         channel: Option<String>,
+        /// The server's error code.
         code: String,
+        /// The server's message.
         message: String,
     },
 }

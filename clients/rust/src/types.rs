@@ -8,21 +8,29 @@ use serde_json::Value;
 /// and reused their offsets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Publication {
+    /// The channel it was published on.
     pub channel: String,
+    /// Its offset: 1, 2, 3… with no gaps within an epoch.
     pub offset: u64,
+    /// The epoch of the channel's history it belongs to.
     pub epoch: String,
     /// 8 lowercase hex digits, random per publication (absent only from old servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// The published JSON.
     pub data: Value,
 }
 
 /// The answer to a publish: the publication is in history and reaches every current subscriber.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishAck {
+    /// The channel published on.
     pub channel: String,
+    /// The offset the publication was stored at.
     pub offset: u64,
+    /// The channel's epoch.
     pub epoch: String,
+    /// The publication's tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
 }
@@ -30,11 +38,13 @@ pub struct PublishAck {
 /// One page of `GET /api/history`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct HistoryPage {
+    /// The channel read.
     pub channel: String,
     /// The channel's epoch, `""` for a channel with no publication.
     pub epoch: String,
     /// The channel's newest offset when the page was read.
     pub top: u64,
+    /// Publications after `since`, oldest first.
     pub publications: Vec<Publication>,
 }
 
@@ -43,9 +53,12 @@ pub struct HistoryPage {
 /// subscribe, so an application can persist it as JSON and give it back later.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Position {
+    /// The epoch (`""` at offset 0 of a channel never seen).
     #[serde(default)]
     pub epoch: String,
+    /// The offset of the last publication had.
     pub offset: u64,
+    /// The tag of the publication at `offset`, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
 }
@@ -79,9 +92,12 @@ impl Position {
 /// is lost, and delivery goes on with the publications after `offset` of `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reset {
+    /// The channel concerned.
     pub channel: String,
     /// `epoch_changed`, `history_truncated`, `history_diverged` or `offset_ahead`.
     pub reason: String,
+    /// The epoch delivery continues in.
     pub epoch: String,
+    /// Delivery continues with the publication after this offset.
     pub offset: u64,
 }
