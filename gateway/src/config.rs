@@ -131,6 +131,12 @@ pub struct LimitsConfig {
     /// A WebSocket connection that has subscribed to nothing for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Most fresh channels (ones this node holds no subscription for: each costs a new
+    /// backplane subscription and history read) one SSE or poll request may name.
+    pub fresh_channels_per_request: usize,
+    /// Fresh channels subscribed per second from one IP address, over SSE, poll and WebSocket
+    /// (the bucket holds a second's worth, at least one request's).
+    pub fresh_channels_per_second: f64,
 }
 
 impl Default for LimitsConfig {
@@ -144,6 +150,8 @@ impl Default for LimitsConfig {
             command_burst: 0,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
+            fresh_channels_per_request: 128,
+            fresh_channels_per_second: 256.0,
         }
     }
 }
@@ -738,6 +746,10 @@ impl Config {
         for (key, rate) in [
             ("limits.connection_rate_per_ip", l.connection_rate_per_ip),
             ("limits.command_rate", l.command_rate),
+            (
+                "limits.fresh_channels_per_second",
+                l.fresh_channels_per_second,
+            ),
         ] {
             if !rate.is_finite() || rate < 0.0 {
                 return Err(ConfigError(format!(

@@ -2,7 +2,7 @@
 //! requests, and shuts down in order (not ready, stop accepting, close clients, wait).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -226,32 +226,44 @@ async fn accept_loop(
             };
             continue;
         }
-        http.spawn(serve_connection(stream, node.clone(), kind, tls.clone()));
+        http.spawn(serve_connection(
+            stream,
+            node.clone(),
+            kind,
+            tls.clone(),
+            peer.ip(),
+        ));
     }
 }
 
-async fn serve_connection(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Option<Tls>) {
+async fn serve_connection(
+    stream: TcpStream,
+    node: Arc<Node>,
+    kind: Kind,
+    tls: Option<Tls>,
+    client_ip: IpAddr,
+) {
     let _ = stream.set_nodelay(true);
     match tls {
-        None => serve_io(TokioIo::new(stream), node, kind).await,
+        None => serve_io(TokioIo::new(stream), node, kind, client_ip).await,
         // Boxed: a connection's task is as large as its largest branch, and the TLS one (the
         // handshake, rustls state inside hyper's connection) would add kilobytes to every
         // plain connection, for as long as an SSE stream lasts.
-        Some(tls) => Box::pin(serve_tls(stream, node, kind, tls)).await,
+        Some(tls) => Box::pin(serve_tls(stream, node, kind, tls, client_ip)).await,
     }
 }
 
-async fn serve_tls(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Tls) {
+async fn serve_tls(stream: TcpStream, node: Arc<Node>, kind: Kind, tls: Tls, client_ip: IpAddr) {
     let handshake = node.config().limits.handshake_timeout;
     let accept = tls.acceptor().accept(stream);
     match tokio::time::timeout(handshake, accept).await {
-        Ok(Ok(stream)) => serve_io(TokioIo::new(stream), node, kind).await,
+        Ok(Ok(stream)) => serve_io(TokioIo::new(stream), node, kind, client_ip).await,
         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
         Err(_) => node.count_limit("handshake_timeout"),
     }
 }
 
-async fn serve_io<I>(io: I, node: Arc<Node>, kind: Kind)
+async fn serve_io<I>(io: I, node: Arc<Node>, kind: Kind, client_ip: IpAddr)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -259,7 +271,7 @@ where
         let node = node.clone();
         service_fn(move |request| {
             let node = node.clone();
-            async move { Ok::<_, Infallible>(route(&node, kind, request).await) }
+            async move { Ok::<_, Infallible>(route(&node, kind, client_ip, request).await) }
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -289,13 +301,18 @@ where
     }
 }
 
-async fn route(node: &Arc<Node>, kind: Kind, request: Request<Incoming>) -> Response<Body> {
+async fn route(
+    node: &Arc<Node>,
+    kind: Kind,
+    client_ip: IpAddr,
+    request: Request<Incoming>,
+) -> Response<Body> {
     if let Some(response) = gate::before_route(node, kind, &request) {
         return response;
     }
     let path = request.uri().path().to_string();
     let origin = gate::origin_of(request.headers());
-    let mut response = serve(node, request).await;
+    let mut response = serve(node, client_ip, request).await;
     gate::add_cors_headers(node, &path, &origin, &mut response);
     response
 }
@@ -341,7 +358,7 @@ impl Route {
     }
 }
 
-async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
+async fn serve(node: &Arc<Node>, client_ip: IpAddr, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path();
     let Some(route) = Route::of(node, path) else {
         return response::error(
@@ -399,12 +416,12 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
                 Err(response) => return poll::no_store(response),
             };
             // The connection counts against the limits while the poll waits.
-            let response = poll::poll(node, request.uri().query()).await;
+            let response = poll::poll(node, request.uri().query(), client_ip).await;
             drop(admission);
             poll::no_store(response)
         }
         Route::Sse => match admit_stream(node, route, &request) {
-            Ok(admission) => sse::open(node, request.uri().query(), request.headers())
+            Ok(admission) => sse::open(node, request.uri().query(), request.headers(), client_ip)
                 .map(|body| guard::Expiring::wrap(node, body, admission)),
             Err(response) => response,
         },
@@ -414,7 +431,7 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
                 Err(response) => return response,
             };
             let mut request = request;
-            match ws::accept(node, &mut request, mode, admission) {
+            match ws::accept(node, &mut request, mode, admission, client_ip) {
                 Ok(response) => response.map(|_| response::empty()),
                 Err(e) => response::error(
                     StatusCode::BAD_REQUEST,

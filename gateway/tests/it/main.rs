@@ -9,6 +9,7 @@ mod support;
 mod config;
 mod demo;
 mod drain;
+mod fresh_channels;
 mod fuzz_corpus;
 mod heartbeat;
 mod http_api;

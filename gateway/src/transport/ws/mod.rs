@@ -8,6 +8,7 @@ pub(crate) mod frame_reader;
 pub(crate) mod message;
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::Poll;
@@ -55,6 +56,7 @@ pub(crate) fn accept(
     request: &mut hyper::Request<hyper::body::Incoming>,
     mode: Mode,
     admission: Admission,
+    client_ip: IpAddr,
 ) -> Result<hyper::Response<http_body_util::Empty<Bytes>>, WebSocketError> {
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
     let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
@@ -73,7 +75,7 @@ pub(crate) fn accept(
                 // Every frame goes out as header and payload slices straight into the batch,
                 // so fastwebsockets keeps no copy buffer of its own.
                 writer.set_writev_threshold(0);
-                run(node, read, writer, mode, guard).await;
+                run(node, read, writer, mode, guard, client_ip).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -81,7 +83,14 @@ pub(crate) fn accept(
     Ok(response)
 }
 
-async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode, guard: Guard) {
+async fn run(
+    node: Arc<Node>,
+    read: ReadHalf<Io>,
+    writer: Writer,
+    mode: Mode,
+    guard: Guard,
+    client_ip: IpAddr,
+) {
     let transport = if mode == Mode::Echo { "echo" } else { "ws" };
     let gauge = node.metrics().connections.with_label_values(&[transport]);
     gauge.inc();
@@ -100,6 +109,7 @@ async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode, gu
         guard,
         node,
         writer,
+        client_ip,
     };
     conn.serve(mode).await;
     gauge.dec();
@@ -169,6 +179,8 @@ struct Connection<F> {
     /// the fan-out path would pay it per batch.
     deliveries: prometheus::IntCounter,
     fanout_latency: prometheus::Histogram,
+    /// Charged for the fresh channels the connection subscribes to.
+    client_ip: IpAddr,
 }
 
 /// Runs a write, arming the write timeout only if it cannot finish at once: almost every batch
@@ -203,7 +215,9 @@ enum End {
 impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     async fn serve(&mut self, mode: Mode) {
         let conn = self.registration.id();
-        let mut session = (mode == Mode::Protocol).then(|| Session::new(self.node.clone(), conn));
+        let mut session = (mode == Mode::Protocol).then(|| {
+            Session::new(self.node.clone(), conn).charge_fresh_channels_to(self.client_ip)
+        });
         let mut out: Vec<Output> = Vec::new();
         let end = loop {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
@@ -410,7 +424,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         continue;
                     }
                     Output::Reply(bytes) => bytes,
-                    Output::Subscribed { id, result } => reply_ok(id, &result),
+                    Output::Subscribed { id, result, .. } => reply_ok(id, &result),
                     Output::SubscribeFailed { id, error, .. } => reply_err(id, &error),
                     reset @ Output::Reset { .. } => {
                         reset.reset_push().expect("a reset has a push form")
