@@ -22,6 +22,7 @@ mod redis_faults;
 mod redis_outage;
 mod redis_poll;
 mod redis_pubsub;
+mod redis_rollbacks;
 mod redis_sentinel;
 mod redis_sentinel_auth;
 mod resume;
