@@ -134,15 +134,19 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
         .map_err(|_| "the hot subscriber could not subscribe".to_string())?;
 
     let published = Arc::new(AtomicU64::new(0));
+    let round_trips = Arc::new(Mutex::new([stats::new_histogram(), stats::new_histogram()]));
     let publisher = tokio::spawn(publish_hot(
         origin.clone(),
         a.rate,
         crate::secs(a.quiet + a.duration),
         published.clone(),
+        flood_started.clone(),
+        round_trips.clone(),
     ));
     tokio::time::sleep(crate::secs(a.quiet)).await;
 
     // The flood.
+    let fanout_before = metrics_text(&origin).await;
     flood_started.store(now_micros(), Ordering::Relaxed);
     let counts = Arc::new(FloodCounts::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -184,6 +188,7 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
     let publish_errors = publisher
         .await
         .map_err(|e| format!("publisher failed: {e}"))?;
+    let fanout_after = metrics_text(&origin).await;
     stop.store(true, Ordering::Relaxed);
     for l in loops {
         let _ = l.await;
@@ -197,7 +202,7 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
     stop_hot.store(true, Ordering::Relaxed);
     let _ = hot.await;
     let redis_keys: u64 = redis.cli(&["dbsize"]).await.trim().parse().unwrap_or(0);
-    let metrics = metrics_of(&origin).await;
+    let metrics = limit_rejections(&metrics_text(&origin).await);
     drop(node);
 
     let log = log.lock().unwrap();
@@ -223,18 +228,53 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
         "lost": lost,
         "out_of_order": log.out_of_order,
         "publish_errors": publish_errors,
+        "publish_rtt_quiet": stats::latency_summary(&round_trips.lock().unwrap()[0]),
+        "publish_rtt_flood": stats::latency_summary(&round_trips.lock().unwrap()[1]),
+        "node_fanout_flood": json!({
+            "p50_le_s": fanout_quantile(&fanout_before, &fanout_after, 0.5),
+            "p99_le_s": fanout_quantile(&fanout_before, &fanout_after, 0.99),
+        }),
         "flood": counts.to_json(),
         "limit_rejections": metrics,
         "redis_keys_after": redis_keys,
     })])
 }
 
-/// `gateway_limit_rejections_total` by limit, from the node's /metrics.
-async fn metrics_of(origin: &str) -> Value {
-    let text = match reqwest::get(format!("{origin}/metrics")).await {
+async fn metrics_text(origin: &str) -> String {
+    match reqwest::get(format!("{origin}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => return Value::Null,
+        Err(_) => String::new(),
+    }
+}
+
+/// The upper bound (seconds) of the bucket of `gateway_fanout_latency_seconds{transport="ws"}`
+/// holding quantile `q` of what was observed between two scrapes: the node's own publish→write
+/// time of the hot channel (the only one with publications), without the publish request's.
+fn fanout_quantile(before: &str, after: &str, q: f64) -> Value {
+    let buckets = |text: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with("gateway_fanout_latency_seconds_bucket{transport=\"ws\""))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?.to_string();
+                Some((le, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect()
     };
+    let (b, a) = (buckets(before), buckets(after));
+    let total = a.last().map_or(0.0, |x| x.1) - b.last().map_or(0.0, |x| x.1);
+    if total <= 0.0 {
+        return Value::Null;
+    }
+    for ((le, n_after), (_, n_before)) in a.iter().zip(&b) {
+        if n_after - n_before >= q * total {
+            return le.clone().into();
+        }
+    }
+    Value::Null
+}
+
+/// `gateway_limit_rejections_total` by limit.
+fn limit_rejections(text: &str) -> Value {
     let mut out = serde_json::Map::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("gateway_limit_rejections_total{limit=\"") {
@@ -308,6 +348,8 @@ async fn publish_hot(
     rate: f64,
     duration: Duration,
     published: Arc<AtomicU64>,
+    flood_started: Arc<AtomicU64>,
+    round_trips: Arc<Mutex<[hdrhistogram::Histogram<u64>; 2]>>,
 ) -> u64 {
     let client = reqwest::Client::new();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
@@ -316,7 +358,8 @@ async fn publish_hot(
     let (mut i, mut errors) = (0u64, 0u64);
     while Instant::now() < end {
         tick.tick().await;
-        let body = json!({"channel": HOT, "data": {"i": i, "t": now_micros()}});
+        let sent = now_micros();
+        let body = json!({"channel": HOT, "data": {"i": i, "t": sent}});
         let answer = client
             .post(format!("{origin}/api/publish"))
             .json(&body)
@@ -324,6 +367,9 @@ async fn publish_hot(
             .await;
         match answer {
             Ok(r) if r.status().is_success() => {
+                let phase = usize::from(sent >= flood_started.load(Ordering::Relaxed));
+                let rtt = now_micros().saturating_sub(sent);
+                stats::record_clamped(&mut round_trips.lock().unwrap()[phase], rtt);
                 published.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
