@@ -147,6 +147,12 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
 
     // The flood.
     let fanout_before = metrics_text(&origin).await;
+    // Whose CPU the flood takes: the node's, and this tool's own (the machine is shared).
+    let cpu_before = (
+        crate::net::cpu_seconds(node.pid()).unwrap_or(0.0),
+        crate::net::cpu_seconds(std::process::id()).unwrap_or(0.0),
+        Instant::now(),
+    );
     flood_started.store(now_micros(), Ordering::Relaxed);
     let counts = Arc::new(FloodCounts::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -189,6 +195,12 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
         .await
         .map_err(|e| format!("publisher failed: {e}"))?;
     let fanout_after = metrics_text(&origin).await;
+    let flood_wall = cpu_before.2.elapsed().as_secs_f64();
+    let node_cpu = crate::net::cpu_seconds(node.pid()).unwrap_or(0.0) - cpu_before.0;
+    let tool_cpu = crate::net::cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu_before.1;
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok());
     stop.store(true, Ordering::Relaxed);
     for l in loops {
         let _ = l.await;
@@ -228,6 +240,11 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
         "lost": lost,
         "out_of_order": log.out_of_order,
         "publish_errors": publish_errors,
+        "flood_cpu_per_s": json!({
+            "node": (node_cpu / flood_wall * 100.0).round() / 100.0,
+            "loadtest": (tool_cpu / flood_wall * 100.0).round() / 100.0,
+        }),
+        "load_average_1m": load_average,
         "publish_rtt_quiet": stats::latency_summary(&round_trips.lock().unwrap()[0]),
         "publish_rtt_flood": stats::latency_summary(&round_trips.lock().unwrap()[1]),
         "node_fanout_flood": json!({
