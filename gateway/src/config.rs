@@ -134,6 +134,12 @@ pub struct LimitsConfig {
     /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the client for the
     /// per-IP limits and the logs.
     pub trusted_proxies: Vec<String>,
+    /// Most fresh channels (ones this node holds no subscription for: each costs a new
+    /// backplane subscription and history read) one SSE or poll request may name.
+    pub fresh_channels_per_request: usize,
+    /// Fresh channels subscribed per second from one IP address, over SSE, poll and WebSocket
+    /// (the bucket holds a second's worth, at least one request's).
+    pub fresh_channels_per_second: f64,
 }
 
 impl Default for LimitsConfig {
@@ -148,6 +154,8 @@ impl Default for LimitsConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
             trusted_proxies: Vec::new(),
+            fresh_channels_per_request: 128,
+            fresh_channels_per_second: 256.0,
         }
     }
 }
@@ -744,6 +752,10 @@ impl Config {
         for (key, rate) in [
             ("limits.connection_rate_per_ip", l.connection_rate_per_ip),
             ("limits.command_rate", l.command_rate),
+            (
+                "limits.fresh_channels_per_second",
+                l.fresh_channels_per_second,
+            ),
         ] {
             if !rate.is_finite() || rate < 0.0 {
                 return Err(ConfigError(format!(

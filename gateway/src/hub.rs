@@ -65,6 +65,13 @@ impl Hub {
         }
     }
 
+    /// Whether the node holds the channel: it has local subscribers or a backplane subscription
+    /// (being set up or released). Any other channel is fresh: subscribing to it costs a new
+    /// backplane subscription.
+    pub fn holds(&self, channel: &str) -> bool {
+        self.shard(channel).read().contains_key(channel)
+    }
+
     /// Removes a local subscriber if present. Returns true when the channel has no local
     /// subscriber left, so the caller should [`Hub::reconcile`] it.
     pub fn remove(&self, channel: &str, conn: ConnId) -> bool {

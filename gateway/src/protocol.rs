@@ -91,6 +91,8 @@ pub mod error_code {
     pub const TOO_MANY_USER_CONNECTIONS: &str = "too_many_user_connections";
     /// Over `limits.connection_rate_per_ip` (429).
     pub const CONNECTION_RATE_LIMITED: &str = "connection_rate_limited";
+    /// Over `limits.fresh_channels_per_request` or `limits.fresh_channels_per_second` (429).
+    pub const TOO_MANY_FRESH_CHANNELS: &str = "too_many_fresh_channels";
     /// `/sse` with an `Accept` that rules out `text/event-stream` (406).
     pub const NOT_ACCEPTABLE: &str = "not_acceptable";
     /// No such route on this listener (404).
@@ -145,6 +147,7 @@ impl ErrorBody {
         match self.code {
             error_code::BACKPLANE_UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
             error_code::IDEMPOTENCY_CONFLICT => StatusCode::CONFLICT,
+            error_code::TOO_MANY_FRESH_CHANNELS => StatusCode::TOO_MANY_REQUESTS,
             error_code::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
             error_code::FORBIDDEN => StatusCode::FORBIDDEN,
             error_code::MESSAGE_TOO_LARGE | error_code::PAYLOAD_TOO_LARGE => {

@@ -9,6 +9,7 @@ mod connections;
 mod echo;
 mod failover;
 mod fanout;
+mod flood;
 mod gateway;
 mod latency;
 mod net;
@@ -113,6 +114,9 @@ enum Command {
     Failover(failover::Args),
     /// What redis.min_replicas_acked costs: publish latency with 0, 1, … replica acks.
     PublishLatency(failover::LatencyArgs),
+    /// A flood of polls and WebSocket subscribes over fresh channel names (redis-server and one
+    /// node started by the tool): a hot channel's latency without and during it, the 429s.
+    FreshFlood(flood::Args),
 }
 
 pub fn secs(s: f64) -> Duration {
@@ -141,6 +145,9 @@ async fn run(cli: Cli) -> ExitCode {
                 failover::run_latency(&bin, args).await
             })
             .await
+        }
+        Command::FreshFlood(args) => {
+            redis_scenario(&cli, |bin| async move { flood::run(&bin, args).await }).await
         }
         command => single(command, cli.gateway_bin.clone()).await,
     };
@@ -192,7 +199,10 @@ async fn single(
         | Command::Echo { system, .. }
         | Command::Connections { system, .. } => (system, 1),
         Command::Latency { system, .. } | Command::Storm { system, .. } => (system, 3),
-        Command::Suite(_) | Command::Failover(_) | Command::PublishLatency(_) => {
+        Command::Suite(_)
+        | Command::Failover(_)
+        | Command::PublishLatency(_)
+        | Command::FreshFlood(_) => {
             unreachable!("handled by the caller")
         }
     };
@@ -221,7 +231,10 @@ async fn single(
             echo::run(&url, &system.pids(), args).await
         }
         Command::Connections { args, .. } => connections::run(&mut system, args).await,
-        Command::Suite(_) | Command::Failover(_) | Command::PublishLatency(_) => {
+        Command::Suite(_)
+        | Command::Failover(_)
+        | Command::PublishLatency(_)
+        | Command::FreshFlood(_) => {
             unreachable!("handled by the caller")
         }
     };

@@ -1,6 +1,6 @@
 //! The test kit: everything a test (or `loadtest`) needs to drive real gateway and redis-server
 //! processes from outside — spawning them ([`gateway_process`], [`redis`], [`sentinel`];
-//! [`slot_move`] reshards a cluster), talking to them ([`http`], [`ws`], [`raw_ws`], [`sse`]),
+//! [`slot_move`] reshards a cluster; [`tcp_proxy`] freezes or cuts a link), talking to them ([`http`], [`ws`], [`raw_ws`], [`sse`]),
 //! publishing ([`publisher`]; through faults, with retries: [`fault_publish`]), recording what
 //! subscribers receive and checking it against the acks ([`recording`]), and waiting without
 //! sleeping ([`wait`]).
@@ -19,6 +19,7 @@ pub mod redis;
 pub mod sentinel;
 pub mod slot_move;
 pub mod sse;
+pub mod tcp_proxy;
 pub mod text;
 pub mod wait;
 pub mod ws;
@@ -34,6 +35,7 @@ pub use redis::*;
 pub use sentinel::*;
 pub use slot_move::*;
 pub use sse::*;
+pub use tcp_proxy::TcpProxy;
 pub use text::*;
 pub use wait::*;
 pub use ws::*;

@@ -381,11 +381,16 @@ async fn route(
     peer: Peer,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    if peer.from_proxy {
-        let client = node
-            .policy()
+    // The client: the peer, or behind a trusted proxy the address it names. Every per-IP limit
+    // of the request (connection rate, fresh channels) is charged to it.
+    let client = if peer.from_proxy {
+        node.policy()
             .trusted_proxies
-            .client_ip(peer.ip, request.headers());
+            .client_ip(peer.ip, request.headers())
+    } else {
+        peer.ip
+    };
+    if peer.from_proxy {
         if let Err(retry) = node.policy().limits.accept_ip(client) {
             node.count_limit("connection_rate_per_ip");
             tracing::debug!(%client, proxy = %peer.ip, "over limits.connection_rate_per_ip");
@@ -397,7 +402,7 @@ async fn route(
     }
     let path = request.uri().path().to_string();
     let origin = gate::origin_of(request.headers());
-    let mut response = serve(node, request).await;
+    let mut response = serve(node, client, request).await;
     gate::add_cors_headers(node, &path, &origin, &mut response);
     response
 }
@@ -461,7 +466,7 @@ impl Route {
     }
 }
 
-async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
+async fn serve(node: &Arc<Node>, client_ip: IpAddr, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path();
     let Some(route) = Route::of(node, path) else {
         return response::error(
@@ -520,12 +525,12 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
                 Err(response) => return poll::no_store(response),
             };
             // The connection counts against the limits while the poll waits.
-            let response = poll::poll(node, request.uri().query()).await;
+            let response = poll::poll(node, request.uri().query(), client_ip).await;
             drop(admission);
             poll::no_store(response)
         }
         Route::Sse => match admit_stream(node, route, &request) {
-            Ok(admission) => sse::open(node, request.uri().query(), request.headers())
+            Ok(admission) => sse::open(node, request.uri().query(), request.headers(), client_ip)
                 .map(|body| guard::Expiring::wrap(node, body, admission)),
             Err(response) => response,
         },
@@ -542,7 +547,7 @@ async fn serve(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
                 Err(response) => return response,
             };
             let mut request = request;
-            match ws::accept(node, &mut request, handshake, mode, admission) {
+            match ws::accept(node, &mut request, handshake, mode, admission, client_ip) {
                 Ok(response) => response.map(|_| response::empty()),
                 Err(e) => response::error(
                     StatusCode::BAD_REQUEST,

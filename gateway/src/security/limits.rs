@@ -1,5 +1,5 @@
-//! Abuse limits: token buckets (per-IP connection rate, per-connection command rate) and the
-//! node's connection counts (per node, per user), held by RAII permits.
+//! Abuse limits: token buckets (per-IP connection rate, per-connection command rate, per-IP
+//! fresh channels) and the node's connection counts (per node, per user), held by RAII permits.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -49,6 +49,19 @@ impl TokenBucket {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
+
+    /// Takes `count` tokens at once, or none and says how long until they are there (a count
+    /// above the burst never fits: it waits as long as an empty bucket takes to fill).
+    pub fn take_many(&mut self, count: f64) -> Result<(), Duration> {
+        self.refill(Instant::now());
+        if self.tokens >= count {
+            self.tokens -= count;
+            Ok(())
+        } else {
+            let missing = count.min(self.burst) - self.tokens;
+            Err(Duration::from_secs_f64(missing.max(0.0) / self.rate))
+        }
+    }
 }
 
 /// Why a connection is refused.
@@ -77,12 +90,57 @@ impl Refusal {
     }
 }
 
+/// Why a request's fresh channels (channels the node holds no subscription for, each a new
+/// backplane subscription and history read) are refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FreshRefusal {
+    /// More than `limits.fresh_channels_per_request` in one SSE or poll request.
+    PerRequest { max: usize },
+    /// This IP's `limits.fresh_channels_per_second` is spent; retry after the duration.
+    PerSecond { rate: f64, retry: Duration },
+}
+
+impl FreshRefusal {
+    /// The bounded label of `gateway_limit_rejections_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FreshRefusal::PerRequest { .. } => "fresh_channels_per_request",
+            FreshRefusal::PerSecond { .. } => "fresh_channels_per_second",
+        }
+    }
+
+    /// The error a client sees: `too_many_fresh_channels`, naming the limit.
+    pub fn error(self) -> crate::protocol::ErrorBody {
+        let message = match self {
+            FreshRefusal::PerRequest { max } => format!(
+                "a request may subscribe at most {max} channels this node holds no subscription \
+                 for (limits.fresh_channels_per_request)"
+            ),
+            FreshRefusal::PerSecond { rate, .. } => format!(
+                "too many subscriptions to channels this node holds no subscription for from \
+                 this address, at most {rate} a second (limits.fresh_channels_per_second)"
+            ),
+        };
+        crate::protocol::ErrorBody::new(error_code::TOO_MANY_FRESH_CHANNELS, message)
+    }
+
+    /// When to retry, for `Retry-After`.
+    pub fn retry_after(self) -> Duration {
+        match self {
+            FreshRefusal::PerRequest { .. } => Duration::from_secs(1),
+            FreshRefusal::PerSecond { retry, .. } => retry,
+        }
+    }
+}
+
 /// Connection counts and per-IP buckets of one node.
 pub struct Limits {
     config: LimitsConfig,
     connections: Arc<AtomicUsize>,
     users: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     ips: Mutex<IpBuckets>,
+    /// Per-IP buckets of `limits.fresh_channels_per_second` (the same bounded table).
+    fresh: Mutex<IpBuckets>,
 }
 
 /// Most IP addresses tracked at once (two generations of half of it each).
@@ -150,7 +208,34 @@ impl Limits {
             connections: Arc::default(),
             users: Arc::default(),
             ips: Mutex::new(IpBuckets::new(MAX_TRACKED_IPS)),
+            fresh: Mutex::new(IpBuckets::new(MAX_TRACKED_IPS)),
         }
+    }
+
+    /// Charges `count` fresh channels of one request (or one WebSocket subscribe) from `ip`
+    /// against `limits.fresh_channels_per_request` and `limits.fresh_channels_per_second`. A
+    /// refused request takes nothing from the bucket. The bucket holds a second's worth, and at
+    /// least one whole request's.
+    pub fn take_fresh(&self, ip: IpAddr, count: usize) -> Result<(), FreshRefusal> {
+        if count == 0 {
+            return Ok(());
+        }
+        let per_request = self.config.fresh_channels_per_request;
+        if per_request > 0 && count > per_request {
+            return Err(FreshRefusal::PerRequest { max: per_request });
+        }
+        let rate = self.config.fresh_channels_per_second;
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let burst = (rate.ceil() as usize)
+            .max(per_request)
+            .min(u32::MAX as usize) as u32;
+        self.fresh
+            .lock()
+            .bucket(IpKey::of(ip), || TokenBucket::new(rate, burst))
+            .take_many(count as f64)
+            .map_err(|retry| FreshRefusal::PerSecond { rate, retry })
     }
 
     /// Whether a new connection from client `ip` (see `client_ip`) is within
@@ -308,6 +393,38 @@ mod tests {
         assert!(limits
             .accept_ip("::ffff:203.0.113.9".parse().unwrap())
             .is_err());
+    }
+
+    #[test]
+    fn fresh_channels_are_limited_per_request_and_per_second_per_ip() {
+        let limits = Limits::new(&LimitsConfig {
+            fresh_channels_per_request: 4,
+            fresh_channels_per_second: 6.0,
+            ..LimitsConfig::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            limits.take_fresh(a, 5),
+            Err(FreshRefusal::PerRequest { max: 4 })
+        );
+        // The refused request took nothing: a whole second's worth is still there.
+        limits.take_fresh(a, 4).unwrap();
+        limits.take_fresh(a, 2).unwrap();
+        let refusal = limits.take_fresh(a, 1).unwrap_err();
+        assert_eq!(refusal.label(), "fresh_channels_per_second");
+        assert!(refusal.retry_after() > Duration::ZERO);
+        assert_eq!(refusal.error().code, error_code::TOO_MANY_FRESH_CHANNELS);
+        // Another address has its own bucket; nothing fresh costs nothing.
+        limits.take_fresh(b, 4).unwrap();
+        limits.take_fresh(a, 0).unwrap();
+        // Zero turns both limits off.
+        let off = Limits::new(&LimitsConfig {
+            fresh_channels_per_request: 0,
+            fresh_channels_per_second: 0.0,
+            ..LimitsConfig::default()
+        });
+        off.take_fresh(a, 100_000).unwrap();
     }
 
     #[test]

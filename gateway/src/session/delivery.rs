@@ -35,6 +35,11 @@ pub(crate) enum Output {
     Subscribed {
         id: Option<u64>,
         result: SubscribeResult,
+        /// The offset delivery continues after, and the tag there when known: the requested
+        /// position when recovered, the new epoch's start after `epoch_changed` (before the
+        /// first publication delivered from it), else `result.offset`. What a cursor names
+        /// until the channel's first delivered publication.
+        start: (u64, Option<u32>),
     },
     /// A subscription could not be set up; the channel is not subscribed.
     SubscribeFailed {
@@ -443,6 +448,7 @@ impl Deliveries {
         sub.tag = resume.tag;
         out.push(Output::Subscribed {
             id,
+            start: (resume.continue_after, resume.tag),
             result: SubscribeResult {
                 channel: channel.clone(),
                 epoch: page.epoch.clone(),
@@ -1328,5 +1334,64 @@ mod tests {
         for (name, script) in cases {
             run(name, script);
         }
+    }
+
+    /// The start a subscribe output names, which a cursor holds until the channel's first
+    /// delivered publication (SSE's `connected` event).
+    #[test]
+    fn subscribed_names_where_delivery_starts() {
+        let subscribe =
+            |since: Option<(&str, u64)>, pages: &[(bool, Result<HistoryPage, BackplaneError>)]| {
+                let mut deliveries = Deliveries::new(PAGE_SIZE, 2);
+                let channel: Arc<str> = CHANNEL.into();
+                let gen = deliveries.subscribe(&channel).unwrap();
+                let since = since.map(|(epoch, offset)| Position {
+                    epoch: epoch.into(),
+                    offset,
+                    tag: None,
+                });
+                let mut out = Vec::new();
+                for (from_start, page) in pages {
+                    let page = match page {
+                        Ok(p) => Ok(p.clone()),
+                        Err(_) => failed(),
+                    };
+                    let input = Input::Subscribed {
+                        gen,
+                        channel: channel.clone(),
+                        id: None,
+                        since: since.clone(),
+                        from_start: *from_start,
+                        page,
+                    };
+                    deliveries.apply(input, &mut out, &mut Vec::new());
+                }
+                out.iter()
+                    .find_map(|o| match o {
+                        Output::Subscribed { result, start, .. } => Some((result.offset, start.0)),
+                        _ => None,
+                    })
+                    .expect("subscribed")
+            };
+        // From now: the top.
+        assert_eq!(subscribe(None, &[(false, page("e1", 5, &[]))]), (5, 5));
+        // Recovered: the requested position, the page follows.
+        assert_eq!(
+            subscribe(Some(("e1", 2)), &[(false, page("e1", 5, &[3, 4, 5]))]),
+            (5, 2)
+        );
+        // Not recovered: the top.
+        assert_eq!(
+            subscribe(Some(("e1", 9)), &[(false, page("e1", 5, &[]))]),
+            (5, 5)
+        );
+        // epoch_changed: the result names the new epoch's top, delivery starts at its start.
+        let new_epoch = [
+            (false, page("e2", 5, &[])),
+            (true, page("e2", 5, &[1, 2, 3])),
+        ];
+        assert_eq!(subscribe(Some(("e1", 2)), &new_epoch), (5, 0));
+        let trimmed = [(false, page("e2", 9, &[])), (true, page("e2", 9, &[8, 9]))];
+        assert_eq!(subscribe(Some(("e1", 2)), &trimmed), (9, 7));
     }
 }

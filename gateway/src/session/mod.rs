@@ -4,7 +4,9 @@
 //! write what it outputs.
 
 pub(crate) mod delivery;
+pub(crate) mod fresh;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +56,9 @@ pub(crate) struct Session {
     /// Commands and catch-ups in progress; `None` when there are none, so an idle session
     /// holds no allocation for them.
     pending: Option<FuturesUnordered<BoxFuture<'static, Completion>>>,
+    /// The client's address when each subscribe is charged for fresh channels ([`fresh`]);
+    /// `None` when the transport charged the whole request up front (SSE, long-poll).
+    charged_ip: Option<IpAddr>,
 }
 
 impl Session {
@@ -67,7 +72,15 @@ impl Session {
             sender,
             queue,
             pending: None,
+            charged_ip: None,
         }
+    }
+
+    /// Charges every later subscribe to a fresh channel to `ip` (WebSocket: one command at a
+    /// time).
+    pub(crate) fn charge_fresh_channels_to(mut self, ip: IpAddr) -> Self {
+        self.charged_ip = Some(ip);
+        self
     }
 
     /// Whether the transport may hand over another command now.
@@ -105,6 +118,18 @@ impl Session {
                 return;
             }
         };
+        if let Some(ip) = self.charged_ip {
+            if let Err(refusal) = fresh::charge(&self.node, ip, std::slice::from_ref(&channel)) {
+                // Not joined anywhere yet: forgetting the subscription undoes it.
+                let _ = self.deliveries.unsubscribe(&channel);
+                out.push(Output::SubscribeFailed {
+                    id,
+                    channel,
+                    error: refusal.error(),
+                });
+                return;
+            }
+        }
         // Joining the hub first means no publication fanned out from now on is missed; the
         // position read afterwards tells which of them are new.
         self.node

@@ -7,6 +7,7 @@
 //! short-lived session: it subscribes (joining the hub before reading positions, so nothing
 //! published meanwhile is missed), collects what the session outputs, and answers.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ use crate::drain::reconnect_hint;
 use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::{error_code, ErrorBody};
+use crate::security::guard::too_many;
+use crate::session::fresh;
 use crate::session::{oldest_live, Output, Session};
 use crate::transport::stream_query::{decode_cursor, StreamQuery};
 
@@ -70,7 +73,11 @@ impl Outcome {
 }
 
 /// Answers one poll.
-pub(crate) async fn poll(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
+pub(crate) async fn poll(
+    node: &Arc<Node>,
+    query: Option<&str>,
+    client_ip: IpAddr,
+) -> Response<Body> {
     let request = match parse(node, query) {
         Ok(request) => request,
         Err(e) => {
@@ -81,6 +88,14 @@ pub(crate) async fn poll(node: &Arc<Node>, query: Option<&str>) -> Response<Body
             return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
         }
     };
+    if let Err(refusal) = fresh::charge(node, client_ip, &request.channels) {
+        node.metrics()
+            .poll_responses
+            .with_label_values(&["rejected"])
+            .inc();
+        let error = refusal.error();
+        return too_many(error.code, error.message, refusal.retry_after());
+    }
     let gauge = node.metrics().connections.with_label_values(&["poll"]);
     gauge.inc();
     let response = answer(node, request).await;
@@ -139,13 +154,15 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
         }
         for output in out.drain(..) {
             match output {
-                Output::Subscribed { result, .. } => {
+                Output::Subscribed { result, start, .. } => {
                     subscribed += 1;
                     if let Some(reason) = result.reason {
+                        // Publications from the reset's offset + 1 follow (after
+                        // `epoch_changed`, the new epoch's start rather than its top).
                         delivered.push(Output::Reset {
                             channel: result.channel,
                             epoch: result.epoch,
-                            offset: result.offset,
+                            offset: start.0,
                             reason,
                         });
                     }

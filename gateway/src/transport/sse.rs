@@ -3,6 +3,7 @@
 //! channel of the stream, so EventSource's automatic `Last-Event-ID` resumes all of them exactly
 //! once.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ use crate::drain::{reconnect_hint, Registration};
 use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::{error_code, Reset, SubscribeResult};
+use crate::security::guard::too_many;
+use crate::session::fresh;
 use crate::session::{oldest_live, Output, Session};
 use crate::transport::body_channel::{body_channel, BodySender};
 use crate::transport::stream_query::{decode_cursor, StreamQuery};
@@ -23,7 +26,12 @@ use crate::transport::stream_query::{decode_cursor, StreamQuery};
 const BATCH: usize = 256;
 
 /// Validates the request and starts the stream.
-pub(crate) fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -> Response<Body> {
+pub(crate) fn open(
+    node: &Arc<Node>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+) -> Response<Body> {
     if !accepts_event_stream(headers) {
         return response::error(
             StatusCode::NOT_ACCEPTABLE,
@@ -51,6 +59,10 @@ pub(crate) fn open(node: &Arc<Node>, query: Option<&str>, headers: &HeaderMap) -
         Err(e) => return response::error(StatusCode::BAD_REQUEST, e.code, e.message),
     };
     let channels = request.channels;
+    if let Err(refusal) = fresh::charge(node, client_ip, &channels) {
+        let error = refusal.error();
+        return too_many(error.code, error.message, refusal.retry_after());
+    }
 
     let registration = node.streams().register();
     let mut session = Session::new(node.clone(), registration.id());
@@ -171,11 +183,14 @@ impl SseStream {
             }
             for output in out.drain(..) {
                 match output {
-                    Output::Subscribed { result, .. } => {
+                    Output::Subscribed { result, start, .. } => {
                         let i = self.index(&result.channel);
+                        // Where delivery starts, not the result's top: after `epoch_changed`
+                        // the new epoch follows from its start, and a cursor naming the top
+                        // would skip it on reconnect.
                         let start = match (result.recovered, starts[i]) {
                             (true, Some(since)) => since,
-                            _ => (result.offset, result.tag),
+                            _ => start,
                         };
                         self.positions[i].1 = result.epoch.clone();
                         (self.positions[i].2, self.positions[i].3) = start;
@@ -202,7 +217,9 @@ impl SseStream {
             .await?;
         for result in &results {
             if let Some(reason) = result.reason {
-                self.emit_reset(&result.channel, &result.epoch, result.offset, reason)
+                // Publications from the reset's offset + 1 follow: the stream's start.
+                let start = self.positions[self.index(&result.channel)].2;
+                self.emit_reset(&result.channel, &result.epoch, start, reason)
                     .await?;
             }
         }

@@ -35,7 +35,12 @@ async fn subscribe_calls(redis: &RedisServer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribes_of_clients_that_left_are_released_after_the_linger() {
     let redis = RedisServer::start(RedisOpts::default()).await;
-    let linger = [("GATEWAY__REDIS__SUBSCRIBE_LINGER", "1s")];
+    // 500 fresh channels from one address in a moment: the fresh-channel rate is not what
+    // this test is about.
+    let linger = [
+        ("GATEWAY__REDIS__SUBSCRIBE_LINGER", "1s"),
+        ("GATEWAY__LIMITS__FRESH_CHANNELS_PER_SECOND", "0"),
+    ];
     let env: Vec<(&str, &str)> = PATIENT.iter().chain(&linger).copied().collect();
     let node = GatewayProcess::start("node", &Backend::standalone(&redis).args, &env).await;
     // A subscriber that stays: its channel is part of the baseline and must stay subscribed.
@@ -105,7 +110,11 @@ fn latency_quantile(before: &str, after: &str, q: f64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_fresh_subscribes_does_not_hold_up_other_channels() {
     let redis = RedisServer::start(RedisOpts::default()).await;
-    let node = GatewayProcess::start("node", &Backend::standalone(&redis).args, &PATIENT).await;
+    // The flood is what the link must withstand, so the per-IP fresh-channel rate that would
+    // refuse most of it is off here (`fresh_channels` tests that limit).
+    let unlimited = [("GATEWAY__LIMITS__FRESH_CHANNELS_PER_SECOND", "0")];
+    let env: Vec<(&str, &str)> = PATIENT.iter().chain(&unlimited).copied().collect();
+    let node = GatewayProcess::start("node", &Backend::standalone(&redis).args, &env).await;
     let hot = "flood:hot";
     let live = Sub::connect("live", node.addr).await;
     live.subscribe(hot, None).await;

@@ -9,6 +9,7 @@ pub(crate) mod frame_reader;
 pub(crate) mod message;
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::Poll;
@@ -94,6 +95,7 @@ pub(crate) fn accept(
     handshake: Handshake,
     mode: Mode,
     admission: Admission,
+    client_ip: IpAddr,
 ) -> Result<Answer, WebSocketError> {
     // deflate negotiation: when the request carries `sec-websocket-extensions`, negotiate here
     // (once, for both handshakes: RFC 8441 §5 keeps the header's meaning on HTTP/2), add the
@@ -102,13 +104,13 @@ pub(crate) fn accept(
         Handshake::Upgrade => {
             let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
             let io = async move { upgrade.await.map(|ws| ws.into_inner()) };
-            spawn_connection(node, io, handshake, mode, admission);
+            spawn_connection(node, io, handshake, mode, admission, client_ip);
             Ok(response)
         }
         Handshake::ExtendedConnect => {
             let (response, stream) = accept_extended_connect(request)?;
             let io = async move { stream.await.map(TokioIo::new) };
-            spawn_connection(node, io, handshake, mode, admission);
+            spawn_connection(node, io, handshake, mode, admission, client_ip);
             Ok(response)
         }
     }
@@ -136,6 +138,7 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
     handshake: Handshake,
     mode: Mode,
     admission: Admission,
+    client_ip: IpAddr,
 ) {
     let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
     let node = node.clone();
@@ -158,7 +161,7 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
                     .websockets
                     .with_label_values(&[handshake.http_version()]);
                 open.inc();
-                run(node, read, writer, mode, guard).await;
+                run(node, read, writer, mode, guard, client_ip).await;
                 open.dec();
             }
             Err(e) => tracing::debug!(error = %e, ?handshake, "websocket upgrade failed"),
@@ -166,7 +169,14 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
     });
 }
 
-async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode, guard: Guard) {
+async fn run(
+    node: Arc<Node>,
+    read: ReadHalf<Io>,
+    writer: Writer,
+    mode: Mode,
+    guard: Guard,
+    client_ip: IpAddr,
+) {
     let transport = if mode == Mode::Echo { "echo" } else { "ws" };
     let gauge = node.metrics().connections.with_label_values(&[transport]);
     gauge.inc();
@@ -185,6 +195,7 @@ async fn run(node: Arc<Node>, read: ReadHalf<Io>, writer: Writer, mode: Mode, gu
         guard,
         node,
         writer,
+        client_ip,
     };
     conn.serve(mode).await;
     gauge.dec();
@@ -254,6 +265,8 @@ struct Connection<F> {
     /// the fan-out path would pay it per batch.
     deliveries: prometheus::IntCounter,
     fanout_latency: prometheus::Histogram,
+    /// Charged for the fresh channels the connection subscribes to.
+    client_ip: IpAddr,
 }
 
 /// Runs a write, arming the write timeout only if it cannot finish at once: almost every batch
@@ -288,7 +301,9 @@ enum End {
 impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     async fn serve(&mut self, mode: Mode) {
         let conn = self.registration.id();
-        let mut session = (mode == Mode::Protocol).then(|| Session::new(self.node.clone(), conn));
+        let mut session = (mode == Mode::Protocol).then(|| {
+            Session::new(self.node.clone(), conn).charge_fresh_channels_to(self.client_ip)
+        });
         let mut out: Vec<Output> = Vec::new();
         let end = loop {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
@@ -502,7 +517,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         continue;
                     }
                     Output::Reply(bytes) => bytes,
-                    Output::Subscribed { id, result } => reply_ok(id, &result),
+                    Output::Subscribed { id, result, .. } => reply_ok(id, &result),
                     Output::SubscribeFailed { id, error, .. } => reply_err(id, &error),
                     reset @ Output::Reset { .. } => {
                         reset.reset_push().expect("a reset has a push form")
