@@ -235,7 +235,14 @@ async fn a_stream_whose_cursor_could_outgrow_the_limit_is_refused_up_front() {
 
 #[tokio::test]
 async fn the_widest_accepted_sse_stream_resumes_from_its_own_cursor() {
-    let node = Node::with(|c| c.client.max_subscriptions = 256).await;
+    let node = Node::with(|c| {
+        c.client.max_subscriptions = 256;
+        // Every channel of these requests is fresh: the fresh-channel limits are another
+        // test's subject.
+        c.limits.fresh_channels_per_request = 0;
+        c.limits.fresh_channels_per_second = 0.0;
+    })
+    .await;
     // Just under the bound: 256 channels of 110 bytes.
     let channels = long_channels(256, 110);
     let names = refs(&channels);
@@ -262,7 +269,14 @@ async fn the_widest_accepted_sse_stream_resumes_from_its_own_cursor() {
 
 #[tokio::test]
 async fn the_widest_accepted_poll_resumes_from_its_own_cursor() {
-    let node = Node::with(|c| c.client.max_subscriptions = 256).await;
+    let node = Node::with(|c| {
+        c.client.max_subscriptions = 256;
+        // Every channel of these requests is fresh: the fresh-channel limits are another
+        // test's subject.
+        c.limits.fresh_channels_per_request = 0;
+        c.limits.fresh_channels_per_second = 0.0;
+    })
+    .await;
     let channels = long_channels(256, 40);
     let query = channel_query(&refs(&channels));
     let (status, first) = get(&node, &format!("/poll?{query}")).await;
