@@ -275,6 +275,21 @@ pub struct WebSocketConfig {
     pub write_timeout: Duration,
     /// Serves `GET /ws/echo`, the conformance endpoint, when true.
     pub echo: bool,
+    /// Whether permessage-deflate (RFC 7692) is negotiated with clients that offer it.
+    pub compression: Compression,
+    /// Messages shorter than this many bytes are sent uncompressed even when compression was
+    /// negotiated: below it the saving is a few bytes and not worth the CPU.
+    pub compression_min_size: usize,
+}
+
+/// `websocket.compression`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Off,
+    /// Answer a client's permessage-deflate offer (the default: a publication is compressed once
+    /// for all its subscribers, and an idle connection holds no compression state).
+    On,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -417,6 +432,8 @@ impl Default for WebSocketConfig {
             pong_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             echo: false,
+            compression: Compression::On,
+            compression_min_size: 256,
         }
     }
 }
