@@ -31,3 +31,5 @@ mod slow_consumer;
 mod sse;
 mod tls;
 mod websocket;
+mod ws_deflate;
+mod ws_frames;
