@@ -92,8 +92,7 @@ async fn run(idle: usize, subscribers: usize, publications: usize) {
             ("2 KB JSON", document),
         ] {
             let json_len = make(0).to_string().len();
-            let (wire, cpu_us) =
-                deliveries(&node, name, make, subscribers, publications).await;
+            let (wire, cpu_us) = deliveries(&node, name, make, subscribers, publications).await;
             println!(
                 "| {mode} | {min_size} | {idle_kib:.2} | {name} | {json_len} | {wire:.0} | {cpu_us:.2} |"
             );
@@ -142,7 +141,14 @@ async fn deliveries(
             for _ in 0..publications {
                 let frame = ws.read_frame().await.expect("publication");
                 let len = frame.payload.len();
-                bytes += len + if len < 126 { 2 } else if len < 65536 { 4 } else { 10 };
+                bytes += len
+                    + if len < 126 {
+                        2
+                    } else if len < 65536 {
+                        4
+                    } else {
+                        10
+                    };
             }
             bytes
         }));

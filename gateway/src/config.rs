@@ -961,4 +961,18 @@ mod tests {
         assert!(e.contains("redis.replica_ack_timeout"), "{e}");
         Config::from_toml("[redis]\nurl = \"redis://a:6379\"\nmin_replicas_acked = 2\n").unwrap();
     }
+
+    #[test]
+    fn websocket_compression_keys() {
+        let config = Config::default();
+        assert_eq!(config.websocket.compression, Compression::On);
+        assert_eq!(config.websocket.compression_min_size, 256);
+        let config =
+            Config::from_toml("[websocket]\ncompression = \"off\"\ncompression_min_size = 0\n")
+                .unwrap();
+        assert_eq!(config.websocket.compression, Compression::Off);
+        assert_eq!(config.websocket.compression_min_size, 0);
+        let e = error_of("[websocket]\ncompression = \"gzip\"\n");
+        assert!(e.contains("compression"), "{e}");
+    }
 }
