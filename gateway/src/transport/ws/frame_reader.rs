@@ -15,7 +15,6 @@
 //! Close is answered.
 
 use std::future::poll_fn;
-use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -254,12 +253,6 @@ pub fn parse_all(data: &[u8], limits: ReadLimits) -> (Vec<Frame>, Option<ReadErr
             Err(ReadError::Gone) => return (frames, None),
             Err(e) => return (frames, Some(e)),
         }
-    }
-}
-
-impl From<io::Error> for ReadError {
-    fn from(_: io::Error) -> Self {
-        ReadError::Gone
     }
 }
 
