@@ -1,7 +1,7 @@
 //! A publication and its one wire form, built once and shared by every subscriber and transport.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,13 @@ pub struct Publication {
     pub tag: u32,
     json: Bytes,
     data: Range<usize>,
+    /// Forms of `json` a transport derives, each made on first use and then shared like `json`
+    /// (WebSocket permessage-deflate: one per window size). Unallocated until one is asked for.
+    encoded: OnceLock<Box<[OnceLock<Bytes>; ENCODED_SLOTS]>>,
 }
+
+/// How many derived forms a publication can hold ([`Publication::encoded`]).
+pub const ENCODED_SLOTS: usize = 8;
 
 impl Publication {
     /// Builds the publication and its JSON text, the one serialisation every subscriber shares;
@@ -48,6 +54,7 @@ impl Publication {
             tag,
             json: Bytes::from(json),
             data,
+            encoded: OnceLock::new(),
         }
     }
 
@@ -60,6 +67,13 @@ impl Publication {
     /// The publication as one compact JSON object, the bytes every transport sends.
     pub fn json(&self) -> &Bytes {
         &self.json
+    }
+
+    /// The derived form in `slot` (below [`ENCODED_SLOTS`]), made from the JSON text by `make` the
+    /// first time it is asked for; later callers, on any thread, get the same bytes.
+    pub fn encoded(&self, slot: usize, make: impl FnOnce(&[u8]) -> Bytes) -> Bytes {
+        let slots = self.encoded.get_or_init(Default::default);
+        slots[slot].get_or_init(|| make(&self.json)).clone()
     }
 
     /// The `data` member's compact JSON text.

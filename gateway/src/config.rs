@@ -288,6 +288,21 @@ pub struct WebSocketConfig {
     pub write_timeout: Duration,
     /// Serves `GET /ws/echo`, the conformance endpoint, when true.
     pub echo: bool,
+    /// Whether permessage-deflate (RFC 7692) is negotiated with clients that offer it.
+    pub compression: Compression,
+    /// Messages shorter than this many bytes are sent uncompressed even when compression was
+    /// negotiated: below it the saving is a few bytes and not worth the CPU.
+    pub compression_min_size: usize,
+}
+
+/// `websocket.compression`.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Off,
+    /// Answer a client's permessage-deflate offer (the default: a publication is compressed once
+    /// for all its subscribers, and an idle connection holds no compression state).
+    On,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -430,6 +445,8 @@ impl Default for WebSocketConfig {
             pong_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             echo: false,
+            compression: Compression::On,
+            compression_min_size: 256,
         }
     }
 }
@@ -963,5 +980,19 @@ mod tests {
         );
         assert!(e.contains("redis.replica_ack_timeout"), "{e}");
         Config::from_toml("[redis]\nurl = \"redis://a:6379\"\nmin_replicas_acked = 2\n").unwrap();
+    }
+
+    #[test]
+    fn websocket_compression_keys() {
+        let config = Config::default();
+        assert_eq!(config.websocket.compression, Compression::On);
+        assert_eq!(config.websocket.compression_min_size, 256);
+        let config =
+            Config::from_toml("[websocket]\ncompression = \"off\"\ncompression_min_size = 0\n")
+                .unwrap();
+        assert_eq!(config.websocket.compression, Compression::Off);
+        assert_eq!(config.websocket.compression_min_size, 0);
+        let e = error_of("[websocket]\ncompression = \"gzip\"\n");
+        assert!(e.contains("compression"), "{e}");
     }
 }

@@ -72,3 +72,44 @@ pub fn config(data: &[u8]) {
         let _ = crate::security::namespace::Namespaces::new(&config.channels).get("chat:room1");
     }
 }
+
+/// The WebSocket read side (`/ws` bytes after the upgrade): the first byte picks the limits
+/// (whether permessage-deflate was negotiated, a small or large size limit), the rest is the
+/// stream. Never panics; every frame read obeys RFC 6455's single-frame rules (masked, known
+/// opcode, no RSV bit but RSV1 on a data frame with deflate, control frames whole and ≤ 125
+/// bytes, within the limit); reassembling them never yields a message over the limit or text
+/// that is not UTF-8, however far a compressed message would inflate.
+pub fn frame_reader(data: &[u8]) {
+    use crate::transport::ws::frame::OpCode;
+    use crate::transport::ws::frame_reader::{parse_all, ReadLimits};
+    use crate::transport::ws::message::{Assembler, Message};
+
+    let Some((&knobs, stream)) = data.split_first() else {
+        return;
+    };
+    let max_payload = if knobs & 2 == 0 { 256 } else { 1 << 16 };
+    let limits = ReadLimits {
+        max_payload,
+        rsv1_allowed: knobs & 1 == 1,
+    };
+    let (frames, _error) = parse_all(stream, limits);
+    let mut assembler = Assembler::new(max_payload);
+    for frame in frames {
+        assert!(frame.payload.len() <= max_payload);
+        assert!(!frame.compressed || limits.rsv1_allowed);
+        if frame.opcode.is_control() {
+            assert!(frame.fin && frame.payload.len() <= 125 && !frame.compressed);
+            continue;
+        }
+        assert!(!frame.compressed || frame.opcode != OpCode::Continuation);
+        match assembler.push(frame) {
+            Ok(Some(Message::Text(text))) => {
+                assert!(text.len() <= max_payload);
+                std::str::from_utf8(&text).expect("a text message is UTF-8");
+            }
+            Ok(Some(Message::Binary(binary))) => assert!(binary.len() <= max_payload),
+            Ok(None) => {}
+            Err(_) => return,
+        }
+    }
+}

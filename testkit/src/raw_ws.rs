@@ -1,6 +1,7 @@
 //! A WebSocket client written by hand over TCP, for frames a real client library refuses to
-//! make (bad opcodes, RSV bits, fragments, oversized lengths), for several frames in one TCP write,
-//! and for reading frames as sent.
+//! make (bad opcodes, RSV bits, unmasked frames, fragments, oversized lengths), for several frames
+//! in one TCP write, for handshakes with chosen headers (extension offers), and for reading
+//! frames as sent, RSV bits included.
 
 use std::net::SocketAddr;
 
@@ -20,6 +21,8 @@ pub const OP_PONG: u8 = 0xA;
 #[derive(Debug, Clone)]
 pub struct Frame {
     pub fin: bool,
+    /// The three RSV bits (RSV1 = 4: a permessage-deflate compressed message).
+    pub rsv: u8,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -34,21 +37,33 @@ impl Frame {
 pub struct RawWs {
     pub stream: TcpStream,
     buf: Vec<u8>,
+    /// The server's handshake response head (status line and headers).
+    pub response_head: String,
 }
 
 /// Makes a masked client frame. `rsv` is the three RSV bits (0..=7).
 pub fn encode_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    encode_frame_with(fin, rsv, opcode, payload, true)
+}
+
+/// Makes a client frame, masked or not (a server must refuse an unmasked one).
+pub fn encode_frame_with(fin: bool, rsv: u8, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
     out.push(((fin as u8) << 7) | ((rsv & 7) << 4) | (opcode & 0xF));
+    let mask_bit = if masked { 0x80 } else { 0 };
     let len = payload.len();
     if len < 126 {
-        out.push(0x80 | len as u8);
+        out.push(mask_bit | len as u8);
     } else if len <= u16::MAX as usize {
-        out.push(0x80 | 126);
+        out.push(mask_bit | 126);
         out.extend_from_slice(&(len as u16).to_be_bytes());
     } else {
-        out.push(0x80 | 127);
+        out.push(mask_bit | 127);
         out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    if !masked {
+        out.extend_from_slice(payload);
+        return out;
     }
     let mask = [0x37u8, 0xfa, 0x21, 0x3d];
     out.extend_from_slice(&mask);
@@ -65,10 +80,42 @@ impl RawWs {
         Self::handshake(stream, addr, path).await
     }
 
-    pub async fn handshake(mut stream: TcpStream, addr: SocketAddr, path: &str) -> RawWs {
+    pub async fn handshake(stream: TcpStream, addr: SocketAddr, path: &str) -> RawWs {
+        Self::handshake_with(stream, addr, path, &[]).await
+    }
+
+    /// Opens a WebSocket sending extra request headers, e.g.
+    /// `("Sec-WebSocket-Extensions", "permessage-deflate")`.
+    pub async fn connect_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> RawWs {
+        let stream = within("tcp connect", TcpStream::connect(addr))
+            .await
+            .expect("tcp connect");
+        Self::handshake_with(stream, addr, path, headers).await
+    }
+
+    /// The response's value of `name` (case-insensitive), if present.
+    pub fn response_header(&self, name: &str) -> Option<String> {
+        self.response_head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    }
+
+    async fn handshake_with(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> RawWs {
+        let extra: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
         within("handshake write", stream.write_all(request.as_bytes()))
             .await
@@ -97,7 +144,11 @@ impl RawWs {
             "bad Sec-WebSocket-Accept: {head}"
         );
         buf.drain(..head_end);
-        RawWs { stream, buf }
+        RawWs {
+            stream,
+            buf,
+            response_head: head,
+        }
     }
 
     pub async fn send_frame(&mut self, fin: bool, rsv: u8, opcode: u8, payload: &[u8]) {
@@ -156,6 +207,7 @@ impl RawWs {
         self.buf.drain(..header + len);
         Some(Frame {
             fin: b0 & 0x80 != 0,
+            rsv: (b0 >> 4) & 7,
             opcode: b0 & 0x0f,
             payload,
         })

@@ -125,3 +125,8 @@ fn cursor_corpus_and_mutations() {
 fn config_corpus_and_mutations() {
     pass("config", gateway::fuzzing::config, 5_000);
 }
+
+#[test]
+fn frame_reader_corpus_and_mutations() {
+    pass("frame_reader", gateway::fuzzing::frame_reader, 50_000);
+}

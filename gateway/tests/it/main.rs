@@ -35,4 +35,6 @@ mod slow_consumer;
 mod sse;
 mod tls;
 mod websocket;
+mod ws_deflate;
+mod ws_frames;
 mod ws_h2;

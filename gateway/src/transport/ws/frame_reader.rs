@@ -1,248 +1,288 @@
-//! The read side of a WebSocket, holding memory only while the peer is sending.
+//! The read side of a WebSocket: an RFC 6455 §5 frame parser that checks every rule a single
+//! frame must obey, and holds memory only while the peer is sending.
 //!
-//! fastwebsockets' reader keeps an 8 KiB buffer for its whole life, which made it the largest
-//! part of an idle connection. Here that reader exists only while frames arrive: when it holds no
-//! byte of a next frame and the socket has nothing more, it is dropped, and the connection waits
-//! for the peer with a small inline buffer whose bytes are handed to the next reader first. A
-//! tracker of frame boundaries over every byte handed to fastwebsockets tells when it is empty.
+//! Our own parser rather than fastwebsockets' reader: fastwebsockets refuses any RSV bit, so a
+//! permessage-deflate message (RSV1) cannot go through it, and it accepted unmasked client frames.
+//! Pre-checking headers in front of it would have meant parsing every header twice and keeping a
+//! queue of per-frame flags for frames it had buffered ahead, with errors reported out of order;
+//! parsing here is one short function, and the buffer policy becomes simpler too.
+//!
+//! Buffering: a connection waiting for its peer holds no buffer at all. A read with nothing
+//! pending goes into a stack buffer and only what arrived is copied to the heap; a frame's
+//! payload is read straight into a buffer sized for it. Whatever is left after the last whole
+//! frame is kept; once it is all consumed the buffer is released. Sequence rules (fragments,
+//! continuations) are [`super::message::Assembler`]'s; close payload rules are checked where the
+//! Close is answered.
 
 use std::future::poll_fn;
-use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use fastwebsockets::{Frame, Role, WebSocket, WebSocketError};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, ReadBuf};
 
-/// Bytes read while no frame reader exists: pongs and short commands (a subscribe is ~55 bytes)
-/// fit whole; it is part of every idle connection, so it is kept small.
-const WAIT_BUFFER: usize = 64;
-/// RFC 6455 §5.2: 2 bytes, up to 8 of extended length, 4 of mask.
-const MAX_HEADER: usize = 14;
+use super::frame::{Frame, OpCode};
+
+/// A read with nothing pending goes through a stack buffer of this size.
+const STACK_READ: usize = 4096;
+/// Smallest heap read while a frame is partly in.
+const MIN_READ: usize = 4096;
+
+/// Why no frame could be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// Breaks RFC 6455: close 1002 with this reason.
+    Protocol(&'static str),
+    /// The frame is longer than the limit: close 1009.
+    TooBig,
+    /// The peer went away or the socket failed: nothing more can be said.
+    Gone,
+}
+
+/// What the reader allows beyond plain RFC 6455.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Longest frame payload; longer frames are refused before their payload is read.
+    pub max_payload: usize,
+    /// permessage-deflate was negotiated: RSV1 may start a data message.
+    pub rsv1_allowed: bool,
+}
 
 /// Reads frames; pings and closes are returned like any frame, for the caller to answer.
 pub struct FrameReader<R> {
-    state: State<R>,
-    /// fastwebsockets refuses frames of at least this size before reading them.
-    max_frame_size: usize,
+    io: R,
+    /// Bytes read and not yet returned as frames; no allocation when empty.
+    buf: BytesMut,
+    limits: ReadLimits,
+    failed: bool,
 }
 
-enum State<R> {
-    /// Between frames, with no fastwebsockets buffer.
-    Waiting(Source<R>),
-    /// Boxed: the reader is allocated only while reading anyway, and the idle state stays small.
-    Reading(Box<WebSocket<Source<R>>>),
-    /// After a read error, or while switching between the other two.
-    Failed,
+/// A parsed header: the frame needs `header + payload` bytes in all.
+struct Header {
+    fin: bool,
+    rsv1: bool,
+    opcode: OpCode,
+    mask: [u8; 4],
+    header: usize,
+    payload: usize,
+}
+
+enum Parse {
+    /// At least this many bytes are needed to know more.
+    Need(usize),
+    Header(Header),
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub fn new(io: R, max_frame_size: usize) -> Self {
+    pub fn new(io: R, limits: ReadLimits) -> Self {
         FrameReader {
-            state: State::Waiting(Source {
-                io,
-                wait: [0; WAIT_BUFFER],
-                waiting: 0..0,
-                boundary: Boundary::default(),
-            }),
-            max_frame_size,
+            io,
+            buf: BytesMut::new(),
+            limits,
+            failed: false,
         }
     }
 
-    /// The next frame, unmasked. Not cancel-safe: keep the future until it completes.
-    pub async fn next(&mut self) -> Result<Frame<'static>, WebSocketError> {
+    /// The next frame, unmasked. Not cancel-safe: keep the future until it completes. After an
+    /// error every later call fails with [`ReadError::Gone`].
+    pub async fn next(&mut self) -> Result<Frame, ReadError> {
+        if self.failed {
+            return Err(ReadError::Gone);
+        }
+        let result = self.read_frame().await;
+        if result.is_err() {
+            self.failed = true;
+            self.buf = BytesMut::new();
+        }
+        result
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, ReadError> {
         loop {
-            match &mut self.state {
-                State::Failed => return Err(WebSocketError::ConnectionClosed),
-                State::Waiting(source) => {
-                    match poll_fn(|cx| source.poll_wait(cx)).await {
-                        Ok(0) => {
-                            self.state = State::Failed;
-                            return Err(WebSocketError::UnexpectedEOF);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            self.state = State::Failed;
-                            return Err(WebSocketError::IoError(e));
-                        }
-                    }
-                    let State::Waiting(source) = std::mem::replace(&mut self.state, State::Failed)
-                    else {
-                        unreachable!("matched above")
-                    };
-                    self.state = State::Reading(Box::new(self.reader(source)));
+            let header = match parse_header(&self.buf, self.limits)? {
+                Parse::Need(total) => {
+                    self.fill(total).await?;
+                    continue;
                 }
-                State::Reading(ws) => match ws.read_frame().await {
-                    Ok(frame) => return Ok(frame),
-                    Err(WebSocketError::IoError(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Source::poll_read: fastwebsockets holds nothing and the peer is quiet.
-                        let State::Reading(ws) = std::mem::replace(&mut self.state, State::Failed)
-                        else {
-                            unreachable!("matched above")
-                        };
-                        self.state = State::Waiting((*ws).into_inner());
+                Parse::Header(header) => header,
+            };
+            let total = header.header + header.payload;
+            if self.buf.len() < total {
+                self.fill(total).await?;
+            }
+            let mut payload = self.buf.split_to(total).split_off(header.header);
+            if self.buf.is_empty() {
+                // Let go of the allocation (the payload may still share it).
+                self.buf = BytesMut::new();
+            }
+            unmask(&mut payload, header.mask);
+            return Ok(Frame {
+                fin: header.fin,
+                compressed: header.rsv1,
+                opcode: header.opcode,
+                payload: payload.freeze(),
+            });
+        }
+    }
+
+    async fn fill(&mut self, total: usize) -> Result<(), ReadError> {
+        poll_fn(|cx| self.poll_fill(cx, total)).await
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>, total: usize) -> Poll<Result<(), ReadError>> {
+        while self.buf.len() < total {
+            let read = if self.buf.is_empty() {
+                // Nothing of a frame yet: a pending read must not hold a heap buffer.
+                let mut stack = [MaybeUninit::<u8>::uninit(); STACK_READ];
+                let mut read = ReadBuf::uninit(&mut stack);
+                match ready!(Pin::new(&mut self.io).poll_read(cx, &mut read)) {
+                    Ok(()) => {
+                        self.buf.extend_from_slice(read.filled());
+                        Ok(read.filled().len())
                     }
-                    Err(e) => {
-                        self.state = State::Failed;
-                        return Err(e);
-                    }
-                },
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.buf
+                    .reserve((total - self.buf.len()).max(MIN_READ.min(total)));
+                ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut self.io),
+                    cx,
+                    &mut self.buf
+                ))
+            };
+            match read {
+                Ok(0) | Err(_) => return Poll::Ready(Err(ReadError::Gone)),
+                Ok(_) => {}
             }
         }
-    }
-
-    fn reader(&self, source: Source<R>) -> WebSocket<Source<R>> {
-        let mut ws = WebSocket::after_handshake(source, Role::Server);
-        ws.set_auto_close(false);
-        ws.set_auto_pong(false);
-        ws.set_max_message_size(self.max_frame_size);
-        ws
-    }
-}
-
-/// The socket as fastwebsockets sees it: bytes read while waiting first, then the socket, every
-/// byte noted by the boundary tracker.
-struct Source<R> {
-    io: R,
-    wait: [u8; WAIT_BUFFER],
-    /// The part of `wait` not yet handed over.
-    waiting: std::ops::Range<usize>,
-    boundary: Boundary,
-}
-
-impl<R: AsyncRead + Unpin> Source<R> {
-    /// Reads what the peer sent into the wait buffer; 0 at end of stream.
-    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let mut buf = ReadBuf::new(&mut self.wait);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
-        let n = buf.filled().len();
-        self.waiting = 0..n;
-        Poll::Ready(Ok(n))
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Source<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.waiting.is_empty() {
-            let n = this.waiting.len().min(buf.remaining());
-            let bytes = &this.wait[this.waiting.start..this.waiting.start + n];
-            this.boundary.feed(bytes);
-            buf.put_slice(bytes);
-            this.waiting.start += n;
-            return Poll::Ready(Ok(()));
-        }
-        // fastwebsockets reads only when its buffer lacks a whole frame; at a frame start that
-        // means its buffer is empty.
-        let empty = this.boundary.at_frame_start();
-        let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Pending if empty => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(())) => {
-                this.boundary.feed(&buf.filled()[before..]);
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        }
-    }
-}
-
-/// fastwebsockets' unsplit `WebSocket` is the one whose stream can be taken back; it writes only
-/// automatic pongs and closes, which are off, so this side never writes.
-impl<R: Unpin> AsyncWrite for Source<R> {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
-        Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }
 
-/// Where the bytes handed to fastwebsockets stand in the frame sequence.
-#[derive(Default)]
-struct Boundary {
-    header: [u8; MAX_HEADER],
-    /// Bytes of the current frame's header seen; 0 between frames.
-    have: usize,
-    /// Payload bytes of the current frame still to come.
-    payload_left: u64,
-}
-
-impl Boundary {
-    fn at_frame_start(&self) -> bool {
-        self.have == 0 && self.payload_left == 0
-    }
-
-    fn feed(&mut self, mut data: &[u8]) {
-        while let Some((&first, rest)) = data.split_first() {
-            if self.payload_left > 0 {
-                let n = self.payload_left.min(data.len() as u64);
-                self.payload_left -= n;
-                data = &data[n as usize..];
-                continue;
-            }
-            self.header[self.have] = first;
-            self.have += 1;
-            data = rest;
-            if let Some(len) = payload_len(&self.header[..self.have]) {
-                self.have = 0;
-                self.payload_left = len;
-            }
-        }
-    }
-}
-
-/// The payload length, once `header` holds a whole frame header.
-fn payload_len(header: &[u8]) -> Option<u64> {
-    let [_, second, rest @ ..] = header else {
-        return None;
+/// Parses and checks the header at the start of `buf` (RFC 6455 §5.2, §5.5).
+fn parse_header(buf: &[u8], limits: ReadLimits) -> Result<Parse, ReadError> {
+    let [first, second, rest @ ..] = buf else {
+        return Ok(Parse::Need(2));
     };
+    let fin = first & 0x80 != 0;
+    let rsv1 = first & 0x40 != 0;
+    if first & 0x30 != 0 {
+        return Err(ReadError::Protocol("reserved bit set"));
+    }
+    let opcode = OpCode::from_bits(first & 0x0f).ok_or(ReadError::Protocol("reserved opcode"))?;
+    if rsv1 && !(limits.rsv1_allowed && matches!(opcode, OpCode::Text | OpCode::Binary)) {
+        return Err(ReadError::Protocol("reserved bit set"));
+    }
+    // §5.1: a server MUST close the connection upon receiving an unmasked frame.
+    if second & 0x80 == 0 {
+        return Err(ReadError::Protocol("unmasked client frame"));
+    }
     let code = second & 0x7f;
+    if opcode.is_control() {
+        if !fin {
+            return Err(ReadError::Protocol("fragmented control frame"));
+        }
+        if code > 125 {
+            return Err(ReadError::Protocol("control frame longer than 125 bytes"));
+        }
+    }
     let extended = match code {
         126 => 2,
         127 => 8,
         _ => 0,
     };
-    let mask = if second & 0x80 != 0 { 4 } else { 0 };
-    if rest.len() < extended + mask {
-        return None;
+    let header = 2 + extended + 4;
+    if buf.len() < header {
+        return Ok(Parse::Need(header));
     }
-    Some(match extended {
+    let payload = match extended {
         0 => u64::from(code),
         2 => u64::from(u16::from_be_bytes([rest[0], rest[1]])),
-        _ => u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
-    })
+        _ => {
+            let len = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+            if len >> 63 != 0 {
+                return Err(ReadError::Protocol("length with the high bit set"));
+            }
+            len
+        }
+    };
+    let payload = match usize::try_from(payload) {
+        Ok(len) if len <= limits.max_payload => len,
+        _ => return Err(ReadError::TooBig),
+    };
+    let mask = rest[extended..extended + 4]
+        .try_into()
+        .expect("4 bytes of mask");
+    Ok(Parse::Header(Header {
+        fin,
+        rsv1,
+        opcode,
+        mask,
+        header,
+        payload,
+    }))
+}
+
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u32::from_ne_bytes(mask);
+    let mut chunks = payload.chunks_exact_mut(4);
+    for chunk in &mut chunks {
+        let value = u32::from_ne_bytes(chunk.try_into().expect("4 bytes")) ^ word;
+        chunk.copy_from_slice(&value.to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i];
+    }
+}
+
+/// For the fuzz target: parses a byte stream as client frames until it ends or breaks a rule.
+pub fn parse_all(data: &[u8], limits: ReadLimits) -> (Vec<Frame>, Option<ReadError>) {
+    use futures_util::FutureExt;
+    let mut reader = FrameReader::new(data, limits);
+    let mut frames = Vec::new();
+    loop {
+        // A byte slice never makes a read wait.
+        let next = reader
+            .next()
+            .now_or_never()
+            .expect("a slice is always ready");
+        match next {
+            Ok(frame) => frames.push(frame),
+            Err(ReadError::Gone) => return (frames, None),
+            Err(e) => return (frames, Some(e)),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fastwebsockets::OpCode;
     use tokio::io::AsyncWriteExt;
 
-    /// A masked client frame with a header of the given length form.
-    fn frame(opcode: u8, payload: &[u8], form: u8) -> Vec<u8> {
-        let mut out = vec![0x80 | opcode];
-        match form {
-            0 => out.push(0x80 | payload.len() as u8),
-            2 => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            }
-            _ => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-            }
+    const LIMITS: ReadLimits = ReadLimits {
+        max_payload: 1 << 20,
+        rsv1_allowed: false,
+    };
+
+    /// A client frame: `first` is the whole first header byte, masked unless told.
+    fn raw(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+        let mut out = vec![first];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        let len = payload.len();
+        if len < 126 {
+            out.push(mask_bit | len as u8);
+        } else if len <= usize::from(u16::MAX) {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        if !masked {
+            out.extend_from_slice(payload);
+            return out;
         }
         let mask = [1, 2, 3, 4];
         out.extend_from_slice(&mask);
@@ -250,50 +290,101 @@ mod tests {
         out
     }
 
+    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        raw(0x80 | opcode, payload, true)
+    }
+
+    fn first_error(bytes: &[u8], limits: ReadLimits) -> Option<ReadError> {
+        parse_all(bytes, limits).1
+    }
+
     #[test]
-    fn tracks_boundaries_across_any_split() {
-        let mut stream = frame(1, b"hello", 0);
-        stream.extend(frame(2, &[9; 300], 2));
-        stream.extend(frame(1, b"long form", 8));
-        stream.extend(frame(10, b"", 0));
-        for chunk in [1, 2, 3, 7, 64, stream.len()] {
-            let mut boundary = Boundary::default();
-            for piece in stream.chunks(chunk) {
-                boundary.feed(piece);
-            }
-            assert!(boundary.at_frame_start(), "chunk size {chunk}");
+    fn reads_every_length_form_across_one_stream() {
+        let mut stream = frame(1, b"hello");
+        stream.extend(frame(2, &[9; 300]));
+        stream.extend(frame(1, &[b'l'; 70_000]));
+        stream.extend(frame(10, b""));
+        let (frames, error) = parse_all(&stream, LIMITS);
+        assert_eq!(error, None);
+        let lens: Vec<_> = frames.iter().map(|f| f.payload.len()).collect();
+        assert_eq!(lens, [5, 300, 70_000, 0]);
+        assert_eq!(&frames[0].payload[..], b"hello");
+        assert!(frames[2].payload.iter().all(|b| *b == b'l'));
+        assert_eq!(frames[3].opcode, OpCode::Pong);
+    }
+
+    #[test]
+    fn refuses_what_rfc_6455_forbids() {
+        let protocol = |bytes: Vec<u8>, limits| {
+            assert!(
+                matches!(first_error(&bytes, limits), Some(ReadError::Protocol(_))),
+                "{bytes:?}"
+            );
+        };
+        protocol(raw(0x81, b"unmasked", false), LIMITS);
+        for rsv in [0x40, 0x20, 0x10] {
+            protocol(raw(0x81 | rsv, b"x", true), LIMITS);
         }
-        let mut boundary = Boundary::default();
-        boundary.feed(&stream[..stream.len() - 1]);
-        assert!(!boundary.at_frame_start());
+        for opcode in [3, 7, 11, 15] {
+            protocol(frame(opcode, b""), LIMITS);
+        }
+        protocol(frame(9, &[0; 126]), LIMITS);
+        protocol(raw(0x09, b"", true), LIMITS);
+        // With deflate, RSV1 is allowed on a message's first frame only.
+        let deflate = ReadLimits {
+            rsv1_allowed: true,
+            ..LIMITS
+        };
+        assert_eq!(first_error(&raw(0xC1, b"x", true), deflate), None);
+        protocol(raw(0xC0, b"x", true), deflate);
+        protocol(raw(0xC9, b"x", true), deflate);
+        protocol(raw(0xA1, b"x", true), deflate);
+        // The 64-bit length's high bit.
+        protocol(
+            [&[0x82, 0xFF][..], &[0x80, 0, 0, 0, 0, 0, 0, 1], &[0; 4]].concat(),
+            LIMITS,
+        );
+    }
+
+    #[test]
+    fn refuses_a_long_frame_before_reading_it() {
+        let header = [&[0x82, 0xFF][..], &(1u64 << 40).to_be_bytes(), &[0; 4]].concat();
+        assert_eq!(first_error(&header, LIMITS), Some(ReadError::TooBig));
+        let limits = ReadLimits {
+            max_payload: 10,
+            ..LIMITS
+        };
+        assert_eq!(first_error(&frame(1, &[b'x'; 10]), limits), None);
+        assert_eq!(
+            first_error(&frame(1, &[b'x'; 11]), limits),
+            Some(ReadError::TooBig)
+        );
     }
 
     #[tokio::test]
-    async fn reads_frames_and_lets_go_of_the_buffer_between_bursts() {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let mut reader = FrameReader::new(server, 1 << 20);
-        let big = vec![b'x'; 20_000];
-        client.write_all(&frame(1, b"one", 0)).await.unwrap();
-        client.write_all(&frame(2, &big, 2)).await.unwrap();
-        let first = reader.next().await.unwrap();
-        assert_eq!(
-            (first.opcode, &first.payload[..]),
-            (OpCode::Text, &b"one"[..])
-        );
-        let second = reader.next().await.unwrap();
-        assert_eq!(&second.payload[..], &big[..]);
-
-        // Nothing more is sent: the pending read parks the reader.
-        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), reader.next());
-        assert!(pending.await.is_err());
-        assert!(matches!(reader.state, State::Waiting(_)));
-
-        let mut burst = frame(9, b"ping", 0);
-        burst.extend(frame(1, &[b'y'; 200], 2));
-        client.write_all(&burst).await.unwrap();
-        assert_eq!(reader.next().await.unwrap().opcode, OpCode::Ping);
-        assert_eq!(reader.next().await.unwrap().payload.len(), 200);
-        drop(client);
-        assert!(reader.next().await.is_err());
+    async fn reads_across_any_split_and_holds_no_buffer_between_bursts() {
+        let mut stream = frame(1, b"one");
+        stream.extend(frame(2, &[7; 20_000]));
+        for chunk in [1, 2, 3, 7, 64, 5000] {
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            let mut reader = FrameReader::new(server, LIMITS);
+            let writer = async {
+                for piece in stream.chunks(chunk) {
+                    client.write_all(piece).await.unwrap();
+                }
+                client
+            };
+            let reading = async {
+                let one = reader.next().await.unwrap();
+                let two = reader.next().await.unwrap();
+                (one, two)
+            };
+            let (client, (one, two)) = tokio::join!(writer, reading);
+            assert_eq!(&one.payload[..], b"one", "chunk {chunk}");
+            assert_eq!(two.payload.len(), 20_000);
+            assert_eq!(reader.buf.capacity(), 0, "nothing held between frames");
+            drop(client);
+            assert_eq!(reader.next().await, Err(ReadError::Gone));
+        }
     }
 }

@@ -1,8 +1,12 @@
 //! Reassembles WebSocket data frames into messages, enforcing the message size limit across
-//! fragments and validating UTF-8 as text arrives (failing fast, as RFC 6455 §8.1 asks).
+//! fragments and validating UTF-8 as text arrives (failing fast, as RFC 6455 §8.1 asks). A
+//! permessage-deflate message (RSV1 on its first frame) is inflated frame by frame, the limit
+//! applying to the inflated size, with inflate state only while such a message is in progress.
 
-use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode};
+use bytes::Bytes;
+
+use super::deflate::{InflateError, Inflater};
+use super::frame::{Frame, OpCode};
 
 /// A complete data message.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,15 +22,28 @@ pub enum MessageError {
     TooBig,
     /// 1007
     InvalidUtf8,
+    /// 1007: a compressed message that does not inflate.
+    BadCompression,
     /// 1002
     Protocol(&'static str),
 }
 
+impl From<InflateError> for MessageError {
+    fn from(e: InflateError) -> Self {
+        match e {
+            InflateError::TooBig => MessageError::TooBig,
+            InflateError::Corrupt => MessageError::BadCompression,
+        }
+    }
+}
+
 struct Partial {
     text: bool,
-    data: BytesMut,
+    data: Vec<u8>,
     /// Prefix of `data` known to be valid UTF-8 (text only).
     valid: usize,
+    /// Present while a compressed message is in progress.
+    inflater: Option<Box<Inflater>>,
 }
 
 /// Collects data frames into messages.
@@ -44,7 +61,7 @@ impl Assembler {
     }
 
     /// Takes a Text, Binary or Continuation frame; returns a message when one is complete.
-    pub fn push(&mut self, frame: Frame<'_>) -> Result<Option<Message>, MessageError> {
+    pub fn push(&mut self, frame: Frame) -> Result<Option<Message>, MessageError> {
         match frame.opcode {
             OpCode::Text | OpCode::Binary => {
                 if self.partial.is_some() {
@@ -53,11 +70,28 @@ impl Assembler {
                     ));
                 }
                 let text = frame.opcode == OpCode::Text;
+                if frame.compressed {
+                    let mut partial = Partial {
+                        text,
+                        data: Vec::new(),
+                        valid: 0,
+                        inflater: Some(Inflater::new()),
+                    };
+                    return self.append(&mut partial, &frame).map(|done| {
+                        if done {
+                            Some(partial.finish())
+                        } else {
+                            self.partial = Some(partial);
+                            None
+                        }
+                    });
+                }
                 if frame.payload.len() > self.max_size {
                     return Err(MessageError::TooBig);
                 }
                 if frame.fin {
-                    let data = payload_bytes(frame);
+                    // The common case: one frame, no copy.
+                    let data = frame.payload;
                     if text && std::str::from_utf8(&data).is_err() {
                         return Err(MessageError::InvalidUtf8);
                     }
@@ -69,43 +103,55 @@ impl Assembler {
                 }
                 let mut partial = Partial {
                     text,
-                    data: BytesMut::from(&frame.payload[..]),
+                    data: frame.payload.to_vec(),
                     valid: 0,
+                    inflater: None,
                 };
                 check_utf8(&mut partial, false)?;
                 self.partial = Some(partial);
                 Ok(None)
             }
             OpCode::Continuation => {
-                let Some(partial) = self.partial.as_mut() else {
+                let Some(mut partial) = self.partial.take() else {
                     return Err(MessageError::Protocol("continuation without a message"));
                 };
-                if partial.data.len() + frame.payload.len() > self.max_size {
-                    return Err(MessageError::TooBig);
-                }
-                partial.data.extend_from_slice(&frame.payload);
-                check_utf8(partial, frame.fin)?;
-                if !frame.fin {
-                    return Ok(None);
-                }
-                let partial = self.partial.take().expect("checked above");
-                let data = partial.data.freeze();
-                Ok(Some(if partial.text {
-                    Message::Text(data)
+                if self.append(&mut partial, &frame)? {
+                    Ok(Some(partial.finish()))
                 } else {
-                    Message::Binary(data)
-                }))
+                    self.partial = Some(partial);
+                    Ok(None)
+                }
             }
             _ => Err(MessageError::Protocol("not a data frame")),
         }
     }
+
+    /// Adds a frame's payload (inflated if the message is compressed); true when it was the last.
+    fn append(&self, partial: &mut Partial, frame: &Frame) -> Result<bool, MessageError> {
+        match partial.inflater.as_mut() {
+            Some(inflater) => {
+                inflater.inflate(&frame.payload, frame.fin, &mut partial.data, self.max_size)?;
+            }
+            None => {
+                if partial.data.len() + frame.payload.len() > self.max_size {
+                    return Err(MessageError::TooBig);
+                }
+                partial.data.extend_from_slice(&frame.payload);
+            }
+        }
+        check_utf8(partial, frame.fin)?;
+        Ok(frame.fin)
+    }
 }
 
-fn payload_bytes(frame: Frame<'_>) -> Bytes {
-    match frame.payload {
-        fastwebsockets::Payload::Bytes(b) => b.freeze(),
-        fastwebsockets::Payload::Owned(v) => Bytes::from(v),
-        other => Bytes::copy_from_slice(&other),
+impl Partial {
+    fn finish(self) -> Message {
+        let data = Bytes::from(self.data);
+        if self.text {
+            Message::Text(data)
+        } else {
+            Message::Binary(data)
+        }
     }
 }
 
@@ -130,10 +176,50 @@ fn check_utf8(partial: &mut Partial, fin: bool) -> Result<(), MessageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fastwebsockets::Payload;
+    use crate::transport::ws::deflate::compress;
 
-    fn frame(fin: bool, opcode: OpCode, data: &[u8]) -> Frame<'static> {
-        Frame::new(fin, opcode, None, Payload::Owned(data.to_vec()))
+    fn frame(fin: bool, opcode: OpCode, data: &[u8]) -> Frame {
+        Frame {
+            fin,
+            compressed: false,
+            opcode,
+            payload: Bytes::copy_from_slice(data),
+        }
+    }
+
+    fn compressed(fin: bool, opcode: OpCode, data: &[u8]) -> Frame {
+        Frame {
+            compressed: opcode != OpCode::Continuation,
+            ..frame(fin, opcode, data)
+        }
+    }
+
+    #[test]
+    fn inflates_compressed_messages_fragmented_or_not() {
+        let text = "{\"op\":\"ping\",\"id\":1} €".repeat(20);
+        let deflated = compress(text.as_bytes(), 15);
+        let mut a = Assembler::new(1000);
+        assert_eq!(
+            a.push(compressed(true, OpCode::Text, &deflated)),
+            Ok(Some(Message::Text(Bytes::from(text.clone()))))
+        );
+        let (head, tail) = deflated.split_at(deflated.len() / 2);
+        assert_eq!(a.push(compressed(false, OpCode::Text, head)), Ok(None));
+        assert_eq!(
+            a.push(compressed(true, OpCode::Continuation, tail)),
+            Ok(Some(Message::Text(Bytes::from(text.clone()))))
+        );
+        // The limit is on the inflated size.
+        let mut small = Assembler::new(text.len() - 1);
+        assert_eq!(
+            small.push(compressed(true, OpCode::Text, &deflated)),
+            Err(MessageError::TooBig)
+        );
+        let bad_utf8 = compress(b"ok\xff", 15);
+        assert_eq!(
+            a.push(compressed(true, OpCode::Text, &bad_utf8)),
+            Err(MessageError::InvalidUtf8)
+        );
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //! handshake (HTTP/1.1 Upgrade, or extended CONNECT on an HTTP/2 stream) and one task per
 //! connection that reads frames, owns the write half, the client session, the heartbeat
 //! and the close handshake. Both endpoints share the same reader, limits and writer; only what is
-//! done with a message differs.
+//! done with a message differs. fastwebsockets does the HTTP upgrade; frames are read and written
+//! here ([`frame_reader`], [`frame`]), as permessage-deflate needs RSV1, which it cannot carry.
 
 pub(crate) mod batch_writer;
+pub(crate) mod deflate;
+pub(crate) mod extension;
+pub(crate) mod frame;
 pub(crate) mod frame_reader;
 pub(crate) mod message;
 
@@ -16,11 +20,12 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{CloseCode, Frame, OpCode, Payload, Role, WebSocketError, WebSocketWrite};
+use fastwebsockets::WebSocketError;
 use futures_util::stream::{Stream, StreamExt};
+use hyper::header::SEC_WEBSOCKET_EXTENSIONS;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
 use crate::drain::{reconnect_hint, Registration};
@@ -30,7 +35,9 @@ use crate::protocol::{close_code, reply_err, reply_ok, Command};
 use crate::security::guard::{Admission, Guard, Verdict};
 use crate::session::{oldest_live, Event, Output, Session};
 use crate::transport::ws::batch_writer::BatchWriter;
-use crate::transport::ws::frame_reader::FrameReader;
+use crate::transport::ws::extension::Deflate;
+use crate::transport::ws::frame::{close_code_allowed, server_header, Frame, OpCode};
+use crate::transport::ws::frame_reader::{FrameReader, ReadError, ReadLimits};
 use crate::transport::ws::message::{Assembler, Message, MessageError};
 
 /// What the connection does with the messages it reads.
@@ -43,8 +50,8 @@ pub(crate) enum Mode {
 }
 
 type Io = TokioIo<Upgraded>;
-type Writer = WebSocketWrite<BatchWriter<WriteHalf<Io>>>;
-type ReadResult = Result<Frame<'static>, WebSocketError>;
+type Writer = BatchWriter<WriteHalf<Io>>;
+type ReadResult = Result<Frame, ReadError>;
 
 /// Longest wait for the peer's Close after the server sent its own.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -97,23 +104,30 @@ pub(crate) fn accept(
     admission: Admission,
     client_ip: IpAddr,
 ) -> Result<Answer, WebSocketError> {
-    // deflate negotiation: when the request carries `sec-websocket-extensions`, negotiate here
-    // (once, for both handshakes: RFC 8441 §5 keeps the header's meaning on HTTP/2), add the
-    // answer to `response` in both arms and hand the parameters to `spawn_connection`.
-    match handshake {
+    // permessage-deflate is negotiated once, for both handshakes (RFC 8441 §5 keeps the
+    // header's meaning on HTTP/2); the answer goes into either response.
+    let deflate = extension::negotiate(request.headers(), &node.config().websocket);
+    let params = deflate.as_ref().map(|(d, _)| *d);
+    let mut response = match handshake {
         Handshake::Upgrade => {
             let (response, upgrade) = fastwebsockets::upgrade::upgrade(request)?;
             let io = async move { upgrade.await.map(|ws| ws.into_inner()) };
-            spawn_connection(node, io, handshake, mode, admission, client_ip);
-            Ok(response)
+            spawn_connection(node, io, handshake, mode, admission, params, client_ip);
+            response
         }
         Handshake::ExtendedConnect => {
             let (response, stream) = accept_extended_connect(request)?;
             let io = async move { stream.await.map(TokioIo::new) };
-            spawn_connection(node, io, handshake, mode, admission, client_ip);
-            Ok(response)
+            spawn_connection(node, io, handshake, mode, admission, params, client_ip);
+            response
         }
+    };
+    if let Some((_, answer)) = deflate {
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_EXTENSIONS, answer);
     }
+    Ok(response)
 }
 
 /// RFC 8441 §5: the same version check as on HTTP/1.1, but no key and no `Sec-WebSocket-Accept`
@@ -138,6 +152,7 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
     handshake: Handshake,
     mode: Mode,
     admission: Admission,
+    deflate: Option<Deflate>,
     client_ip: IpAddr,
 ) {
     let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
@@ -146,22 +161,13 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
         match io.await {
             Ok(io) => {
                 let (read, write) = tokio::io::split(io);
-                // fastwebsockets' writer comes with a reader; frames are read by FrameReader
-                // instead, so that reader gets nothing to read and is dropped at once.
-                let (_, mut writer) = fastwebsockets::after_handshake_split(
-                    tokio::io::empty(),
-                    BatchWriter::new(write),
-                    Role::Server,
-                );
-                // Every frame goes out as header and payload slices straight into the batch,
-                // so fastwebsockets keeps no copy buffer of its own.
-                writer.set_writev_threshold(0);
                 let open = node
                     .metrics()
                     .websockets
                     .with_label_values(&[handshake.http_version()]);
                 open.inc();
-                run(node, read, writer, mode, guard, client_ip).await;
+                let writer = BatchWriter::new(write);
+                run(node, read, writer, mode, guard, deflate, client_ip).await;
                 open.dec();
             }
             Err(e) => tracing::debug!(error = %e, ?handshake, "websocket upgrade failed"),
@@ -175,11 +181,22 @@ async fn run(
     writer: Writer,
     mode: Mode,
     guard: Guard,
+    deflate: Option<Deflate>,
     client_ip: IpAddr,
 ) {
     let transport = if mode == Mode::Echo { "echo" } else { "ws" };
     let gauge = node.metrics().connections.with_label_values(&[transport]);
     gauge.inc();
+    let max_message_size = node.config().websocket.max_message_size;
+    let limits = ReadLimits {
+        // A compressed frame may be a little longer than what it inflates to (stored blocks);
+        // the message limit proper applies to the inflated size.
+        max_payload: match deflate {
+            Some(_) => max_message_size + max_message_size / 1024 + 64,
+            None => max_message_size,
+        },
+        rsv1_allowed: deflate.is_some(),
+    };
     let mut conn = Connection {
         deliveries: node.metrics().deliveries.with_label_values(&[transport]),
         fanout_latency: node
@@ -188,10 +205,10 @@ async fn run(
             .with_label_values(&[transport]),
         heartbeat: Heartbeat::new(&node),
         registration: node.streams().register(),
-        assembler: Assembler::new(node.config().websocket.max_message_size),
-        // fastwebsockets refuses frames of at least this size before reading them.
-        frames: pin!(frames(read, node.config().websocket.max_message_size + 1)),
+        assembler: Assembler::new(max_message_size),
+        frames: pin!(frames(read, limits)),
         reading: true,
+        deflate,
         guard,
         node,
         writer,
@@ -204,8 +221,8 @@ async fn run(
 /// The peer's frames, one at a time. The read in progress lives inside the stream, so a
 /// `select!` that picks another branch never loses part of a frame. Pings and Closes come too:
 /// the connection task answers them itself, in order with its other writes.
-fn frames(read: ReadHalf<Io>, max_frame_size: usize) -> impl Stream<Item = ReadResult> + Send {
-    let reader = FrameReader::new(read, max_frame_size);
+fn frames(read: ReadHalf<Io>, limits: ReadLimits) -> impl Stream<Item = ReadResult> + Send {
+    let reader = FrameReader::new(read, limits);
     futures_util::stream::unfold(reader, |mut reader| async move {
         let result = reader.next().await;
         Some((result, reader))
@@ -213,15 +230,11 @@ fn frames(read: ReadHalf<Io>, max_frame_size: usize) -> impl Stream<Item = ReadR
 }
 
 /// The RFC 6455 close code for a read error, or `None` when the transport itself is gone.
-fn close_code_for(e: &WebSocketError) -> Option<(u16, &'static str)> {
+fn close_code_for(e: &ReadError) -> Option<(u16, &'static str)> {
     match e {
-        WebSocketError::InvalidUTF8 => Some((close_code::INVALID_PAYLOAD, "invalid UTF-8")),
-        WebSocketError::FrameTooLarge => Some((close_code::MESSAGE_TOO_BIG, "message too big")),
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed
-        | WebSocketError::SendError(_) => None,
-        _ => Some((close_code::PROTOCOL_ERROR, "protocol error")),
+        ReadError::Protocol(reason) => Some((close_code::PROTOCOL_ERROR, reason)),
+        ReadError::TooBig => Some((close_code::MESSAGE_TOO_BIG, "message too big")),
+        ReadError::Gone => None,
     }
 }
 
@@ -241,7 +254,7 @@ fn check_close(payload: &[u8]) -> Result<(), (u16, &'static str)> {
             if std::str::from_utf8(reason).is_err() {
                 return Err((close_code::INVALID_PAYLOAD, "invalid UTF-8"));
             }
-            if !CloseCode::from(u16::from_be_bytes([*high, *low])).is_allowed() {
+            if !close_code_allowed(u16::from_be_bytes([*high, *low])) {
                 return Err((close_code::PROTOCOL_ERROR, "invalid close code"));
             }
             Ok(())
@@ -257,6 +270,8 @@ struct Connection<F> {
     frames: F,
     /// False once reading failed or the peer closed: nothing more is read.
     reading: bool,
+    /// The permessage-deflate agreement, if one was made.
+    deflate: Option<Deflate>,
     assembler: Assembler,
     heartbeat: Heartbeat,
     /// Security hooks: command rate, connect/refresh, permissions, token expiry, idle timeout.
@@ -324,7 +339,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     match self.heartbeat.check() {
                         Beat::Idle => self.flush().await,
                         Beat::Ping => match self.flush().await {
-                            Ok(()) => self.send(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await,
+                            Ok(()) => self.send(OpCode::Ping, b"").await,
                             gone => gone,
                         },
                         Beat::Dead => Err(End::Close(close_code::HEARTBEAT_TIMEOUT, "no pong".into())),
@@ -393,21 +408,14 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 self.reading = false;
                 match check_close(&frame.payload) {
                     Ok(()) => {
-                        self.send(Frame::close_raw(frame.payload)).await?;
+                        self.send(OpCode::Close, &frame.payload).await?;
                         Err(End::Gone)
                     }
                     Err((code, reason)) => Err(End::Close(code, reason.into())),
                 }
             }
-            // fastwebsockets already refused pings longer than 125 bytes.
-            OpCode::Ping => self.send(Frame::pong(frame.payload)).await,
-            OpCode::Pong if frame.payload.len() > 125 => {
-                self.reading = false;
-                Err(End::Close(
-                    close_code::PROTOCOL_ERROR,
-                    "control frame longer than 125 bytes".into(),
-                ))
-            }
+            // The reader already refused control frames longer than 125 bytes.
+            OpCode::Ping => self.send(OpCode::Pong, &frame.payload).await,
             OpCode::Pong => {
                 self.heartbeat.pong();
                 Ok(())
@@ -424,6 +432,10 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         MessageError::InvalidUtf8 => {
                             End::Close(close_code::INVALID_PAYLOAD, "invalid UTF-8 in text".into())
                         }
+                        MessageError::BadCompression => End::Close(
+                            close_code::INVALID_PAYLOAD,
+                            "invalid compressed data".into(),
+                        ),
                         MessageError::Protocol(reason) => {
                             End::Close(close_code::PROTOCOL_ERROR, reason.into())
                         }
@@ -441,11 +453,18 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     ) -> Result<(), End> {
         match session {
             None => {
-                let frame = match &message {
-                    Message::Text(t) => Frame::text(Payload::Borrowed(t)),
-                    Message::Binary(b) => Frame::binary(Payload::Borrowed(b)),
+                let (opcode, data) = match &message {
+                    Message::Text(t) => (OpCode::Text, t),
+                    Message::Binary(b) => (OpCode::Binary, b),
                 };
-                self.send(frame).await
+                let timeout = self.node.config().websocket.write_timeout;
+                let (writer, deflate) = (&mut self.writer, self.deflate.as_ref());
+                let write = async {
+                    let compressed = deflate.and_then(|d| deflate::message(data, d));
+                    write_message(writer, opcode, data, compressed.as_ref()).await?;
+                    writer.flush().await
+                };
+                bounded(timeout, write).await
             }
             Some(session) => match message {
                 Message::Binary(_) => Err(End::Close(
@@ -481,11 +500,11 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         }
     }
 
-    /// Writes one frame and flushes, bounded by the write timeout.
-    async fn send(&mut self, frame: Frame<'_>) -> Result<(), End> {
+    /// Writes one control frame and flushes, bounded by the write timeout.
+    async fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), End> {
         let timeout = self.node.config().websocket.write_timeout;
         let write = async {
-            self.writer.write_frame(frame).await?;
+            write_frame(&mut self.writer, opcode, false, payload).await?;
             self.writer.flush().await
         };
         bounded(timeout, write).await
@@ -505,15 +524,15 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         let timeout = self.node.config().websocket.write_timeout;
         let mut delivered = 0;
         let oldest_live = oldest_live(out);
-        let writer = &mut self.writer;
+        let (writer, deflate) = (&mut self.writer, self.deflate.as_ref());
         let write = async {
             for output in out.drain(..) {
                 let text = match output {
                     Output::History(p) | Output::Live(p) => {
                         delivered += 1;
-                        writer
-                            .write_frame(Frame::text(Payload::Borrowed(p.json())))
-                            .await?;
+                        // Compressed once per publication and window size, shared by all.
+                        let compressed = deflate.and_then(|d| deflate::shared(&p, d));
+                        write_message(writer, OpCode::Text, p.json(), compressed.as_ref()).await?;
                         continue;
                     }
                     Output::Reply(bytes) => bytes,
@@ -523,9 +542,8 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         reset.reset_push().expect("a reset has a push form")
                     }
                 };
-                writer
-                    .write_frame(Frame::text(Payload::Borrowed(&text)))
-                    .await?;
+                let compressed = deflate.and_then(|d| deflate::message(&text, d));
+                write_message(writer, OpCode::Text, &text, compressed.as_ref()).await?;
             }
             writer.flush().await
         };
@@ -542,12 +560,8 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
 
     /// Sends Close and waits briefly for the peer's Close before the socket is dropped.
     async fn close(&mut self, code: u16, reason: &str) {
-        if self
-            .send(Frame::close(code, reason.as_bytes()))
-            .await
-            .is_err()
-            || !self.reading
-        {
+        let payload = [&code.to_be_bytes()[..], reason.as_bytes()].concat();
+        if self.send(OpCode::Close, &payload).await.is_err() || !self.reading {
             return;
         }
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
@@ -558,6 +572,31 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             }
         })
         .await;
+    }
+}
+
+/// Writes one unfragmented frame into the batch.
+async fn write_frame(
+    writer: &mut Writer,
+    opcode: OpCode,
+    compressed: bool,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let (head, len) = server_header(true, compressed, opcode, payload.len());
+    writer.write_all(&head[..len]).await?;
+    writer.write_all(payload).await
+}
+
+/// Writes a data message: its compressed form (RSV1 set) when there is one, else as it is.
+async fn write_message(
+    writer: &mut Writer,
+    opcode: OpCode,
+    data: &[u8],
+    compressed: Option<&Bytes>,
+) -> std::io::Result<()> {
+    match compressed {
+        Some(deflated) => write_frame(writer, opcode, true, deflated).await,
+        None => write_frame(writer, opcode, false, data).await,
     }
 }
 
