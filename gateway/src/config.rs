@@ -296,7 +296,7 @@ pub struct WebSocketConfig {
 }
 
 /// `websocket.compression`.
-#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     Off,
