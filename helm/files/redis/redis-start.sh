@@ -13,31 +13,11 @@
 #   MASTER_NAME     the name the sentinels monitor the master under
 #   DATA_DIR        the persistent directory (AOF);  CONF  the file to write the configuration to
 set -eu
-# The password: REDIS_PASSWORD, or the file REDIS_PASSWORD_FILE names (a mounted Secret).
-if [ -n "${REDIS_PASSWORD_FILE:-}" ]; then REDIS_PASSWORD=$(cat "$REDIS_PASSWORD_FILE"); fi
-: "${REDIS_PASSWORD:?}" "${SELF_HOST:?}" "${SELF_PORT:?}" "${FIRST_MASTER:?}" "${DATA_DIR:?}" "${CONF:?}"
-SENTINELS=${SENTINELS:-}
-MASTER_NAME=${MASTER_NAME:-}
-export REDISCLI_AUTH="$REDIS_PASSWORD"
-
-# "host port" of the master the first answering sentinel names, or nothing.
-named_master() {
-  for s in $SENTINELS; do
-    answer=$(timeout 3 redis-cli -h "${s%:*}" -p "${s##*:}" --raw \
-      sentinel get-master-addr-by-name "$MASTER_NAME" 2>/dev/null | tr '\n' ' ') || answer=""
-    case "$answer" in
-      *[!\ ]*\ [0-9]*) echo "$answer"; return 0 ;;
-    esac
-  done
-  return 1
-}
-
-if master=$(named_master); then
-  set -- $master
-  master_host=$1 master_port=$2
-  echo "sentinels name $master_host:$master_port as the master"
+: "${SELF_HOST:?}" "${SELF_PORT:?}" "${DATA_DIR:?}" "${CONF:?}"
+. "$(dirname "$0")/master.sh"
+if [ -n "$master_named" ]; then
+  echo "sentinel $master_named names $master_host:$master_port as the master"
 else
-  master_host=${FIRST_MASTER%:*} master_port=${FIRST_MASTER##*:}
   echo "no sentinel answers: first start, $master_host:$master_port is the master"
 fi
 

@@ -6,35 +6,16 @@
 # Environment: as redis-start.sh, plus SENTINEL_HOST SENTINEL_PORT (how others reach this
 # Sentinel), QUORUM, DOWN_AFTER_MS, FAILOVER_TIMEOUT_MS, and SENTINEL_CONF (on the volume).
 set -eu
-# The password: REDIS_PASSWORD, or the file REDIS_PASSWORD_FILE names (a mounted Secret).
-if [ -n "${REDIS_PASSWORD_FILE:-}" ]; then REDIS_PASSWORD=$(cat "$REDIS_PASSWORD_FILE"); fi
-: "${REDIS_PASSWORD:?}" "${SENTINEL_HOST:?}" "${SENTINEL_PORT:?}" "${FIRST_MASTER:?}" "${SENTINELS:?}"
-: "${MASTER_NAME:?}" "${QUORUM:?}" "${DOWN_AFTER_MS:?}" "${FAILOVER_TIMEOUT_MS:?}" "${SENTINEL_CONF:?}"
-export REDISCLI_AUTH="$REDIS_PASSWORD"
+: "${SENTINEL_HOST:?}" "${SENTINEL_PORT:?}" "${SENTINELS:?}" "${MASTER_NAME:?}" "${QUORUM:?}"
+: "${DOWN_AFTER_MS:?}" "${FAILOVER_TIMEOUT_MS:?}" "${SENTINEL_CONF:?}"
 
 if [ -s "$SENTINEL_CONF" ]; then
   echo "restarting with the state in $SENTINEL_CONF"
   exec redis-sentinel "$SENTINEL_CONF"
 fi
 
-named_master() {
-  for s in $SENTINELS; do
-    [ "$s" = "$SENTINEL_HOST:$SENTINEL_PORT" ] && continue
-    answer=$(timeout 3 redis-cli -h "${s%:*}" -p "${s##*:}" --raw \
-      sentinel get-master-addr-by-name "$MASTER_NAME" 2>/dev/null | tr '\n' ' ') || answer=""
-    case "$answer" in
-      *[!\ ]*\ [0-9]*) echo "$answer"; return 0 ;;
-    esac
-  done
-  return 1
-}
-
-if master=$(named_master); then
-  set -- $master
-  master_host=$1 master_port=$2
-else
-  master_host=${FIRST_MASTER%:*} master_port=${FIRST_MASTER##*:}
-fi
+SKIP_SENTINEL="$SENTINEL_HOST:$SENTINEL_PORT"
+. "$(dirname "$0")/master.sh"
 # A hostname must resolve before `sentinel monitor` accepts it; wait for the master to answer.
 until [ "$(timeout 3 redis-cli -h "$master_host" -p "$master_port" ping 2>/dev/null)" = "PONG" ]; do
   echo "waiting for the master $master_host:$master_port"
