@@ -268,26 +268,8 @@ async fn metrics_text(origin: &str) -> String {
 /// holding quantile `q` of what was observed between two scrapes: the node's own publish→write
 /// time of the hot channel (the only one with publications), without the publish request's.
 fn fanout_quantile(before: &str, after: &str, q: f64) -> Value {
-    let buckets = |text: &str| -> Vec<(String, f64)> {
-        text.lines()
-            .filter(|l| l.starts_with("gateway_fanout_latency_seconds_bucket{transport=\"ws\""))
-            .filter_map(|l| {
-                let le = l.split("le=\"").nth(1)?.split('"').next()?.to_string();
-                Some((le, l.rsplit(' ').next()?.parse().ok()?))
-            })
-            .collect()
-    };
-    let (b, a) = (buckets(before), buckets(after));
-    let total = a.last().map_or(0.0, |x| x.1) - b.last().map_or(0.0, |x| x.1);
-    if total <= 0.0 {
-        return Value::Null;
-    }
-    for ((le, n_after), (_, n_before)) in a.iter().zip(&b) {
-        if n_after - n_before >= q * total {
-            return le.clone().into();
-        }
-    }
-    Value::Null
+    let series = "gateway_fanout_latency_seconds_bucket{transport=\"ws\"";
+    testkit::bucket_quantile(before, after, series, q).map_or(Value::Null, Value::from)
 }
 
 /// `gateway_limit_rejections_total` by limit.

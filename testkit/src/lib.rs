@@ -10,6 +10,7 @@
 
 pub mod fault_publish;
 pub mod gateway_process;
+pub mod histogram;
 pub mod http;
 mod process;
 pub mod publisher;
@@ -26,6 +27,7 @@ pub mod ws;
 
 pub use fault_publish::*;
 pub use gateway_process::{run_to_exit, start_nodes, GatewayProcess};
+pub use histogram::bucket_quantile;
 pub use http::*;
 pub use process::{die_with_parent, rss_bytes_of, signal_with_parent};
 pub use publisher::*;

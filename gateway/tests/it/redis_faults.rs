@@ -84,23 +84,8 @@ async fn subscribes_of_clients_that_left_are_released_after_the_linger() {
 /// Upper bound of the histogram bucket holding quantile `q` of the samples added between two
 /// scrapes of `gateway_fanout_latency_seconds{transport="ws"}`.
 fn latency_quantile(before: &str, after: &str, q: f64) -> String {
-    let buckets = |text: &str| -> Vec<(String, f64)> {
-        text.lines()
-            .filter(|l| l.starts_with("gateway_fanout_latency_seconds_bucket{transport=\"ws\""))
-            .filter_map(|l| {
-                let le = l.split("le=\"").nth(1)?.split('"').next()?.to_string();
-                Some((le, l.rsplit(' ').next()?.parse().ok()?))
-            })
-            .collect()
-    };
-    let (b, a) = (buckets(before), buckets(after));
-    let total = a.last().map_or(0.0, |x| x.1) - b.last().map_or(0.0, |x| x.1);
-    for ((le, n_after), (_, n_before)) in a.iter().zip(&b) {
-        if n_after - n_before >= q * total {
-            return format!("<= {le}s");
-        }
-    }
-    "n/a".into()
+    let series = "gateway_fanout_latency_seconds_bucket{transport=\"ws\"";
+    bucket_quantile(before, after, series, q).map_or("n/a".into(), |le| format!("<= {le}s"))
 }
 
 /// #12.5: the link never waits on Redis in its own loop. While 16 clients flood the node with
