@@ -25,7 +25,8 @@ browser: client-js
 	cargo build --locked -p gateway --bin gateway
 	cd clients/js && npm run test:browser
 
-# Autobahn|Testsuite fuzzing client, cases 1-10, against the gateway's /ws/echo endpoint.
+# Autobahn|Testsuite fuzzing client, cases 1-10, 12 and 13 (permessage-deflate), against the
+# gateway's /ws/echo endpoint.
 autobahn:
 	bash .ci/autobahn/gateway.sh
 

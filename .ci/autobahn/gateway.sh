@@ -16,12 +16,10 @@ PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); 
 LOG="$REPO_ROOT/target/autobahn-gateway.log"
 mkdir -p "$(dirname "$LOG")"
 
-# Sections 12 and 13 send 1000 messages per case of 16 B to 128 KiB through Python 2 wstest,
-# whose pure-Python masking and compression make the 32-128 KiB cases take minutes each (all of
-# 12.* and 13.* is about three hours on a busy 2-core machine). CI runs every dataset and every
-# parameter set with messages up to 8 KiB, unfragmented and auto-fragmented (sizes 1-6 and 11);
-# AUTOBAHN_CASES="12.*,13.*" runs them all.
-CASES="1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*,12.*.[1-6]$,12.*.11$,13.*.[1-6]$,13.*.11$"
+# Sections 12 and 13 (permessage-deflate) send 1000 messages per case of 16 B to 128 KiB; with
+# wsaccel in wstest's virtualenv (setup.sh) all 216 cases take about 13 minutes on a busy 2-core
+# machine (without it, about three hours). AUTOBAHN_CASES overrides the list.
+CASES="1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*,12.*,13.*"
 GATEWAY__WEBSOCKET__MAX_MESSAGE_SIZE=$((16 * 1024 * 1024)) GATEWAY__WEBSOCKET__COMPRESSION_MIN_SIZE=0 \
   "$REPO_ROOT/target/debug/gateway" --listen "127.0.0.1:$PORT" --ws-echo >"$LOG" 2>&1 &
 GATEWAY_PID=$!
