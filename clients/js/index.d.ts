@@ -30,6 +30,12 @@ export interface Reset {
   offset: number;
 }
 
+/** The server ended a subscription (e.g. `permission_revoked` after a token refresh). */
+export interface Unsubscribed {
+  channel: string;
+  reason: 'permission_revoked' | string;
+}
+
 export interface PublishAck {
   channel: string;
   offset: number;
@@ -85,6 +91,7 @@ export interface ClientOptions {
 export interface ClientEvents {
   state: StateEvent;
   reset: Reset;
+  unsubscribed: Unsubscribed;
   position: { channel: string } & Position;
   error: Error;
 }
@@ -109,7 +116,7 @@ export declare class Client {
   subscribe<T = unknown>(
     channel: string,
     handler: (publication: Publication<T>) => void,
-    options?: { onReset?: (reset: Reset) => void },
+    options?: { onReset?: (reset: Reset) => void; onUnsubscribed?: (ended: Unsubscribed) => void },
   ): Subscription;
   /** Removes every handler of `channel` and forgets its position. */
   unsubscribe(channel: string): void;

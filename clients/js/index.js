@@ -238,6 +238,8 @@ class WebSocketTransport {
       else resolve(msg.result);
     } else if (msg.reset) {
       this.client._reset(msg.reset);
+    } else if (msg.unsubscribed) {
+      this.client._unsubscribed(msg.unsubscribed);
     } else if (msg.channel !== undefined && msg.offset !== undefined) {
       this.client._publication(msg);
     }
@@ -558,6 +560,9 @@ const TRANSPORT_CLASSES = { websocket: WebSocketTransport, sse: SseTransport, po
  *   `disconnected` (waiting `retryInMs` before the next attempt) or `closed`.
  * - `reset`: `{channel, reason, epoch, offset}`: publications of `channel` were lost
  *   (`recovered: false`); delivery continues after `offset` of `epoch`.
+ * - `unsubscribed`: `{channel, reason}`: the server ended the subscription (e.g.
+ *   `permission_revoked` after a `refresh` whose token no longer allows the channel); its
+ *   handlers are removed and it is not resubscribed.
  * - `position`: `{channel, epoch, offset}` after each publication handed to the application.
  * - `error`: a `GatewayError` the application may want to know about.
  */
@@ -617,9 +622,9 @@ export class Client {
    * data}`), exactly once and in order across reconnects. Resumes from a stored position if the
    * client persists positions. Returns `{unsubscribe()}`.
    */
-  subscribe(channel, handler, { onReset } = {}) {
+  subscribe(channel, handler, { onReset, onUnsubscribed } = {}) {
     if (typeof handler !== 'function') throw new TypeError('subscribe needs a handler function');
-    const entry = { handler, onReset };
+    const entry = { handler, onReset, onUnsubscribed };
     const isNew = !this.handlers.has(channel);
     if (isNew) this.handlers.set(channel, new Set());
     this.handlers.get(channel).add(entry);
@@ -781,6 +786,24 @@ export class Client {
     if (!this.handlers.has(reset.channel)) return;
     this.positions.set(reset.channel, reset.epoch, reset.offset);
     this._resetTo(reset);
+  }
+
+  /** The server ended `channel`'s subscription: tell its handlers, then forget it (no resubscribe). */
+  _unsubscribed(ended) {
+    const entries = this.handlers.get(ended.channel);
+    if (!entries) return;
+    this.handlers.delete(ended.channel);
+    this.positions.delete(ended.channel);
+    for (const entry of entries) {
+      if (entry.onUnsubscribed) {
+        try {
+          entry.onUnsubscribed(ended);
+        } catch (e) {
+          this._emit('error', e);
+        }
+      }
+    }
+    this._emit('unsubscribed', ended);
   }
 
   _resetTo(reset) {

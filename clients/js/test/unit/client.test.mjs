@@ -279,6 +279,28 @@ test('resume: every subscription resumes from its position, duplicates dropped, 
   client.close();
 });
 
+test('unsubscribed: a channel the server ended is surfaced and not resubscribed', async () => {
+  const WebSocket = fakeWebSocket();
+  WebSocket.reachable = new Set(['ws://a.test/ws']);
+  const client = connect(A, { ...fast, WebSocket });
+  const ended = [];
+  const told = [];
+  client.on('unsubscribed', (u) => ended.push(u));
+  client.subscribe('private', () => {}, { onUnsubscribed: (u) => told.push(u.reason) });
+  client.subscribe('public', () => {});
+  await until(() => client.position('private') && client.position('public'), 'subscribed');
+  const ws = WebSocket.instances[0];
+  ws.push({ unsubscribed: { channel: 'private', reason: 'permission_revoked' } });
+  assert.deepEqual(ended, [{ channel: 'private', reason: 'permission_revoked' }]);
+  assert.deepEqual(told, ['permission_revoked']);
+  assert.equal(client.position('private'), null);
+  // A reconnect resubscribes only what is left.
+  ws.drop(1006);
+  await until(() => WebSocket.instances.length === 2 && WebSocket.instances[1].sent.length === 1, 'resubscribed');
+  assert.deepEqual(WebSocket.instances[1].sent.map((m) => m.channel), ['public']);
+  client.close();
+});
+
 test('long-poll: positions first, then each poll from the cursor the last one left', async () => {
   const requests = [];
   const answers = [
