@@ -40,22 +40,37 @@ pub fn command(data: &[u8]) {
     }
 }
 
-/// SSE cursor parsing (`Last-Event-ID`, `?last_event_id=`): never panics, and what decodes
-/// re-encodes to a cursor that decodes to the same positions.
+/// Cursor parsing (`Last-Event-ID`, `?last_event_id=`, a poll's `cursor`), both forms: never
+/// panics; a full cursor re-encodes to one that decodes to the same positions, and a compact one
+/// checks against any channel list without panicking.
 pub fn cursor(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(positions) = cursor::decode(text) {
-        let again = cursor::encode_tagged(
-            positions
-                .iter()
-                .map(|e| (e.channel.as_str(), e.epoch.as_str(), e.offset, e.tag)),
-        );
-        assert_eq!(
-            cursor::decode(&again).expect("re-encoded cursor"),
-            positions
-        );
+    match cursor::decode_any(text) {
+        Ok(cursor::Cursor::Positions(positions)) => {
+            let again = cursor::encode_tagged(
+                positions
+                    .iter()
+                    .map(|e| (e.channel.as_str(), e.epoch.as_str(), e.offset, e.tag)),
+            );
+            assert_eq!(
+                cursor::decode(&again).expect("re-encoded cursor"),
+                positions
+            );
+        }
+        Ok(cursor::Cursor::Compact(compact)) => {
+            let channels: Vec<std::sync::Arc<str>> = compact
+                .offsets()
+                .enumerate()
+                .map(|(i, _)| i.to_string().into())
+                .collect();
+            if compact.fits(&channels) {
+                let recovered = vec![Some((std::sync::Arc::from("e"), None)); channels.len()];
+                compact.verify(&channels, &recovered);
+            }
+        }
+        Err(_) => {}
     }
 }
 

@@ -118,6 +118,22 @@ impl Node {
             .inc();
     }
 
+    /// Counts `n` resumes with one outcome in `gateway_resumes_total`.
+    pub(crate) fn count_resumes(&self, recovered: bool, reason: Option<&str>, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let result = if recovered {
+            "recovered"
+        } else {
+            "not_recovered"
+        };
+        self.metrics
+            .resumes
+            .with_label_values(&[result, reason.unwrap_or("none")])
+            .inc_by(n);
+    }
+
     /// Counts a refused credential or permission in `gateway_auth_failures_total`.
     pub(crate) fn count_auth(&self, reason: &str) {
         self.metrics

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::session::delivery::ANY_EPOCH;
+
 /// Every WebSocket close code the gateway sends: RFC 6455's and the application's own (4000–4999,
 /// listed in docs/protocol.md).
 pub mod close_code {
@@ -119,6 +121,10 @@ pub mod reset_reason {
     /// The publication at the position is not the one the client saw (its tag differs): the
     /// store lost acknowledged writes and reused the offset under the same epoch.
     pub const HISTORY_DIVERGED: &str = "history_diverged";
+    /// A compact cursor's position could not be checked against what history holds now (its
+    /// group's check differs: an epoch changed, the store reused an offset, or a channel of the
+    /// group could not be recovered).
+    pub const POSITION_UNVERIFIED: &str = "position_unverified";
 }
 
 /// Longest channel name accepted, in bytes.
@@ -332,11 +338,20 @@ impl<'a> Command<'a> {
             Ok(channel)
         };
         match &*op {
-            "subscribe" => Ok(Command::Subscribe {
-                id,
-                channel: channel(raw.channel)?,
-                since: raw.since,
-            }),
+            "subscribe" => {
+                let channel = channel(raw.channel)?;
+                if raw.since.as_ref().is_some_and(|s| s.epoch == ANY_EPOCH) {
+                    return Err(fail(
+                        error_code::BAD_REQUEST,
+                        "`since.epoch` \"*\" is reserved",
+                    ));
+                }
+                Ok(Command::Subscribe {
+                    id,
+                    channel,
+                    since: raw.since,
+                })
+            }
             "unsubscribe" => Ok(Command::Unsubscribe {
                 id,
                 channel: channel(raw.channel)?,

@@ -186,6 +186,15 @@ struct Resume {
     deliver_page: bool,
 }
 
+/// The epoch of a position that names none (a compact SSE cursor's): it matches whichever epoch
+/// the channel has, and the transport checks what was recovered afterwards. No node issues it
+/// (epochs are 16 hex digits), and neither a WebSocket `since` nor a full cursor may carry it.
+pub(crate) const ANY_EPOCH: &str = "*";
+
+fn is_any_epoch(epoch: &str) -> bool {
+    epoch == ANY_EPOCH
+}
+
 /// Where a new epoch is delivered from: before its first retained publication, or after its top
 /// when history holds none.
 fn start_of(page: &HistoryPage) -> u64 {
@@ -214,12 +223,13 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
         return Some(at_top(false, None));
     };
     let diverged = matches!((s.tag, page.since_tag), (Some(held), Some(now)) if held != now);
+    let same_epoch = *s.epoch == *page.epoch || (is_any_epoch(&s.epoch) && !page.epoch.is_empty());
     Some(match s {
         // Offset 0 carries no epoch: every epoch starts there.
         s if s.offset == 0 && (first == Some(1) || page.top == 0) => recovered_after(0, None),
         s if s.offset == 0 => at_top(false, Some(reset_reason::HISTORY_TRUNCATED)),
-        s if *s.epoch != *page.epoch && !from_start => return None,
-        s if *s.epoch != *page.epoch => Resume {
+        _ if !same_epoch && !from_start => return None,
+        _ if !same_epoch => Resume {
             recovered: false,
             reason: Some(reset_reason::EPOCH_CHANGED),
             continue_after: start_of(page),
@@ -437,7 +447,10 @@ impl Deliveries {
             });
             return;
         };
-        if since.is_some() {
+        // A compact cursor's recovered positions are counted once the transport checked them.
+        let checked_later =
+            resume.recovered && since.as_ref().is_some_and(|s| is_any_epoch(&s.epoch));
+        if since.is_some() && !checked_later {
             effects.push(Effect::Resumed {
                 recovered: resume.recovered,
                 reason: resume.reason,
@@ -863,6 +876,27 @@ mod tests {
                         &["subscribed e1@4 recovered", "resumed"],
                     ),
                     (At, &["at e1@4, 0 catching up"]),
+                ],
+            ),
+            (
+                "a compact cursor's position resumes in the channel's epoch, counted later",
+                &[
+                    (Sub(Some((ANY_EPOCH, 2))), &[]),
+                    (
+                        First("e1", 4, &[3, 4]),
+                        &["subscribed e1@4 recovered", "history 3", "history 4"],
+                    ),
+                    (At, &["at e1@4, 0 catching up"]),
+                ],
+            ),
+            (
+                "a compact cursor's position beyond the top is not recovered",
+                &[
+                    (Sub(Some((ANY_EPOCH, 9))), &[]),
+                    (
+                        First("e1", 4, &[]),
+                        &["subscribed e1@4 offset_ahead", "not resumed offset_ahead"],
+                    ),
                 ],
             ),
             (

@@ -16,7 +16,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
-use crate::cursor::CursorEntry;
+use crate::cursor::Cursor;
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::protocol::{
@@ -181,24 +181,42 @@ impl Session {
 
     /// Subscribes a stream's channels (SSE, long-poll), each from its position in `cursor`
     /// or from now. Returns each channel's starting offset and tag, `None` for a channel the
-    /// cursor does not name.
+    /// cursor does not name. A compact cursor's positions name no epoch: they resume in whatever
+    /// epoch each channel has, and [`verify_compact`](crate::transport::stream_query) checks
+    /// them once subscribed.
     pub(crate) fn subscribe_from_cursor(
         &mut self,
         channels: &[Arc<str>],
-        cursor: &[CursorEntry],
+        cursor: &Cursor,
     ) -> Vec<Option<(u64, Option<u32>)>> {
         let mut out = Vec::new();
-        let starts = channels
-            .iter()
-            .map(|channel| {
-                let since = cursor
-                    .iter()
-                    .find(|e| *e.channel == **channel)
-                    .map(|e| Position {
-                        epoch: e.epoch.clone(),
+        let since: Vec<Option<Position>> = match cursor {
+            Cursor::Positions(entries) => channels
+                .iter()
+                .map(|channel| {
+                    let e = entries.iter().find(|e| *e.channel == **channel)?;
+                    Some(Position {
+                        epoch: e.epoch.as_str().into(),
                         offset: e.offset,
                         tag: e.tag,
-                    });
+                    })
+                })
+                .collect(),
+            Cursor::Compact(compact) => compact
+                .offsets()
+                .map(|offset| {
+                    Some(Position {
+                        epoch: delivery::ANY_EPOCH.into(),
+                        offset,
+                        tag: None,
+                    })
+                })
+                .collect(),
+        };
+        let starts = channels
+            .iter()
+            .zip(since)
+            .map(|(channel, since)| {
                 let start = since.as_ref().map(|s| (s.offset, s.tag));
                 self.subscribe(None, channel.clone(), since, &mut out);
                 start
@@ -425,16 +443,7 @@ impl Session {
                 } => self.read_from_start(gen, channel, id, since),
                 Effect::LeaveHub(channel) => self.leave_hub(&channel),
                 Effect::Resumed { recovered, reason } => {
-                    let result = if recovered {
-                        "recovered"
-                    } else {
-                        "not_recovered"
-                    };
-                    self.node
-                        .metrics()
-                        .resumes
-                        .with_label_values(&[result, reason.unwrap_or("none")])
-                        .inc();
+                    self.node.count_resumes(recovered, reason, 1);
                 }
             }
         }

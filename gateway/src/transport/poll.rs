@@ -23,7 +23,7 @@ use crate::protocol::{error_code, ErrorBody};
 use crate::security::guard::too_many;
 use crate::session::fresh;
 use crate::session::{oldest_live, Output, Session};
-use crate::transport::stream_query::{decode_cursor, StreamQuery};
+use crate::transport::stream_query::{decode_cursor, verify_compact, StreamQuery};
 
 /// Most outputs gathered into one answer once something is ready; the rest waits for the next
 /// poll (the cursor says where to continue).
@@ -33,7 +33,7 @@ const BATCH: usize = 1024;
 struct PollRequest {
     channels: Vec<Arc<str>>,
     /// The cursor's positions; channels absent from it start at live.
-    positions: Vec<crate::cursor::CursorEntry>,
+    cursor: crate::cursor::Cursor,
     timeout: Duration,
 }
 
@@ -127,10 +127,10 @@ fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
     };
     let max_channels = node.config().client.max_subscriptions;
     let request = StreamQuery::parse(query, "cursor", max_channels, read_timeout)?;
-    let positions = decode_cursor(request.cursor.as_deref())?;
+    let cursor = decode_cursor(request.cursor.as_deref(), &request.channels)?;
     Ok(PollRequest {
         channels: request.channels,
-        positions,
+        cursor,
         timeout,
     })
 }
@@ -140,14 +140,14 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
     // Registered like a stream, so a drain answers waiting polls at once instead of at timeout.
     let registration = node.streams().register();
     let mut session = Session::new(node.clone(), registration.id());
-    let starts = session.subscribe_from_cursor(&request.channels, &request.positions);
+    let starts = session.subscribe_from_cursor(&request.channels, &request.cursor);
     let missing_position = starts.iter().any(Option::is_none);
     let mut out = Vec::new();
 
     // Every channel's starting position first: the answer's cursor must cover all of them.
     let mut delivered = Vec::new();
-    let mut subscribed = 0;
-    while subscribed < request.channels.len() {
+    let mut subscribed = vec![None; request.channels.len()];
+    while subscribed.iter().any(Option::is_none) {
         tokio::select! {
             event = session.next() => session.apply(event, &mut out),
             _ = registration.closing() => return draining(node),
@@ -155,17 +155,12 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
         for output in out.drain(..) {
             match output {
                 Output::Subscribed { result, start, .. } => {
-                    subscribed += 1;
-                    if let Some(reason) = result.reason {
-                        // Publications from the reset's offset + 1 follow (after
-                        // `epoch_changed`, the new epoch's start rather than its top).
-                        delivered.push(Output::Reset {
-                            channel: result.channel,
-                            epoch: result.epoch,
-                            offset: start.0,
-                            reason,
-                        });
-                    }
+                    let i = request
+                        .channels
+                        .iter()
+                        .position(|c| *c == result.channel)
+                        .expect("outputs only name the poll's channels");
+                    subscribed[i] = Some((result, start));
                 }
                 Output::SubscribeFailed { error, .. } => {
                     return response::error(error.status(), error.code, error.message);
@@ -174,6 +169,28 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
             }
         }
     }
+    let (mut results, starts): (Vec<_>, Vec<_>) = subscribed.into_iter().flatten().unzip();
+    verify_compact(
+        node,
+        &request.cursor,
+        &request.channels,
+        &mut results,
+        &starts,
+    );
+    // Each reset goes before its channel's publications: publications from the reset's offset
+    // + 1 follow (after `epoch_changed`, the new epoch's start rather than its top).
+    let resets = results
+        .into_iter()
+        .zip(starts)
+        .filter_map(|(result, start)| {
+            Some(Output::Reset {
+                reason: result.reason?,
+                channel: result.channel,
+                epoch: result.epoch,
+                offset: start.0,
+            })
+        });
+    delivered.splice(0..0, resets);
 
     let mut outcome = None;
     if has_data(&delivered) {

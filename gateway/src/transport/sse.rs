@@ -1,7 +1,7 @@
 //! Server-Sent Events transport (`GET /sse?channel=A&channel=B`): one WHATWG event stream per
-//! request, over HTTP/1.1 or HTTP/2. Every event's `id:` is a cursor holding the position of every
-//! channel of the stream, so EventSource's automatic `Last-Event-ID` resumes all of them exactly
-//! once.
+//! request, over HTTP/1.1 or HTTP/2. Every event's `id:` is a compact cursor holding the position
+//! of every channel of the stream, so EventSource's automatic `Last-Event-ID` resumes all of them
+//! exactly once.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use hyper::{header, HeaderMap, Response, StatusCode};
 use serde::Serialize;
 
-use crate::cursor;
+use crate::cursor::{Cursor, StreamCursor};
 use crate::drain::{reconnect_hint, Registration};
 use crate::http::response::{self, Body};
 use crate::node::Node;
@@ -21,7 +21,7 @@ use crate::security::guard::too_many;
 use crate::session::fresh;
 use crate::session::{oldest_live, Output, Session};
 use crate::transport::body_channel::{body_channel, BodySender};
-use crate::transport::stream_query::{decode_cursor, StreamQuery};
+use crate::transport::stream_query::{decode_cursor, verify_compact, StreamQuery, Subscribed};
 
 const BATCH: usize = 256;
 
@@ -54,11 +54,11 @@ pub(crate) fn open(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty());
-    let positions = match decode_cursor(header_cursor.or(request.cursor.as_deref())) {
-        Ok(positions) => positions,
+    let channels = request.channels;
+    let cursor = match decode_cursor(header_cursor.or(request.cursor.as_deref()), &channels) {
+        Ok(cursor) => cursor,
         Err(e) => return response::error(StatusCode::BAD_REQUEST, e.code, e.message),
     };
-    let channels = request.channels;
     if let Err(refusal) = fresh::charge(node, client_ip, &channels) {
         let error = refusal.error();
         return too_many(error.code, error.message, refusal.retry_after());
@@ -66,7 +66,7 @@ pub(crate) fn open(
 
     let registration = node.streams().register();
     let mut session = Session::new(node.clone(), registration.id());
-    let starts = session.subscribe_from_cursor(&channels, &positions);
+    session.subscribe_from_cursor(&channels, &cursor);
 
     let (tx, body) = body_channel(64);
     let stream = SseStream {
@@ -74,14 +74,10 @@ pub(crate) fn open(
         fanout_latency: node.metrics().fanout_latency.with_label_values(&["sse"]),
         node: node.clone(),
         tx,
-        positions: channels
-            .iter()
-            .map(|c| (c.clone(), Arc::<str>::from(""), 0, None))
-            .collect(),
-        scratch: Vec::new(),
+        positions: StreamCursor::new(channels),
     };
     node.connection_tasks()
-        .spawn(stream.run(session, starts, registration));
+        .spawn(stream.run(session, cursor, registration));
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -111,17 +107,12 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
     !present
 }
 
-/// (channel, epoch, offset delivered, the tag there if known) of one channel of a stream.
-type StreamPosition = (Arc<str>, Arc<str>, u64, Option<u32>);
-
 /// One SSE response's task: its session and the position of every channel for the cursor.
 struct SseStream {
     node: Arc<Node>,
     tx: BodySender,
-    /// Every channel's position, in request order.
-    positions: Vec<StreamPosition>,
-    /// Reused for every event's cursor.
-    scratch: Vec<u8>,
+    /// Every channel's position, in request order: what each event's id says.
+    positions: StreamCursor,
     /// Metric children looked up once, not per batch (a lookup hashes the labels).
     deliveries: prometheus::IntCounter,
     fanout_latency: prometheus::Histogram,
@@ -140,16 +131,11 @@ struct StreamError<'a> {
 }
 
 impl SseStream {
-    async fn run(
-        mut self,
-        mut session: Session,
-        starts: Vec<Option<(u64, Option<u32>)>>,
-        registration: Registration,
-    ) {
+    async fn run(mut self, mut session: Session, cursor: Cursor, registration: Registration) {
         let gauge = self.node.metrics().connections.with_label_values(&["sse"]);
         gauge.inc();
         let closing = tokio::select! {
-            _ = self.stream(&mut session, starts) => false,
+            _ = self.stream(&mut session, cursor) => false,
             _ = registration.closing() => true,
         };
         if closing {
@@ -163,11 +149,7 @@ impl SseStream {
 
     /// Runs until the client leaves, the node shuts down or the client falls too far behind.
     /// `Err` means the client is gone.
-    async fn stream(
-        &mut self,
-        session: &mut Session,
-        starts: Vec<Option<(u64, Option<u32>)>>,
-    ) -> Result<(), ()> {
+    async fn stream(&mut self, session: &mut Session, cursor: Cursor) -> Result<(), ()> {
         let retry = self.node.config().sse.retry.as_millis();
         self.send(Bytes::from(format!("retry: {retry}\n\n")))
             .await?;
@@ -175,7 +157,8 @@ impl SseStream {
         // Every channel's starting position first, so the `connected` event's id is a cursor.
         let mut out = Vec::new();
         let mut held = Vec::new();
-        let mut results: Vec<Option<SubscribeResult>> = vec![None; self.positions.len()];
+        let count = self.positions.channels().len();
+        let mut results: Vec<Option<Subscribed>> = vec![None; count];
         while results.iter().any(Option::is_none) {
             tokio::select! {
                 _ = self.tx.closed() => return Err(()),
@@ -188,13 +171,8 @@ impl SseStream {
                         // Where delivery starts, not the result's top: after `epoch_changed`
                         // the new epoch follows from its start, and a cursor naming the top
                         // would skip it on reconnect.
-                        let start = match (result.recovered, starts[i]) {
-                            (true, Some(since)) => since,
-                            _ => start,
-                        };
-                        self.positions[i].1 = result.epoch.clone();
-                        (self.positions[i].2, self.positions[i].3) = start;
-                        results[i] = Some(result);
+                        self.positions.set(i, &result.epoch, start.0, start.1);
+                        results[i] = Some((result, start));
                     }
                     Output::SubscribeFailed { channel, error, .. } => {
                         let data = serde_json::to_vec(&StreamError {
@@ -211,14 +189,21 @@ impl SseStream {
                 }
             }
         }
-        let results: Vec<SubscribeResult> = results.into_iter().flatten().collect();
+        let (mut results, starts): (Vec<_>, Vec<_>) = results.into_iter().flatten().unzip();
+        verify_compact(
+            &self.node,
+            &cursor,
+            self.positions.channels(),
+            &mut results,
+            &starts,
+        );
         let connected = serde_json::to_vec(&Connected { channels: &results }).expect("cannot fail");
         self.send_event(Some("connected"), true, Bytes::from(connected))
             .await?;
         for result in &results {
             if let Some(reason) = result.reason {
                 // Publications from the reset's offset + 1 follow: the stream's start.
-                let start = self.positions[self.index(&result.channel)].2;
+                let start = self.positions.offset(self.index(&result.channel));
                 self.emit_reset(&result.channel, &result.epoch, start, reason)
                     .await?;
             }
@@ -244,8 +229,7 @@ impl SseStream {
 
     fn index(&self, channel: &str) -> usize {
         self.positions
-            .iter()
-            .position(|(c, ..)| **c == *channel)
+            .index(channel)
             .expect("outputs only name the stream's channels")
     }
 
@@ -257,9 +241,7 @@ impl SseStream {
                 match output {
                     Output::History(p) | Output::Live(p) => {
                         let i = self.index(&p.channel);
-                        self.positions[i].1 = p.epoch.clone();
-                        self.positions[i].2 = p.offset;
-                        self.positions[i].3 = Some(p.tag);
+                        self.positions.set(i, &p.epoch, p.offset, Some(p.tag));
                         delivered += 1;
                         self.send_event(None, true, p.json().clone()).await?;
                     }
@@ -295,9 +277,7 @@ impl SseStream {
         reason: &str,
     ) -> Result<(), ()> {
         let i = self.index(channel);
-        self.positions[i].1 = epoch.clone();
-        self.positions[i].2 = offset;
-        self.positions[i].3 = None;
+        self.positions.set(i, epoch, offset, None);
         let data = Reset {
             channel,
             epoch,
@@ -318,11 +298,7 @@ impl SseStream {
         let mut head = String::with_capacity(128);
         if with_id {
             head.push_str("id: ");
-            let positions = self
-                .positions
-                .iter()
-                .map(|(c, e, o, t)| (&**c, &**e, *o, *t));
-            cursor::encode_into(positions, &mut self.scratch, &mut head);
+            self.positions.write(&mut head);
             head.push('\n');
         }
         if let Some(event) = event {

@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
-use crate::cursor;
-use crate::protocol::{check_channel, check_subscription_count, error_code, ErrorBody};
+use crate::cursor::{self, Cursor};
+use crate::node::Node;
+use crate::protocol::{
+    check_channel, check_subscription_count, error_code, reset_reason, ErrorBody, SubscribeResult,
+};
 
 /// The channels of a stream or poll, distinct, in request order, and its cursor as sent.
 pub(crate) struct StreamQuery {
@@ -49,14 +52,65 @@ impl StreamQuery {
     }
 }
 
-/// The positions a cursor holds; an absent or empty cursor holds none.
+/// The positions a cursor holds for a stream or poll over `channels`; an absent or empty cursor
+/// holds none. A compact cursor must have been issued for exactly these channels, in order.
 pub(crate) fn decode_cursor(
     cursor: Option<&str>,
-) -> Result<Vec<crate::cursor::CursorEntry>, ErrorBody> {
+    channels: &[Arc<str>],
+) -> Result<Cursor, ErrorBody> {
+    let invalid = |message: String| ErrorBody::new(error_code::INVALID_CURSOR, message);
     match cursor.filter(|c| !c.is_empty()) {
-        None => Ok(Vec::new()),
-        Some(c) => {
-            cursor::decode(c).map_err(|message| ErrorBody::new(error_code::INVALID_CURSOR, message))
+        None => Ok(Cursor::Positions(Vec::new())),
+        Some(c) => match cursor::decode_any(c).map_err(invalid)? {
+            Cursor::Compact(compact) if !compact.fits(channels) => Err(invalid(
+                "the cursor was issued for other channels: an event id resumes the stream it \
+                 came from, with the same `channel` parameters in the same order"
+                    .into(),
+            )),
+            cursor => Ok(cursor),
+        },
+    }
+}
+
+/// A channel's subscribe result and where its delivery starts (offset, and the tag there when
+/// known), from [`Output::Subscribed`](crate::session::Output::Subscribed).
+pub(crate) type Subscribed = (SubscribeResult, (u64, Option<u32>));
+
+/// Once every channel of a stream or poll resumed from a compact cursor is subscribed: the
+/// channels whose group check does not match what the node read are not recovered after all,
+/// and say so with `position_unverified` (delivery goes on after the cursor's offset, as for
+/// any reset). `starts` are the subscriptions' [`Output::Subscribed`] starts, in request order.
+/// Counts the outcomes in `gateway_resumes_total` (the session leaves them to this check).
+///
+/// [`Output::Subscribed`]: crate::session::Output::Subscribed
+pub(crate) fn verify_compact(
+    node: &Node,
+    cursor: &Cursor,
+    channels: &[Arc<str>],
+    results: &mut [SubscribeResult],
+    starts: &[(u64, Option<u32>)],
+) {
+    let Cursor::Compact(compact) = cursor else {
+        return;
+    };
+    let recovered: Vec<_> = results
+        .iter()
+        .zip(starts)
+        .map(|(result, start)| result.recovered.then(|| (result.epoch.clone(), start.1)))
+        .collect();
+    let verified = compact.verify(channels, &recovered);
+    let (mut kept, mut unverified) = (0, 0);
+    for (result, verified) in results.iter_mut().zip(verified) {
+        match (result.recovered, verified) {
+            (false, _) => {}
+            (true, true) => kept += 1,
+            (true, false) => {
+                result.recovered = false;
+                result.reason = Some(reset_reason::POSITION_UNVERIFIED);
+                unverified += 1;
+            }
         }
     }
+    node.count_resumes(true, None, kept);
+    node.count_resumes(false, Some(reset_reason::POSITION_UNVERIFIED), unverified);
 }

@@ -33,6 +33,7 @@ mod security_holes;
 mod shutdown;
 mod slow_consumer;
 mod sse;
+mod sse_ids;
 mod tls;
 mod websocket;
 mod ws_deflate;

@@ -213,8 +213,24 @@ async fn unrecoverable_resume_sends_reset_then_live() {
     let ok = channel("reset-ok");
     publish(&node, &ch, json!(1)).await;
     let mut sse = Sse::open(&node, &[&ch, &ok]).await;
-    let cursor = sse.connected().await.id.unwrap();
+    let results = connected_channels(&sse.connected().await);
     drop(sse);
+    // The full form, as a client that holds its positions sends it: each channel is judged on
+    // its own (an event id's compact form resets a group together: tests/it/sse_ids.rs).
+    let position = |c: &str| {
+        let r = &results[c];
+        let tag = r["tag"].as_str().and_then(backplane::parse_tag);
+        (
+            r["epoch"].as_str().unwrap().to_string(),
+            r["offset"].as_u64().unwrap(),
+            tag,
+        )
+    };
+    let (held_ch, held_ok) = (position(&ch), position(&ok));
+    let cursor = gateway::cursor::encode_tagged([
+        (ch.as_str(), held_ch.0.as_str(), held_ch.1, held_ch.2),
+        (ok.as_str(), held_ok.0.as_str(), held_ok.1, held_ok.2),
+    ]);
     publish_many(node.addr, &ch, 20, |i| json!(i + 2)).await; // top 21, history 17..=21
     publish(&node, &ok, json!("kept")).await;
 

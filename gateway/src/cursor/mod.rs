@@ -1,13 +1,21 @@
-//! The SSE cursor: one opaque string (an event `id:`) that records the position of every channel
-//! of a stream, so `Last-Event-ID` alone is enough to resume all of them.
+//! The cursor: one opaque string that records the position of every channel of a stream or poll,
+//! so `Last-Event-ID` (or a poll's `cursor`) alone is enough to resume all of them.
 //!
-//! Form: base64url (no padding) of the JSON array `[[channel, epoch, offset, tag?], ...]`; the
-//! tag (8 hex digits) of the publication at `offset` is there when known. Cursors from before
-//! tags (three-element entries) stay readable.
+//! Two forms. The full form names everything: base64url (no padding) of the JSON array
+//! `[[channel, epoch, offset, tag?], ...]`, the tag (8 hex digits) of the publication at `offset`
+//! when known; cursors from before tags (three-element entries) stay readable. Long-poll answers
+//! carry it, and clients build it from the positions they hold. SSE event ids use the
+//! [`compact`] form instead, which leans on the stream's request for the channel names.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Deserialize;
+
+use crate::session::delivery::ANY_EPOCH;
+
+pub mod compact;
+
+pub use compact::{CompactCursor, StreamCursor};
 
 /// Longest cursor accepted, in bytes. A stream whose cursor could grow beyond it is refused
 /// when it opens ([`longest_encoding`]), so every cursor the server issues is accepted back.
@@ -91,6 +99,26 @@ pub fn encode_into<'a>(
     URL_SAFE_NO_PAD.encode_string(&scratch[..], out);
 }
 
+/// A cursor as a client sent it back, in either form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    Positions(Vec<CursorEntry>),
+    Compact(CompactCursor),
+}
+
+/// Decodes a cursor of either form.
+pub fn decode_any(cursor: &str) -> Result<Cursor, String> {
+    if cursor.len() > MAX_CURSOR_LEN {
+        return Err(format!("cursor is longer than {MAX_CURSOR_LEN} bytes"));
+    }
+    let cursor = cursor.trim();
+    if cursor.starts_with(compact::PREFIX) {
+        CompactCursor::decode(cursor).map(Cursor::Compact)
+    } else {
+        decode(cursor).map(Cursor::Positions)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawEntry {
@@ -98,7 +126,7 @@ enum RawEntry {
     Untagged(String, String, u64),
 }
 
-/// Decodes a cursor into its entries.
+/// Decodes a cursor of the full form into its entries.
 pub fn decode(cursor: &str) -> Result<Vec<CursorEntry>, String> {
     if cursor.len() > MAX_CURSOR_LEN {
         return Err(format!("cursor is longer than {MAX_CURSOR_LEN} bytes"));
@@ -110,6 +138,10 @@ pub fn decode(cursor: &str) -> Result<Vec<CursorEntry>, String> {
         .map_err(|e| format!("cursor does not hold positions: {e}"))?;
     raw.into_iter()
         .map(|entry| {
+            let (RawEntry::Untagged(_, epoch, _) | RawEntry::Tagged(_, epoch, _, _)) = &entry;
+            if epoch == ANY_EPOCH {
+                return Err(format!("cursor epoch {ANY_EPOCH:?} is reserved"));
+            }
             Ok(match entry {
                 RawEntry::Untagged(channel, epoch, offset) => CursorEntry {
                     channel,
