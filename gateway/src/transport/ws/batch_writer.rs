@@ -30,6 +30,19 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         }
     }
 
+    /// Appends `head` and `payload` to the batch if they fit under the buffer's limit, without
+    /// writing anything; `false` (nothing appended) when the batch must be written out first or
+    /// the payload is large enough to skip the buffer. Keeps the common write of a batch free of
+    /// await points, so the connection's future stays small.
+    pub fn buffer(&mut self, head: &[u8], payload: &[u8]) -> bool {
+        if self.buf.len() + head.len() + payload.len() > LIMIT {
+            return false;
+        }
+        self.buf.extend_from_slice(head);
+        self.buf.extend_from_slice(payload);
+        true
+    }
+
     /// Writes out everything buffered.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.buf.len() {
@@ -131,5 +144,16 @@ mod tests {
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[..12], b"hello worldx");
         assert_eq!(&got[12..], &big[..]);
+
+        assert!(writer.buffer(b"ab", b"cd"), "a small frame is buffered");
+        assert!(
+            !writer.buffer(b"", &vec![0; LIMIT]),
+            "one past the limit is not"
+        );
+        assert_eq!(writer.buf, b"abcd");
+        writer.flush().await.unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"abcd");
     }
 }

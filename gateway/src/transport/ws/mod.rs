@@ -157,17 +157,24 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
 ) {
     let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
     let node = node.clone();
+    // The task's future is most of an idle connection's memory: it holds only the upgrade, then
+    // the connection and its `serve` future. Everything else is built by plain functions, whose
+    // locals a future would otherwise keep room for beside the connection they were moved into.
     node.connection_tasks().clone().spawn(async move {
         match io.await {
             Ok(io) => {
-                let (read, write) = tokio::io::split(io);
                 let open = node
                     .metrics()
                     .websockets
                     .with_label_values(&[handshake.http_version()]);
                 open.inc();
-                let writer = BatchWriter::new(write);
-                run(node, read, writer, mode, guard, deflate, client_ip).await;
+                let transport = if mode == Mode::Echo { "echo" } else { "ws" };
+                let gauge = node.metrics().connections.with_label_values(&[transport]);
+                gauge.inc();
+                connection(node, io, transport, guard, deflate, client_ip)
+                    .serve(mode)
+                    .await;
+                gauge.dec();
                 open.dec();
             }
             Err(e) => tracing::debug!(error = %e, ?handshake, "websocket upgrade failed"),
@@ -175,18 +182,16 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
     });
 }
 
-async fn run(
+/// The connection state of an upgraded stream; `transport` labels its metrics.
+fn connection(
     node: Arc<Node>,
-    read: ReadHalf<Io>,
-    writer: Writer,
-    mode: Mode,
+    io: Io,
+    transport: &str,
     guard: Guard,
     deflate: Option<Deflate>,
     client_ip: IpAddr,
-) {
-    let transport = if mode == Mode::Echo { "echo" } else { "ws" };
-    let gauge = node.metrics().connections.with_label_values(&[transport]);
-    gauge.inc();
+) -> Connection<Frames> {
+    let (read, write) = tokio::io::split(io);
     let max_message_size = node.config().websocket.max_message_size;
     let limits = ReadLimits {
         // A compressed frame may be a little longer than what it inflates to (stored blocks);
@@ -197,7 +202,7 @@ async fn run(
         },
         rsv1_allowed: deflate.is_some(),
     };
-    let mut conn = Connection {
+    Connection {
         deliveries: node.metrics().deliveries.with_label_values(&[transport]),
         fanout_latency: node
             .metrics()
@@ -206,17 +211,18 @@ async fn run(
         heartbeat: Heartbeat::new(&node),
         registration: node.streams().register(),
         assembler: Assembler::new(max_message_size),
-        frames: pin!(frames(read, limits)),
+        frames: Box::pin(frames(read, limits)),
         reading: true,
         deflate,
         guard,
         node,
-        writer,
+        writer: BatchWriter::new(write),
         client_ip,
-    };
-    conn.serve(mode).await;
-    gauge.dec();
+    }
 }
+
+/// The peer's frames, boxed so the connection owns them (see [`frames`]).
+type Frames = Pin<Box<dyn Stream<Item = ReadResult> + Send>>;
 
 /// The peer's frames, one at a time. The read in progress lives inside the stream, so a
 /// `select!` that picks another branch never loses part of a frame. Pings and Closes come too:
@@ -294,10 +300,15 @@ async fn bounded<E>(
     let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
     let result = match first {
         Poll::Ready(result) => result,
-        Poll::Pending => match tokio::time::timeout(limit, write).await {
-            Ok(result) => result,
-            Err(_elapsed) => return Err(End::Gone),
-        },
+        // The timer is boxed: held inline it would enlarge every connection's future, idle or
+        // not, for a path taken only when the socket is full.
+        Poll::Pending => {
+            let mut expired = Box::pin(tokio::time::sleep(limit));
+            tokio::select! {
+                result = write => result,
+                _ = &mut expired => return Err(End::Gone),
+            }
+        }
     };
     result.map_err(|_| End::Gone)
 }
@@ -361,10 +372,11 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             }
         };
         match end {
-            End::Close(code, reason) => self.close(code, &reason).await,
+            // Once per connection, on the heap: see `push_frame`.
+            End::Close(code, reason) => Box::pin(self.close(code, &reason)).await,
             End::CloseAfterReply(code, reason) => {
                 if self.write_outputs(&mut out).await.is_ok() {
-                    self.close(code, &reason).await;
+                    Box::pin(self.close(code, &reason)).await;
                 }
             }
             End::Gone => {}
@@ -457,14 +469,15 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     Message::Text(t) => (OpCode::Text, t),
                     Message::Binary(b) => (OpCode::Binary, b),
                 };
-                let timeout = self.node.config().websocket.write_timeout;
-                let (writer, deflate) = (&mut self.writer, self.deflate.as_ref());
-                let write = async {
-                    let compressed = deflate.and_then(|d| deflate::message(data, d));
-                    write_message(writer, opcode, data, compressed.as_ref()).await?;
-                    writer.flush().await
-                };
-                bounded(timeout, write).await
+                let compressed = self
+                    .deflate
+                    .as_ref()
+                    .and_then(|d| deflate::message(data, d));
+                match &compressed {
+                    Some(deflated) => self.push_frame(opcode, true, deflated).await?,
+                    None => self.push_frame(opcode, false, data).await?,
+                }
+                self.flush().await
             }
             Some(session) => match message {
                 Message::Binary(_) => Err(End::Close(
@@ -502,12 +515,26 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
 
     /// Writes one control frame and flushes, bounded by the write timeout.
     async fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), End> {
+        self.push_frame(opcode, false, payload).await?;
+        self.flush().await
+    }
+
+    /// Adds one unfragmented frame to the batch. Almost every frame joins it in memory, with no
+    /// await; one that does not fit writes the batch out first (and one the buffer's size or
+    /// more is written straight after it), on the heap: held inline, that rare write would
+    /// enlarge every connection's future, idle or not.
+    async fn push_frame(&mut self, opcode: OpCode, rsv1: bool, payload: &[u8]) -> Result<(), End> {
+        let (head, len) = server_header(true, rsv1, opcode, payload.len());
+        if self.writer.buffer(&head[..len], payload) {
+            return Ok(());
+        }
         let timeout = self.node.config().websocket.write_timeout;
-        let write = async {
-            write_frame(&mut self.writer, opcode, false, payload).await?;
-            self.writer.flush().await
+        let writer = &mut self.writer;
+        let write = async move {
+            writer.write_all(&head[..len]).await?;
+            writer.write_all(payload).await
         };
-        bounded(timeout, write).await
+        Box::pin(bounded(timeout, write)).await
     }
 
     /// Flushes, bounded by the write timeout.
@@ -521,33 +548,41 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         if out.is_empty() {
             return Ok(());
         }
-        let timeout = self.node.config().websocket.write_timeout;
         let mut delivered = 0;
         let oldest_live = oldest_live(out);
-        let (writer, deflate) = (&mut self.writer, self.deflate.as_ref());
-        let write = async {
-            for output in out.drain(..) {
-                let text = match output {
-                    Output::History(p) | Output::Live(p) => {
-                        delivered += 1;
-                        // Compressed once per publication and window size, shared by all.
-                        let compressed = deflate.and_then(|d| deflate::shared(&p, d));
-                        write_message(writer, OpCode::Text, p.json(), compressed.as_ref()).await?;
-                        continue;
-                    }
-                    Output::Reply(bytes) => bytes,
-                    Output::Subscribed { id, result, .. } => reply_ok(id, &result),
-                    Output::SubscribeFailed { id, error, .. } => reply_err(id, &error),
-                    reset @ Output::Reset { .. } => {
-                        reset.reset_push().expect("a reset has a push form")
-                    }
-                };
-                let compressed = deflate.and_then(|d| deflate::message(&text, d));
-                write_message(writer, OpCode::Text, &text, compressed.as_ref()).await?;
+        let mut result = Ok(());
+        for output in out.drain(..) {
+            let deflate = self.deflate.as_ref();
+            let (text, compressed) = match output {
+                Output::History(p) | Output::Live(p) => {
+                    delivered += 1;
+                    // Compressed once per publication and window size, shared by all.
+                    let compressed = deflate.and_then(|d| deflate::shared(&p, d));
+                    (p.json().clone(), compressed)
+                }
+                other => {
+                    let text = match other {
+                        Output::Reply(bytes) => bytes,
+                        Output::Subscribed { id, result, .. } => reply_ok(id, &result),
+                        Output::SubscribeFailed { id, error, .. } => reply_err(id, &error),
+                        reset => reset.reset_push().expect("a reset has a push form"),
+                    };
+                    let compressed = deflate.and_then(|d| deflate::message(&text, d));
+                    (text, compressed)
+                }
+            };
+            let pushed = match &compressed {
+                Some(deflated) => self.push_frame(OpCode::Text, true, deflated).await,
+                None => self.push_frame(OpCode::Text, false, &text).await,
+            };
+            if let Err(end) = pushed {
+                result = Err(end);
+                break;
             }
-            writer.flush().await
-        };
-        let result = bounded(timeout, write).await;
+        }
+        if result.is_ok() {
+            result = self.flush().await;
+        }
         out.clear();
         if delivered > 0 {
             self.deliveries.inc_by(delivered);
@@ -572,31 +607,6 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             }
         })
         .await;
-    }
-}
-
-/// Writes one unfragmented frame into the batch.
-async fn write_frame(
-    writer: &mut Writer,
-    opcode: OpCode,
-    compressed: bool,
-    payload: &[u8],
-) -> std::io::Result<()> {
-    let (head, len) = server_header(true, compressed, opcode, payload.len());
-    writer.write_all(&head[..len]).await?;
-    writer.write_all(payload).await
-}
-
-/// Writes a data message: its compressed form (RSV1 set) when there is one, else as it is.
-async fn write_message(
-    writer: &mut Writer,
-    opcode: OpCode,
-    data: &[u8],
-    compressed: Option<&Bytes>,
-) -> std::io::Result<()> {
-    match compressed {
-        Some(deflated) => write_frame(writer, opcode, true, deflated).await,
-        None => write_frame(writer, opcode, false, data).await,
     }
 }
 
