@@ -79,6 +79,28 @@ pub async fn connect(dest: SocketAddr, source: IpAddr) -> std::io::Result<TcpStr
         }
         socket.bind(SocketAddr::new(source, 0))?;
     }
+    // Closed with a reset, not a FIN: the generator closes first, and every closed connection
+    // would otherwise keep its port in TIME_WAIT for a minute, so a run right after a large one
+    // (the suite's peers after the gateway's 19,000 connections) found no ports left.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a pointer to a live linger of the given size.
+    // (tokio's `set_linger` is deprecated because a nonzero linger blocks the dropping thread;
+    // zero never waits.)
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     let stream = socket.connect(dest).await?;
     stream.set_nodelay(true)?;
     Ok(stream)

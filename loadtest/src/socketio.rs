@@ -16,9 +16,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Socket = WebSocketStream<TcpStream>;
 
 /// What connection-state recovery needs to resume: the private session id and the offset of the
 /// last broadcast received.
@@ -54,12 +54,14 @@ enum Packet {
 }
 
 impl SioClient {
-    /// Opens the Engine.IO socket on `ws://127.0.0.1:PORT/socket.io/`, reads the open packet,
+    /// Opens the Engine.IO socket on `ws://127.0.0.1:PORT/socket.io/` from `source` (as every
+    /// other client of a run, so the peers get the same source ports), reads the open packet,
     /// connects to the main namespace with auth `{"channel": C}` (plus `pid` and `offset` when
     /// resuming), and waits for the CONNECT answer. Returns the client and whether the server
     /// recovered the session, i.e. answered with the pid it was given. No timeout of its own.
     pub async fn connect(
         port: u16,
+        source: std::net::IpAddr,
         channel: &str,
         resume: Option<&Session>,
     ) -> Result<(SioClient, bool), String> {
@@ -67,7 +69,11 @@ impl SioClient {
         // An 8 KiB read buffer, as the other clients use (tungstenite's default is 128 KiB).
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(8 * 1024);
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let tcp = crate::net::connect(addr, source)
+            .await
+            .map_err(|e| format!("socket.io connect {addr}: {e}"))?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(&url, tcp, Some(config))
             .await
             .map_err(|e| format!("socket.io connect {url}: {e}"))?;
         let mut client = SioClient {

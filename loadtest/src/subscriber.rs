@@ -106,7 +106,8 @@ impl Subscriber {
                     Resume::SocketIo(s) => Some(s),
                     _ => None,
                 };
-                let (client, recovered) = SioClient::connect(port, t.channel, session).await?;
+                let (client, recovered) =
+                    SioClient::connect(port, t.source, t.channel, session).await?;
                 let sub = Subscribed {
                     base: 0,
                     recovered: session.map(|_| recovered),

@@ -235,17 +235,52 @@ pub async fn run(args: &Args, gateway_bin: Option<PathBuf>) -> Result<(Vec<Value
             v["variant"] = r.variant.into();
         }
         if !ok {
+            let why = why_failed(&v);
             eprintln!(
-                "loadtest suite: {name} on {} FAILED: {}",
-                r.system.name(),
-                v["first_errors"]
+                "loadtest suite: {name} on {} FAILED: {why}",
+                r.system.name()
             );
+            v["why"] = why.into();
         }
         all_ok &= ok;
         results.push(v);
     }
     write(args, &results)?;
     Ok((results, all_ok))
+}
+
+/// Why a run did not pass, in words: its first errors, else the counts that fell short (a run
+/// can fail with no error of its own, e.g. connections opened short of the count, or a loss).
+fn why_failed(v: &Value) -> String {
+    if let Some(errors) = v["first_errors"].as_array().filter(|e| !e.is_empty()) {
+        return errors
+            .iter()
+            .map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+    let mut parts = Vec::new();
+    if let (Some(opened), Some(requested)) = (v["opened"].as_u64(), v["requested"].as_u64()) {
+        if opened < requested {
+            parts.push(format!("{opened} of {requested} connections opened"));
+        }
+    }
+    for key in [
+        "failed",
+        "dropped_while_idle",
+        "lost",
+        "duplicated",
+        "out_of_order",
+    ] {
+        if let Some(n) = v[key].as_u64().filter(|&n| n > 0) {
+            parts.push(format!("{key} {n}"));
+        }
+    }
+    if parts.is_empty() {
+        "the scenario reported ok = false without a count that explains it".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn scenario_name(job: &Job) -> &'static str {

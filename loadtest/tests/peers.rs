@@ -4,6 +4,9 @@
 //! No timing assertions; timeouts only turn a hang into a failure.
 
 #[allow(dead_code)]
+#[path = "../src/net.rs"]
+mod net;
+#[allow(dead_code)]
 #[path = "../src/peers.rs"]
 mod peers;
 #[allow(dead_code)]
@@ -18,6 +21,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use peers::{PeerKind, Peers};
+
+const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 use socketio::{SioClient, SioDelivery};
 use testkit::{RedisOpts, RedisServer, WAIT};
 
@@ -157,7 +162,7 @@ async fn socketio_cluster_recovers_sessions_after_a_node_is_killed() {
 
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let (client, recovered) = SioClient::connect(victim, CHANNEL, None)
+        let (client, recovered) = SioClient::connect(victim, LOCALHOST, CHANNEL, None)
             .await
             .expect("connect to node 1");
         assert!(!recovered, "a fresh connection cannot be a recovered one");
@@ -195,7 +200,7 @@ async fn socketio_cluster_recovers_sessions_after_a_node_is_killed() {
             seen.push(d.offset);
         }
         let session = client.session();
-        let (client, recovered) = SioClient::connect(survivor, CHANNEL, Some(&session))
+        let (client, recovered) = SioClient::connect(survivor, LOCALHOST, CHANNEL, Some(&session))
             .await
             .expect("reconnect to node 2");
         assert!(recovered, "node 2 did not recover session {session:?}");
