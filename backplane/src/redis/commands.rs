@@ -293,14 +293,15 @@ impl Commands {
             .with(|mut c| async move {
                 let mut answers: Vec<Option<Result<T, BackplaneError>>> =
                     commands.iter().map(|_| None).collect();
+                // The commands move into the pipeline; only a rerun after NOSCRIPT copies some.
                 let mut pending: Vec<usize> = (0..commands.len()).collect();
+                let mut pipe = redis::Pipeline::with_capacity(commands.len() + 1);
+                commands.into_iter().for_each(|command| {
+                    pipe.add_command(command);
+                });
                 let mut loaded = false;
                 loop {
-                    let mut pipe = redis::Pipeline::with_capacity(pending.len() + 1);
                     pipe.ignore_errors();
-                    for &i in &pending {
-                        pipe.add_command(commands[i].clone());
-                    }
                     if let Some((replicas, timeout)) = wait {
                         pipe.cmd("WAIT")
                             .arg(replicas)
@@ -314,14 +315,15 @@ impl Commands {
                         )?),
                         None => None,
                     };
+                    // (place in this pipeline, index in the batch) of the commands to rerun.
                     let mut missing = Vec::new();
-                    for (&i, result) in pending.iter().zip(results) {
+                    for (k, (&i, result)) in pending.iter().zip(results).enumerate() {
                         answers[i] = Some(match result {
                             Err(e)
                                 if !loaded
                                     && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
                             {
-                                missing.push(i);
+                                missing.push((k, i));
                                 continue;
                             }
                             Err(e) => Err(unavailable(e)),
@@ -337,7 +339,13 @@ impl Commands {
                     }
                     script.prepare_invoke().load_async(&mut c).await?;
                     loaded = true;
-                    pending = missing;
+                    let sent: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+                    let mut rerun = redis::Pipeline::with_capacity(missing.len() + 1);
+                    for &(k, _) in &missing {
+                        rerun.add_command(sent[k].clone());
+                    }
+                    pipe = rerun;
+                    pending = missing.into_iter().map(|(_, i)| i).collect();
                 }
             })
             .await

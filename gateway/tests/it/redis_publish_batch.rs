@@ -1,8 +1,8 @@
 //! Batch publish (`POST /api/publish {"publications": [...]}`) on Redis: one pipeline of the
 //! publish script per batch keeps every guarantee of the single publish — offsets gap-free and in
 //! list order per channel, idempotency per publication, subscribers on other nodes get each one
-//! in order, the script is reloaded when Redis lost it (for the single publish too), and nothing is acknowledged while Redis
-//! is down.
+//! in order, the script reloaded when Redis lost it (for the single publish too), one `WAIT`
+//! for `min_replicas_acked`, and nothing acknowledged while Redis is down.
 
 use crate::support::*;
 use serde_json::{json, Value};
@@ -108,4 +108,52 @@ async fn a_batch_while_redis_is_down_acknowledges_nothing() {
         assert_eq!(r["error"]["code"], "backplane_unavailable", "{r}");
         assert!(r.get("offset").is_none(), "{r}");
     }
+}
+
+/// `min_replicas_acked = 2`, 2 replicas: one `WAIT` covers the whole batch. With a replica down
+/// every publication is stored but refused, saying so; once it is back, the retry with the same
+/// keys answers the stored offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_waits_for_the_replicas_it_is_asked_to() {
+    let mut set = SentinelSet::start(2, 0).await;
+    let mut env: Vec<(&str, &str)> = PATIENT.to_vec();
+    env.push(("GATEWAY__REDIS__REPLICA_ACK_TIMEOUT", "300ms"));
+    let args = [
+        "--redis-url".to_string(),
+        set.servers[0].url(),
+        "--redis-min-replicas-acked".to_string(),
+        "2".to_string(),
+    ];
+    let node = GatewayProcess::start("node0", &args, &env).await;
+    let items = |round: &str| {
+        (0..3)
+            .map(|n| json!({"channel": "rb:acked", "data": n, "idempotency_key": format!("{round}{n}")}))
+            .collect::<Vec<_>>()
+    };
+    let first = batch(&node, items("a")).await;
+    let offsets: Vec<Value> = first.iter().map(|r| r["offset"].clone()).collect();
+    assert_eq!(offsets, vec![json!(1), json!(2), json!(3)], "{first:?}");
+
+    let replica = set.servers[2].port;
+    set.server(replica).kill9();
+    for r in batch(&node, items("b")).await {
+        assert_eq!(r["error"]["code"], "backplane_unavailable", "{r}");
+        let message = r["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("stored but not replicated"), "{r}");
+    }
+    set.server(replica).restart().await;
+    let retried = poll_until("the retried batch to be acknowledged", WAIT, || async {
+        let results = batch(&node, items("b")).await;
+        results
+            .iter()
+            .all(|r| r["offset"].is_u64())
+            .then_some(results)
+    })
+    .await;
+    let offsets: Vec<Value> = retried.iter().map(|r| r["offset"].clone()).collect();
+    assert_eq!(
+        offsets,
+        vec![json!(4), json!(5), json!(6)],
+        "the retry answers the stored publications: {retried:?}"
+    );
 }
