@@ -51,6 +51,15 @@ pub struct HistoryPage {
     pub top_tag: Option<u32>,
 }
 
+/// One publication of a batch ([`Backplane::publish_batch`]).
+#[derive(Debug, Clone)]
+pub struct BatchItem<'a> {
+    pub channel: &'a str,
+    /// Compact JSON, as for [`Backplane::publish`].
+    pub data: Bytes,
+    pub idempotency: Option<Idempotency<'a>>,
+}
+
 /// Who chose an idempotency key. Keys of each scope live apart, so a client can never take a key
 /// the backend will use, nor the other way round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -226,6 +235,24 @@ pub trait Backplane: Send + Sync + 'static {
         data: Bytes,
         idempotency: Option<Idempotency<'_>>,
     ) -> Result<PublishAck, BackplaneError>;
+
+    /// Publishes several publications; each is answered as [`Backplane::publish`] answers it,
+    /// in list order, and publications of one channel get increasing offsets in list order.
+    /// One failing does not stop the others. The default publishes them one after the other;
+    /// an implementation sends them to its store together.
+    async fn publish_batch(
+        &self,
+        items: &[BatchItem<'_>],
+    ) -> Vec<Result<PublishAck, BackplaneError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(
+                self.publish(item.channel, item.data.clone(), item.idempotency)
+                    .await,
+            );
+        }
+        out
+    }
 
     /// Reads up to `limit` publications with offset greater than `since`, in order, and the tag
     /// of the publication at `since` (see [`HistoryPage::since_tag`]). Creates nothing: a channel

@@ -203,6 +203,19 @@ impl Node {
         ack
     }
 
+    /// Publishes a batch through the backplane (one round trip to Redis), timed as one
+    /// `publish_batch`, and counts every publication acknowledged.
+    pub(crate) async fn publish_batch(
+        &self,
+        items: &[backplane::BatchItem<'_>],
+    ) -> Vec<Result<backplane::PublishAck, BackplaneError>> {
+        let publish = self.backplane.publish_batch(items);
+        let acks = self.timed("publish_batch", publish).await;
+        let published = acks.iter().filter(|a| a.is_ok()).count();
+        self.metrics.publications.inc_by(published as u64);
+        acks
+    }
+
     /// Reads history through the backplane, timed.
     pub(crate) async fn history(
         &self,

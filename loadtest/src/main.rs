@@ -15,6 +15,7 @@ mod latency;
 mod net;
 mod peers;
 mod progress;
+mod publish;
 mod publisher;
 mod pubsub;
 mod report;
@@ -117,6 +118,9 @@ enum Command {
     /// A flood of polls and WebSocket subscribes over fresh channel names (redis-server and one
     /// node started by the tool): a hot channel's latency without and during it, the 429s.
     FreshFlood(flood::Args),
+    /// Acknowledged publishes/s through one Redis over HTTP and WebSocket (and on the embedded
+    /// backplane), against the publish script pipelined straight at the same Redis.
+    Publish(publish::Args),
 }
 
 pub fn secs(s: f64) -> Duration {
@@ -148,6 +152,19 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::FreshFlood(args) => {
             redis_scenario(&cli, |bin| async move { flood::run(&bin, args).await }).await
+        }
+        Command::Publish(args) => {
+            let bin = match &args.url {
+                Some(_) => None,
+                None => Some(gateway::find_binary(cli.gateway_bin.as_deref())),
+            };
+            match bin.transpose() {
+                Ok(bin) => publish::run(bin.as_deref(), args).await.map(|results| {
+                    let ok = results.iter().all(|v| v["ok"] == true);
+                    (results, ok)
+                }),
+                Err(e) => Err(e),
+            }
         }
         command => single(command, cli.gateway_bin.clone()).await,
     };
@@ -202,7 +219,8 @@ async fn single(
         Command::Suite(_)
         | Command::Failover(_)
         | Command::PublishLatency(_)
-        | Command::FreshFlood(_) => {
+        | Command::FreshFlood(_)
+        | Command::Publish(_) => {
             unreachable!("handled by the caller")
         }
     };
@@ -234,7 +252,8 @@ async fn single(
         Command::Suite(_)
         | Command::Failover(_)
         | Command::PublishLatency(_)
-        | Command::FreshFlood(_) => {
+        | Command::FreshFlood(_)
+        | Command::Publish(_) => {
             unreachable!("handled by the caller")
         }
     };

@@ -157,6 +157,22 @@ fn columns(scenario: &str) -> Vec<Column> {
             col!("max ms", ["latency"]["max_ms"]),
             col!("refused", ["refused"]),
         ],
+        "publish" => vec![
+            system,
+            col!("publishers", ["publishers"]),
+            col!("acknowledged", ["published"]),
+            col!("publishes/s", ["publishes_per_s"]),
+            col!("× ceiling", ["ratio_to_ceiling"]),
+            col!("rtt p50 ms", ["rtt"]["p50_ms"]),
+            col!("rtt p99 ms", ["rtt"]["p99_ms"]),
+            col!("CPU/s gateway", ["cpu_per_s"]["gateway"]),
+            col!("CPU/s Redis", ["cpu_per_s"]["redis"]),
+            col!("CPU/s loadtest", ["cpu_per_s"]["loadtest"]),
+            col!("lost", ["lost"]),
+            col!("dup", ["duplicated"]),
+            col!("history mismatched", ["history_mismatched"]),
+            col!("errors", ["errors"]),
+        ],
         _ => vec![system, col!("ok", ["ok"])],
     }
 }

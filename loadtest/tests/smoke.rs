@@ -225,3 +225,36 @@ fn publish_latency_measures_every_replica_ack_setting() {
         assert_eq!(u(&run["latency"], "count"), 20, "{run:#}");
     }
 }
+
+#[test]
+fn publish_accounts_for_every_acknowledged_publish_on_every_path() {
+    let json = temp_dir("publish.json");
+    let (ok, _) = loadtest(&[
+        "--json",
+        json.to_str().unwrap(),
+        "publish",
+        "--channels",
+        "1,3",
+        "--publishers",
+        "4",
+        "--count",
+        "256",
+        "--pipeline",
+        "4",
+        "--batch",
+        "8",
+    ]);
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON written")).expect("JSON");
+    let runs = v.as_array().expect("one result per run");
+    // Per channel count: pipelined and unpipelined script, HTTP, HTTP batch and WebSocket on
+    // Redis, HTTP, HTTP batch and WebSocket on the embedded backplane.
+    assert_eq!(runs.len(), 2 * 8, "{v:#}");
+    for run in runs {
+        assert!(u(run, "published") > 0, "{run:#}");
+        for key in ["lost", "duplicated", "history_mismatched", "errors"] {
+            assert_eq!(u(run, key), 0, "{key}: {run:#}");
+        }
+    }
+    assert!(ok, "{v:#}");
+}

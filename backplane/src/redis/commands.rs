@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 
 use redis::cluster_async::ClusterConnection;
-use redis::{FromRedisValue, Script, ScriptInvocation};
+use redis::{ErrorKind, FromRedisValue, Script, ScriptInvocation, ServerErrorKind};
 
 use super::sentinel::{MasterResolver, PoolManager};
 use crate::BackplaneError;
@@ -30,6 +30,21 @@ pub(crate) static HISTORY: LazyLock<Script> = LazyLock::new(|| {
         include_str!("history.lua")
     ))
 });
+
+/// Runs a script's `EVALSHA`; on NOSCRIPT (nothing ran) loads the script and runs it again.
+async fn eval<T: FromRedisValue>(
+    command: &redis::Cmd,
+    script: &Script,
+    connection: &mut (impl redis::aio::ConnectionLike + Send),
+) -> redis::RedisResult<T> {
+    match command.query_async(connection).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(connection).await?;
+            command.query_async(connection).await
+        }
+        answer => answer,
+    }
+}
 
 /// Where commands go.
 #[derive(Clone)]
@@ -217,22 +232,25 @@ impl Commands {
         }
     }
 
-    /// Runs the publish script, then (with `wait`) `WAIT n timeout` on the same connection, so
-    /// the count covers this write. Returns the script's answer and how many replicas
-    /// acknowledged (None without `wait`).
+    /// Runs the publish script's `EVALSHA` (loading `script` on NOSCRIPT), then (with `wait`)
+    /// `WAIT n timeout` on the same connection, so the count covers this write. Returns the
+    /// script's answer and how many replicas acknowledged (None without `wait`).
     pub(crate) async fn run_replicated<T: FromRedisValue + Send>(
         &self,
-        invocation: &ScriptInvocation<'_>,
+        command: &redis::Cmd,
+        script: &Script,
         wait: Option<(u32, Duration)>,
     ) -> Result<(T, Option<u64>), BackplaneError> {
-        let Some((replicas, timeout)) = wait else {
-            return Ok((self.run(invocation).await?, None));
-        };
-        match self {
-            Commands::Single(lanes) => {
+        match (self, wait) {
+            (Commands::Single(lanes), None) => {
+                lanes
+                    .with(|mut c| async move { Ok((eval(command, script, &mut c).await?, None)) })
+                    .await
+            }
+            (Commands::Single(lanes), Some((replicas, timeout))) => {
                 lanes
                     .with(|mut c| async move {
-                        let answer: T = invocation.invoke_async(&mut c).await?;
+                        let answer: T = eval(command, script, &mut c).await?;
                         let acked: u64 = redis::cmd("WAIT")
                             .arg(replicas)
                             .arg(timeout.as_millis().max(1) as u64)
@@ -242,11 +260,95 @@ impl Commands {
                     })
                     .await
             }
+            (Commands::Cluster(connection), None) => {
+                let mut connection = connection.clone();
+                let answer = eval(command, script, &mut connection)
+                    .await
+                    .map_err(unavailable)?;
+                Ok((answer, None))
+            }
             // Refused by the configuration: WAIT would have to run on the shard's connection.
-            Commands::Cluster(_) => Err(unavailable(
+            (Commands::Cluster(_), Some(_)) => Err(unavailable(
                 "min_replicas_acked is not supported on Redis Cluster",
             )),
         }
+    }
+
+    /// Runs `EVALSHA`s of `script` as one pipeline on one lane (a single server or the master
+    /// behind Sentinel): EVALSHA each, in order, then with `wait` one `WAIT n timeout` covering
+    /// them all. Invocations that found the script missing (NOSCRIPT: nothing ran) are run again
+    /// once it is loaded. Returns each invocation's answer (a failed command fails only its own)
+    /// and how many replicas acknowledged (None without `wait`).
+    #[allow(clippy::type_complexity)]
+    pub(crate) async fn run_batch<T: FromRedisValue + Send>(
+        &self,
+        commands: Vec<redis::Cmd>,
+        script: &Script,
+        wait: Option<(u32, Duration)>,
+    ) -> Result<(Vec<Result<T, BackplaneError>>, Option<u64>), BackplaneError> {
+        let Commands::Single(lanes) = self else {
+            return Err(unavailable("batches run on a single server"));
+        };
+        lanes
+            .with(|mut c| async move {
+                let mut answers: Vec<Option<Result<T, BackplaneError>>> =
+                    commands.iter().map(|_| None).collect();
+                // The commands move into the pipeline; only a rerun after NOSCRIPT copies some.
+                let mut pending: Vec<usize> = (0..commands.len()).collect();
+                let mut pipe = redis::Pipeline::with_capacity(commands.len() + 1);
+                commands.into_iter().for_each(|command| {
+                    pipe.add_command(command);
+                });
+                let mut loaded = false;
+                loop {
+                    pipe.ignore_errors();
+                    if let Some((replicas, timeout)) = wait {
+                        pipe.cmd("WAIT")
+                            .arg(replicas)
+                            .arg(timeout.as_millis().max(1) as u64);
+                    }
+                    let mut results: Vec<redis::RedisResult<redis::Value>> =
+                        pipe.query_async(&mut c).await?;
+                    let acked = match wait {
+                        Some(_) => Some(u64::from_redis_value(
+                            results.pop().unwrap_or(Ok(redis::Value::Nil))?,
+                        )?),
+                        None => None,
+                    };
+                    // (place in this pipeline, index in the batch) of the commands to rerun.
+                    let mut missing = Vec::new();
+                    for (k, (&i, result)) in pending.iter().zip(results).enumerate() {
+                        answers[i] = Some(match result {
+                            Err(e)
+                                if !loaded
+                                    && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+                            {
+                                missing.push((k, i));
+                                continue;
+                            }
+                            Err(e) => Err(unavailable(e)),
+                            Ok(v) => T::from_redis_value(v).map_err(unavailable),
+                        });
+                    }
+                    if missing.is_empty() {
+                        let answers = answers
+                            .into_iter()
+                            .map(|a| a.unwrap_or_else(|| Err(unavailable("no answer"))))
+                            .collect();
+                        return Ok((answers, acked));
+                    }
+                    script.prepare_invoke().load_async(&mut c).await?;
+                    loaded = true;
+                    let sent: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+                    let mut rerun = redis::Pipeline::with_capacity(missing.len() + 1);
+                    for &(k, _) in &missing {
+                        rerun.add_command(sent[k].clone());
+                    }
+                    pipe = rerun;
+                    pending = missing.into_iter().map(|(_, i)| i).collect();
+                }
+            })
+            .await
     }
 
     /// A round trip to Redis (to every primary on a cluster).

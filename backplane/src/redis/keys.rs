@@ -27,20 +27,34 @@ impl Keys {
         }
     }
 
-    fn base(&self, channel: &str) -> String {
+    /// `{prefix}:{<tag>}`, the part every key of the channel starts with; room is left for the
+    /// longest suffix but an idempotency key.
+    pub(crate) fn base(&self, channel: &str) -> String {
         let mut key = String::with_capacity(self.prefix.len() + channel.len() + 8);
         key.push_str(&self.prefix);
         key.push_str(":{");
-        for c in channel.chars() {
-            match c {
-                '%' => key.push_str("%25"),
-                '{' => key.push_str("%7B"),
-                '}' => key.push_str("%7D"),
-                c => key.push(c),
+        if !channel.contains(['%', '{', '}']) {
+            key.push_str(channel);
+        } else {
+            for c in channel.chars() {
+                match c {
+                    '%' => key.push_str("%25"),
+                    '{' => key.push_str("%7B"),
+                    '}' => key.push_str("%7D"),
+                    c => key.push(c),
+                }
             }
         }
         key.push('}');
         key
+    }
+
+    /// What follows [`Keys::base`] in an idempotency key of `scope` (the key itself comes next).
+    pub(crate) fn idempotency_infix(scope: IdempotencyScope) -> &'static str {
+        match scope {
+            IdempotencyScope::Client => ":i:c:",
+            IdempotencyScope::Server => ":i:s:",
+        }
     }
 
     pub(crate) fn meta(&self, channel: &str) -> String {
@@ -52,12 +66,9 @@ impl Keys {
     }
 
     /// Client and server keys live apart: a client can never take a key the backend will use.
+    #[cfg(test)]
     pub(crate) fn idempotency(&self, channel: &str, scope: IdempotencyScope, key: &str) -> String {
-        let scope = match scope {
-            IdempotencyScope::Client => ":i:c:",
-            IdempotencyScope::Server => ":i:s:",
-        };
-        self.base(channel) + scope + key
+        self.base(channel) + Self::idempotency_infix(scope) + key
     }
 
     pub(crate) fn pubsub(&self, channel: &str) -> String {

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    format_tag, new_epoch, new_tag, parse_tag, Backplane, BackplaneError, HistoryPage, Idempotency,
+    new_tag, parse_tag, Backplane, BackplaneError, BatchItem, HistoryPage, Idempotency,
     Publication, PublicationSink, PublishAck, Settings, Stats,
 };
 use commands::{Commands, HISTORY, PUBLISH};
@@ -138,6 +138,15 @@ impl RedisBackplane {
     }
 }
 
+/// `n` as 16 lowercase hex digits (an epoch; its last 8 are a tag of the low 32 bits).
+fn hex_of(n: u64, out: &mut [u8; 16]) -> &[u8] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, digit) in out.iter_mut().enumerate() {
+        *digit = DIGITS[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    &out[..]
+}
+
 /// The publish script's status for a reused idempotency key whose first data differs.
 const CONFLICT: u8 = 2;
 
@@ -229,46 +238,73 @@ pub(crate) async fn history(
     })
 }
 
-#[async_trait]
-impl Backplane for RedisBackplane {
-    async fn publish(
+impl RedisBackplane {
+    /// The publish script's `EVALSHA` for one publication, with the backplane's KEYS/ARGV,
+    /// written straight into one command buffer: the keys share one scratch string.
+    fn command(
         &self,
         channel: &str,
-        data: Bytes,
+        data: &[u8],
         idempotency: Option<Idempotency<'_>>,
-    ) -> Result<PublishAck, BackplaneError> {
+    ) -> redis::Cmd {
         let shared = &*self.shared;
-        let keys = &shared.keys;
         let settings = &shared.settings;
         let retention = settings.retention_for(channel);
-        let (idempotency, window) = match idempotency {
-            Some(Idempotency { scope, key }) => (
-                keys.idempotency(channel, scope, key),
-                millis(settings.idempotency_window),
-            ),
-            None => (keys.meta(channel), 0),
+        let mut key = shared.keys.base(channel);
+        let base = key.len();
+        let extra = idempotency.map_or(0, |i| i.key.len() + 5);
+        key.reserve(extra + 2);
+        let mut hex = [0u8; 16];
+        let mut command = redis::Cmd::with_capacity(
+            17,
+            4 * (base + 2) + extra + data.len() + channel.len() + 128,
+        );
+        command.arg("EVALSHA").arg(PUBLISH.get_hash()).arg(3);
+        key.push_str(":m");
+        command.arg(key.as_str());
+        key.truncate(base);
+        key.push_str(":h");
+        command.arg(key.as_str());
+        key.truncate(base);
+        let window = match idempotency {
+            Some(Idempotency { scope, key: k }) => {
+                key.push_str(keys::Keys::idempotency_infix(scope));
+                key.push_str(k);
+                millis(settings.idempotency_window)
+            }
+            None => {
+                key.push_str(":m");
+                0
+            }
         };
-        let mut invocation = PUBLISH.key(keys.meta(channel));
-        invocation
-            .key(keys.history(channel))
-            .key(idempotency)
-            .arg(&data[..])
-            .arg(&*new_epoch())
+        command
+            .arg(key.as_str())
+            .arg(data)
+            .arg(hex_of(rand::random::<u64>(), &mut hex))
             .arg(retention.max_count)
             .arg(millis(retention.max_age))
             .arg(millis(retention.max_age))
-            .arg(millis(settings.meta_ttl))
-            .arg(keys.pubsub(channel))
+            .arg(millis(settings.meta_ttl));
+        key.truncate(base);
+        key.push_str(":p");
+        command
+            .arg(key.as_str())
             .arg(if shared.sharded { "1" } else { "0" })
             .arg(window)
-            .arg(channel)
-            .arg(format_tag(new_tag()));
-        let result: Result<((u64, String, String, u8), Option<u64>), _> = shared
-            .commands
-            .run_replicated(&invocation, shared.replica_ack)
-            .await;
-        let ((offset, epoch, tag, status), acked) =
-            result.inspect_err(|_| shared.health.count_error())?;
+            .arg(channel);
+        command.arg(hex_of(u64::from(new_tag()), &mut hex)[8..].as_ref());
+        command
+    }
+
+    /// The acknowledgement of one run of the publish script, given how many replicas confirmed
+    /// it (None: no `WAIT` asked).
+    fn answer(
+        &self,
+        channel: &str,
+        (offset, epoch, tag, status): (u64, String, String, u8),
+        acked: Option<u64>,
+    ) -> Result<PublishAck, BackplaneError> {
+        let shared = &*self.shared;
         let Some(tag) = parse_tag(&tag) else {
             return Err(BackplaneError::Unavailable(format!(
                 "publish script answered tag {tag:?}"
@@ -293,6 +329,77 @@ impl Backplane for RedisBackplane {
         match status {
             CONFLICT => Err(crate::idempotency_conflict(&ack)),
             _ => Ok(ack),
+        }
+    }
+}
+
+#[async_trait]
+impl Backplane for RedisBackplane {
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+        idempotency: Option<Idempotency<'_>>,
+    ) -> Result<PublishAck, BackplaneError> {
+        let shared = &*self.shared;
+        let command = self.command(channel, &data, idempotency);
+        let result: Result<((u64, String, String, u8), Option<u64>), _> = shared
+            .commands
+            .run_replicated(&command, &PUBLISH, shared.replica_ack)
+            .await;
+        let (answer, acked) = result.inspect_err(|_| shared.health.count_error())?;
+        self.answer(channel, answer, acked)
+    }
+
+    /// On a single server (or the master behind Sentinel) one pipeline on one connection: the
+    /// scripts run in list order, then one `WAIT` (with `min_replicas_acked`) covers them all.
+    /// On Redis Cluster the publications run one after the other.
+    async fn publish_batch(
+        &self,
+        items: &[BatchItem<'_>],
+    ) -> Vec<Result<PublishAck, BackplaneError>> {
+        let shared = &*self.shared;
+        if matches!(shared.commands, Commands::Cluster(_)) {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                out.push(
+                    self.publish(item.channel, item.data.clone(), item.idempotency)
+                        .await,
+                );
+            }
+            return out;
+        }
+        let commands: Vec<_> = items
+            .iter()
+            .map(|item| self.command(item.channel, &item.data, item.idempotency))
+            .collect();
+        match shared
+            .commands
+            .run_batch(commands, &PUBLISH, shared.replica_ack)
+            .await
+        {
+            Ok((answers, acked)) => items
+                .iter()
+                .zip(answers)
+                .map(|(item, answer)| match answer {
+                    Ok(answer) => self.answer(item.channel, answer, acked),
+                    Err(e) => {
+                        shared.health.count_error();
+                        Err(e)
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                shared.health.count_error();
+                let message = match e {
+                    BackplaneError::Unavailable(m) => m,
+                    other => other.to_string(),
+                };
+                items
+                    .iter()
+                    .map(|_| Err(BackplaneError::Unavailable(message.clone())))
+                    .collect()
+            }
         }
     }
 

@@ -6,25 +6,90 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::protocol::{backplane_error, check_channel, check_idempotency_key, error_code};
+use crate::protocol::{
+    backplane_error, check_channel, check_idempotency_key, error_code, ErrorBody,
+};
 
+/// Most publications in one batch publish.
+pub(crate) const MAX_BATCH: usize = 1000;
+
+/// `POST /api/publish`: one publication, or (with `publications`) a batch. Each field is
+/// `Some` when the key is there, even with JSON `null`: a batch must come without the single
+/// publish's keys, and the single publish without `publications`.
 #[derive(Deserialize)]
 struct PublishRequest<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    channel: Option<Nullable<'a>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    idempotency_key: Option<Nullable<'a>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    publications: Option<Option<Vec<PublishItem<'a>>>>,
+}
+
+/// A string or `null`, borrowed from the body when it has no escapes.
+#[derive(Deserialize)]
+struct Nullable<'a>(#[serde(borrow)] Option<Cow<'a, str>>);
+
+/// One publication of a batch.
+#[derive(Deserialize)]
+struct PublishItem<'a> {
     #[serde(borrow)]
-    channel: std::borrow::Cow<'a, str>,
+    channel: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
     #[serde(borrow, default)]
-    idempotency_key: Option<std::borrow::Cow<'a, str>>,
+    idempotency_key: Option<Cow<'a, str>>,
+}
+
+/// A key that is there, whatever its value (`Option` alone reads `null` as absent).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+fn bad_request(message: impl Into<String>) -> Response<Body> {
+    response::error(StatusCode::BAD_REQUEST, error_code::BAD_REQUEST, message)
+}
+
+/// Checks one publication as the single publish does: the status and error to answer, whose
+/// message names `at` (the publication's place in a batch, if any).
+fn check_item(
+    node: &Node,
+    channel: &str,
+    data: &RawValue,
+    idempotency_key: Option<&str>,
+    at: Option<usize>,
+) -> Result<(), (StatusCode, ErrorBody)> {
+    let place = |status: StatusCode, mut e: ErrorBody| {
+        if let Some(i) = at {
+            e.message = format!("publications[{i}]: {}", e.message);
+        }
+        (status, e)
+    };
+    check_channel(channel).map_err(|e| place(StatusCode::BAD_REQUEST, e))?;
+    check_idempotency_key(idempotency_key).map_err(|e| place(StatusCode::BAD_REQUEST, e))?;
+    node.policy()
+        .namespaces
+        .check_size(channel, data.get().len())
+        .map_err(|e| place(e.status(), e))
 }
 
 /// `POST /api/publish {"channel": C, "data": <json>}` → `{"channel": C, "offset": N, "epoch": E}`.
 /// A 200 means the publication is in history and will reach every current subscriber.
+/// `{"publications": [{"channel", "data", "idempotency_key"?}, ...]}` publishes a batch (one
+/// round trip to the backplane) and answers `{"results": [...]}`, each an ack or an error.
 pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
     let limit = node.config().api_max_body();
     let body = match Limited::new(request.into_body(), limit).collect().await {
@@ -36,23 +101,11 @@ pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Res
                 format!("request body is larger than {limit} bytes"),
             )
         }
-        Err(e) => {
-            return response::error(
-                StatusCode::BAD_REQUEST,
-                error_code::BAD_REQUEST,
-                e.to_string(),
-            );
-        }
+        Err(e) => return bad_request(e.to_string()),
     };
     let request: PublishRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) if e.is_data() => {
-            return response::error(
-                StatusCode::BAD_REQUEST,
-                error_code::BAD_REQUEST,
-                e.to_string(),
-            )
-        }
+        Err(e) if e.is_data() => return bad_request(e.to_string()),
         Err(e) => {
             return response::error(
                 StatusCode::BAD_REQUEST,
@@ -61,25 +114,47 @@ pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Res
             )
         }
     };
-    if let Err(e) = check_channel(&request.channel) {
-        return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
+    let (channel, data, key) = match request {
+        PublishRequest {
+            publications: Some(items),
+            channel: None,
+            data: None,
+            idempotency_key: None,
+        } => {
+            let Some(items) = items else {
+                return bad_request("`publications` must be a list of publications");
+            };
+            return publish_batch(node, &items).await;
+        }
+        PublishRequest {
+            publications: Some(_),
+            ..
+        } => {
+            return bad_request(
+                "`publications` (a batch) cannot be combined with `channel`, `data` or \
+                 `idempotency_key`",
+            )
+        }
+        PublishRequest {
+            channel: Some(Nullable(Some(channel))),
+            data: Some(data),
+            idempotency_key,
+            ..
+        } => (channel, data, idempotency_key.and_then(|k| k.0)),
+        PublishRequest { channel: None, .. } => return bad_request("missing field `channel`"),
+        PublishRequest {
+            channel: Some(Nullable(None)),
+            ..
+        } => return bad_request("`channel` must be a string, got null"),
+        PublishRequest { data: None, .. } => return bad_request("missing field `data`"),
+    };
+    let key = key.as_deref();
+    if let Err((status, e)) = check_item(node, &channel, data, key, None) {
+        return response::error(status, e.code, e.message);
     }
-    if let Err(e) = check_idempotency_key(request.idempotency_key.as_deref()) {
-        return response::error(StatusCode::BAD_REQUEST, e.code, e.message);
-    }
-    if let Err(e) = node
-        .policy()
-        .namespaces
-        .check_size(&request.channel, request.data.get().len())
-    {
-        return response::error(e.status(), e.code, e.message);
-    }
-    let data = backplane::json::compact(request.data.get());
-    let key = request
-        .idempotency_key
-        .as_deref()
-        .map(backplane::Idempotency::server);
-    match node.publish(&request.channel, data, key).await {
+    let data = backplane::json::compact(data.get());
+    let key = key.map(backplane::Idempotency::server);
+    match node.publish(&channel, data, key).await {
         Ok(ack) => response::json(
             StatusCode::OK,
             serde_json::to_vec(&ack).expect("cannot fail"),
@@ -89,6 +164,47 @@ pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Res
             response::error(error.status(), error.code, error.message)
         }
     }
+}
+
+/// A batch: every item is checked before any is published (a bad one refuses the request with
+/// its place), then all go to the backplane together; each is answered in order.
+async fn publish_batch(node: &Arc<Node>, items: &[PublishItem<'_>]) -> Response<Body> {
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return bad_request(format!(
+            "`publications` must hold 1 to {MAX_BATCH} publications, got {}",
+            items.len()
+        ));
+    }
+    let mut batch = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let key = item.idempotency_key.as_deref();
+        if let Err((status, e)) = check_item(node, &item.channel, item.data, key, Some(i)) {
+            return response::error(status, e.code, e.message);
+        }
+        batch.push(backplane::BatchItem {
+            channel: &item.channel,
+            data: backplane::json::compact(item.data.get()),
+            idempotency: key.map(backplane::Idempotency::server),
+        });
+    }
+    let results = node.publish_batch(&batch).await;
+    let mut body = Vec::with_capacity(16 + results.len() * (96 + 32));
+    body.extend_from_slice(b"{\"results\":[");
+    for (i, result) in results.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        match result {
+            Ok(ack) => serde_json::to_writer(&mut body, ack).expect("cannot fail"),
+            Err(e) => {
+                body.extend_from_slice(b"{\"error\":");
+                serde_json::to_writer(&mut body, &backplane_error(e)).expect("cannot fail");
+                body.push(b'}');
+            }
+        }
+    }
+    body.extend_from_slice(b"]}");
+    response::json(StatusCode::OK, body)
 }
 
 /// `GET /api/history?channel=C&since=N&limit=L` → publications with offset > N, oldest first.

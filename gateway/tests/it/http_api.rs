@@ -456,3 +456,163 @@ async fn metrics_expose_the_documented_series() {
     .await;
     wait_metric(&node, "gateway_subscriptions", &[], |v| v == 0.0).await;
 }
+
+/// `POST /api/publish {"publications": [...]}`: each publication answered in order, offsets of a
+/// channel in list order and continuing the single publishes, history holding each.
+#[tokio::test]
+async fn batch_publish_answers_each_publication_in_order() {
+    let node = Node::default().await;
+    let (a, b) = (channel("batch-a"), channel("batch-b"));
+    publish(&node, &a, json!("first")).await;
+    let mut sub = WsClient::connect(&node).await;
+    sub.subscribe(&b).await;
+    let body = json!({"publications": [
+        {"channel": a, "data": {"n": 1}},
+        {"channel": b, "data": null},
+        {"channel": a, "data": [2]},
+        {"channel": b, "data": "x", "idempotency_key": "k1"},
+    ]});
+    let (status, answer) = post_raw(&node, "/api/publish", body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().expect("results");
+    let got: Vec<(Value, Value)> = results
+        .iter()
+        .map(|r| (r["channel"].clone(), r["offset"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (json!(a), json!(2)),
+            (json!(b), json!(1)),
+            (json!(a), json!(3)),
+            (json!(b), json!(2)),
+        ],
+        "{answer}"
+    );
+    assert!(results
+        .iter()
+        .all(|r| r["epoch"].is_string() && r["tag"].is_string()));
+    let (_, page) = history(&node, &format!("channel={a}")).await;
+    let data: Vec<Value> = page["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["data"].clone())
+        .collect();
+    assert_eq!(data, vec![json!("first"), json!({"n": 1}), json!([2])]);
+    // Subscribers get the batch's publications live, in order.
+    assert_eq!(sub.push().await["data"], Value::Null);
+    assert_eq!(sub.push().await["data"], "x");
+}
+
+/// A reused key in a batch answers like the single publish: the first ack for the same data, an
+/// `idempotency_conflict` error for other data; the rest of the batch is published.
+#[tokio::test]
+async fn batch_publish_keeps_idempotency_per_item() {
+    let node = Node::default().await;
+    let ch = channel("batch-idem");
+    let first = post_raw(
+        &node,
+        "/api/publish",
+        json!({"channel": ch, "data": "a", "idempotency_key": "k"}).to_string(),
+    )
+    .await;
+    assert_eq!(first.0, 200, "{first:?}");
+    let body = json!({"publications": [
+        {"channel": ch, "data": "a", "idempotency_key": "k"},
+        {"channel": ch, "data": "b", "idempotency_key": "k"},
+        {"channel": ch, "data": "c"},
+    ]});
+    let (status, answer) = post_raw(&node, "/api/publish", body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = &answer["results"];
+    assert_eq!(results[0], first.1, "same key, same data: the first ack");
+    assert_eq!(
+        results[1]["error"]["code"], "idempotency_conflict",
+        "{answer}"
+    );
+    assert!(results[1]["error"]["message"].is_string());
+    assert_eq!(results[2]["offset"], 2, "{answer}");
+    let (_, page) = history(&node, &format!("channel={ch}")).await;
+    assert_eq!(page["top"], 2, "conflicts store nothing: {page}");
+}
+
+/// A bad batch is refused as a whole, naming the bad publication; nothing is published.
+#[tokio::test]
+async fn batch_publish_rejects_bad_batches_before_publishing() {
+    let node = Node::with(|c| c.websocket.max_message_size = 4 * 1024 * 1024).await;
+    let ch = channel("batch-bad");
+    let ok = json!({"channel": ch, "data": 1});
+    let too_many: Vec<Value> = (0..1001).map(|_| ok.clone()).collect();
+    for (body, code, names) in [
+        (json!({"publications": []}), "bad_request", None),
+        (json!({"publications": too_many}), "bad_request", None),
+        (
+            json!({"publications": {"channel": ch}}),
+            "bad_request",
+            None,
+        ),
+        (
+            json!({"publications": [ok, {"data": 1}]}),
+            "bad_request",
+            None,
+        ),
+        (
+            json!({"publications": [ok, {"channel": ch}]}),
+            "bad_request",
+            None,
+        ),
+        (
+            json!({"publications": [ok], "channel": ch, "data": 1}),
+            "bad_request",
+            None,
+        ),
+        (
+            json!({"publications": [ok], "idempotency_key": "k"}),
+            "bad_request",
+            None,
+        ),
+        (
+            json!({"publications": [ok, {"channel": "has space", "data": 1}]}),
+            "invalid_channel",
+            Some("publications[1]"),
+        ),
+        (
+            json!({"publications": [ok, ok, {"channel": ch, "data": 1, "idempotency_key": ""}]}),
+            "bad_request",
+            Some("publications[2]"),
+        ),
+    ] {
+        let got = post_raw(&node, "/api/publish", body.to_string()).await;
+        assert_error(&got, 400, code);
+        if let Some(names) = names {
+            let message = got.1["error"]["message"].as_str().unwrap_or("");
+            assert!(message.starts_with(names), "{got:?}");
+        }
+    }
+    let (_, page) = history(&node, &format!("channel={ch}")).await;
+    assert_eq!(page["top"], 0, "nothing published: {page}");
+}
+
+/// A publication over its namespace's `max_message_size` refuses the batch with 413.
+#[tokio::test]
+async fn batch_publish_item_over_namespace_size_is_413() {
+    let node = Node::with(|c| {
+        c.channels.namespaces.insert(
+            "small".into(),
+            gateway::config::NamespaceConfig {
+                max_message_size: 8,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let body = json!({"publications": [
+        {"channel": "small:a", "data": 1},
+        {"channel": "small:a", "data": "far more than eight bytes"},
+    ]});
+    let got = post_raw(&node, "/api/publish", body.to_string()).await;
+    assert_error(&got, 413, "message_too_large");
+    let (_, page) = history(&node, "channel=small:a").await;
+    assert_eq!(page["top"], 0, "{page}");
+}

@@ -22,6 +22,7 @@ mod redis_fanout;
 mod redis_faults;
 mod redis_outage;
 mod redis_poll;
+mod redis_publish_batch;
 mod redis_pubsub;
 mod redis_rollbacks;
 mod redis_sentinel;
