@@ -1,13 +1,12 @@
-//! The server HTTP API: `POST /api/publish` and `GET /api/history`.
+//! The server HTTP API: `POST /api/publish` (one publication or a batch) and `GET /api/history`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use std::borrow::Cow;
-
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
