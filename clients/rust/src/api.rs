@@ -35,6 +35,25 @@ struct PublishBody<'a, T: Serialize + ?Sized> {
     idempotency_key: &'a str,
 }
 
+/// `POST /api/publish` with `publications`: a batch.
+#[derive(Serialize)]
+struct BatchBody<'a, T: Serialize> {
+    publications: Vec<PublishBody<'a, T>>,
+}
+
+/// One answer of a batch: an ack, or that publication's error.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BatchResult {
+    Error(ErrorBody),
+    Ack(PublishAck),
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
 #[derive(Deserialize)]
 struct ErrorBody {
     error: ErrorDetail,
@@ -125,6 +144,76 @@ impl ApiClient {
             async move { send(request).await }
         })
         .await
+    }
+
+    /// Publishes several publications in one request (`POST /api/publish` with `publications`,
+    /// 1 to 1000 of them): one round trip to the gateway and, on Redis, to the store. Each gets
+    /// a fresh idempotency key; the request is retried across nodes like [`ApiClient::publish`],
+    /// and so is every publication whose own answer was "outcome unknown"
+    /// (`backplane_unavailable`), with the same keys, so nothing is stored twice. Returns one
+    /// result per publication, in order; a publication of one channel is stored after the
+    /// channel's earlier ones in the list. An empty list sends nothing.
+    pub async fn publish_batch<T: Serialize>(
+        &self,
+        publications: &[(&str, T)],
+    ) -> Result<Vec<Result<PublishAck>>> {
+        let keys: Vec<String> = publications.iter().map(|_| new_idempotency_key()).collect();
+        let mut results: Vec<Option<Result<PublishAck>>> =
+            publications.iter().map(|_| None).collect();
+        let mut tried = 0;
+        loop {
+            // Only those still unanswered (or outcome unknown), in list order.
+            let pending: Vec<usize> = (0..publications.len())
+                .filter(|&i| match &results[i] {
+                    None => true,
+                    Some(result) => result.as_ref().is_err_and(Error::is_retryable),
+                })
+                .collect();
+            if pending.is_empty() || tried >= self.attempts {
+                break;
+            }
+            if tried > 0 {
+                tokio::time::sleep(self.backoff.delay(tried - 1)).await;
+            }
+            tried += 1;
+            let body = serde_json::to_vec(&BatchBody {
+                publications: pending
+                    .iter()
+                    .map(|&i| PublishBody {
+                        channel: publications[i].0,
+                        data: &publications[i].1,
+                        idempotency_key: &keys[i],
+                    })
+                    .collect(),
+            })
+            .map_err(|e| Error::Config(format!("data does not serialise: {e}")))?;
+            let answer: BatchAnswer = self
+                .with_retry(|base| {
+                    let request = self
+                        .authorized(self.http.post(format!("{base}/api/publish")))
+                        .header("content-type", "application/json")
+                        .body(body.clone());
+                    async move { send(request).await }
+                })
+                .await?;
+            if answer.results.len() != pending.len() {
+                return Err(Error::Protocol(format!(
+                    "{} results for {} publications",
+                    answer.results.len(),
+                    pending.len()
+                )));
+            }
+            for (i, result) in pending.into_iter().zip(answer.results) {
+                results[i] = Some(match result {
+                    BatchResult::Ack(ack) => Ok(ack),
+                    BatchResult::Error(ErrorBody { error }) => Err(item_error(error)),
+                });
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every publication was sent at least once"))
+            .collect())
     }
 
     /// One page of history: publications of `channel` after offset `since`, oldest first, at
@@ -301,6 +390,25 @@ async fn send<T: DeserializeOwned>(request: reqwest::RequestBuilder) -> Result<T
         code,
         message,
     })
+}
+
+/// The error of one publication of a batch (the request itself was answered 200).
+fn item_error(error: ErrorDetail) -> Error {
+    match error.code.as_str() {
+        "idempotency_conflict" => Error::IdempotencyConflict {
+            message: error.message,
+        },
+        code => Error::Api {
+            // The status the same refusal has as a single publish.
+            status: if code == "backplane_unavailable" {
+                503
+            } else {
+                0
+            },
+            code: error.code,
+            message: error.message,
+        },
+    }
 }
 
 /// A reqwest error with its causes ("error sending request: … connection refused").

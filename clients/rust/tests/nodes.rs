@@ -456,3 +456,50 @@ async fn a_lost_epoch_is_a_reset_then_the_new_epoch_from_its_start() {
     let live = on_b.publish(&ch, &json!("live")).await.unwrap();
     assert!(same(&next_publication(&mut sub).await, &live));
 }
+
+/// A batch is one request: every publication is answered in order, a repeated key with other
+/// data is that publication's conflict (the others are stored), and publications of one channel
+/// are stored in list order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_batch_answers_each_publication_in_order() {
+    let (_redis, nodes) = cluster(1, &[]).await;
+    let api = ApiClient::new([base(&nodes[0])], None).unwrap();
+    let (a, b) = (channel("rc-batch-a"), channel("rc-batch-b"));
+    let items: Vec<(&str, serde_json::Value)> = vec![
+        (&a, json!(1)),
+        (&b, json!("x")),
+        (&a, json!(2)),
+        (&a, json!(3)),
+    ];
+    let results = api.publish_batch(&items).await.unwrap();
+    let acks: Vec<(String, u64)> = results
+        .into_iter()
+        .map(|r| r.map(|ack| (ack.channel, ack.offset)).unwrap())
+        .collect();
+    assert_eq!(
+        acks,
+        [
+            (a.clone(), 1),
+            (b.clone(), 1),
+            (a.clone(), 2),
+            (a.clone(), 3)
+        ]
+    );
+    let page = api.history(&a, 0, None).await.unwrap();
+    let data: Vec<_> = page.publications.iter().map(|p| p.data.clone()).collect();
+    assert_eq!(data, [json!(1), json!(2), json!(3)]);
+    // Nothing to publish sends nothing; a list the server refuses as a whole is its error.
+    assert!(api.publish_batch::<u8>(&[]).await.unwrap().is_empty());
+    let too_many: Vec<(&str, u8)> = (0..1001).map(|_| (a.as_str(), 0)).collect();
+    match api.publish_batch(&too_many).await {
+        // Over the count (400) or, with their keys, over the body limit first (413).
+        Err(Error::Api { status, code, .. }) => assert!(
+            matches!(
+                (status, code.as_str()),
+                (400, "bad_request") | (413, "payload_too_large")
+            ),
+            "{status} {code}"
+        ),
+        other => panic!("1001 publications are refused, got {other:?}"),
+    }
+}
