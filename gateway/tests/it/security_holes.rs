@@ -252,19 +252,38 @@ async fn the_widest_accepted_sse_stream_resumes_from_its_own_cursor() {
         publish(&node, name, json!(1)).await;
     }
     let mut last = String::new();
+    let mut held = Vec::new();
     for _ in 0..names.len() {
-        last = sse.publication().await.0;
+        let (id, p) = sse.publication().await;
+        last = id;
+        held.push(p);
     }
-    assert!(last.len() > 40_000, "cursor of {} bytes", last.len());
-    let mut resumed = Sse::resume(&node, &names, &last).await;
-    resumed.assert_stream();
-    resumed.connected().await;
+    // The event id is compact (#14.6); the full form a client builds from the positions it
+    // holds names every channel and is the long one: both resume the stream.
+    let full = gateway::cursor::encode_tagged(held.iter().map(|p| {
+        (
+            p["channel"].as_str().unwrap(),
+            p["epoch"].as_str().unwrap(),
+            p["offset"].as_u64().unwrap(),
+            p["tag"].as_str().and_then(backplane::parse_tag),
+        )
+    }));
+    assert!(full.len() > 40_000, "cursor of {} bytes", full.len());
+    let mut resumed = Vec::new();
+    for cursor in [last, full] {
+        let mut sse = Sse::resume(&node, &names, &cursor).await;
+        sse.assert_stream();
+        sse.connected().await;
+        resumed.push(sse);
+    }
     publish(&node, names[7], json!("next")).await;
-    let (_, p) = resumed.publication().await;
-    assert_eq!(
-        (&p["channel"], &p["data"]),
-        (&json!(names[7]), &json!("next"))
-    );
+    for mut sse in resumed {
+        let (_, p) = sse.publication().await;
+        assert_eq!(
+            (&p["channel"], &p["data"]),
+            (&json!(names[7]), &json!("next"))
+        );
+    }
 }
 
 #[tokio::test]
