@@ -981,23 +981,39 @@ async fn sse_over_http2_through_nginx_streams_and_resumes() {
     );
     drop(sse);
 
-    // Many channels with long names: a ~13 KiB query and a ~20 KiB cursor.
+    // Many channels with long names: a ~13 KiB query and a ~20 KiB cursor (the full form).
     let many: Vec<String> = (0..60)
         .map(|i| format!("{}-{i:02}-{}", unique("nginx-long"), "x".repeat(180)))
         .collect();
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
     let query = channel_query(&refs);
     let mut sse = Sse::open(&client, nginx, &query, &[]).await;
-    assert_eq!(connected_channels(&sse.connected().await).len(), 60);
+    let results = connected_channels(&sse.connected().await);
+    assert_eq!(results.len(), 60);
     publish(&stack.nodes[0], &many[0], json!("first")).await;
-    let (cursor, p) = sse.publication().await;
+    let (_, p) = sse.publication().await;
     assert_eq!(p["data"], "first");
+    drop(sse);
+    // The full cursor a client holding these positions sends (event ids are compact).
+    let positions: Vec<_> = many
+        .iter()
+        .map(|c| {
+            let at = if *c == many[0] { &p } else { &results[c] };
+            let tag = at["tag"].as_str().map(str::to_string);
+            (
+                c.clone(),
+                at["epoch"].as_str().unwrap().to_string(),
+                at["offset"].as_u64().unwrap(),
+                tag,
+            )
+        })
+        .collect();
+    let cursor = full_cursor(&positions);
     assert!(
         cursor.len() > 16 * 1024,
         "cursor only {} bytes",
         cursor.len()
     );
-    drop(sse);
     publish(&stack.nodes[1], &many[59], json!("missed")).await;
     let mut sse = Sse::open(&client, nginx, &query, &[("Last-Event-ID", &cursor)]).await;
     let chans = connected_channels(&sse.connected().await);

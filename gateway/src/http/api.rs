@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::http::response::{self, Body};
+use crate::http::response::{self, Body, RequestBody};
 use crate::node::Node;
 use crate::protocol::{
     backplane_error, check_channel, check_idempotency_key, error_code, ErrorBody,
@@ -89,7 +88,10 @@ fn check_item(
 /// A 200 means the publication is in history and will reach every current subscriber.
 /// `{"publications": [{"channel", "data", "idempotency_key"?}, ...]}` publishes a batch (one
 /// round trip to the backplane) and answers `{"results": [...]}`, each an ack or an error.
-pub(crate) async fn publish(node: &Arc<Node>, request: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn publish<B: RequestBody>(
+    node: &Arc<Node>,
+    request: Request<B>,
+) -> Response<Body> {
     let limit = node.config().api_max_body();
     let body = match Limited::new(request.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes(),

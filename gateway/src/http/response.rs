@@ -13,6 +13,22 @@ use crate::protocol::{error_code, ErrorBody};
 /// The body type of every response.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
+/// A request body the routes take: hyper's, or none for a request the gateway read itself (an
+/// SSE request on its own HTTP/1.1 path, `http::sse_h1`).
+pub(crate) trait RequestBody:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
 }

@@ -7,7 +7,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{header, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,7 +21,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::demo;
 use crate::http::gate::Kind;
-use crate::http::response::{self, Body};
+use crate::http::response::{self, Body, RequestBody};
+use crate::http::sse_h1::{self, FirstRequest};
 use crate::http::tls::Tls;
 use crate::http::{api, assets, gate, openapi};
 use crate::node::Node;
@@ -253,9 +253,9 @@ async fn accept_loop(
 
 /// The TCP peer of a connection, and whether it is one of `limits.trusted_proxies`.
 #[derive(Debug, Clone, Copy)]
-struct Peer {
-    ip: IpAddr,
-    from_proxy: bool,
+pub(crate) struct Peer {
+    pub(crate) ip: IpAddr,
+    pub(crate) from_proxy: bool,
 }
 
 async fn serve_connection(
@@ -267,7 +267,17 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     match tls {
-        None => serve_io(TokioIo::new(stream), peer, node, kind).await,
+        None => {
+            let handshake = node.config().limits.handshake_timeout;
+            match sse_h1::first_request(&stream, handshake).await {
+                // Both boxed: each is large, and the task holds whichever runs, not room for both.
+                FirstRequest::Sse => Box::pin(sse_h1::serve(stream, peer, node, kind)).await,
+                FirstRequest::Other => {
+                    Box::pin(serve_io(TokioIo::new(stream), peer, node, kind)).await
+                }
+                FirstRequest::Silent => node.count_limit("handshake_timeout"),
+            }
+        }
         // Boxed: a connection's task is as large as its largest branch, and the TLS one (the
         // handshake, rustls state inside hyper's connection) would add kilobytes to every
         // plain connection, for as long as an SSE stream lasts.
@@ -375,11 +385,11 @@ fn ended_by_header_timeout<T>(
         .is_some_and(hyper::Error::is_timeout)
 }
 
-async fn route(
+pub(crate) async fn route<B: RequestBody>(
     node: &Arc<Node>,
     kind: Kind,
     peer: Peer,
-    request: Request<Incoming>,
+    request: Request<B>,
 ) -> Response<Body> {
     // The client: the peer, or behind a trusted proxy the address it names. Every per-IP limit
     // of the request (connection rate, fresh channels) is charged to it.
@@ -466,7 +476,11 @@ impl Route {
     }
 }
 
-async fn serve(node: &Arc<Node>, client_ip: IpAddr, request: Request<Incoming>) -> Response<Body> {
+async fn serve<B: RequestBody>(
+    node: &Arc<Node>,
+    client_ip: IpAddr,
+    request: Request<B>,
+) -> Response<Body> {
     let path = request.uri().path();
     let Some(route) = Route::of(node, path) else {
         return response::error(
@@ -565,10 +579,10 @@ async fn serve(node: &Arc<Node>, client_ip: IpAddr, request: Request<Incoming>) 
 /// clients elsewhere at once. Then Origin, token and connection limits; SSE and long-poll also
 /// check the permission of every channel of the query up front.
 #[allow(clippy::result_large_err)] // a refusal is a whole response, built once on a cold path
-fn admit_stream(
+fn admit_stream<B>(
     node: &Node,
     route: Route,
-    request: &Request<Incoming>,
+    request: &Request<B>,
 ) -> Result<guard::Admission, Response<Body>> {
     if node.is_draining() {
         return Err(response::shutting_down());

@@ -34,6 +34,7 @@ mod security_holes;
 mod shutdown;
 mod slow_consumer;
 mod sse;
+mod sse_http1;
 mod sse_ids;
 mod tls;
 mod websocket;

@@ -96,9 +96,9 @@ type Answer = hyper::Response<http_body_util::Empty<Bytes>>;
 
 /// Answers the handshake `request` attempts (see [`Handshake::of`]) and starts the connection
 /// task, tracked by the node. The caller has admitted the connection (origin, token, limits).
-pub(crate) fn accept(
+pub(crate) fn accept<B>(
     node: &Arc<Node>,
-    request: &mut hyper::Request<hyper::body::Incoming>,
+    request: &mut hyper::Request<B>,
     handshake: Handshake,
     mode: Mode,
     admission: Admission,
@@ -132,8 +132,8 @@ pub(crate) fn accept(
 
 /// RFC 8441 §5: the same version check as on HTTP/1.1, but no key and no `Sec-WebSocket-Accept`
 /// (the stream itself is the proof); a 200 opens the stream for frames.
-fn accept_extended_connect(
-    request: &mut hyper::Request<hyper::body::Incoming>,
+fn accept_extended_connect<B>(
+    request: &mut hyper::Request<B>,
 ) -> Result<(Answer, hyper::upgrade::OnUpgrade), WebSocketError> {
     let version = request.headers().get("sec-websocket-version");
     if version.map(|v| v.as_bytes()) != Some(b"13") {
