@@ -25,6 +25,7 @@ use crate::http::response::{self, Body};
 use crate::http::server::{route, Peer};
 use crate::node::Node;
 use crate::protocol::error_code;
+use crate::transport::bounded::bounded;
 
 /// The longest request head read: room for the longest cursor (64 KiB) in `Last-Event-ID`.
 const MAX_HEAD: usize = 96 * 1024;
@@ -44,11 +45,10 @@ pub(crate) enum FirstRequest {
 /// Looks at the connection's first bytes without taking them, waiting at most `timeout`.
 pub(crate) async fn first_request(stream: &TcpStream, timeout: Duration) -> FirstRequest {
     let mut first = [0u8; 9];
-    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
-        Ok(Ok(n)) if matches!(&first[..n], b"GET /sse?" | b"GET /sse ") => FirstRequest::Sse,
-        Ok(Ok(n)) if n > 0 => FirstRequest::Other,
-        Ok(_) => FirstRequest::Other,
-        Err(_) => FirstRequest::Silent,
+    match bounded(timeout, stream.peek(&mut first)).await {
+        Some(Ok(n)) if matches!(&first[..n], b"GET /sse?" | b"GET /sse ") => FirstRequest::Sse,
+        Some(_) => FirstRequest::Other,
+        None => FirstRequest::Silent,
     }
 }
 
@@ -195,6 +195,8 @@ async fn write_response(
         None => {}
     }
     head.extend_from_slice(b"connection: close\r\n\r\n");
+    // Not kept for the stream's life: the headers are in `head` now.
+    drop(parts);
     write_within(stream, &head, limit).await?;
     drop(head);
 
@@ -243,8 +245,8 @@ fn framed(pieces: &[Bytes], chunked: bool) -> Vec<u8> {
 }
 
 async fn write_within(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> Result<(), ()> {
-    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
-        Ok(Ok(())) => Ok(()),
+    match bounded(limit, stream.write_all(bytes)).await {
+        Some(Ok(())) => Ok(()),
         _ => Err(()),
     }
 }

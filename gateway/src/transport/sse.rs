@@ -21,6 +21,7 @@ use crate::security::guard::too_many;
 use crate::session::fresh;
 use crate::session::{oldest_live, Output, Session};
 use crate::transport::body_channel::{body_channel, BodySender};
+use crate::transport::bounded::bounded;
 use crate::transport::stream_query::{decode_cursor, verify_compact, StreamQuery, Subscribed};
 
 const BATCH: usize = 256;
@@ -150,6 +151,33 @@ impl SseStream {
     /// Runs until the client leaves, the node shuts down or the client falls too far behind.
     /// `Err` means the client is gone.
     async fn stream(&mut self, session: &mut Session, cursor: Cursor) -> Result<(), ()> {
+        // Its own future: what it gathers is freed before the stream settles into its loop.
+        Box::pin(self.open(session, cursor)).await?;
+        let mut out = Vec::new();
+        let mut heartbeat = tokio::time::interval(self.node.config().sse.heartbeat_interval);
+        heartbeat.reset();
+        loop {
+            tokio::select! {
+                _ = self.tx.closed() => return Err(()),
+                _ = heartbeat.tick() => {
+                    // Give back what the last burst left allocated (as the WebSocket does).
+                    out = Vec::new();
+                    self.send(Bytes::from_static(b": heartbeat\n\n")).await?;
+                }
+                event = session.next() => session.apply(event, &mut out),
+            }
+            session.apply_ready(&mut out, BATCH);
+            if session.overflowed() {
+                // The client reconnects with its Last-Event-ID and resumes losslessly.
+                return Ok(());
+            }
+            self.emit(&mut out).await?;
+        }
+    }
+
+    /// The stream's start: `retry:`, every channel subscribed (so the `connected` event's id is
+    /// a cursor), `connected`, the resets of positions not recovered, then what arrived meanwhile.
+    async fn open(&mut self, session: &mut Session, cursor: Cursor) -> Result<(), ()> {
         let retry = self.node.config().sse.retry.as_millis();
         self.send(Bytes::from(format!("retry: {retry}\n\n")))
             .await?;
@@ -208,23 +236,7 @@ impl SseStream {
                     .await?;
             }
         }
-        self.emit(&mut held).await?;
-
-        let mut heartbeat = tokio::time::interval(self.node.config().sse.heartbeat_interval);
-        heartbeat.reset();
-        loop {
-            tokio::select! {
-                _ = self.tx.closed() => return Err(()),
-                _ = heartbeat.tick() => self.send(Bytes::from_static(b": heartbeat\n\n")).await?,
-                event = session.next() => session.apply(event, &mut out),
-            }
-            session.apply_ready(&mut out, BATCH);
-            if session.overflowed() {
-                // The client reconnects with its Last-Event-ID and resumes losslessly.
-                return Ok(());
-            }
-            self.emit(&mut out).await?;
-        }
+        self.emit(&mut held).await
     }
 
     fn index(&self, channel: &str) -> usize {
@@ -316,8 +328,8 @@ impl SseStream {
     /// to make room is dropped.
     async fn send(&self, chunk: Bytes) -> Result<(), ()> {
         let timeout = self.node.config().sse_write_timeout();
-        match tokio::time::timeout(timeout, self.tx.send(chunk)).await {
-            Ok(Ok(())) => Ok(()),
+        match bounded(timeout, self.tx.send(chunk)).await {
+            Some(Ok(())) => Ok(()),
             _ => Err(()),
         }
     }

@@ -14,9 +14,8 @@ pub(crate) mod message;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -290,27 +289,16 @@ struct Connection<F> {
     client_ip: IpAddr,
 }
 
-/// Runs a write, arming the write timeout only if it cannot finish at once: almost every batch
-/// fits in the socket's buffer, and a timer per batch cost more than the write itself.
+/// A write bounded by the write timeout (`transport::bounded`); a failed or late one ends the
+/// connection.
 async fn bounded<E>(
     limit: Duration,
     write: impl std::future::Future<Output = Result<(), E>>,
 ) -> Result<(), End> {
-    let mut write = pin!(write);
-    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-    let result = match first {
-        Poll::Ready(result) => result,
-        // The timer is boxed: held inline it would enlarge every connection's future, idle or
-        // not, for a path taken only when the socket is full.
-        Poll::Pending => {
-            let mut expired = Box::pin(tokio::time::sleep(limit));
-            tokio::select! {
-                result = write => result,
-                _ = &mut expired => return Err(End::Gone),
-            }
-        }
-    };
-    result.map_err(|_| End::Gone)
+    match crate::transport::bounded::bounded(limit, write).await {
+        Some(Ok(())) => Ok(()),
+        _ => Err(End::Gone),
+    }
 }
 
 /// Why the connection ends.
