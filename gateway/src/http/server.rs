@@ -308,7 +308,10 @@ where
         service_fn(move |request| {
             requested.store(true, Ordering::Relaxed);
             let node = node.clone();
-            async move { Ok::<_, Infallible>(route(&node, kind, peer, request).await) }
+            // Boxed, and freed once answered: the router's future is sized for its largest
+            // route, and hyper keeps the service's future inline in every HTTP/2 stream's task
+            // (and in the HTTP/1.1 connection) for as long as the response's body runs.
+            async move { Ok::<_, Infallible>(Box::pin(route(&node, kind, peer, request)).await) }
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
