@@ -130,6 +130,14 @@ struct Log {
 }
 
 impl Log {
+    /// A log that also records each publish's round trip.
+    fn timed() -> Log {
+        Log {
+            rtt: Some(stats::new_histogram()),
+            ..Log::default()
+        }
+    }
+
     fn error(&mut self, e: impl std::fmt::Display) {
         self.errors += 1;
         if self.first_error.is_none() {
@@ -461,10 +469,7 @@ async fn script_publisher(
     bounds: Arc<Bounds>,
     max_count: u64,
 ) -> Log {
-    let mut log = Log {
-        rtt: Some(stats::new_histogram()),
-        ..Log::default()
-    };
+    let mut log = Log::timed();
     let keys: Vec<[String; 4]> = channels
         .iter()
         .map(|ch| {
@@ -577,10 +582,7 @@ async fn http_publisher(
     pad: Arc<str>,
     bounds: Arc<Bounds>,
 ) -> Log {
-    let mut log = Log {
-        rtt: Some(stats::new_histogram()),
-        ..Log::default()
-    };
+    let mut log = Log::timed();
     let mut seq = 0u64;
     let mut buf = Vec::with_capacity(4096);
     let mut request = Vec::with_capacity(4096);
@@ -675,10 +677,7 @@ async fn ws_publisher(
     pad: Arc<str>,
     bounds: Arc<Bounds>,
 ) -> Log {
-    let mut log = Log {
-        rtt: Some(stats::new_histogram()),
-        ..Log::default()
-    };
+    let mut log = Log::timed();
     let mut seq = 0u64;
     'publish: while bounds.take(1) {
         let k = (p as usize + seq as usize) % channels.len();
