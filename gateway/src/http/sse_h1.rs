@@ -29,8 +29,8 @@ use crate::transport::bounded::bounded;
 
 /// The longest request head read: room for the longest cursor (64 KiB) in `Last-Event-ID`.
 const MAX_HEAD: usize = 96 * 1024;
-/// The most header fields a request may have.
-const MAX_HEADERS: usize = 64;
+/// The most header fields a request may have (hyper's limit too).
+const MAX_HEADERS: usize = 100;
 
 /// What a connection's first bytes say.
 pub(crate) enum FirstRequest {
