@@ -299,6 +299,22 @@ pub fn connected_channels(ev: &SseBlock) -> HashMap<String, Value> {
         .collect()
 }
 
+/// The full cursor a client builds from the positions it holds (docs/protocol.md, "The cursor and
+/// resuming"): base64url of `[[channel, epoch, offset, tag?], ...]`. SSE event ids are the
+/// compact form; this one names every channel and can be tens of kilobytes.
+pub fn full_cursor(positions: &[(String, String, u64, Option<String>)]) -> String {
+    use base64::Engine;
+    let entries: Vec<Value> = positions
+        .iter()
+        .map(|(channel, epoch, offset, tag)| match tag {
+            Some(tag) => serde_json::json!([channel, epoch, offset, tag]),
+            None => serde_json::json!([channel, epoch, offset]),
+        })
+        .collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&entries).expect("positions serialise"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,20 +349,4 @@ mod tests {
         assert!(p.next_block().is_none());
         assert_eq!(p.unparsed(), b"id: 1");
     }
-}
-
-/// The full cursor a client builds from the positions it holds (docs/protocol.md, "The cursor and
-/// resuming"): base64url of `[[channel, epoch, offset, tag?], ...]`. SSE event ids are the
-/// compact form; this one names every channel and can be tens of kilobytes.
-pub fn full_cursor(positions: &[(String, String, u64, Option<String>)]) -> String {
-    use base64::Engine;
-    let entries: Vec<Value> = positions
-        .iter()
-        .map(|(channel, epoch, offset, tag)| match tag {
-            Some(tag) => serde_json::json!([channel, epoch, offset, tag]),
-            None => serde_json::json!([channel, epoch, offset]),
-        })
-        .collect();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(serde_json::to_vec(&entries).expect("positions serialise"))
 }
