@@ -1,5 +1,6 @@
 //! SVG charts of a run's results (plotters): latency percentiles per system, deliveries per
-//! second over time, and reconnects over time after a kill. One file per scenario and chart.
+//! second over time, reconnects over time after a kill, and a soak's resource samples (RSS, file
+//! descriptors, queued bytes). One file per scenario and chart.
 
 use std::path::Path;
 
@@ -99,8 +100,45 @@ pub fn write_all(dir: &Path, results: &[Value]) -> Result<Vec<String>, String> {
             )?;
             written.push(file);
         }
+        for v in runs.iter().filter(|v| v["samples"].is_array()) {
+            let file = format!("{scenario}-resources.svg");
+            resources_chart(&dir.join(&file), v)?;
+            written.push(file);
+        }
     }
     Ok(written)
+}
+
+/// Three stacked panels over time: RSS (MiB), open file descriptors, queued bytes (KiB).
+fn resources_chart(path: &Path, v: &Value) -> Result<(), String> {
+    let samples = v["samples"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let series = |key: &str, scale: f64| -> Vec<(f64, f64)> {
+        samples
+            .iter()
+            .filter_map(|s| Some((s["t_s"].as_f64()?, s[key].as_f64()? / scale)))
+            .collect()
+    };
+    let root = SVGBackend::new(path, (800, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let panels = root.split_evenly((3, 1));
+    let name = label(v);
+    let rows = [
+        ("RSS", "MiB", series("rss_bytes", 1024.0 * 1024.0)),
+        ("open file descriptors", "fds", series("fds", 1.0)),
+        (
+            "gateway_queued_bytes",
+            "KiB",
+            series("queued_bytes", 1024.0),
+        ),
+    ];
+    for (area, (title, unit, points)) in panels.iter().zip(rows) {
+        let title = format!(
+            "{}: {title} over time ({name})",
+            v["scenario"].as_str().unwrap_or("")
+        );
+        line_chart_on(area, &title, "seconds", unit, &[(name.clone(), points)])?;
+    }
+    root.present().map_err(err)
 }
 
 fn label(v: &Value) -> String {
@@ -158,10 +196,21 @@ fn line_chart(
 ) -> Result<(), String> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
+    line_chart_on(&root, title, x_desc, y_desc, series)?;
+    root.present().map_err(err)
+}
+
+fn line_chart_on<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+) -> Result<(), String> {
     let points = || series.iter().flat_map(|(_, p)| p.iter());
     let x_max = points().map(|p| p.0).fold(1.0f64, f64::max);
     let y_max = points().map(|p| p.1).fold(1.0f64, f64::max);
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
@@ -174,8 +223,7 @@ fn line_chart(
         .y_desc(y_desc)
         .draw()
         .map_err(err)?;
-    draw_series(&mut chart, series)?;
-    root.present().map_err(err)
+    draw_series(&mut chart, series)
 }
 
 fn draw_series<'a, DB, X, Y>(
@@ -222,6 +270,9 @@ mod tests {
                    "timeline": {"bucket_ms": 500, "deliveries": [0, 100, 120, 90]}}),
             json!({"scenario": "storm", "system": "gateway", "storm": {"signal": "kill", "reconnect_curve": [0, 5, 9, 2]},
                    "latency": {"count": 0}, "timeline": {"bucket_ms": 100, "deliveries": [3, 4]}}),
+            json!({"scenario": "soak", "system": "gateway",
+                   "samples": [{"t_s": 0.0, "rss_bytes": 1048576, "fds": 10, "queued_bytes": 0},
+                               {"t_s": 10.0, "rss_bytes": 2097152, "fds": 12, "queued_bytes": 2048}]}),
         ];
         let files = write_all(&dir, &results).unwrap();
         assert_eq!(
@@ -230,7 +281,8 @@ mod tests {
                 "fanout-latency.svg",
                 "fanout-deliveries.svg",
                 "storm-deliveries.svg",
-                "storm-reconnects.svg"
+                "storm-reconnects.svg",
+                "soak-resources.svg"
             ]
         );
         let svg = std::fs::read_to_string(dir.join("storm-reconnects.svg")).unwrap();
@@ -238,6 +290,8 @@ mod tests {
             svg.starts_with("<svg") && svg.contains("gateway kill"),
             "{svg:.300}"
         );
+        let svg = std::fs::read_to_string(dir.join("soak-resources.svg")).unwrap();
+        assert!(svg.contains("open file descriptors"), "{svg:.300}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -18,7 +18,9 @@ mod progress;
 mod publish;
 mod publisher;
 mod pubsub;
+mod ramp;
 mod report;
+mod soak;
 mod socketio;
 mod stats;
 mod storm;
@@ -118,6 +120,17 @@ enum Command {
     /// A flood of polls and WebSocket subscribes over fresh channel names (redis-server and one
     /// node started by the tool): a hot channel's latency without and during it, the 429s.
     FreshFlood(flood::Args),
+    /// The capacity figure: fixed subscribers, the publish rate raised step by step until p99
+    /// passes a limit (or messages are lost, or the rate is not reached); deliveries/s there.
+    Ramp {
+        #[command(flatten)]
+        system: SystemArgs,
+        #[command(flatten)]
+        args: ramp::Args,
+    },
+    /// One gateway node under churning subscribers and steady publishes for a long time: RSS,
+    /// file descriptors and queued bytes sampled (flat?), zero loss per subscriber.
+    Soak(soak::Args),
     /// Acknowledged publishes/s through one Redis over HTTP and WebSocket (and on the embedded
     /// backplane), against the publish script pipelined straight at the same Redis.
     Publish(publish::Args),
@@ -166,6 +179,10 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Command::Soak(args) => soak::run(cli.gateway_bin.clone(), args).await.map(|v| {
+            let ok = v["ok"] == true;
+            (vec![v], ok)
+        }),
         command => single(command, cli.gateway_bin.clone()).await,
     };
     let (results, ok) = match outcome {
@@ -178,7 +195,7 @@ async fn run(cli: Cli) -> ExitCode {
     for v in &results {
         stats::print_table(v["scenario"].as_str().unwrap_or("result"), v);
     }
-    print!("{}", report::markdown(&results));
+    print!("{}", markdown(&results));
     if let Err(e) = write_outputs(&cli, &results) {
         eprintln!("loadtest: {e}");
         return ExitCode::from(2);
@@ -214,12 +231,14 @@ async fn single(
     let (sys, default_nodes) = match command {
         Command::Fanout { system, .. }
         | Command::Echo { system, .. }
-        | Command::Connections { system, .. } => (system, 1),
+        | Command::Connections { system, .. }
+        | Command::Ramp { system, .. } => (system, 1),
         Command::Latency { system, .. } | Command::Storm { system, .. } => (system, 3),
         Command::Suite(_)
         | Command::Failover(_)
         | Command::PublishLatency(_)
         | Command::FreshFlood(_)
+        | Command::Soak(_)
         | Command::Publish(_) => {
             unreachable!("handled by the caller")
         }
@@ -249,10 +268,12 @@ async fn single(
             echo::run(&url, &system.pids(), args).await
         }
         Command::Connections { args, .. } => connections::run(&mut system, args).await,
+        Command::Ramp { args, .. } => passed(ramp::run(&mut system, args).await),
         Command::Suite(_)
         | Command::Failover(_)
         | Command::PublishLatency(_)
         | Command::FreshFlood(_)
+        | Command::Soak(_)
         | Command::Publish(_) => {
             unreachable!("handled by the caller")
         }
@@ -268,6 +289,15 @@ pub fn passed(v: Value) -> (Value, bool) {
     (v, ok)
 }
 
+/// The scenario tables, and a ramp's steps.
+fn markdown(results: &[Value]) -> String {
+    let mut out = report::markdown(results);
+    for v in results.iter().filter(|v| v["scenario"] == "ramp") {
+        out.push_str(&ramp::steps_markdown(v));
+    }
+    out
+}
+
 fn write_outputs(cli: &Cli, results: &[Value]) -> Result<(), String> {
     if let Some(path) = &cli.json {
         let v = if results.len() == 1 {
@@ -280,7 +310,7 @@ fn write_outputs(cli: &Cli, results: &[Value]) -> Result<(), String> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if let Some(path) = &cli.markdown {
-        std::fs::write(path, report::markdown(results))
+        std::fs::write(path, markdown(results))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if let Some(dir) = &cli.charts {

@@ -8,7 +8,7 @@ struct Column {
     cell: fn(&Value) -> String,
 }
 
-fn num(v: &Value) -> String {
+pub fn num(v: &Value) -> String {
     match v {
         Value::Null => "–".into(),
         Value::Number(n) => {
@@ -172,6 +172,33 @@ fn columns(scenario: &str) -> Vec<Column> {
             col!("dup", ["duplicated"]),
             col!("history mismatched", ["history_mismatched"]),
             col!("errors", ["errors"]),
+        ],
+        "ramp" => vec![
+            system,
+            col!("clients", ["clients"]),
+            col!("channels", ["channels"]),
+            col!("p99 limit ms", ["p99_limit_ms"]),
+            col!("capacity deliveries/s", ["capacity_deliveries_per_s"]),
+            col!("at pub/s", ["capacity_publish_rate"]),
+            col!("p99 ms there", ["capacity_p99_ms"]),
+            col!("stopped by", ["stopped_by"]),
+        ],
+        "soak" => vec![
+            system,
+            col!("backplane", ["backplane"]),
+            col!("s", ["duration_s"]),
+            col!("clients", ["clients"]),
+            col!("pub/s", ["publish_rate"]),
+            col!("deliveries", ["deliveries"]),
+            col!("resumes", ["resumes"]),
+            col!("fresh subscribes", ["fresh_subscribes"]),
+            col!("resets", ["resets"]),
+            col!("lost", ["lost"]),
+            col!("dup", ["duplicated"]),
+            col!("RSS flat", ["flat"]["rss_bytes"]["flat"]),
+            col!("fds flat", ["flat"]["fds"]["flat"]),
+            col!("queued flat", ["flat"]["queued_bytes"]["flat"]),
+            col!("ok", ["ok"]),
         ],
         _ => vec![system, col!("ok", ["ok"])],
     }
