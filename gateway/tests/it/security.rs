@@ -298,7 +298,9 @@ async fn connect_without_keys_is_refused() {
 #[tokio::test]
 async fn an_expiring_token_closes_the_connection_with_4003() {
     let node = Node::with(secured).await;
-    let short = hs256(KEY_NEW, json!({"sub": "dave", "exp": now() + 1}));
+    // Whole seconds: `+ 1` could leave milliseconds, less than the subscribe takes on a busy
+    // machine.
+    let short = hs256(KEY_NEW, json!({"sub": "dave", "exp": now() + 2}));
     let mut c = ws(&node, &[("authorization", &bearer(&short))]).await;
     c.subscribe("free").await;
     let (code, _) = c.until_close().await;
@@ -308,7 +310,9 @@ async fn an_expiring_token_closes_the_connection_with_4003() {
 #[tokio::test]
 async fn refresh_keeps_the_connection_past_the_first_expiry() {
     let node = Node::with(secured).await;
-    let exp = now() + 1;
+    // Whole seconds: `now() + 1` could leave a few milliseconds, less than the four round
+    // trips before the refresh take on a busy machine (CI saw the 4003 first).
+    let exp = now() + 4;
     let short = hs256(KEY_NEW, json!({"sub": "erin", "exp": exp}));
     let mut c = WsClient::connect(&node).await;
     c.ok(json!({"op": "connect", "token": short})).await;
@@ -412,7 +416,8 @@ async fn sse_checks_the_token_against_every_channel() {
 #[tokio::test]
 async fn sse_stream_ends_when_its_token_expires() {
     let node = Node::with(secured).await;
-    let short = hs256(KEY_NEW, json!({"sub": "gina", "exp": now() + 1}));
+    // Whole seconds: `+ 1` could leave milliseconds, less than opening the stream takes.
+    let short = hs256(KEY_NEW, json!({"sub": "gina", "exp": now() + 2}));
     let mut sse = Sse::open_query(&node, &format!("channel=members:g&token={short}")).await;
     assert_eq!(sse.next_event().await.kind(), "connected");
     while sse.next_block().await.is_some() {}
