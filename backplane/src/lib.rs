@@ -8,6 +8,7 @@
 
 pub mod json;
 pub mod memory;
+mod presence;
 mod publication;
 pub mod redis;
 
@@ -17,7 +18,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use publication::{format_tag, parse_tag, Position, Publication, PublishAck};
+pub use presence::{ChannelCount, Member, Presence};
+pub use publication::{format_tag, parse_tag, Kind, Position, Publication, PublishAck};
 
 /// Microseconds since the Unix epoch, the clock publications are stamped with.
 pub fn now_us() -> u64 {
@@ -272,6 +274,47 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// Stops live delivery of the channel to this node (its last local subscriber left).
     async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError>;
+
+    /// Adds `member` to the channel's presence and, when `announce`, fans out a join
+    /// ([`Kind::Join`]) to every subscriber of the channel in order with its publications.
+    /// Not awaited: a node's presence changes are queued and applied at the store in the order
+    /// they were made, in batches ([`Backplane::flush_presence`] waits for them).
+    fn presence_join(&self, channel: &str, member: Member, announce: bool) {
+        let _ = (channel, member, announce);
+    }
+
+    /// Removes the member `client` from the channel's presence and, when `announce` and the
+    /// member was still present, fans out one leave ([`Kind::Leave`]). Queued like
+    /// [`Backplane::presence_join`].
+    fn presence_leave(&self, channel: &str, client: &str, announce: bool) {
+        let _ = (channel, client, announce);
+    }
+
+    /// Waits until every presence change queued before the call is applied at the store (a
+    /// draining node calls it before it exits).
+    async fn flush_presence(&self) -> Result<(), BackplaneError> {
+        Ok(())
+    }
+
+    /// Reads the channel's presence across the cluster; the member list only when `members`.
+    async fn presence(&self, channel: &str, members: bool) -> Result<Presence, BackplaneError> {
+        let _ = (channel, members);
+        Err(BackplaneError::Invalid("presence is not supported".into()))
+    }
+
+    /// Replaces this node's report of its channels and their local subscriber counts, which
+    /// [`Backplane::channels`] sums over the live nodes.
+    async fn report_channels(&self, counts: Vec<ChannelCount>) -> Result<(), BackplaneError> {
+        let _ = counts;
+        Ok(())
+    }
+
+    /// The channels whose name starts with `prefix` that have subscribers on any live node, with
+    /// the cluster-wide subscriber count, sorted by name.
+    async fn channels(&self, prefix: &str) -> Result<Vec<ChannelCount>, BackplaneError> {
+        let _ = prefix;
+        Err(BackplaneError::Invalid("channel listing is not supported".into()))
+    }
 
     /// Whether the backplane can take traffic now; `Err` says why not.
     fn health(&self) -> Result<(), String> {

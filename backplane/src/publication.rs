@@ -6,10 +6,26 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// A message in a channel's history: `{"channel":C,"offset":N,"epoch":E,"tag":T,"data":D}`.
+/// What a fanned-out item is. Presence events travel the channel's publication path so they
+/// keep their place among its publications, but they are not in history and have no offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A publication, in history at `offset`.
+    Publication,
+    /// A member joined: `{"channel":C,"join":M}`. It follows the publication at `offset` of
+    /// `epoch` (offset 0: before the channel's first publication, epoch `""` if it has none).
+    Join,
+    /// A member left: `{"channel":C,"leave":M}`, placed like a join.
+    Leave,
+}
+
+/// A message in a channel's history: `{"channel":C,"offset":N,"epoch":E,"tag":T,"data":D}`,
+/// or a presence event placed after a publication ([`Kind`]).
 #[derive(Debug, Clone)]
 pub struct Publication {
+    pub kind: Kind,
     pub channel: Arc<str>,
+    /// The publication's offset; for a presence event, the offset it follows.
     pub offset: u64,
     pub epoch: Arc<str>,
     /// When the publish was accepted, microseconds since the Unix epoch (0 if unknown).
@@ -47,6 +63,7 @@ impl Publication {
         let data = start..json.len();
         json.push(b'}');
         Publication {
+            kind: Kind::Publication,
             channel,
             offset,
             epoch,
@@ -56,6 +73,48 @@ impl Publication {
             data,
             encoded: OnceLock::new(),
         }
+    }
+
+    /// A presence event ([`Kind::Join`] or [`Kind::Leave`]) for `member` (a [`crate::Member`]'s
+    /// compact JSON), following the publication at `after` of `epoch`.
+    pub fn presence_event(
+        kind: Kind,
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        after: u64,
+        member: &[u8],
+    ) -> Self {
+        let name: &[u8] = match kind {
+            Kind::Join => b"join",
+            Kind::Leave => b"leave",
+            Kind::Publication => panic!("a publication is built by Publication::new"),
+        };
+        let mut json = Vec::with_capacity(member.len() + channel.len() + 24);
+        json.extend_from_slice(b"{\"channel\":");
+        serde_json::to_writer(&mut json, &*channel).expect("writing to a Vec cannot fail");
+        json.extend_from_slice(b",\"");
+        json.extend_from_slice(name);
+        json.extend_from_slice(b"\":");
+        let start = json.len();
+        json.extend_from_slice(member);
+        let data = start..json.len();
+        json.push(b'}');
+        Publication {
+            kind,
+            channel,
+            offset: after,
+            epoch,
+            published_us: 0,
+            tag: 0,
+            json: Bytes::from(json),
+            data,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// Whether this is a publication (not a presence event).
+    pub fn is_publication(&self) -> bool {
+        self.kind == Kind::Publication
     }
 
     /// Records when the publish was accepted (microseconds since the Unix epoch).
@@ -76,7 +135,7 @@ impl Publication {
         slots[slot].get_or_init(|| make(&self.json)).clone()
     }
 
-    /// The `data` member's compact JSON text.
+    /// The `data` member's compact JSON text (a presence event's member).
     pub fn data(&self) -> &[u8] {
         &self.json[self.data.clone()]
     }
