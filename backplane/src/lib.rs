@@ -313,7 +313,9 @@ pub trait Backplane: Send + Sync + 'static {
     /// the cluster-wide subscriber count, sorted by name.
     async fn channels(&self, prefix: &str) -> Result<Vec<ChannelCount>, BackplaneError> {
         let _ = prefix;
-        Err(BackplaneError::Invalid("channel listing is not supported".into()))
+        Err(BackplaneError::Invalid(
+            "channel listing is not supported".into(),
+        ))
     }
 
     /// Whether the backplane can take traffic now; `Err` says why not.

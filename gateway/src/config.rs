@@ -28,6 +28,25 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub origin: OriginConfig,
     pub tls: TlsConfig,
+    pub presence: PresenceConfig,
+}
+
+/// Presence across the cluster (which namespaces have it: `channels.*.presence`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// How long the members of a node that died without leaving stay listed at most: the
+    /// surviving nodes remove them, and announce their leaves, within it.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            ttl: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Who the clients and API callers are: server API keys and connection JWTs.
@@ -95,6 +114,11 @@ pub struct NamespaceConfig {
     /// Age after which publications leave history; unset as for `history_max_count`.
     #[serde(with = "humantime_serde")]
     pub history_max_age: Option<Duration>,
+    /// Whether the channels keep presence: who is subscribed, cluster-wide.
+    pub presence: bool,
+    /// Whether subscribers get a `join` and a `leave` event as members come and go (needs
+    /// `presence`).
+    pub join_leave: bool,
 }
 
 impl Default for NamespaceConfig {
@@ -105,6 +129,8 @@ impl Default for NamespaceConfig {
             max_message_size: 64 * 1024,
             history_max_count: None,
             history_max_age: None,
+            presence: false,
+            join_leave: false,
         }
     }
 }
@@ -756,6 +782,11 @@ impl Config {
             if ns.max_message_size < 1 {
                 return Err(ConfigError(format!(
                     "channels namespace {name}: max_message_size must be at least 1"
+                )));
+            }
+            if ns.join_leave && !ns.presence {
+                return Err(ConfigError(format!(
+                    "channels namespace {name}: join_leave needs presence = true"
                 )));
             }
             if ns.history_max_count == Some(0) || ns.history_max_age == Some(Duration::ZERO) {

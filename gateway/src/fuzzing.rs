@@ -15,7 +15,8 @@ pub fn command(data: &[u8]) {
             match &command {
                 Command::Subscribe { channel, .. }
                 | Command::Unsubscribe { channel, .. }
-                | Command::Publish { channel, .. } => {
+                | Command::Publish { channel, .. }
+                | Command::Presence { channel, .. } => {
                     assert!(crate::protocol::check_channel(channel).is_ok());
                 }
                 Command::Connect { token, .. } | Command::Refresh { token, .. } => {

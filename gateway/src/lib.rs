@@ -15,6 +15,7 @@ mod http;
 mod hub;
 mod metrics;
 mod node;
+mod presence;
 mod protocol;
 mod queue;
 mod security;

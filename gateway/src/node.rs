@@ -48,6 +48,8 @@ pub struct Node {
     connection_tasks: TaskTracker,
     policy: Policy,
     draining: AtomicBool,
+    /// Random per process: with a connection's id it names the connection cluster-wide.
+    id: u64,
 }
 
 impl Node {
@@ -70,7 +72,13 @@ impl Node {
             connection_tasks: TaskTracker::new(),
             policy,
             draining: AtomicBool::new(false),
+            id: rand::random(),
         }))
+    }
+
+    /// The cluster-wide id of this node's connection `conn` (presence lists it as `client`).
+    pub(crate) fn client_id(&self, conn: crate::hub::ConnId) -> String {
+        format!("{:016x}-{conn}", self.id)
     }
 
     pub(crate) fn config(&self) -> &Config {

@@ -103,6 +103,8 @@ pub mod error_code {
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     /// `/ws` without a WebSocket upgrade (426).
     pub const UPGRADE_REQUIRED: &str = "upgrade_required";
+    /// Presence of a channel whose namespace has none (`presence = false`) (400).
+    pub const PRESENCE_NOT_ENABLED: &str = "presence_not_enabled";
     /// The node is draining: go to another (503).
     pub const SHUTTING_DOWN: &str = "shutting_down";
     /// `/readyz` of a node that does not take traffic (503).
@@ -246,6 +248,12 @@ pub enum Command<'a> {
     Ping {
         id: Option<u64>,
     },
+    /// Reads a channel's presence (members only unless `count_only`).
+    Presence {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+        count_only: bool,
+    },
     /// Authenticates the connection; only as the first command.
     Connect {
         id: Option<u64>,
@@ -266,6 +274,7 @@ impl Command<'_> {
             | Command::Unsubscribe { id, .. }
             | Command::Publish { id, .. }
             | Command::Ping { id }
+            | Command::Presence { id, .. }
             | Command::Connect { id, .. }
             | Command::Refresh { id, .. } => *id,
         }
@@ -293,6 +302,8 @@ struct RawCommand<'a> {
     idempotency_key: Option<Cow<'a, str>>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+    #[serde(default)]
+    count_only: bool,
 }
 
 /// Longest token accepted, in bytes.
@@ -371,6 +382,11 @@ impl<'a> Command<'a> {
                 })
             }
             "ping" => Ok(Command::Ping { id }),
+            "presence" => Ok(Command::Presence {
+                id,
+                channel: channel(raw.channel)?,
+                count_only: raw.count_only,
+            }),
             "connect" | "refresh" => {
                 let token = raw
                     .token

@@ -267,3 +267,60 @@ pub(crate) async fn history(node: &Arc<Node>, query: Option<&str>) -> Response<B
     body.put_slice(b"]}");
     response::json(StatusCode::OK, Bytes::from(body))
 }
+
+/// `GET /api/presence?channel=C[&count_only=true]`: who is in a channel, cluster-wide.
+pub(crate) async fn presence(node: &Arc<Node>, query: Option<&str>) -> Response<Body> {
+    match presence_query(query) {
+        Ok((channel, count_only)) => presence_answer(node, &channel, count_only).await,
+        Err(error) => response::error(error.status(), error.code, error.message),
+    }
+}
+
+/// The `channel` and `count_only` of a presence query (`/api/presence`, `/presence`).
+pub(crate) fn presence_query(query: Option<&str>) -> Result<(String, bool), ErrorBody> {
+    let (mut channel, mut count_only) = (None, false);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "channel" if channel.is_some() => {
+                return Err(ErrorBody::new(
+                    error_code::BAD_REQUEST,
+                    "give one `channel` per presence query",
+                ))
+            }
+            "channel" => channel = Some(value.into_owned()),
+            "count_only" => {
+                count_only = match &*value {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(ErrorBody::new(
+                            error_code::BAD_REQUEST,
+                            format!("`count_only` must be true or false, got {value:?}"),
+                        ))
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let channel = channel.ok_or_else(|| {
+        ErrorBody::new(
+            error_code::BAD_REQUEST,
+            "the `channel` query parameter is required",
+        )
+    })?;
+    check_channel(&channel)?;
+    Ok((channel, count_only))
+}
+
+/// The presence answer of a channel the caller may see, or its error.
+pub(crate) async fn presence_answer(
+    node: &Arc<Node>,
+    channel: &str,
+    count_only: bool,
+) -> Response<Body> {
+    match crate::presence::read(node, channel, count_only).await {
+        Ok(answer) => response::json(StatusCode::OK, answer.to_json()),
+        Err(error) => response::error(error.status(), error.code, error.message),
+    }
+}

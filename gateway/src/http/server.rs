@@ -434,6 +434,10 @@ enum Route {
     WebSocket(ws::Mode),
     Sse,
     Poll,
+    /// `GET /presence`: a client's presence query, permission-checked like `/sse`.
+    Presence,
+    /// `GET /api/presence`: the server API's.
+    ApiPresence,
 }
 
 /// Path → route. `gateway/src/http/openapi.json` documents each of them but the demo page, the
@@ -444,6 +448,7 @@ const ROUTES: &[(&str, Route)] = &[
     ("/metrics", Route::Metrics),
     ("/api/publish", Route::Publish),
     ("/api/history", Route::History),
+    ("/api/presence", Route::ApiPresence),
     ("/api/openapi.json", Route::OpenApi),
     ("/client.js", Route::ClientJs),
     ("/", Route::DemoPage),
@@ -451,6 +456,7 @@ const ROUTES: &[(&str, Route)] = &[
     ("/ws/echo", Route::WebSocket(ws::Mode::Echo)),
     ("/sse", Route::Sse),
     ("/poll", Route::Poll),
+    ("/presence", Route::Presence),
 ];
 
 impl Route {
@@ -520,6 +526,22 @@ async fn serve<B: RequestBody>(
             .expect("static parts are valid"),
         Route::Publish => api::publish(node, request).await,
         Route::History => api::history(node, request.uri().query()).await,
+        Route::ApiPresence => api::presence(node, request.uri().query()).await,
+        Route::Presence => {
+            let query = request.uri().query();
+            let (channel, count_only) = match api::presence_query(query) {
+                Ok(parsed) => parsed,
+                Err(e) => return response::error(e.status(), e.code, e.message),
+            };
+            // The token and the channel's permission, as a stream's; no connection is held.
+            let admission = match admit_stream(node, route, &request) {
+                Ok(admission) => admission,
+                Err(response) => return response,
+            };
+            let response = api::presence_answer(node, &channel, count_only).await;
+            drop(admission);
+            response
+        }
         Route::OpenApi => response::json(StatusCode::OK, openapi::document(node.config())),
         Route::ClientJs | Route::DemoPage => {
             let if_none_match = request
@@ -547,8 +569,14 @@ async fn serve<B: RequestBody>(
             poll::no_store(response)
         }
         Route::Sse => match admit_stream(node, route, &request) {
-            Ok(admission) => sse::open(node, request.uri().query(), request.headers(), client_ip)
-                .map(|body| guard::Expiring::wrap(node, body, admission)),
+            Ok(admission) => sse::open(
+                node,
+                request.uri().query(),
+                request.headers(),
+                client_ip,
+                admission.identity.as_ref(),
+            )
+            .map(|body| guard::Expiring::wrap(node, body, admission)),
             Err(response) => response,
         },
         Route::WebSocket(mode) => {

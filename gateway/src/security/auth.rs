@@ -14,7 +14,7 @@ use crate::config::AuthConfig;
 use crate::protocol::{error_code, ErrorBody};
 
 /// An authenticated client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Identity {
     /// The token's `sub`.
     pub user: Arc<str>,
@@ -22,6 +22,8 @@ pub struct Identity {
     pub channels: Option<Vec<String>>,
     /// The token's `exp`, in seconds since the Unix epoch.
     pub expires_at: Option<u64>,
+    /// The token's `info` claim (any JSON), shown with the connection in presence.
+    pub info: Option<Arc<serde_json::value::RawValue>>,
 }
 
 impl Identity {
@@ -30,7 +32,14 @@ impl Identity {
             user,
             channels,
             expires_at,
+            info: None,
         }
+    }
+
+    /// The identity with the token's `info` claim.
+    pub fn with_info(mut self, info: Option<Box<serde_json::value::RawValue>>) -> Self {
+        self.info = info.map(Arc::from);
+        self
     }
 
     /// Whether the token's `channels` claim lists `channel` (no claim lists nothing).
@@ -113,6 +122,9 @@ struct Claims {
     nbf: Option<u64>,
     #[serde(default)]
     channels: Option<Vec<String>>,
+    /// Shown with the connection in presence (any JSON).
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Largest `auth.jwt_leeway` the verifier uses, in seconds: jsonwebtoken adds it to the current
@@ -254,7 +266,7 @@ impl Verifier {
                     if c.sub.is_empty() {
                         return Err(AuthError::Invalid("empty `sub`".into()));
                     }
-                    return Ok(Identity::new(c.sub.into(), c.channels, c.exp));
+                    return Ok(Identity::new(c.sub.into(), c.channels, c.exp).with_info(c.info));
                 }
                 Err(e) => match e.kind() {
                     // The signature matched: the claims are wrong whatever other key we try.

@@ -277,6 +277,11 @@ impl Guard {
         }
     }
 
+    /// Who the connection is, once authenticated.
+    pub(crate) fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
     /// Whether the connection, with its current token, may subscribe to `channel`.
     pub(crate) fn may_subscribe(&self, channel: &str) -> bool {
         self.node
@@ -380,7 +385,8 @@ impl Guard {
                 }
                 self.authenticate(id, token, true)
             }
-            Command::Subscribe { channel, .. } => {
+            // Who is in a channel is shown to those who may subscribe to it.
+            Command::Subscribe { channel, .. } | Command::Presence { channel, .. } => {
                 if let Err(e) = namespaces.check(Action::Subscribe, channel, self.identity.as_ref())
                 {
                     self.node.count_auth(e.code);

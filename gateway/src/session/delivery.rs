@@ -51,6 +51,9 @@ pub(crate) enum Output {
     History(Arc<Publication>),
     /// A publication delivered live, as fanned out.
     Live(Arc<Publication>),
+    /// A presence event (join or leave) of a subscribed channel, in its place among the
+    /// channel's publications; it moves no position.
+    Presence(Arc<Publication>),
     /// The channel's stream could not be continued: what was missed is lost. Delivery goes on
     /// after `offset` of `epoch`.
     Reset {
@@ -128,6 +131,9 @@ pub(crate) enum Effect {
     },
     /// The subscription ended without an unsubscribe command: leave the hub.
     LeaveHub(Arc<str>),
+    /// The subscription is set up (its `subscribed` result is out): the connection is now a
+    /// member of the channel.
+    Joined(Arc<str>),
     /// A resume was decided, for `gateway_resumes_total`.
     Resumed {
         recovered: bool,
@@ -159,6 +165,43 @@ struct Subscription {
     /// The `since` of the catch-up read in flight.
     reading_since: u64,
     state: State,
+    /// Presence events that arrived while not live, held until delivery passes the
+    /// publication each follows (at most [`HELD_EVENTS`]; they are at-most-once).
+    held_events: Vec<Arc<Publication>>,
+}
+
+/// Presence events a subscription holds while catching up; later ones are dropped.
+const HELD_EVENTS: usize = 64;
+
+impl Subscription {
+    /// Writes the held presence events that follow publications delivered already.
+    fn release_events(&mut self, out: &mut Vec<Output>) {
+        if self.held_events.is_empty() {
+            return;
+        }
+        let (epoch, delivered) = (&self.epoch, self.delivered);
+        let newer = self.newer_epoch.as_ref();
+        let mut kept = Vec::new();
+        for event in self.held_events.drain(..) {
+            let ahead = event.epoch == *epoch && event.offset > delivered;
+            if ahead || newer == Some(&event.epoch) {
+                kept.push(event);
+            } else {
+                out.push(Output::Presence(event));
+            }
+        }
+        self.held_events = kept;
+    }
+
+    /// Whether the subscription is set up: its first read landed and was answered.
+    fn is_set_up(&self) -> bool {
+        !matches!(self.state, State::Subscribing { .. })
+    }
+
+    /// Writes every held presence event (the subscription went live).
+    fn release_all_events(&mut self, out: &mut Vec<Output>) {
+        out.extend(self.held_events.drain(..).map(Output::Presence));
+    }
 }
 
 /// The subscriptions of one session and the rule that delivers each channel exactly once, in
@@ -298,17 +341,19 @@ impl Deliveries {
             newer_epoch: None,
             reading_since: 0,
             state: State::Subscribing { live_max: 0 },
+            held_events: Vec::new(),
         };
         self.subs.insert(channel.clone(), sub);
         Ok(gen)
     }
 
     /// Ends a subscription at once; reads still in flight for it are ignored when they land.
-    pub(crate) fn unsubscribe(&mut self, channel: &str) -> Result<(), ErrorBody> {
+    /// Returns whether it was set up ([`Effect::Joined`] was issued for it).
+    pub(crate) fn unsubscribe(&mut self, channel: &str) -> Result<bool, ErrorBody> {
         match self.subs.remove(channel) {
             Some(sub) => {
                 self.forget(&sub);
-                Ok(())
+                Ok(sub.is_set_up())
             }
             None => Err(ErrorBody::new(
                 error_code::NOT_SUBSCRIBED,
@@ -317,13 +362,14 @@ impl Deliveries {
         }
     }
 
-    /// Ends every subscription; returns their channels (the session is going away).
-    pub(crate) fn unsubscribe_all(&mut self) -> Vec<Arc<str>> {
+    /// Ends every subscription; returns their channels and whether each was set up (the
+    /// session is going away).
+    pub(crate) fn unsubscribe_all(&mut self) -> Vec<(Arc<str>, bool)> {
         let subs = std::mem::take(&mut self.subs);
         subs.into_iter()
             .map(|(channel, sub)| {
                 self.forget(&sub);
-                channel
+                (channel, sub.is_set_up())
             })
             .collect()
     }
@@ -352,6 +398,9 @@ impl Deliveries {
     }
 
     fn on_live(&mut self, p: Arc<Publication>, out: &mut Vec<Output>, effects: &mut Vec<Effect>) {
+        if !p.is_publication() {
+            return self.on_presence_event(p, out, effects);
+        }
         let Some(sub) = self.subs.get_mut(&*p.channel) else {
             return;
         };
@@ -401,6 +450,46 @@ impl Deliveries {
                         since: sub.delivered,
                         retry: false,
                     });
+                }
+            }
+        }
+    }
+
+    /// A join or leave: written once the publication it follows is delivered. Live, it is
+    /// normally delivered at once; one that follows a publication not delivered yet reveals a
+    /// gap, read like any other, and waits for it.
+    fn on_presence_event(
+        &mut self,
+        event: Arc<Publication>,
+        out: &mut Vec<Output>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(sub) = self.subs.get_mut(&*event.channel) else {
+            return;
+        };
+        let ahead = event.epoch == sub.epoch && event.offset > sub.delivered;
+        match &mut sub.state {
+            State::Live if !ahead => out.push(Output::Presence(event)),
+            State::Live => {
+                sub.state = State::CatchingUp {
+                    live_max: event.offset,
+                };
+                self.catching_up += 1;
+                sub.reading_since = sub.delivered;
+                effects.push(Effect::Fetch {
+                    gen: sub.gen,
+                    channel: event.channel.clone(),
+                    since: sub.delivered,
+                    retry: false,
+                });
+                sub.held_events.push(event);
+            }
+            State::Subscribing { live_max } | State::CatchingUp { live_max } => {
+                if event.epoch == *sub.newer_epoch.as_ref().unwrap_or(&sub.epoch) {
+                    *live_max = (*live_max).max(event.offset);
+                }
+                if sub.held_events.len() < HELD_EVENTS {
+                    sub.held_events.push(event);
                 }
             }
         }
@@ -459,6 +548,7 @@ impl Deliveries {
         sub.epoch = page.epoch.clone();
         sub.delivered = resume.continue_after;
         sub.tag = resume.tag;
+        effects.push(Effect::Joined(channel.clone()));
         out.push(Output::Subscribed {
             id,
             start: (resume.continue_after, resume.tag),
@@ -472,7 +562,7 @@ impl Deliveries {
             },
         });
         let more = resume.deliver_page && deliver_page(sub, &channel, &page, self.page_size, out);
-        self.continue_or_go_live(channel, more, live_max, false, effects);
+        self.continue_or_go_live(channel, more, live_max, false, out, effects);
     }
 
     fn on_page(
@@ -541,7 +631,7 @@ impl Deliveries {
         let before = (sub.delivered, out.len());
         let more = deliver_page(sub, &channel, &page, self.page_size, out);
         let progressed = (sub.delivered, out.len()) != before;
-        self.continue_or_go_live(channel, more, live_max, !progressed, effects);
+        self.continue_or_go_live(channel, more, live_max, !progressed, out, effects);
     }
 
     /// After a page: read the next one while history or live traffic is ahead, else go live.
@@ -552,6 +642,7 @@ impl Deliveries {
         more: bool,
         live_max: u64,
         retry: bool,
+        out: &mut Vec<Output>,
         effects: &mut Vec<Effect>,
     ) {
         let Some(sub) = self.subs.get_mut(&channel) else {
@@ -582,6 +673,7 @@ impl Deliveries {
                 self.catching_up -= 1;
             }
             sub.state = State::Live;
+            sub.release_all_events(out);
         }
     }
 }
@@ -613,11 +705,13 @@ fn deliver_page(
     }
     for p in &page.publications {
         if p.offset == sub.delivered + 1 {
+            sub.release_events(out);
             sub.delivered = p.offset;
             sub.tag = Some(p.tag);
             out.push(Output::History(p.clone()));
         }
     }
+    sub.release_events(out);
     page.publications.len() >= page_size && sub.delivered < page.top
 }
 
@@ -656,6 +750,8 @@ mod tests {
         StalePage(&'static str, u64, &'static [u64]),
         /// A live publication of `c`: epoch, offset.
         Live(&'static str, u64),
+        /// A join of `c` following the publication at `after`: epoch, after.
+        Join(&'static str, u64),
         Unsub,
         /// Records the position of `c` and the catching-up count.
         At,
@@ -696,6 +792,7 @@ mod tests {
             Output::SubscribeFailed { error, .. } => format!("failed {}", error.code),
             Output::History(p) => format!("history {}", p.offset),
             Output::Live(p) => format!("live {}", p.offset),
+            Output::Presence(p) => format!("join after {}", p.offset),
             Output::Reset {
                 epoch,
                 offset,
@@ -717,6 +814,7 @@ mod tests {
             } => format!("retry {since}"),
             Effect::ReadFromStart { .. } => "read from start".into(),
             Effect::LeaveHub(_) => "leave".into(),
+            Effect::Joined(_) => "joined".into(),
             Effect::Resumed {
                 recovered: true, ..
             } => "resumed".into(),
@@ -780,7 +878,7 @@ mod tests {
                 StalePage(epoch, top, offsets) => {
                     Some((false, gen - 1, page(epoch, *top, offsets)))
                 }
-                Live(..) | Unsub | At => None,
+                Live(..) | Join(..) | Unsub | At => None,
             };
             let (mut out, mut effects) = (Vec::new(), Vec::new());
             match (step, input) {
@@ -807,6 +905,16 @@ mod tests {
                     let input = Input::Live(publication(epoch, *offset));
                     deliveries.apply(input, &mut out, &mut effects);
                 }
+                (Join(epoch, after), None) => {
+                    let event = Publication::presence_event(
+                        backplane::Kind::Join,
+                        CHANNEL.into(),
+                        (*epoch).into(),
+                        *after,
+                        b"{\"client\":\"x\",\"user\":null}",
+                    );
+                    deliveries.apply(Input::Live(Arc::new(event)), &mut out, &mut effects);
+                }
                 (Unsub, None) => {
                     if let Err(e) = deliveries.unsubscribe(CHANNEL) {
                         lines.push(format!("refused {}", e.code));
@@ -824,13 +932,120 @@ mod tests {
                 _ => {}
             }
             lines.extend(out.iter().map(describe_output));
-            lines.extend(effects.iter().map(describe_effect));
+            // `joined` follows every `subscribed`: asserted once, in `presence_event_cases`.
+            lines.extend(
+                effects
+                    .iter()
+                    .map(describe_effect)
+                    .filter(|line| line != "joined" || name.starts_with("presence")),
+            );
             assert_eq!(lines, *expected, "case `{name}`, step {i}");
         }
     }
 
     fn failed() -> Result<HistoryPage, BackplaneError> {
         Err(BackplaneError::Unavailable("down".into()))
+    }
+
+    #[test]
+    fn presence_event_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "presence: live events go out in place",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5", "joined"]),
+                    (Join("e1", 5), &["join after 5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Join("e1", 6), &["join after 6"]),
+                    (Join("e0", 9), &["join after 9"]),
+                ],
+            ),
+            (
+                "presence: an event ahead of delivery reveals a gap",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5", "joined"]),
+                    (Join("e1", 7), &["fetch 5"]),
+                    (
+                        Page("e1", 7, &[6, 7]),
+                        &["history 6", "history 7", "join after 7"],
+                    ),
+                    (Live("e1", 8), &["live 8"]),
+                ],
+            ),
+            (
+                "presence: events held while catching up keep their place",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5", "joined"]),
+                    (Live("e1", 8), &["fetch 5"]),
+                    (Join("e1", 6), &[]),
+                    (Join("e1", 8), &[]),
+                    (
+                        Page("e1", 8, &[6, 7, 8]),
+                        &[
+                            "history 6",
+                            "join after 6",
+                            "history 7",
+                            "history 8",
+                            "join after 8",
+                        ],
+                    ),
+                ],
+            ),
+            (
+                "presence: events while subscribing follow the subscribed result",
+                &[
+                    (Sub(None), &[]),
+                    (Join("e1", 5), &[]),
+                    (
+                        First("e1", 5, &[]),
+                        &["subscribed e1@5", "join after 5", "joined"],
+                    ),
+                ],
+            ),
+            (
+                "presence: a resume delivers events after the publications they follow",
+                &[
+                    (Sub(Some(("e1", 2))), &[]),
+                    (Join("e1", 3), &[]),
+                    (
+                        First("e1", 4, &[3, 4]),
+                        &[
+                            "subscribed e1@4 recovered",
+                            "history 3",
+                            "join after 3",
+                            "history 4",
+                            "resumed",
+                            "joined",
+                        ],
+                    ),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
+    }
+
+    #[test]
+    fn unsubscribe_tells_whether_the_subscription_was_set_up() {
+        let mut deliveries = Deliveries::new(PAGE_SIZE, 2);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        deliveries.subscribe(&a).unwrap();
+        let gen = deliveries.subscribe(&b).unwrap();
+        let input = Input::Subscribed {
+            gen,
+            channel: b.clone(),
+            id: None,
+            since: None,
+            from_start: false,
+            page: page("e1", 1, &[]),
+        };
+        deliveries.apply(input, &mut Vec::new(), &mut Vec::new());
+        assert_eq!(deliveries.unsubscribe("a"), Ok(false), "still subscribing");
+        assert_eq!(deliveries.unsubscribe("b"), Ok(true));
     }
 
     #[test]

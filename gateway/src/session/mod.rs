@@ -19,10 +19,12 @@ use futures_util::FutureExt;
 use crate::cursor::Cursor;
 use crate::hub::ConnId;
 use crate::node::Node;
+use crate::presence::{self, Who};
 use crate::protocol::{
     backplane_error, error_code, reply_err, reply_ok, Command, CommandError, ErrorBody,
 };
 use crate::queue::{outbound, QueueReceiver, QueueSender};
+use crate::security::auth::Identity;
 pub(crate) use crate::session::delivery::Output;
 use crate::session::delivery::{Deliveries, Effect, Input};
 
@@ -44,6 +46,8 @@ pub(crate) enum Completion {
         id: Option<u64>,
         result: Result<PublishAck, BackplaneError>,
     },
+    /// A command answered by a read (`presence`): its reply.
+    Replied(Bytes),
 }
 
 /// The transport-independent state of one client connection.
@@ -59,6 +63,11 @@ pub(crate) struct Session {
     /// The client's address when each subscribe is charged for fresh channels ([`fresh`]);
     /// `None` when the transport charged the whole request up front (SSE, long-poll).
     charged_ip: Option<IpAddr>,
+    /// Who the connection is, once it authenticated (presence shows it).
+    who: Option<Box<Who>>,
+    /// Whether the session's subscriptions make it a presence member (not a long-poll's, which
+    /// holds no connection between polls).
+    member: bool,
 }
 
 impl Session {
@@ -73,7 +82,26 @@ impl Session {
             queue,
             pending: None,
             charged_ip: None,
+            who: None,
+            member: true,
         }
+    }
+
+    /// Records who the connection is (after `connect`, or from the request's token); presence
+    /// entries made from now on show it.
+    pub(crate) fn identify(&mut self, identity: Option<&Identity>) {
+        self.who = identity.map(|i| {
+            Box::new(Who {
+                user: i.user.clone(),
+                info: i.info.clone(),
+            })
+        });
+    }
+
+    /// A session whose subscriptions are not presence members (a long-poll).
+    pub(crate) fn not_a_member(mut self) -> Self {
+        self.member = false;
+        self
     }
 
     /// Charges every later subscribe to a fresh channel to `ip` (WebSocket: one command at a
@@ -232,10 +260,35 @@ impl Session {
     /// Ends a subscription at once.
     pub(crate) fn unsubscribe(&mut self, channel: &str) -> Result<(), ErrorBody> {
         let catching_up = self.deliveries.catching_up();
-        self.deliveries.unsubscribe(channel)?;
+        let was_member = self.deliveries.unsubscribe(channel)?;
         self.count_catching_up(catching_up);
         self.leave_hub(channel);
+        if was_member {
+            self.leave_presence(channel);
+        }
         Ok(())
+    }
+
+    /// The connection became a member of the channel: enters its presence if it keeps any.
+    fn join_presence(&self, channel: &str) {
+        let (presence, announce) = presence::settings(&self.node, channel);
+        if presence && self.member {
+            let member = presence::member(&self.node, self.conn, self.who.as_deref());
+            self.node
+                .backplane()
+                .presence_join(channel, member, announce);
+        }
+    }
+
+    /// The connection is no longer a member of the channel.
+    fn leave_presence(&self, channel: &str) {
+        let (presence, announce) = presence::settings(&self.node, channel);
+        if presence && self.member {
+            let client = self.node.client_id(self.conn);
+            self.node
+                .backplane()
+                .presence_leave(channel, &client, announce);
+        }
     }
 
     /// Whether the session holds a subscription (one still subscribing included).
@@ -308,6 +361,25 @@ impl Session {
                 idempotency_key.map(|k| k.into_owned()),
             ),
             Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
+            Command::Presence {
+                id,
+                channel,
+                count_only,
+            } => {
+                let node = self.node.clone();
+                let channel = channel.into_owned();
+                self.pending().push(
+                    async move {
+                        Completion::Replied(
+                            match presence::read(&node, &channel, count_only).await {
+                                Ok(answer) => reply_ok(id, &answer),
+                                Err(error) => reply_err(id, &error),
+                            },
+                        )
+                    }
+                    .boxed(),
+                );
+            }
             // Answered by the guard.
             Command::Connect { .. } | Command::Refresh { .. } => {}
         }
@@ -413,6 +485,10 @@ impl Session {
                 }));
                 return;
             }
+            Event::Done(Completion::Replied(reply)) => {
+                out.push(Output::Reply(reply));
+                return;
+            }
         };
         if let Input::Page {
             channel,
@@ -442,6 +518,7 @@ impl Session {
                     since,
                 } => self.read_from_start(gen, channel, id, since),
                 Effect::LeaveHub(channel) => self.leave_hub(&channel),
+                Effect::Joined(channel) => self.join_presence(&channel),
                 Effect::Resumed { recovered, reason } => {
                     self.node.count_resumes(recovered, reason, 1);
                 }
@@ -502,8 +579,11 @@ impl Drop for Session {
         let catching_up = self.deliveries.catching_up();
         let channels = self.deliveries.unsubscribe_all();
         self.count_catching_up(catching_up);
-        for channel in channels {
+        for (channel, was_member) in channels {
             self.leave_hub(&channel);
+            if was_member {
+                self.leave_presence(&channel);
+            }
         }
     }
 }

@@ -139,7 +139,8 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
     let deadline = tokio::time::Instant::now() + request.timeout;
     // Registered like a stream, so a drain answers waiting polls at once instead of at timeout.
     let registration = node.streams().register();
-    let mut session = Session::new(node.clone(), registration.id());
+    // A poll receives joins and leaves but is no member: it holds no connection between polls.
+    let mut session = Session::new(node.clone(), registration.id()).not_a_member();
     let starts = session.subscribe_from_cursor(&request.channels, &request.cursor);
     let missing_position = starts.iter().any(Option::is_none);
     let mut out = Vec::new();
@@ -224,7 +225,7 @@ fn has_data(outputs: &[Output]) -> bool {
     outputs.iter().any(|o| {
         matches!(
             o,
-            Output::History(_) | Output::Live(_) | Output::Reset { .. }
+            Output::History(_) | Output::Live(_) | Output::Presence(_) | Output::Reset { .. }
         )
     })
 }
@@ -285,7 +286,7 @@ fn encode(
     let size: usize = delivered
         .iter()
         .map(|o| match o {
-            Output::History(p) | Output::Live(p) => p.json().len() + 1,
+            Output::History(p) | Output::Live(p) | Output::Presence(p) => p.json().len() + 1,
             _ => 0,
         })
         .sum();
@@ -304,7 +305,7 @@ fn encode(
     let mut first = true;
     for output in delivered {
         let event = match output {
-            Output::History(p) | Output::Live(p) => p.json().clone(),
+            Output::History(p) | Output::Live(p) | Output::Presence(p) => p.json().clone(),
             other => match other.reset_push() {
                 Some(push) => push,
                 None => continue,

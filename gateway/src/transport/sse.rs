@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backplane::Kind;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{header, HeaderMap, Response, StatusCode};
@@ -17,6 +18,7 @@ use crate::drain::{reconnect_hint, Registration};
 use crate::http::response::{self, Body};
 use crate::node::Node;
 use crate::protocol::{error_code, Reset, SubscribeResult};
+use crate::security::auth::Identity;
 use crate::security::guard::too_many;
 use crate::session::fresh;
 use crate::session::{oldest_live, Output, Session};
@@ -32,6 +34,7 @@ pub(crate) fn open(
     query: Option<&str>,
     headers: &HeaderMap,
     client_ip: IpAddr,
+    identity: Option<&Identity>,
 ) -> Response<Body> {
     if !accepts_event_stream(headers) {
         return response::error(
@@ -67,6 +70,7 @@ pub(crate) fn open(
 
     let registration = node.streams().register();
     let mut session = Session::new(node.clone(), registration.id());
+    session.identify(identity);
     session.subscribe_from_cursor(&channels, &cursor);
 
     let (tx, body) = body_channel(64);
@@ -263,6 +267,16 @@ impl SseStream {
                         offset,
                         reason,
                     } => self.emit_reset(&channel, &epoch, offset, reason).await?,
+                    // Named events without an id: they move no position, and a plain
+                    // `onmessage` handler sees publications only.
+                    Output::Presence(event) => {
+                        let name = match event.kind {
+                            Kind::Join => "join",
+                            _ => "leave",
+                        };
+                        self.send_event(Some(name), false, event.json().clone())
+                            .await?
+                    }
                     Output::Reply(_)
                     | Output::Subscribed { .. }
                     | Output::SubscribeFailed { .. } => {}

@@ -316,7 +316,10 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     async fn serve(&mut self, mode: Mode) {
         let conn = self.registration.id();
         let mut session = (mode == Mode::Protocol).then(|| {
-            Session::new(self.node.clone(), conn).charge_fresh_channels_to(self.client_ip)
+            let mut session =
+                Session::new(self.node.clone(), conn).charge_fresh_channels_to(self.client_ip);
+            session.identify(self.guard.identity());
+            session
         });
         let mut out: Vec<Output> = Vec::new();
         let end = loop {
@@ -480,6 +483,9 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                             Ok(())
                         }
                         Verdict::Reply(reply) => {
+                            if matches!(parsed, Ok(Command::Connect { .. })) {
+                                session.identify(self.guard.identity());
+                            }
                             out.push(Output::Reply(reply));
                             Ok(())
                         }
@@ -547,6 +553,10 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     // Compressed once per publication and window size, shared by all.
                     let compressed = deflate.and_then(|d| deflate::shared(&p, d));
                     (p.json().clone(), compressed)
+                }
+                Output::Presence(event) => {
+                    let compressed = deflate.and_then(|d| deflate::shared(&event, d));
+                    (event.json().clone(), compressed)
                 }
                 other => {
                     let text = match other {
