@@ -36,6 +36,30 @@ export interface Unsubscribed {
   reason: 'permission_revoked' | string;
 }
 
+/** One member of a channel's presence: a connection. */
+export interface Member {
+  client: string;
+  /** The token's `sub`; null for an anonymous connection. */
+  user: string | null;
+  /** The token's `info` claim, when it has one. */
+  info?: unknown;
+}
+
+/** A channel's presence (`clients` absent for a count-only read). */
+export interface PresenceResult {
+  channel: string;
+  count: number;
+  users: number;
+  clients?: Member[];
+}
+
+/** A member joined or left a channel (namespaces with `join_leave`). */
+export interface PresenceEvent {
+  channel: string;
+  join?: Member;
+  leave?: Member;
+}
+
 export interface PublishAck {
   channel: string;
   offset: number;
@@ -84,6 +108,8 @@ export interface ClientOptions {
   WebSocket?: unknown;
   EventSource?: unknown;
   fetch?: typeof globalThis.fetch;
+  /** A connection JWT, or a function returning the current one (sent as `?token=`). */
+  token?: string | (() => string | null | undefined);
   /** Source of randomness for the backoff jitter (default Math.random). */
   random?: () => number;
 }
@@ -93,6 +119,10 @@ export interface ClientEvents {
   reset: Reset;
   unsubscribed: Unsubscribed;
   position: { channel: string } & Position;
+  join: PresenceEvent;
+  leave: PresenceEvent;
+  /** The server ended the client for good (4010 with `reconnect: false`). */
+  closed: { code: number; reason?: string };
   error: Error;
 }
 
@@ -116,8 +146,15 @@ export declare class Client {
   subscribe<T = unknown>(
     channel: string,
     handler: (publication: Publication<T>) => void,
-    options?: { onReset?: (reset: Reset) => void; onUnsubscribed?: (ended: Unsubscribed) => void },
+    options?: {
+      onReset?: (reset: Reset) => void;
+      onUnsubscribed?: (ended: Unsubscribed) => void;
+      onJoin?: (member: Member, event: PresenceEvent) => void;
+      onLeave?: (member: Member, event: PresenceEvent) => void;
+    },
   ): Subscription;
+  /** Who is in `channel` (over the WebSocket when open, else `GET /presence`). */
+  presence(channel: string, options?: { countOnly?: boolean }): Promise<PresenceResult>;
   /** Removes every handler of `channel` and forgets its position. */
   unsubscribe(channel: string): void;
   position(channel: string): Position | null;

@@ -210,7 +210,7 @@ class WebSocketTransport {
 
   start() {
     const Ws = this.client.options.WebSocket || globalThis.WebSocket;
-    const url = `${this.endpoint.replace(/^http/, 'ws')}/ws`;
+    const url = `${this.endpoint.replace(/^http/, 'ws')}/ws${this.client._tokenQuery('?')}`;
     const ws = new Ws(url);
     this.ws = ws;
     ws.onopen = () => {
@@ -240,6 +240,8 @@ class WebSocketTransport {
       this.client._reset(msg.reset);
     } else if (msg.unsubscribed) {
       this.client._unsubscribed(msg.unsubscribed);
+    } else if (msg.join || msg.leave) {
+      this.client._presenceEvent(msg);
     } else if (msg.channel !== undefined && msg.offset !== undefined) {
       this.client._publication(msg);
     }
@@ -279,6 +281,12 @@ class WebSocketTransport {
     this.request({ op: 'unsubscribe', channel }).catch(() => {});
   }
 
+  /** Reads presence over the socket; `null` when the socket is not open (the client uses HTTP). */
+  presence(channel, countOnly) {
+    if (!this.open) return null;
+    return this.request({ op: 'presence', channel, count_only: countOnly });
+  }
+
   /** Publishes over the socket; `null` when the socket is not open (the client uses HTTP). */
   publish(channel, data, key) {
     if (!this.open) return null;
@@ -295,6 +303,16 @@ class WebSocketTransport {
     }
     this.pending.clear();
     let reconnectMs = null;
+    let final = null;
+    if (code >= 4000) {
+      // `{"reason":…, "reconnect":false}`: the server wants this client gone (4010).
+      try {
+        const why = JSON.parse(reason);
+        if (why && why.reconnect === false) final = { code, reason: why.reason };
+      } catch {
+        // A plain-text reason: reconnect as usual.
+      }
+    }
     if (code === 1001) {
       try {
         const hint = JSON.parse(reason);
@@ -303,7 +321,7 @@ class WebSocketTransport {
         reconnectMs = 0;
       }
     }
-    this.client._closed(this, { wasOpen, draining: code === 1001, reconnectMs });
+    this.client._closed(this, { wasOpen, draining: code === 1001, reconnectMs, final });
   }
 
   close() {
@@ -349,7 +367,7 @@ class SseTransport {
     const positions = channels.map((c) => [c, this.client.positions.get(c)]);
     const since = new Map(positions);
     const cursor = encodeCursor(positions);
-    let url = `${this.endpoint}/sse?${channelQuery(channels)}`;
+    let url = `${this.endpoint}/sse?${channelQuery(channels)}${this.client._tokenQuery('&')}`;
     if (cursor) url += `&last_event_id=${cursor}`;
     const source = new Es(url);
     this.source = source;
@@ -367,6 +385,21 @@ class SseTransport {
     });
     source.addEventListener('message', (event) => {
       if (this.source === source) this.client._publication(JSON.parse(event.data));
+    });
+    for (const name of ['join', 'leave']) {
+      source.addEventListener(name, (event) => {
+        if (this.source === source) this.client._presenceEvent(JSON.parse(event.data));
+      });
+    }
+    source.addEventListener('disconnect', (event) => {
+      if (this.source !== source) return;
+      let why = {};
+      try {
+        why = JSON.parse(event.data);
+      } catch {
+        // Not ours.
+      }
+      if (why.reconnect === false) this.finish({ code: 4010, reason: why.reason });
     });
     source.addEventListener('error', (event) => {
       if (this.source !== source) return;
@@ -397,14 +430,18 @@ class SseTransport {
     return null;
   }
 
-  finish() {
+  presence() {
+    return null;
+  }
+
+  finish(final = null) {
     if (this.done) return;
     this.done = true;
     if (this.source) this.source.close();
     this.source = null;
     const wasOpen = this.open;
     this.open = false;
-    this.client._closed(this, { wasOpen, draining: false, reconnectMs: null });
+    this.client._closed(this, { wasOpen, draining: false, reconnectMs: null, final });
   }
 
   close() {
@@ -445,7 +482,7 @@ class PollTransport {
       this.abort = controller;
       const timeout = this.client.options.pollTimeout;
       const cursor = encodeCursor(channels.map((c) => [c, this.client.positions.get(c)]));
-      let url = `${this.endpoint}/poll?${channelQuery(channels)}&timeout=${timeout}`;
+      let url = `${this.endpoint}/poll?${channelQuery(channels)}&timeout=${timeout}${this.client._tokenQuery('&')}`;
       if (cursor) url += `&cursor=${cursor}`;
       const guard = setTimeout(() => controller.abort(), timeout * 1000 + this.client.options.connectTimeoutMs);
       let answer;
@@ -496,6 +533,7 @@ class PollTransport {
     }
     for (const event of answer.events) {
       if (event.reset) this.client._reset(event.reset);
+      else if (event.join || event.leave) this.client._presenceEvent(event);
       else this.client._publication(event);
     }
     // The answer's positions are what the server delivered; they agree with ours unless a
@@ -525,6 +563,10 @@ class PollTransport {
 
   unsubscribe() {
     this.restart();
+  }
+
+  presence() {
+    return null;
   }
 
   publish() {
@@ -563,6 +605,11 @@ const TRANSPORT_CLASSES = { websocket: WebSocketTransport, sse: SseTransport, po
  * - `unsubscribed`: `{channel, reason}`: the server ended the subscription (e.g.
  *   `permission_revoked` after a `refresh` whose token no longer allows the channel); its
  *   handlers are removed and it is not resubscribed.
+ * - `join`, `leave`: `{channel, join|leave: {client, user, info?}}` of channels whose namespace
+ *   announces members (`join_leave`); also handed to the subscription's `onJoin`/`onLeave`.
+ *   At most once: across a reconnect some may be missed, so read `presence()` again then.
+ * - `closed`: `{code, reason}` when the server ended the client for good (4010: the user was
+ *   disconnected by the backend); it does not reconnect.
  * - `position`: `{channel, epoch, offset}` after each publication handed to the application.
  * - `error`: a `GatewayError` the application may want to know about.
  */
@@ -622,9 +669,9 @@ export class Client {
    * data}`), exactly once and in order across reconnects. Resumes from a stored position if the
    * client persists positions. Returns `{unsubscribe()}`.
    */
-  subscribe(channel, handler, { onReset, onUnsubscribed } = {}) {
+  subscribe(channel, handler, { onReset, onUnsubscribed, onJoin, onLeave } = {}) {
     if (typeof handler !== 'function') throw new TypeError('subscribe needs a handler function');
-    const entry = { handler, onReset, onUnsubscribed };
+    const entry = { handler, onReset, onUnsubscribed, onJoin, onLeave };
     const isNew = !this.handlers.has(channel);
     if (isNew) this.handlers.set(channel, new Set());
     this.handlers.get(channel).add(entry);
@@ -693,6 +740,31 @@ export class Client {
     return body;
   }
 
+  /**
+   * Who is in `channel` (its namespace must keep presence): resolves with `{channel, count,
+   * users, clients: [{client, user, info?}]}` (no `clients` with `{countOnly: true}`). Over the
+   * WebSocket when it is open, else `GET /presence`.
+   */
+  async presence(channel, { countOnly = false } = {}) {
+    const overSocket = this.transport && this.transport.presence(channel, countOnly);
+    if (overSocket) return overSocket;
+    const { endpoint } = this.plan[this.planIndex];
+    const query = `channel=${encodeURIComponent(channel)}${countOnly ? '&count_only=true' : ''}`;
+    const response = await this._fetch(`${endpoint}/presence?${query}${this._tokenQuery('&')}`, { cache: 'no-store' });
+    const body = await response.json().catch(() => null);
+    if (!response.ok) {
+      const error = body && body.error ? body.error : { code: `http_${response.status}` };
+      throw new GatewayError(error.code, error.message, response.status);
+    }
+    return body;
+  }
+
+  /** `token=…` for a URL (after `sep`), or nothing without a token. */
+  _tokenQuery(sep) {
+    const token = typeof this.options.token === 'function' ? this.options.token() : this.options.token;
+    return token ? `${sep}token=${encodeURIComponent(token)}` : '';
+  }
+
   _fetch(url, init) {
     const f = this.options.fetch || globalThis.fetch;
     return f(url, init);
@@ -738,10 +810,18 @@ export class Client {
     this._setState('connected');
   }
 
-  _closed(t, { wasOpen, draining, reconnectMs }) {
+  _closed(t, { wasOpen, draining, reconnectMs, final }) {
     clearTimeout(t.connectGuard);
     if (t !== this.transport || this.closedByUser) return;
     this.transport = null;
+    if (final) {
+      // The server said not to come back (e.g. 4010: disconnected by the backend).
+      this.closedByUser = true;
+      clearTimeout(this.timer);
+      this._setState('closed', final);
+      this._emit('closed', final);
+      return;
+    }
     const perTransport = this.endpoints.length;
     let delay;
     if (draining) {
@@ -806,6 +886,24 @@ export class Client {
     this._emit('unsubscribed', ended);
   }
 
+  /** A join or leave of a subscribed channel: to its `onJoin`/`onLeave`, then `join`/`leave`. */
+  _presenceEvent(event) {
+    const entries = this.handlers.get(event.channel);
+    if (!entries) return;
+    const kind = event.join ? 'join' : 'leave';
+    const hook = kind === 'join' ? 'onJoin' : 'onLeave';
+    for (const entry of entries) {
+      if (entry[hook]) {
+        try {
+          entry[hook](event[kind], event);
+        } catch (e) {
+          this._emit('error', e);
+        }
+      }
+    }
+    this._emit(kind, event);
+  }
+
   _resetTo(reset) {
     for (const entry of this.handlers.get(reset.channel) || []) {
       if (entry.onReset) {
@@ -844,7 +942,8 @@ export class Client {
  * Options: `transports` (fallback order, default `['websocket', 'sse', 'poll']`), `backoff`
  * (`{initialMs: 500, maxMs: 15000}`), `persist` (`'session'`, `'local'`, a Storage, or false),
  * `storageKey`, `pollTimeout` (seconds, default 25), `publishRetries` (3), `connectTimeoutMs`
- * (10000); `WebSocket`, `EventSource`, `fetch` to supply implementations.
+ * (10000), `token` (a connection JWT, or a function returning the current one, sent as
+ * `?token=`); `WebSocket`, `EventSource`, `fetch` to supply implementations.
  */
 export function connect(endpoints, options = {}) {
   if (endpoints === undefined || endpoints === null || (Array.isArray(endpoints) && endpoints.length === 0)) {

@@ -246,7 +246,9 @@ pub struct PollConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
-    /// Serves the demo page at `/` (the client library at `/client.js` is always served).
+    /// Serves the demo page at `/` (the client library at `/client.js` is always served). While
+    /// on, an unconfigured `chat` namespace keeps presence and join/leave (the demo's chat shows
+    /// who is online).
     pub page: bool,
     /// Publishes made-up stock prices on `prices:<SYMBOL>` channels for the page's tickers.
     pub publisher: bool,
