@@ -179,7 +179,7 @@ pub fn check_delivery(items: &[Item], acked: &[Acked], after: &(String, u64)) ->
                 }
             }
             Item::Reset { .. } => reset_at.push(i),
-            Item::Subscribed(_) => {}
+            Item::Subscribed(_) | Item::Join(_) | Item::Leave(_) => {}
         }
     }
     check.resets = reset_at.len();

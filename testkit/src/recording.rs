@@ -46,6 +46,10 @@ pub enum Item {
         offset: u64,
         reason: String,
     },
+    /// A presence join: the member.
+    Join(Value),
+    /// A presence leave: the member.
+    Leave(Value),
 }
 
 /// Every acknowledged publication: channel → epoch → offset → data.
@@ -275,6 +279,23 @@ impl SubLog {
             .unwrap_or_default()
     }
 
+    /// The members of the channel's presence events, in order: `("join"|"leave", member)`.
+    pub fn presence_events(&self, channel: &str) -> Vec<(&'static str, Value)> {
+        self.channels
+            .get(channel)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| match i {
+                        Item::Join(m) => Some(("join", m.clone())),
+                        Item::Leave(m) => Some(("leave", m.clone())),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn pub_count(&self, channel: &str) -> usize {
         self.channels
             .get(channel)
@@ -294,6 +315,7 @@ impl SubLog {
                 Item::Subscribed(r) => {
                     Some((r["epoch"].as_str()?.to_string(), r["offset"].as_u64()?))
                 }
+                Item::Join(_) | Item::Leave(_) => None,
             })
     }
 
@@ -317,7 +339,12 @@ pub struct Sub {
 
 impl Sub {
     pub async fn connect(name: &str, addr: SocketAddr) -> Sub {
-        let (sink, stream) = handshake(name, addr, "/ws").await.split();
+        Sub::connect_path(name, addr, "/ws").await
+    }
+
+    /// Connects to `path` (e.g. `/ws?token=…`).
+    pub async fn connect_path(name: &str, addr: SocketAddr, path: &str) -> Sub {
+        let (sink, stream) = handshake(name, addr, path).await.split();
         let log = Arc::new(Mutex::new(SubLog::default()));
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>> = Arc::default();
         let (tx, changed) = watch::channel(0u64);
@@ -548,6 +575,12 @@ async fn read_loop(
                     offset: reset["offset"].as_u64().unwrap_or(0),
                     reason: reset["reason"].as_str().unwrap_or("").to_string(),
                 });
+            } else if let (Some(ch), Some(member)) = (v["channel"].as_str(), v.get("join")) {
+                let item = Item::Join(member.clone());
+                log.channels.entry(ch.to_string()).or_default().push(item);
+            } else if let (Some(ch), Some(member)) = (v["channel"].as_str(), v.get("leave")) {
+                let item = Item::Leave(member.clone());
+                log.channels.entry(ch.to_string()).or_default().push(item);
             } else if let (Some(ch), Some(p)) = (v["channel"].as_str(), Pub::from_json(&v)) {
                 log.channels
                     .entry(ch.to_string())

@@ -182,6 +182,13 @@ impl RunningGateway {
                 "connections still open at the shutdown deadline"
             );
         }
+        // The closed connections' presence leaves are queued: apply them now, so their members
+        // leave at once rather than when the surviving nodes reap them after `presence.ttl`.
+        match tokio::time::timeout_at(deadline, self.node.backplane().flush_presence()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "presence leaves not applied"),
+            Err(_) => tracing::warn!("presence leaves still queued at the shutdown deadline"),
+        }
         self.node
             .metrics()
             .drain_remaining

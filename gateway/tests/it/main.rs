@@ -16,6 +16,7 @@ mod heartbeat;
 mod http_api;
 mod namespace_history;
 mod poll;
+mod presence;
 mod redis_catchup;
 mod redis_cluster;
 mod redis_fanout;

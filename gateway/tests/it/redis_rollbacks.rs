@@ -81,7 +81,7 @@ fn check_by_data(items: &[Item], acked: &[Acked]) -> DataCheck {
                 delivered.push((index, i_of(&p.data)));
             }
             Item::Reset { .. } => resets.push(index),
-            Item::Subscribed(_) => {}
+            Item::Subscribed(_) | Item::Join(_) | Item::Leave(_) => {}
         }
     }
     check.resets = resets.len();

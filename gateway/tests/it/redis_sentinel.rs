@@ -140,7 +140,7 @@ async fn failover_under_load(fault: Fault, min_replicas_acked: &str) {
                     items.iter().any(|i| match i {
                         Item::Pub(p) => p.epoch == last.epoch && p.offset >= last.offset,
                         Item::Reset { epoch, .. } => *epoch != last.epoch,
-                        Item::Subscribed(_) => false,
+                        Item::Subscribed(_) | Item::Join(_) | Item::Leave(_) => false,
                     })
                 })
             })
