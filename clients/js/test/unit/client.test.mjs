@@ -389,3 +389,76 @@ test('long-poll: a new subscription aborts the waiting poll and polls again with
   assert.equal(client.currentState, 'connected', 'a channel change is no reconnect');
   client.close();
 });
+
+test('presence: join and leave reach their hooks and listeners, publications untouched', async () => {
+  const WebSocket = fakeWebSocket();
+  WebSocket.reachable = new Set(['ws://a.test/ws']);
+  const client = connect(A, { ...fast, WebSocket });
+  const seen = [];
+  client.on('join', (e) => seen.push(`event join ${e.join.user}`));
+  client.on('leave', (e) => seen.push(`event leave ${e.leave.user}`));
+  client.subscribe('room:a', (p) => seen.push(`pub ${p.offset}`), {
+    onJoin: (m) => seen.push(`hook join ${m.user}`),
+    onLeave: (m) => seen.push(`hook leave ${m.user}`),
+  });
+  await until(() => client.position('room:a'), 'subscribed');
+  const ws = WebSocket.instances[0];
+  ws.push({ channel: 'room:a', join: { client: 'c1', user: 'ann' } });
+  ws.push({ channel: 'room:a', offset: 1, epoch: 'e', data: {} });
+  ws.push({ channel: 'room:a', leave: { client: 'c1', user: 'ann' } });
+  ws.push({ channel: 'other', join: { client: 'c2', user: 'bob' } });
+  assert.deepEqual(seen, ['hook join ann', 'event join ann', 'pub 1', 'hook leave ann', 'event leave ann']);
+  assert.deepEqual(client.position('room:a'), { epoch: 'e', offset: 1 }, 'events move no position');
+  client.close();
+});
+
+test('presence: asked over the open WebSocket, else GET /presence with the token', async () => {
+  const WebSocket = fakeWebSocket();
+  const requests = [];
+  const answer = { channel: 'room:a', count: 1, users: 1, clients: [{ client: 'c1', user: 'ann' }] };
+  const fetch = async (url) => {
+    requests.push(url);
+    return { ok: true, status: 200, json: async () => answer };
+  };
+  // Not reachable: the WebSocket never opens, so presence goes over HTTP.
+  const client = connect(A, { ...fast, WebSocket, fetch, transports: ['websocket'], token: 't0k' });
+  try {
+    await until(() => WebSocket.instances.length > 0, 'a connection attempt');
+    assert.equal(WebSocket.instances[0].url, 'ws://a.test/ws?token=t0k');
+    assert.deepEqual(await client.presence('room:a', { countOnly: true }), answer);
+    assert.deepEqual(requests, [`${A}/presence?channel=room%3Aa&count_only=true&token=t0k`]);
+  } finally {
+    client.close();
+  }
+
+  const Open = fakeWebSocket();
+  Open.reachable = new Set(['ws://a.test/ws']);
+  const overSocket = connect(A, { ...fast, WebSocket: Open });
+  await until(() => overSocket.currentState === 'connected', 'connected');
+  const pending = overSocket.presence('room:a');
+  const sent = Open.instances[0].sent.at(-1);
+  assert.deepEqual([sent.op, sent.channel, sent.count_only], ['presence', 'room:a', false]);
+  Open.instances[0].push({ id: sent.id, result: answer });
+  assert.deepEqual(await pending, answer);
+  overSocket.close();
+});
+
+test('disconnect: a close that says reconnect false ends the client for good', async () => {
+  const WebSocket = fakeWebSocket();
+  WebSocket.reachable = new Set(['ws://a.test/ws']);
+  const client = connect(A, { ...fast, WebSocket });
+  const closed = [];
+  client.on('closed', (c) => closed.push(c));
+  const states = recordStates(client);
+  await until(() => client.currentState === 'connected', 'connected');
+  // A 4000 (slow consumer) reconnects as usual...
+  WebSocket.instances[0].drop(4000, 'slow consumer');
+  await until(() => WebSocket.instances.length === 2 && client.currentState === 'connected', 'reconnected');
+  // ...a 4010 with reconnect:false does not.
+  const before = states.length;
+  WebSocket.instances[1].drop(4010, JSON.stringify({ reason: 'disconnected', reconnect: false }));
+  assert.equal(client.currentState, 'closed');
+  assert.deepEqual(closed, [{ code: 4010, reason: 'disconnected' }]);
+  // Straight to `closed`: no `disconnected` with a retry, so no reconnect was scheduled.
+  assert.deepEqual(states.slice(before).map((s) => s.state), ['closed']);
+});
