@@ -165,6 +165,44 @@ test('a reload resumes from the stored positions without loss or duplicates', as
   await page.close();
 });
 
+/** The client ids the page lists as online. */
+function online(page) {
+  return page.evaluate(() => [...window.demo.online.keys()].sort());
+}
+
+test('the chat shows who is online, across nodes, and who left', async () => {
+  const first = await openDemo(nodeA.url, 'transport=websocket&persist=off', 'websocket');
+  const before = await eventually('the first page lists itself', async () => {
+    const ids = await online(first);
+    return ids.length >= 1 ? ids : null;
+  });
+  // A second visitor, on the other node and over SSE: both pages list the same people.
+  const second = await openDemo(nodeB.url, 'transport=sse&persist=off', 'sse', nodeB.url);
+  const both = await eventually('both pages list both visitors', async () => {
+    const [a, b] = [await online(first), await online(second)];
+    return a.length === before.length + 1 && JSON.stringify(a) === JSON.stringify(b) ? a : null;
+  });
+  const newcomer = both.find((id) => !before.includes(id));
+  assert.ok(newcomer, JSON.stringify({ before, both }));
+  assert.equal(await first.$$eval('#online li', (lis) => lis.length), both.length);
+  assert.match(await first.textContent('#online-count'), new RegExp(`\\(${both.length}\\)`));
+
+  await second.close();
+  await eventually('the first page shows the second visitor left', async () => {
+    const ids = await online(first);
+    return ids.length === before.length && !ids.includes(newcomer);
+  });
+  const events = await first.evaluate(() => window.demo.presenceEvents);
+  assert.deepEqual(
+    events.filter(([, client]) => client === newcomer).map(([kind]) => kind),
+    ['join', 'leave'],
+  );
+  assert.match(await first.textContent('#messages'), /left/);
+  await first.screenshot({ path: artifactPath('demo-online.png') });
+  assert.deepEqual(first.problems, []);
+  await first.close();
+});
+
 test('the page node drains (SIGTERM): the page follows its reconnect hint to the other node', async () => {
   const nodeC = await startGateway('C', ['--redis-url', redis.url], {
     GATEWAY__DRAIN__RECONNECT_JITTER: '300ms',
