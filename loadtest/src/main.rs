@@ -14,6 +14,7 @@ mod gateway;
 mod latency;
 mod net;
 mod peers;
+mod presence;
 mod progress;
 mod publish;
 mod publisher;
@@ -134,6 +135,10 @@ enum Command {
     /// Acknowledged publishes/s through one Redis over HTTP and WebSocket (and on the embedded
     /// backplane), against the publish script pipelined straight at the same Redis.
     Publish(publish::Args),
+    /// Presence at scale on three nodes and one Redis (started by the tool): join/leave fan-out
+    /// when many clients subscribe at once, presence reads and Redis memory of a big channel,
+    /// and how fast a killed node's members are removed.
+    Presence(presence::Args),
 }
 
 pub fn secs(s: f64) -> Duration {
@@ -165,6 +170,9 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::FreshFlood(args) => {
             redis_scenario(&cli, |bin| async move { flood::run(&bin, args).await }).await
+        }
+        Command::Presence(args) => {
+            redis_scenario(&cli, |bin| async move { presence::run(&bin, args).await }).await
         }
         Command::Publish(args) => {
             let bin = match &args.url {
@@ -238,6 +246,7 @@ async fn single(
         | Command::Failover(_)
         | Command::PublishLatency(_)
         | Command::FreshFlood(_)
+        | Command::Presence(_)
         | Command::Soak(_)
         | Command::Publish(_) => {
             unreachable!("handled by the caller")
@@ -273,6 +282,7 @@ async fn single(
         | Command::Failover(_)
         | Command::PublishLatency(_)
         | Command::FreshFlood(_)
+        | Command::Presence(_)
         | Command::Soak(_)
         | Command::Publish(_) => {
             unreachable!("handled by the caller")

@@ -212,6 +212,11 @@ impl RedisServer {
         self.wait_ready().await;
     }
 
+    /// The process id (0 once killed), e.g. to read its CPU time.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
