@@ -770,6 +770,11 @@ impl Config {
                 "auth.api_listen must differ from server.listen".into(),
             ));
         }
+        if self.presence.ttl < Duration::from_secs(1) {
+            return Err(ConfigError(
+                "presence.ttl must be at least 1s (nodes heartbeat every ttl/6)".into(),
+            ));
+        }
         for (name, ns) in std::iter::once(("default", &self.channels.default)).chain(
             self.channels
                 .namespaces

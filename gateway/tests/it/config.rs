@@ -108,6 +108,12 @@ async fn invalid_file_values_name_the_key() {
     )
     .await;
     rejects_file("[history]\nmax_page = 0\n", "history.max_page").await;
+    rejects_file("[presence]\nttl = \"500ms\"\n", "presence.ttl").await;
+    rejects_file(
+        "[channels.namespaces.room]\njoin_leave = true\n",
+        "join_leave needs presence",
+    )
+    .await;
 }
 
 #[tokio::test]
