@@ -28,6 +28,30 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub origin: OriginConfig,
     pub tls: TlsConfig,
+    pub api: ApiConfig,
+}
+
+/// The server API's management of users and channels (`/api/disconnect`, `/api/channels`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// After `POST /api/disconnect`, the user's tokens issued (`iat`) before the disconnect are
+    /// refused this long, cluster-wide; make it at least your longest token lifetime.
+    #[serde(with = "humantime_serde")]
+    pub disconnect_window: Duration,
+    /// How often a node reports its channels and their subscriber counts for
+    /// `GET /api/channels` (the answering node also reports right before it reads).
+    #[serde(with = "humantime_serde")]
+    pub channels_report_interval: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            disconnect_window: Duration::from_secs(24 * 3600),
+            channels_report_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Who the clients and API callers are: server API keys and connection JWTs.
@@ -611,6 +635,10 @@ impl Config {
             ("redis.health_interval", self.redis.health_interval),
             ("poll.max_timeout", self.poll.max_timeout),
             ("demo.publisher_interval", self.demo.publisher_interval),
+            (
+                "api.channels_report_interval",
+                self.api.channels_report_interval,
+            ),
         ];
         for (key, value) in positive {
             if value.is_zero() {

@@ -22,6 +22,9 @@ pub struct Identity {
     pub channels: Option<Vec<String>>,
     /// The token's `exp`, in seconds since the Unix epoch.
     pub expires_at: Option<u64>,
+    /// The token's `iat` (whole seconds since the Unix epoch), when it has one: a token issued
+    /// before its user was disconnected by the server is refused for a while.
+    pub issued_at: Option<u64>,
 }
 
 impl Identity {
@@ -30,7 +33,14 @@ impl Identity {
             user,
             channels,
             expires_at,
+            issued_at: None,
         }
+    }
+
+    /// The identity with the token's `iat`.
+    pub fn issued_at(mut self, iat: Option<u64>) -> Self {
+        self.issued_at = iat;
+        self
     }
 
     /// Whether the token's `channels` claim lists `channel` (no claim lists nothing).
@@ -113,6 +123,10 @@ struct Claims {
     nbf: Option<u64>,
     #[serde(default)]
     channels: Option<Vec<String>>,
+    /// Any JSON: only a non-negative number is used (its whole seconds); anything else counts as
+    /// no `iat`, as before the claim was read.
+    #[serde(default)]
+    iat: Option<serde_json::Value>,
 }
 
 /// Largest `auth.jwt_leeway` the verifier uses, in seconds: jsonwebtoken adds it to the current
@@ -254,7 +268,9 @@ impl Verifier {
                     if c.sub.is_empty() {
                         return Err(AuthError::Invalid("empty `sub`".into()));
                     }
-                    return Ok(Identity::new(c.sub.into(), c.channels, c.exp));
+                    let iat = c.iat.as_ref().and_then(serde_json::Value::as_f64);
+                    let iat = iat.filter(|t| *t >= 0.0).map(|t| t as u64);
+                    return Ok(Identity::new(c.sub.into(), c.channels, c.exp).issued_at(iat));
                 }
                 Err(e) => match e.kind() {
                     // The signature matched: the claims are wrong whatever other key we try.
