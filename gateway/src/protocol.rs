@@ -112,7 +112,7 @@ pub mod error_code {
     pub const NOT_READY: &str = "not_ready";
     /// A token of a user the server disconnected (`POST /api/disconnect`), issued before the
     /// disconnect (403; WebSocket `connect`: close 4010): get a new token.
-    pub const DISCONNECTED: &str = "disconnected";
+    pub const DISCONNECTED: &str = "user_disconnected";
 }
 
 /// The close reason of [`close_code::DISCONNECTED`], JSON like the 1001 reason's reconnect hint:

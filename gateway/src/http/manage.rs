@@ -15,7 +15,7 @@ use crate::http::response::{self, Body, RequestBody};
 use crate::node::Node;
 use crate::protocol::{backplane_error, check_channel};
 
-/// Longest user name (a token's `sub`) the API takes, in bytes.
+/// Longest user name (a token's `sub`) the API takes, in characters (as JSON Schema counts).
 pub(crate) const MAX_USER_LEN: usize = 1024;
 
 #[derive(Deserialize)]
@@ -53,9 +53,9 @@ struct Channels {
 
 #[allow(clippy::result_large_err)] // a refusal is a whole response, built once on a cold path
 fn check_user(user: &str) -> Result<(), Response<Body>> {
-    if user.is_empty() || user.len() > MAX_USER_LEN {
+    if user.is_empty() || user.chars().count() > MAX_USER_LEN {
         return Err(bad_request(format!(
-            "`user` must be 1 to {MAX_USER_LEN} bytes"
+            "`user` must be 1 to {MAX_USER_LEN} characters"
         )));
     }
     Ok(())

@@ -9,7 +9,7 @@
 //!
 //! A server unsubscribe (`POST /api/unsubscribe`) answers at once with an `unsubscribed` event, and
 //! the answer's cursor no longer names the channel; a server disconnect answers 403
-//! `disconnected`, as every later poll with the same token is.
+//! `user_disconnected`, as every later poll with the same token is.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -252,7 +252,7 @@ fn has_data(outputs: &[Output]) -> bool {
     })
 }
 
-/// 403 `disconnected`: the server disconnected the poll's user while it waited.
+/// 403 `user_disconnected`: the server disconnected the poll's user while it waited.
 fn disconnected(node: &Node, session: &Session) -> Response<Body> {
     record(node, Outcome::Disconnected, &[]);
     let user = session.user().map_or("", |u| u);

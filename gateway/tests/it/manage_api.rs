@@ -186,16 +186,19 @@ async fn disconnect_reaches_every_node(nodes: &[GatewayProcess]) {
         let Err((status, body)) = refused else {
             panic!("a disconnected token opened a WebSocket")
         };
-        assert_error(&(status, body), 403, "disconnected");
+        assert_error(&(status, body), 403, "user_disconnected");
         let query = format!("channel={room}&token={alice}");
         let sse = Sse::open_with(&sse_client(), node, &query, &[]).await;
         assert_eq!(sse.status, 403);
-        assert_eq!(sse.body_json().await["error"]["code"], "disconnected");
+        assert_eq!(sse.body_json().await["error"]["code"], "user_disconnected");
         let poll = get(node, &format!("/poll?{query}&timeout=0")).await;
-        assert_error(&poll, 403, "disconnected");
+        assert_error(&poll, 403, "user_disconnected");
         let mut ws = WsClient::connect(node).await;
-        ws.err(json!({"op": "connect", "token": alice}), "disconnected")
-            .await;
+        ws.err(
+            json!({"op": "connect", "token": alice}),
+            "user_disconnected",
+        )
+        .await;
         let (code, reason) = close_of(&mut ws).await;
         assert_eq!((code, &reason["reconnect"]), (4010, &json!(false)));
     }
@@ -234,7 +237,7 @@ async fn a_node_started_after_a_disconnect_refuses_the_old_token() {
     let Err(refused) = refused else {
         panic!("the later node let the disconnected token in")
     };
-    assert_error(&refused, 403, "disconnected");
+    assert_error(&refused, 403, "user_disconnected");
 }
 
 // --- unsubscribe --------------------------------------------------------------------------------
