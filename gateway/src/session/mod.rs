@@ -620,3 +620,60 @@ impl Drop for Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// Runs the session until `out` holds an output `done` accepts.
+    async fn run_until(session: &mut Session, out: &mut Vec<Output>, done: fn(&Output) -> bool) {
+        let wait = async {
+            while !out.iter().any(done) {
+                let event = session.next().await;
+                session.apply(event, out);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the session produced the output");
+    }
+
+    /// A server unsubscribe that arrives while the channel is still subscribing is applied once
+    /// the subscription is set up: the client learns the start, then the end.
+    #[tokio::test]
+    async fn a_server_unsubscribe_during_the_subscribe_waits_for_it() {
+        let node = Node::start(Config::default()).await.unwrap();
+        let mut session = Session::new(node.clone(), 1);
+        let mut out = Vec::new();
+        session.subscribe(Some(1), "c".into(), None, &mut out);
+        session.apply(Event::Control(Control::Unsubscribe("c".into())), &mut out);
+        assert!(out.is_empty(), "nothing before the subscription is set up");
+        run_until(&mut session, &mut out, |o| {
+            matches!(o, Output::Unsubscribed { .. })
+        })
+        .await;
+        let kinds: Vec<&str> = out
+            .iter()
+            .map(|o| match o {
+                Output::Subscribed { .. } => "subscribed",
+                Output::Unsubscribed { reason, .. } => reason,
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["subscribed", "server"]);
+        assert!(!session.has_subscriptions());
+    }
+
+    /// A disconnect marks the session; an unsubscribe of a channel it does not hold is nothing.
+    #[tokio::test]
+    async fn a_disconnect_marks_the_session() {
+        let node = Node::start(Config::default()).await.unwrap();
+        let mut session = Session::new(node.clone(), 1);
+        let mut out = Vec::new();
+        session.apply(Event::Control(Control::Unsubscribe("x".into())), &mut out);
+        assert!(out.is_empty() && !session.disconnected());
+        session.apply(Event::Control(Control::Disconnect), &mut out);
+        assert!(session.disconnected());
+    }
+}
