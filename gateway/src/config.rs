@@ -29,6 +29,7 @@ pub struct Config {
     pub origin: OriginConfig,
     pub tls: TlsConfig,
     pub presence: PresenceConfig,
+    pub api: ApiConfig,
 }
 
 /// Presence across the cluster (which namespaces have it: `channels.*.presence`).
@@ -45,6 +46,29 @@ impl Default for PresenceConfig {
     fn default() -> Self {
         PresenceConfig {
             ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The server API's management of users and channels (`/api/disconnect`, `/api/channels`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// After `POST /api/disconnect`, the user's tokens issued (`iat`) before the disconnect are
+    /// refused this long, cluster-wide; make it at least your longest token lifetime.
+    #[serde(with = "humantime_serde")]
+    pub disconnect_window: Duration,
+    /// How often a node reports its channels and their subscriber counts for
+    /// `GET /api/channels` (the answering node also reports right before it reads).
+    #[serde(with = "humantime_serde")]
+    pub channels_report_interval: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            disconnect_window: Duration::from_secs(24 * 3600),
+            channels_report_interval: Duration::from_secs(5),
         }
     }
 }
@@ -639,6 +663,10 @@ impl Config {
             ("redis.health_interval", self.redis.health_interval),
             ("poll.max_timeout", self.poll.max_timeout),
             ("demo.publisher_interval", self.demo.publisher_interval),
+            (
+                "api.channels_report_interval",
+                self.api.channels_report_interval,
+            ),
         ];
         for (key, value) in positive {
             if value.is_zero() {

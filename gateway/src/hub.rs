@@ -5,16 +5,20 @@
 //! Local membership changes synchronously; the node's interest at the backplane follows it through
 //! [`Hub::reconcile`], which re-reads the membership under a per-channel stripe lock, so racing
 //! subscribes and unsubscribes always leave the backplane matching the hub.
+//!
+//! Publications of the gateway's control channel go to the node's control handler instead
+//! ([`crate::control`]): no client subscribes to it.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use backplane::{Backplane, BackplaneError, Publication, PublicationSink};
+use backplane::{Backplane, BackplaneError, ChannelCount, Publication, PublicationSink};
 use indexmap::IndexMap;
 use parking_lot::RwLock;
 
+use crate::control::CONTROL_CHANNEL;
 use crate::metrics::Metrics;
 use crate::queue::{Pushed, QueueSender};
 
@@ -39,6 +43,8 @@ pub struct Hub {
     stripes: Box<[tokio::sync::Mutex<()>]>,
     hasher: RandomState,
     metrics: Metrics,
+    /// Where the control channel's publications go, once the node set it.
+    control: OnceLock<Arc<dyn PublicationSink>>,
 }
 
 impl Hub {
@@ -48,7 +54,31 @@ impl Hub {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             hasher: RandomState::new(),
             metrics,
+            control: OnceLock::new(),
         }
+    }
+
+    /// Sends the control channel's publications to `sink` (set once, at node start).
+    pub fn set_control(&self, sink: Arc<dyn PublicationSink>) {
+        let _ = self.control.set(sink);
+    }
+
+    /// Every channel with local subscribers, and how many: this node's part of the cluster-wide
+    /// channel list (`GET /api/channels`).
+    pub fn channel_counts(&self) -> Vec<ChannelCount> {
+        let mut counts = Vec::new();
+        for shard in self.shards.iter() {
+            for (channel, entry) in shard.read().iter() {
+                if !entry.subscribers.is_empty() {
+                    counts.push(ChannelCount {
+                        channel: channel.to_string(),
+                        subscribers: entry.subscribers.len() as u64,
+                    });
+                }
+            }
+        }
+        counts.sort_by(|a, b| a.channel.cmp(&b.channel));
+        counts
     }
 
     fn shard(&self, channel: &str) -> &Shard {
@@ -156,6 +186,12 @@ impl Hub {
 
 impl PublicationSink for Hub {
     fn deliver(&self, publication: Arc<Publication>) {
+        if &*publication.channel == CONTROL_CHANNEL {
+            if let Some(control) = self.control.get() {
+                control.deliver(publication);
+            }
+            return;
+        }
         let shard = self.shard(&publication.channel).read();
         let Some(entry) = shard.get(&*publication.channel) else {
             return;
@@ -208,6 +244,27 @@ mod tests {
         assert!(!hub.remove("c", 2), "removing twice is harmless");
         hub.reconcile(&*bp, "c").await.unwrap();
         assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[test]
+    fn channel_counts_list_channels_with_subscribers() {
+        let hub = Hub::new(Metrics::new());
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let (tx, _rx) = outbound(1 << 20);
+        hub.add(&b, 1, tx.clone());
+        hub.add(&a, 1, tx.clone());
+        hub.add(&a, 2, tx.clone());
+        hub.add(&b, 3, tx);
+        hub.remove("b", 1);
+        hub.remove("b", 3);
+        let counts = hub.channel_counts();
+        assert_eq!(
+            counts,
+            vec![ChannelCount {
+                channel: "a".into(),
+                subscribers: 2
+            }]
+        );
     }
 
     #[tokio::test]

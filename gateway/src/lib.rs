@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+mod control;
 pub mod cursor;
 mod demo;
 mod drain;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::control::{self, CONTROL_CHANNEL};
 use crate::drain::Streams;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -50,6 +51,8 @@ pub struct Node {
     draining: AtomicBool,
     /// Random per process: with a connection's id it names the connection cluster-wide.
     id: u64,
+    /// Local connections by user, and recent server disconnects ([`crate::control`]).
+    control: Arc<control::Registry>,
 }
 
 impl Node {
@@ -58,11 +61,21 @@ impl Node {
         let policy = Policy::load(&config).map_err(StartError::Security)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::new(metrics.clone()));
+        let control = Arc::new(control::Registry::new(config.api.disconnect_window));
+        hub.set_control(control.clone());
         let backplane: Arc<dyn Backplane> = match config.redis() {
             Some(redis) => RedisBackplane::connect(redis, config.settings(), hub.clone()).await?,
             None => MemoryBackplane::new(config.settings(), hub.clone()),
         };
-        Ok(Arc::new(Node {
+        // Every node hears every control command from now on; the disconnects still in the
+        // channel's history are read back, so a node started after one refuses its old tokens too.
+        backplane.subscribe(CONTROL_CHANNEL).await?;
+        let kept = config.history.max_page.max(config.history.max_count);
+        let page = backplane.history(CONTROL_CHANNEL, 0, kept).await?;
+        for publication in page.publications {
+            backplane::PublicationSink::deliver(&*control, publication);
+        }
+        let node = Arc::new(Node {
             config,
             hub,
             backplane,
@@ -73,7 +86,10 @@ impl Node {
             policy,
             draining: AtomicBool::new(false),
             id: rand::random(),
-        }))
+            control,
+        });
+        tokio::spawn(report_channels(Arc::downgrade(&node)));
+        Ok(node)
     }
 
     /// The cluster-wide id of this node's connection `conn` (presence lists it as `client`).
@@ -96,6 +112,11 @@ impl Node {
 
     pub(crate) fn backplane(&self) -> &dyn Backplane {
         &*self.backplane
+    }
+
+    /// Local connections by user, and recent server disconnects.
+    pub(crate) fn control(&self) -> &control::Registry {
+        &self.control
     }
 
     /// Keys, namespaces and limits.
@@ -241,9 +262,47 @@ impl Node {
         self.timed("subscribe", reconcile).await
     }
 
+    /// Reports this node's channels and their local subscriber counts to the backplane, for the
+    /// cluster-wide channel list.
+    pub(crate) async fn report_channels(&self) -> Result<(), BackplaneError> {
+        let report = self.backplane.report_channels(self.hub.channel_counts());
+        self.timed("report_channels", report).await
+    }
+
+    /// The cluster's channels starting with `prefix` that have subscribers, with their counts.
+    pub(crate) async fn channels(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<backplane::ChannelCount>, BackplaneError> {
+        self.timed("channels", self.backplane.channels(prefix))
+            .await
+    }
+
     /// Records the fan-out latency of a written batch from its oldest live publication.
     pub(crate) fn observe_fanout(&self, transport: &str, oldest_published_us: u64) {
         let histogram = self.metrics.fanout_latency.with_label_values(&[transport]);
         crate::metrics::observe_fanout(&histogram, oldest_published_us);
+    }
+}
+
+/// Reports the node's channels every `api.channels_report_interval` until the node stops.
+async fn report_channels(node: std::sync::Weak<Node>) {
+    let Some(period) = node
+        .upgrade()
+        .map(|n| n.config.api.channels_report_interval)
+    else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.shutdown.is_cancelled() {
+            return;
+        }
+        if let Err(e) = node.report_channels().await {
+            tracing::debug!(error = %e, "channel report failed");
+        }
     }
 }

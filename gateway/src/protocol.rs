@@ -35,6 +35,9 @@ pub mod close_code {
     pub const RATE_LIMITED: u16 = 4008;
     /// No subscription within `limits.idle_timeout`.
     pub const IDLE: u16 = 4009;
+    /// The server disconnected the connection's user (`POST /api/disconnect`); the reason is
+    /// [`super::DISCONNECTED_REASON`]: do not reconnect with the same token.
+    pub const DISCONNECTED: u16 = 4010;
     /// The user has `limits.max_connections_per_user` connections already.
     pub const TOO_MANY_USER_CONNECTIONS: u16 = 4029;
 }
@@ -109,6 +112,24 @@ pub mod error_code {
     pub const SHUTTING_DOWN: &str = "shutting_down";
     /// `/readyz` of a node that does not take traffic (503).
     pub const NOT_READY: &str = "not_ready";
+    /// A token of a user the server disconnected (`POST /api/disconnect`), issued before the
+    /// disconnect (403; WebSocket `connect`: close 4010): get a new token.
+    pub const DISCONNECTED: &str = "user_disconnected";
+}
+
+/// The close reason of [`close_code::DISCONNECTED`], JSON like the 1001 reason's reconnect hint:
+/// the client must not reconnect (with the same token).
+pub const DISCONNECTED_REASON: &str = r#"{"reason":"disconnected","reconnect":false}"#;
+
+/// The refusal of a token issued before its user was disconnected.
+pub fn disconnected_error(user: &str) -> ErrorBody {
+    ErrorBody::new(
+        error_code::DISCONNECTED,
+        format!(
+            "user {user:?} was disconnected by the server: this token was issued before that; \
+             get a new token"
+        ),
+    )
 }
 
 /// Why a subscription's stream could not be continued (`reason` of a subscribe result or a
@@ -157,7 +178,7 @@ impl ErrorBody {
             error_code::IDEMPOTENCY_CONFLICT => StatusCode::CONFLICT,
             error_code::TOO_MANY_FRESH_CHANNELS => StatusCode::TOO_MANY_REQUESTS,
             error_code::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
-            error_code::FORBIDDEN => StatusCode::FORBIDDEN,
+            error_code::FORBIDDEN | error_code::DISCONNECTED => StatusCode::FORBIDDEN,
             error_code::MESSAGE_TOO_LARGE | error_code::PAYLOAD_TOO_LARGE => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -208,6 +229,15 @@ pub fn check_channel(channel: &str) -> Result<(), ErrorBody> {
         return Err(ErrorBody::new(
             error_code::INVALID_CHANNEL,
             "channel must not contain whitespace or control characters",
+        ));
+    }
+    if crate::control::is_reserved(channel) {
+        return Err(ErrorBody::new(
+            error_code::INVALID_CHANNEL,
+            format!(
+                "channels starting with {:?} are the gateway's own",
+                crate::control::RESERVED_PREFIX
+            ),
         ));
     }
     Ok(())
@@ -566,5 +596,8 @@ mod tests {
         assert!(check_channel("a\nb").is_err());
         assert!(check_channel(&"x".repeat(256)).is_err());
         assert!(check_channel(&"x".repeat(255)).is_ok());
+        assert!(check_channel("$gateway:control").is_err());
+        assert!(check_channel("$gateway:x").is_err());
+        assert!(check_channel("$other:x").is_ok());
     }
 }

@@ -4,6 +4,10 @@
 //!
 //! One small allocation per connection (a tokio mpsc cost ~800 bytes even when empty): a deque
 //! that grows only while publications wait, under a lock never held across an await.
+//!
+//! The queue is also the connection's control mailbox ([`Control`]): the node's control handler
+//! leaves a command in it and the same notification wakes the task, so a connection needs no
+//! task or channel of its own for it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,6 +16,8 @@ use std::sync::Arc;
 use backplane::Publication;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+
+use crate::control::Control;
 
 /// A drained deque keeps at most this capacity, so a burst's memory does not outlive it.
 const KEEP_CAPACITY: usize = 64;
@@ -25,6 +31,19 @@ struct Shared {
     overflowed: AtomicBool,
     /// The connection task is gone: pushes are dropped.
     closed: AtomicBool,
+    /// Control commands not yet taken; boxed, so an idle connection pays one pointer for it.
+    control: Mutex<Option<Box<Mailbox>>>,
+}
+
+/// The control commands left for a connection, oldest first.
+#[derive(Default)]
+struct Mailbox(Vec<Control>);
+
+/// What [`QueueReceiver::recv`] took: a control command comes before queued publications.
+#[derive(Debug)]
+pub(crate) enum Received {
+    Publication(Arc<Publication>),
+    Control(Control),
 }
 
 /// The hub's handle on a connection's queue.
@@ -47,6 +66,7 @@ pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
         max_bytes,
         overflowed: AtomicBool::new(false),
         closed: AtomicBool::new(false),
+        control: Mutex::new(None),
     });
     (
         QueueSender {
@@ -92,17 +112,47 @@ impl QueueSender {
         shared.ready.notify_one();
         Pushed::Queued
     }
+
+    /// Leaves a control command for the connection task and wakes it. Never refused by the
+    /// byte bound (commands are few and small); dropped once the task is gone.
+    pub(crate) fn control(&self, command: Control) {
+        let shared = &*self.shared;
+        if shared.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        shared
+            .control
+            .lock()
+            .get_or_insert_with(Default::default)
+            .0
+            .push(command);
+        shared.ready.notify_one();
+    }
 }
 
 impl QueueReceiver {
-    /// Waits for the next publication. Cancel-safe.
-    pub async fn recv(&mut self) -> Arc<Publication> {
+    /// Waits for the next control command or publication. Cancel-safe.
+    pub async fn recv(&mut self) -> Received {
         loop {
+            if let Some(command) = self.try_control() {
+                return Received::Control(command);
+            }
             if let Some(publication) = self.try_recv() {
-                return publication;
+                return Received::Publication(publication);
             }
             self.shared.ready.notified().await;
         }
+    }
+
+    /// The oldest control command left for the connection, if any.
+    pub(crate) fn try_control(&mut self) -> Option<Control> {
+        let mut slot = self.shared.control.lock();
+        let commands = &mut slot.as_mut()?.0;
+        let command = commands.remove(0);
+        if commands.is_empty() {
+            *slot = None;
+        }
+        Some(command)
     }
 
     /// The next publication if one is queued now.
@@ -174,10 +224,32 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(tx.push(&p), Pushed::Queued);
         let (got, rx) = waiter.await.unwrap();
+        let Received::Publication(got) = got else {
+            panic!("a publication was pushed")
+        };
         assert!(Arc::ptr_eq(&got, &p));
         assert_eq!(tx.queued_bytes(), 0);
         drop(rx);
         assert_eq!(tx.push(&p), Pushed::Dropped);
+    }
+
+    #[tokio::test]
+    async fn control_commands_come_first_and_wake_the_receiver() {
+        let p = publication(10);
+        let (tx, mut rx) = outbound(p.json().len());
+        assert_eq!(tx.push(&p), Pushed::Queued);
+        tx.control(Control::Unsubscribe("c".into()));
+        tx.control(Control::Disconnect);
+        assert!(matches!(
+            rx.recv().await,
+            Received::Control(Control::Unsubscribe(_))
+        ));
+        assert!(matches!(
+            rx.recv().await,
+            Received::Control(Control::Disconnect)
+        ));
+        assert!(matches!(rx.recv().await, Received::Publication(_)));
+        assert_eq!(rx.try_control(), None);
     }
 
     #[test]

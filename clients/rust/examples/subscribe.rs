@@ -47,6 +47,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Event::Connected { node } | Event::Reconnected { node } => {
                 eprintln!("connected to {node}")
             }
+            Event::Unsubscribed { channel, reason } => {
+                eprintln!("the server ended {channel} ({reason})")
+            }
+            Event::Ended { node, reason, .. } => {
+                eprintln!("{node} closed for good ({reason})");
+                break;
+            }
             Event::Disconnected {
                 node,
                 reason,

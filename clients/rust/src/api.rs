@@ -1,5 +1,6 @@
-//! The server API client: `POST /api/publish` with idempotent retries across nodes, and
-//! `GET /api/history` with a paging helper.
+//! The server API client: `POST /api/publish` and `POST /api/broadcast` with idempotent retries
+//! across nodes, `GET /api/history` with a paging helper, and the management of users and
+//! channels (`/api/disconnect`, `/api/unsubscribe`, `/api/channels`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -7,10 +8,11 @@ use std::time::Duration;
 use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::types::{HistoryPage, Position, Publication, PublishAck};
+use crate::types::{ChannelCount, HistoryPage, Position, Publication, PublishAck};
 
 /// A client of the server API of one or more gateway nodes (`http://node:8080`, …).
 ///
@@ -47,6 +49,24 @@ struct BatchBody<'a, T: Serialize> {
 enum BatchResult {
     Error(ErrorBody),
     Ack(PublishAck),
+}
+
+/// `POST /api/broadcast`.
+#[derive(Serialize)]
+struct BroadcastBody<'a, T: Serialize + ?Sized> {
+    channels: Vec<&'a str>,
+    data: &'a T,
+    idempotency_key: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Disconnected {
+    disconnected_at: u64,
+}
+
+#[derive(Deserialize)]
+struct ChannelList {
+    channels: Vec<ChannelCount>,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +234,116 @@ impl ApiClient {
             .into_iter()
             .map(|r| r.expect("every publication was sent at least once"))
             .collect())
+    }
+
+    /// Publishes one `data` to every channel of `channels` (1 to 1000) in one request
+    /// (`POST /api/broadcast`), with one fresh idempotency key that applies to each channel on its
+    /// own: the request, and every channel whose own answer was "outcome unknown"
+    /// (`backplane_unavailable`), is retried across nodes with the same key, so nothing is stored
+    /// twice. Returns one result per channel, in order. An empty list sends nothing.
+    pub async fn broadcast<T: Serialize + ?Sized>(
+        &self,
+        channels: &[&str],
+        data: &T,
+    ) -> Result<Vec<Result<PublishAck>>> {
+        let key = new_idempotency_key();
+        let mut results: Vec<Option<Result<PublishAck>>> = channels.iter().map(|_| None).collect();
+        let mut tried = 0;
+        loop {
+            let pending: Vec<usize> = (0..channels.len())
+                .filter(|&i| match &results[i] {
+                    None => true,
+                    Some(result) => result.as_ref().is_err_and(Error::is_retryable),
+                })
+                .collect();
+            if pending.is_empty() || tried >= self.attempts {
+                break;
+            }
+            if tried > 0 {
+                tokio::time::sleep(self.backoff.delay(tried - 1)).await;
+            }
+            tried += 1;
+            let body = serde_json::to_vec(&BroadcastBody {
+                channels: pending.iter().map(|&i| channels[i]).collect(),
+                data,
+                idempotency_key: &key,
+            })
+            .map_err(|e| Error::Config(format!("data does not serialise: {e}")))?;
+            let answer: BatchAnswer = self
+                .with_retry(|base| {
+                    let request = self
+                        .authorized(self.http.post(format!("{base}/api/broadcast")))
+                        .header("content-type", "application/json")
+                        .body(body.clone());
+                    async move { send(request).await }
+                })
+                .await?;
+            if answer.results.len() != pending.len() {
+                return Err(Error::Protocol(format!(
+                    "{} results for {} channels",
+                    answer.results.len(),
+                    pending.len()
+                )));
+            }
+            for (i, result) in pending.into_iter().zip(answer.results) {
+                results[i] = Some(match result {
+                    BatchResult::Ack(ack) => Ok(ack),
+                    BatchResult::Error(ErrorBody { error }) => Err(item_error(error)),
+                });
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every channel was sent at least once"))
+            .collect())
+    }
+
+    /// Closes every connection of `user` (a token's `sub`) on every node (`POST
+    /// /api/disconnect`): WebSockets get close code 4010 with `"reconnect":false`. The user's
+    /// tokens issued at or before the returned time (Unix seconds) are refused for the server's
+    /// `api.disconnect_window`. Retried across nodes (repeating it changes nothing but the time).
+    pub async fn disconnect(&self, user: &str) -> Result<u64> {
+        let body = serde_json::json!({ "user": user }).to_string();
+        let answer: Disconnected = self
+            .with_retry(|base| {
+                let request = self
+                    .authorized(self.http.post(format!("{base}/api/disconnect")))
+                    .header("content-type", "application/json")
+                    .body(body.clone());
+                async move { send(request).await }
+            })
+            .await?;
+        Ok(answer.disconnected_at)
+    }
+
+    /// Makes every connection of `user` on every node leave `channel`, each told so with
+    /// reason `server` (`POST /api/unsubscribe`). Retried across nodes (it is idempotent).
+    pub async fn unsubscribe(&self, user: &str, channel: &str) -> Result<()> {
+        let body = serde_json::json!({ "user": user, "channel": channel }).to_string();
+        let _: Value = self
+            .with_retry(|base| {
+                let request = self
+                    .authorized(self.http.post(format!("{base}/api/unsubscribe")))
+                    .header("content-type", "application/json")
+                    .body(body.clone());
+                async move { send(request).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The channels starting with `prefix` that have subscribers anywhere in the cluster, with
+    /// their subscriber counts, sorted by name (`GET /api/channels`).
+    pub async fn channels(&self, prefix: &str) -> Result<Vec<ChannelCount>> {
+        let answer: ChannelList = self
+            .with_retry(|base| {
+                let request = self
+                    .authorized(self.http.get(format!("{base}/api/channels")))
+                    .query(&[("prefix", prefix)]);
+                async move { send(request).await }
+            })
+            .await?;
+        Ok(answer.channels)
     }
 
     /// One page of history: publications of `channel` after offset `since`, oldest first, at

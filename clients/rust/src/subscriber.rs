@@ -2,7 +2,8 @@
 //! subscribes every channel with `since` = its position, and on a dropped connection (node
 //! killed, drained with 1001 and a reconnect hint, heartbeat lost) reconnects to the next node
 //! with jittered backoff and resumes — so the application sees every publication exactly once,
-//! in order, or a reset first.
+//! in order, or a reset first. A close that says not to reconnect (4010: the backend
+//! disconnected the user) ends the subscriber instead.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
@@ -63,6 +64,26 @@ pub enum Event {
     /// The channel's stream could not be continued from its position (a resume answered
     /// `recovered: false`, or a live reset): publications after `offset` of `epoch` follow.
     Reset(Reset),
+    /// The server ended a subscription (`reason`: `server` when the backend called
+    /// `POST /api/unsubscribe` for the user, `permission_revoked`): nothing more of the channel
+    /// follows, and it is no longer resubscribed.
+    Unsubscribed {
+        /// The channel left.
+        channel: String,
+        /// Why the server ended it.
+        reason: String,
+    },
+    /// The server closed the connection and said not to reconnect (`"reconnect":false` in the
+    /// close reason; 4010: the backend disconnected the user, whose token is now refused). The
+    /// subscriber stops: this is its last event. Reconnect with a new token, if at all.
+    Ended {
+        /// The WebSocket URL of the connection.
+        node: String,
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
     /// The server refused a subscription (`forbidden`, `invalid_channel`…). On
     /// `backplane_unavailable` the subscriber also reconnects, which subscribes again.
     Error {
@@ -335,6 +356,8 @@ enum End {
         reason: String,
         reconnect_ms: Option<u64>,
     },
+    /// The server closed saying not to reconnect.
+    Refused { code: u16, reason: String },
 }
 
 fn dropped(reason: impl Into<String>) -> End {
@@ -392,6 +415,10 @@ impl Task {
                     }
                     match self.session(socket).await {
                         End::Closed => return,
+                        End::Refused { code, reason } => {
+                            let _ = self.events.send(Event::Ended { node, code, reason }).await;
+                            return;
+                        }
                         End::Dropped {
                             code,
                             reason,
@@ -615,6 +642,15 @@ impl Task {
                     Err(e) => return Some(dropped(format!("bad subscribe result: {e}"))),
                 }
             }
+        } else if let Some(ended) = message.get("unsubscribed") {
+            let channel = ended["channel"].as_str().unwrap_or_default().to_string();
+            if self.channels.remove(&channel) {
+                self.positions.remove(&channel);
+                events.push(Event::Unsubscribed {
+                    channel,
+                    reason: ended["reason"].as_str().unwrap_or_default().to_string(),
+                });
+            }
         } else if let Some(reset) = message.get("reset") {
             match serde_json::from_value::<Reset>(reset.clone()) {
                 Ok(reset) if self.channels.contains(&reset.channel) => {
@@ -644,15 +680,20 @@ impl Task {
     }
 }
 
-/// A close frame from the server: 1001 carries `{"reason":"shutting_down","reconnect_ms":N}`.
+/// A close frame from the server: 1001 carries `{"reason":"shutting_down","reconnect_ms":N}`,
+/// 4010 `{"reason":"disconnected","reconnect":false}`.
 fn closed_by_server(frame: Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> End {
     let Some(frame) = frame else {
         return dropped("closed by the server");
     };
     let code = u16::from(frame.code);
     let reason = frame.reason.as_str().to_string();
+    let hint = serde_json::from_str::<Value>(&reason).ok();
+    if hint.as_ref().and_then(|h| h.get("reconnect")) == Some(&Value::Bool(false)) {
+        return End::Refused { code, reason };
+    }
     let reconnect_ms = (code == 1001)
-        .then(|| serde_json::from_str::<Value>(&reason).ok())
+        .then_some(hint)
         .flatten()
         .and_then(|hint| hint.get("reconnect_ms").and_then(Value::as_u64));
     End::Dropped {
@@ -688,7 +729,21 @@ mod tests {
             End::Dropped {
                 code, reconnect_ms, ..
             } => assert_eq!((code, reconnect_ms), (Some(1001), Some(250))),
-            End::Closed => panic!("a drain is a drop"),
+            _ => panic!("a drain is a drop"),
         }
+    }
+
+    #[test]
+    fn a_server_disconnect_is_not_reconnected() {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame {
+            code: CloseCode::from(4010),
+            reason: r#"{"reason":"disconnected","reconnect":false}"#.into(),
+        };
+        assert!(matches!(
+            closed_by_server(Some(frame)),
+            End::Refused { code: 4010, .. }
+        ));
     }
 }

@@ -35,6 +35,15 @@ pub struct PublishAck {
     pub tag: Option<String>,
 }
 
+/// A channel with subscribers somewhere in the cluster (`GET /api/channels`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelCount {
+    /// The channel's name.
+    pub channel: String,
+    /// Its subscriptions over every node (WebSocket, SSE, waiting long-polls).
+    pub subscribers: u64,
+}
+
 /// One page of `GET /api/history`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct HistoryPage {

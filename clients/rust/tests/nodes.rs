@@ -254,7 +254,9 @@ async fn subscriber_survives(fault: Fault) {
                 assert!(recovered, "the resume on B must recover: {event:?}")
             }
             Event::Reset(r) => panic!("no history was lost, yet a reset came: {r:?}"),
-            Event::Error { .. } => panic!("unexpected {event:?}"),
+            Event::Error { .. } | Event::Unsubscribed { .. } | Event::Ended { .. } => {
+                panic!("unexpected {event:?}")
+            }
             Event::Disconnected { code, .. } => close_codes.push(code),
             Event::Connected { .. } => {}
         }
@@ -502,4 +504,63 @@ async fn publish_batch_answers_each_publication_in_order() {
         ),
         other => panic!("1001 publications are refused, got {other:?}"),
     }
+}
+
+/// The management API through the client, on two nodes: a broadcast answers per channel and
+/// reaches the subscriber; `unsubscribe` ends one of the user's channels (an `Unsubscribed`
+/// event, the other channel goes on); `disconnect` ends the subscriber for good (`Ended`, 4010,
+/// no reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_manages_a_users_subscriber_and_broadcasts() {
+    const KEY: &str = "client-secret-0123456789";
+    let (_redis, nodes) = cluster(2, &[("GATEWAY__AUTH__JWT_HS256_KEYS", KEY)]).await;
+    let (status, token, stderr) = testkit::run_to_exit(
+        &["token", "--sub", "alice"],
+        &[("GATEWAY__AUTH__JWT_HS256_KEYS", KEY)],
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    let api = ApiClient::new([base(&nodes[1])], None).unwrap();
+    let (left, kept) = (channel("rc-left"), channel("rc-kept"));
+    let mut sub = Subscriber::connect([base(&nodes[0])], Some(token.trim())).unwrap();
+    sub.subscribe(&left).await.unwrap();
+    sub.subscribe(&kept).await.unwrap();
+    subscribed(&mut sub).await;
+    subscribed(&mut sub).await;
+
+    let results = api
+        .broadcast(&[&left, &kept], &json!("both"))
+        .await
+        .unwrap();
+    let acked: Vec<(String, u64)> = results
+        .into_iter()
+        .map(|r| r.map(|ack| (ack.channel, ack.offset)).unwrap())
+        .collect();
+    assert_eq!(acked, [(left.clone(), 1), (kept.clone(), 1)]);
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        got.push(next_publication(&mut sub).await.channel);
+    }
+    got.sort();
+    let mut both = vec![left.clone(), kept.clone()];
+    both.sort();
+    assert_eq!(got, both);
+
+    api.unsubscribe("alice", &left).await.unwrap();
+    match next_event(&mut sub).await {
+        Event::Unsubscribed { channel, reason } => {
+            assert_eq!((channel, reason.as_str()), (left.clone(), "server"))
+        }
+        other => panic!("expected Unsubscribed, got {other:?}"),
+    }
+    api.publish(&left, &json!("gone")).await.unwrap();
+    api.publish(&kept, &json!("still")).await.unwrap();
+    assert_eq!(next_publication(&mut sub).await.channel, kept);
+
+    api.disconnect("alice").await.unwrap();
+    match next_event(&mut sub).await {
+        Event::Ended { code, .. } => assert_eq!(code, 4010),
+        other => panic!("expected Ended, got {other:?}"),
+    }
+    assert_eq!(within("the subscriber's end", sub.recv()).await, None);
 }

@@ -1,4 +1,6 @@
-//! The server HTTP API: `POST /api/publish` (one publication or a batch) and `GET /api/history`.
+//! The server HTTP API: `POST /api/publish` (one publication or a batch), `POST /api/broadcast`
+//! (one data to many channels) and `GET /api/history`. The management of users and channels
+//! (`/api/disconnect`, `/api/unsubscribe`, `/api/channels`) is in [`crate::http::manage`].
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -57,22 +59,55 @@ where
     T::deserialize(d).map(Some)
 }
 
-fn bad_request(message: impl Into<String>) -> Response<Body> {
+pub(crate) fn bad_request(message: impl Into<String>) -> Response<Body> {
     response::error(StatusCode::BAD_REQUEST, error_code::BAD_REQUEST, message)
 }
 
+/// The request's body, at most `api_max_body` bytes (413 beyond).
+#[allow(clippy::result_large_err)] // a refusal is a whole response, built once on a cold path
+pub(crate) async fn read_body<B: RequestBody>(
+    node: &Node,
+    request: Request<B>,
+) -> Result<Bytes, Response<Body>> {
+    let limit = node.config().api_max_body();
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(response::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            error_code::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {limit} bytes"),
+        )),
+        Err(e) => Err(bad_request(e.to_string())),
+    }
+}
+
+/// The body as `T`: 400 `malformed_json` when it is not JSON, 400 `bad_request` when it is not
+/// of the expected shape.
+#[allow(clippy::result_large_err)] // a refusal is a whole response, built once on a cold path
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response<Body>> {
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_data() {
+            error_code::BAD_REQUEST
+        } else {
+            error_code::MALFORMED_JSON
+        };
+        response::error(StatusCode::BAD_REQUEST, code, e.to_string())
+    })
+}
+
 /// Checks one publication as the single publish does: the status and error to answer, whose
-/// message names `at` (the publication's place in a batch, if any).
+/// message names `at` (the publication's place in a batch or a broadcast, if any: the list's
+/// field and the index).
 fn check_item(
     node: &Node,
     channel: &str,
     data: &RawValue,
     idempotency_key: Option<&str>,
-    at: Option<usize>,
+    at: Option<(&str, usize)>,
 ) -> Result<(), (StatusCode, ErrorBody)> {
     let place = |status: StatusCode, mut e: ErrorBody| {
-        if let Some(i) = at {
-            e.message = format!("publications[{i}]: {}", e.message);
+        if let Some((list, i)) = at {
+            e.message = format!("{list}[{i}]: {}", e.message);
         }
         (status, e)
     };
@@ -92,28 +127,13 @@ pub(crate) async fn publish<B: RequestBody>(
     node: &Arc<Node>,
     request: Request<B>,
 ) -> Response<Body> {
-    let limit = node.config().api_max_body();
-    let body = match Limited::new(request.into_body(), limit).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return response::error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                error_code::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than {limit} bytes"),
-            )
-        }
-        Err(e) => return bad_request(e.to_string()),
+    let body = match read_body(node, request).await {
+        Ok(body) => body,
+        Err(response) => return response,
     };
-    let request: PublishRequest = match serde_json::from_slice(&body) {
+    let request: PublishRequest = match parse_json(&body) {
         Ok(r) => r,
-        Err(e) if e.is_data() => return bad_request(e.to_string()),
-        Err(e) => {
-            return response::error(
-                StatusCode::BAD_REQUEST,
-                error_code::MALFORMED_JSON,
-                e.to_string(),
-            )
-        }
+        Err(response) => return response,
     };
     let (channel, data, key) = match request {
         PublishRequest {
@@ -179,7 +199,8 @@ async fn publish_batch(node: &Arc<Node>, items: &[PublishItem<'_>]) -> Response<
     let mut batch = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let key = item.idempotency_key.as_deref();
-        if let Err((status, e)) = check_item(node, &item.channel, item.data, key, Some(i)) {
+        let at = Some(("publications", i));
+        if let Err((status, e)) = check_item(node, &item.channel, item.data, key, at) {
             return response::error(status, e.code, e.message);
         }
         batch.push(backplane::BatchItem {
@@ -188,17 +209,25 @@ async fn publish_batch(node: &Arc<Node>, items: &[PublishItem<'_>]) -> Response<
             idempotency: key.map(backplane::Idempotency::server),
         });
     }
-    let results = node.publish_batch(&batch).await;
+    publish_checked(node, &batch).await
+}
+
+/// Publishes checked items together and answers `{"results": [...]}`, one per item in order:
+/// its ack, or `{"channel": C, "error": {...}}`.
+async fn publish_checked(node: &Node, batch: &[backplane::BatchItem<'_>]) -> Response<Body> {
+    let results = node.publish_batch(batch).await;
     let mut body = Vec::with_capacity(16 + results.len() * (96 + 32));
     body.extend_from_slice(b"{\"results\":[");
-    for (i, result) in results.iter().enumerate() {
+    for (i, (result, item)) in results.iter().zip(batch).enumerate() {
         if i > 0 {
             body.push(b',');
         }
         match result {
             Ok(ack) => serde_json::to_writer(&mut body, ack).expect("cannot fail"),
             Err(e) => {
-                body.extend_from_slice(b"{\"error\":");
+                body.extend_from_slice(b"{\"channel\":");
+                serde_json::to_writer(&mut body, item.channel).expect("cannot fail");
+                body.extend_from_slice(b",\"error\":");
                 serde_json::to_writer(&mut body, &backplane_error(e)).expect("cannot fail");
                 body.push(b'}');
             }
@@ -206,6 +235,57 @@ async fn publish_batch(node: &Arc<Node>, items: &[PublishItem<'_>]) -> Response<
     }
     body.extend_from_slice(b"]}");
     response::json(StatusCode::OK, body)
+}
+
+/// `POST /api/broadcast {"channels": [...], "data": <json>, "idempotency_key"?}`.
+#[derive(Deserialize)]
+struct BroadcastRequest<'a> {
+    #[serde(borrow)]
+    channels: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
+}
+
+/// `POST /api/broadcast`: one data to 1 to [`MAX_BATCH`] channels, published together like a
+/// batch and answered like one (`{"results": [...]}`, one per channel in order). Every channel is
+/// checked first, as the single publish checks its channel; one bad channel refuses the request.
+/// An `idempotency_key` applies to each channel on its own (keys live per channel).
+pub(crate) async fn broadcast<B: RequestBody>(
+    node: &Arc<Node>,
+    request: Request<B>,
+) -> Response<Body> {
+    let body = match read_body(node, request).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let request: BroadcastRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let channels = &request.channels;
+    if channels.is_empty() || channels.len() > MAX_BATCH {
+        return bad_request(format!(
+            "`channels` must hold 1 to {MAX_BATCH} channels, got {}",
+            channels.len()
+        ));
+    }
+    let key = request.idempotency_key.as_deref();
+    let data = backplane::json::compact(request.data.get());
+    let mut batch = Vec::with_capacity(channels.len());
+    for (i, channel) in channels.iter().enumerate() {
+        let at = Some(("channels", i));
+        if let Err((status, e)) = check_item(node, channel, request.data, key, at) {
+            return response::error(status, e.code, e.message);
+        }
+        batch.push(backplane::BatchItem {
+            channel,
+            data: data.clone(),
+            idempotency: key.map(backplane::Idempotency::server),
+        });
+    }
+    publish_checked(node, &batch).await
 }
 
 /// `GET /api/history?channel=C&since=N&limit=L` → publications with offset > N, oldest first.

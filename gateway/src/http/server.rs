@@ -24,7 +24,7 @@ use crate::http::gate::Kind;
 use crate::http::response::{self, Body, RequestBody};
 use crate::http::sse_h1::{self, FirstRequest};
 use crate::http::tls::Tls;
-use crate::http::{api, assets, gate, openapi};
+use crate::http::{api, assets, gate, manage, openapi};
 use crate::node::Node;
 use crate::protocol::error_code;
 use crate::security::guard;
@@ -435,6 +435,10 @@ enum Route {
     Metrics,
     Publish,
     History,
+    Disconnect,
+    Unsubscribe,
+    Channels,
+    Broadcast,
     OpenApi,
     ClientJs,
     DemoPage,
@@ -456,6 +460,10 @@ const ROUTES: &[(&str, Route)] = &[
     ("/api/publish", Route::Publish),
     ("/api/history", Route::History),
     ("/api/presence", Route::ApiPresence),
+    ("/api/disconnect", Route::Disconnect),
+    ("/api/unsubscribe", Route::Unsubscribe),
+    ("/api/channels", Route::Channels),
+    ("/api/broadcast", Route::Broadcast),
     ("/api/openapi.json", Route::OpenApi),
     ("/client.js", Route::ClientJs),
     ("/", Route::DemoPage),
@@ -478,7 +486,7 @@ impl Route {
 
     fn method(self) -> &'static str {
         match self {
-            Route::Publish => "POST",
+            Route::Publish | Route::Disconnect | Route::Unsubscribe | Route::Broadcast => "POST",
             _ => "GET",
         }
     }
@@ -549,6 +557,10 @@ async fn serve<B: RequestBody>(
             drop(admission);
             response
         }
+        Route::Disconnect => manage::disconnect(node, request).await,
+        Route::Unsubscribe => manage::unsubscribe(node, request).await,
+        Route::Channels => manage::channels(node, request.uri().query()).await,
+        Route::Broadcast => api::broadcast(node, request).await,
         Route::OpenApi => response::json(StatusCode::OK, openapi::document(node.config())),
         Route::ClientJs | Route::DemoPage => {
             let if_none_match = request
@@ -571,7 +583,8 @@ async fn serve<B: RequestBody>(
                 Err(response) => return poll::no_store(response),
             };
             // The connection counts against the limits while the poll waits.
-            let response = poll::poll(node, request.uri().query(), client_ip).await;
+            let identity = admission.identity.as_ref();
+            let response = poll::poll(node, request.uri().query(), client_ip, identity).await;
             drop(admission);
             poll::no_store(response)
         }

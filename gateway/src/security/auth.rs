@@ -24,6 +24,9 @@ pub struct Identity {
     pub expires_at: Option<u64>,
     /// The token's `info` claim (any JSON), shown with the connection in presence.
     pub info: Option<Arc<serde_json::value::RawValue>>,
+    /// The token's `iat` (whole seconds since the Unix epoch), when it has one: a token issued
+    /// before its user was disconnected by the server is refused for a while.
+    pub issued_at: Option<u64>,
 }
 
 impl Identity {
@@ -33,7 +36,14 @@ impl Identity {
             channels,
             expires_at,
             info: None,
+            issued_at: None,
         }
+    }
+
+    /// The identity with the token's `iat`.
+    pub fn issued_at(mut self, iat: Option<u64>) -> Self {
+        self.issued_at = iat;
+        self
     }
 
     /// The identity with the token's `info` claim.
@@ -125,6 +135,10 @@ struct Claims {
     /// Shown with the connection in presence (any JSON).
     #[serde(default)]
     info: Option<Box<serde_json::value::RawValue>>,
+    /// Any JSON: only a non-negative number is used (its whole seconds); anything else counts as
+    /// no `iat`, as before the claim was read.
+    #[serde(default)]
+    iat: Option<serde_json::Value>,
 }
 
 /// Largest `auth.jwt_leeway` the verifier uses, in seconds: jsonwebtoken adds it to the current
@@ -266,7 +280,11 @@ impl Verifier {
                     if c.sub.is_empty() {
                         return Err(AuthError::Invalid("empty `sub`".into()));
                     }
-                    return Ok(Identity::new(c.sub.into(), c.channels, c.exp).with_info(c.info));
+                    let iat = c.iat.as_ref().and_then(serde_json::Value::as_f64);
+                    let iat = iat.filter(|t| *t >= 0.0).map(|t| t as u64);
+                    return Ok(Identity::new(c.sub.into(), c.channels, c.exp)
+                        .issued_at(iat)
+                        .with_info(c.info));
                 }
                 Err(e) => match e.kind() {
                     // The signature matched: the claims are wrong whatever other key we try.

@@ -83,6 +83,11 @@ pub(crate) fn admit(
     let identity = match crate::security::auth::request_token(headers, query) {
         None => None,
         Some(token) => match policy.verifier.verify(&token) {
+            Ok(identity) if node.control().refuses(&identity.user, identity.issued_at) => {
+                node.count_auth("disconnected");
+                let e = crate::protocol::disconnected_error(&identity.user);
+                return Err(response::error(e.status(), e.code, e.message));
+            }
             Ok(identity) => Some(identity),
             Err(e) => {
                 node.count_auth(e.reason());
@@ -277,7 +282,7 @@ impl Guard {
         }
     }
 
-    /// Who the connection is, once authenticated.
+    /// Who the connection is, once a token said so.
     pub(crate) fn identity(&self) -> Option<&Identity> {
         self.identity.as_ref()
     }
@@ -422,6 +427,19 @@ impl Guard {
                 return Verdict::Close(reply_err(id, &e.body()), code, e.code().into());
             }
         };
+        if self
+            .node
+            .control()
+            .refuses(&identity.user, identity.issued_at)
+        {
+            self.node.count_auth("disconnected");
+            let error = crate::protocol::disconnected_error(&identity.user);
+            return Verdict::Close(
+                reply_err(id, &error),
+                close_code::DISCONNECTED,
+                crate::protocol::DISCONNECTED_REASON.into(),
+            );
+        }
         if refresh {
             let current = self.identity.as_ref().map(|i| &i.user);
             if current != Some(&identity.user) {

@@ -62,6 +62,12 @@ pub(crate) enum Output {
         offset: u64,
         reason: &'static str,
     },
+    /// The server ended a subscription (`reason`: `permission_revoked` after a `refresh`,
+    /// `server` by `POST /api/unsubscribe`); nothing more of the channel follows.
+    Unsubscribed {
+        channel: Arc<str>,
+        reason: &'static str,
+    },
 }
 
 impl Output {
@@ -309,6 +315,13 @@ impl Deliveries {
         self.subs
             .get(channel)
             .map(|s| (&s.epoch, s.delivered, s.tag))
+    }
+
+    /// Whether the channel's subscription is still being set up (its first read in flight).
+    pub(crate) fn is_subscribing(&self, channel: &str) -> bool {
+        self.subs
+            .get(channel)
+            .is_some_and(|s| matches!(s.state, State::Subscribing { .. }))
     }
 
     /// The channels subscribed (subscribing ones included).
@@ -799,6 +812,7 @@ mod tests {
                 reason,
                 ..
             } => format!("reset {epoch}@{offset} {reason}"),
+            Output::Unsubscribed { channel, reason } => format!("unsubscribed {channel} {reason}"),
         }
     }
 

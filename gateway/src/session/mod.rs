@@ -1,7 +1,8 @@
 //! The driver of a client session: runs the history reads and publishes the pure delivery rule
 //! (`delivery`) asks for, joins and leaves the hub, reads the connection's queue and counts the
-//! session's metrics, and dispatches the client's commands. Transports feed it commands and
-//! write what it outputs.
+//! session's metrics, and dispatches the client's commands and the server's control commands
+//! (`POST /api/disconnect`, `/api/unsubscribe`). Transports feed it commands and write what it
+//! outputs.
 
 pub(crate) mod delivery;
 pub(crate) mod fresh;
@@ -16,6 +17,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
+use crate::control::Control;
 use crate::cursor::Cursor;
 use crate::hub::ConnId;
 use crate::node::Node;
@@ -23,7 +25,7 @@ use crate::presence::{self, Who};
 use crate::protocol::{
     backplane_error, error_code, reply_err, reply_ok, Command, CommandError, ErrorBody,
 };
-use crate::queue::{outbound, QueueReceiver, QueueSender};
+use crate::queue::{outbound, QueueReceiver, QueueSender, Received};
 use crate::security::auth::Identity;
 pub(crate) use crate::session::delivery::Output;
 use crate::session::delivery::{Deliveries, Effect, Input};
@@ -36,6 +38,8 @@ const FETCH_RETRY: Duration = Duration::from_secs(1);
 pub(crate) enum Event {
     Live(Arc<Publication>),
     Done(Completion),
+    /// A command of the node's control handler ([`crate::control`]).
+    Control(Control),
 }
 
 /// An asynchronous step of a command or a catch-up, finished.
@@ -68,6 +72,13 @@ pub(crate) struct Session {
     /// Whether the session's subscriptions make it a presence member (not a long-poll's, which
     /// holds no connection between polls).
     member: bool,
+    /// The user the session is registered under in the node's control registry, once known.
+    user: Option<Arc<str>>,
+    /// The server disconnected the user: the transport must end the connection (4010).
+    disconnected: bool,
+    /// Channels the server unsubscribed while they were still subscribing: each is left as soon
+    /// as its subscription is set up, so the client learns its start and then the end.
+    unsubscribe_when_subscribed: Vec<Arc<str>>,
 }
 
 impl Session {
@@ -84,24 +95,57 @@ impl Session {
             charged_ip: None,
             who: None,
             member: true,
+            user: None,
+            disconnected: false,
+            unsubscribe_when_subscribed: Vec::new(),
         }
-    }
-
-    /// Records who the connection is (after `connect`, or from the request's token); presence
-    /// entries made from now on show it.
-    pub(crate) fn identify(&mut self, identity: Option<&Identity>) {
-        self.who = identity.map(|i| {
-            Box::new(Who {
-                user: i.user.clone(),
-                info: i.info.clone(),
-            })
-        });
     }
 
     /// A session whose subscriptions are not presence members (a long-poll).
     pub(crate) fn not_a_member(mut self) -> Self {
         self.member = false;
         self
+    }
+
+    /// Records who the connection is (after `connect`, or from the request's token): presence
+    /// entries made from now on show it, and the session is registered under its token's user,
+    /// so `POST /api/disconnect` and `/api/unsubscribe` reach it. A token the server
+    /// disconnected (a race with the checks at the handshake or `connect`) marks the session
+    /// disconnected instead. Idempotent.
+    pub(crate) fn set_identity(&mut self, identity: Option<&Identity>) {
+        let Some(identity) = identity else { return };
+        self.who = Some(Box::new(Who {
+            user: identity.user.clone(),
+            info: identity.info.clone(),
+        }));
+        if self.user.as_ref() == Some(&identity.user) {
+            return;
+        }
+        let registry = self.node.control();
+        if let Some(old) = self.user.take() {
+            registry.unregister(&old, self.conn);
+        }
+        if registry.register(
+            &identity.user,
+            identity.issued_at,
+            self.conn,
+            self.sender.clone(),
+        ) {
+            self.user = Some(identity.user.clone());
+        } else {
+            self.disconnected = true;
+        }
+    }
+
+    /// The user of the session, once registered.
+    pub(crate) fn user(&self) -> Option<&Arc<str>> {
+        self.user.as_ref()
+    }
+
+    /// True once the server disconnected the session's user: the connection must end, and the
+    /// client must not reconnect with the same token.
+    pub(crate) fn disconnected(&self) -> bool {
+        self.disconnected
     }
 
     /// Charges every later subscribe to a fresh channel to `ip` (WebSocket: one command at a
@@ -312,10 +356,58 @@ impl Session {
             .collect();
         for channel in revoked {
             if self.unsubscribe(&channel).is_ok() {
-                out.push(Output::Reply(unsubscribed_push(
-                    &channel,
-                    "permission_revoked",
-                )));
+                out.push(Output::Unsubscribed {
+                    channel,
+                    reason: "permission_revoked",
+                });
+            }
+        }
+    }
+
+    /// Runs a control command: a disconnect marks the session for the transport to end; an
+    /// unsubscribe ends the channel's subscription now, or once it is set up.
+    fn control(&mut self, command: Control, out: &mut Vec<Output>) {
+        match command {
+            Control::Disconnect => self.disconnected = true,
+            Control::Unsubscribe(channel) => {
+                if self.deliveries.is_subscribing(&channel) {
+                    if !self.unsubscribe_when_subscribed.contains(&channel) {
+                        self.unsubscribe_when_subscribed.push(channel);
+                    }
+                } else if self.unsubscribe(&channel).is_ok() {
+                    out.push(Output::Unsubscribed {
+                        channel,
+                        reason: "server",
+                    });
+                }
+            }
+        }
+    }
+
+    /// Leaves the channels the server unsubscribed while they were subscribing, once `out`
+    /// holds their outcome.
+    fn unsubscribe_deferred(&mut self, out: &mut Vec<Output>, from: usize) {
+        let mut settled = Vec::new();
+        for output in &out[from..] {
+            let channel = match output {
+                Output::Subscribed { result, .. } => &result.channel,
+                Output::SubscribeFailed { channel, .. } => channel,
+                _ => continue,
+            };
+            if let Some(i) = self
+                .unsubscribe_when_subscribed
+                .iter()
+                .position(|c| c == channel)
+            {
+                settled.push(self.unsubscribe_when_subscribed.swap_remove(i));
+            }
+        }
+        for channel in settled {
+            if self.unsubscribe(&channel).is_ok() {
+                out.push(Output::Unsubscribed {
+                    channel,
+                    reason: "server",
+                });
             }
         }
     }
@@ -430,7 +522,10 @@ impl Session {
         let busy = self.pending.as_ref().is_some_and(|p| !p.is_empty());
         let (queue, pending) = (&mut self.queue, &mut self.pending);
         let completion = tokio::select! {
-            p = queue.recv() => return Event::Live(p),
+            received = queue.recv() => return match received {
+                Received::Publication(p) => Event::Live(p),
+                Received::Control(command) => Event::Control(command),
+            },
             Some(c) = async { pending.as_mut()?.next().await }, if busy => c,
         };
         self.release_pending();
@@ -439,6 +534,9 @@ impl Session {
 
     /// The next event if one is ready now.
     fn try_next(&mut self) -> Option<Event> {
+        if let Some(command) = self.queue.try_control() {
+            return Some(Event::Control(command));
+        }
         if let Some(p) = self.queue.try_recv() {
             return Some(Event::Live(p));
         }
@@ -476,6 +574,7 @@ impl Session {
     /// Applies an event, writing what must be sent to `out`.
     pub(crate) fn apply(&mut self, event: Event, out: &mut Vec<Output>) {
         let input = match event {
+            Event::Control(command) => return self.control(command, out),
             Event::Live(p) => Input::Live(p),
             Event::Done(Completion::Read(input)) => input,
             Event::Done(Completion::Published { id, result }) => {
@@ -501,8 +600,10 @@ impl Session {
         let catching_up = self.deliveries.catching_up();
         // Empty unless the rule asks for something: no allocation on the live path.
         let mut effects = Vec::new();
+        let from = out.len();
         self.deliveries.apply(input, out, &mut effects);
         self.count_catching_up(catching_up);
+
         for effect in effects {
             match effect {
                 Effect::Fetch {
@@ -523,6 +624,9 @@ impl Session {
                     self.node.count_resumes(recovered, reason, 1);
                 }
             }
+        }
+        if !self.unsubscribe_when_subscribed.is_empty() {
+            self.unsubscribe_deferred(out, from);
         }
     }
 
@@ -553,7 +657,7 @@ impl Session {
 }
 
 /// `{"unsubscribed": {"channel": C, "reason": R}}`: the server ended a subscription.
-fn unsubscribed_push(channel: &str, reason: &str) -> Bytes {
+pub(crate) fn unsubscribed_push(channel: &str, reason: &str) -> Bytes {
     serde_json::to_vec(&serde_json::json!({
         "unsubscribed": {"channel": channel, "reason": reason}
     }))
@@ -576,6 +680,9 @@ pub(crate) fn oldest_live(outputs: &[Output]) -> u64 {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if let Some(user) = self.user.take() {
+            self.node.control().unregister(&user, self.conn);
+        }
         let catching_up = self.deliveries.catching_up();
         let channels = self.deliveries.unsubscribe_all();
         self.count_catching_up(catching_up);
@@ -585,5 +692,62 @@ impl Drop for Session {
                 self.leave_presence(&channel);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// Runs the session until `out` holds an output `done` accepts.
+    async fn run_until(session: &mut Session, out: &mut Vec<Output>, done: fn(&Output) -> bool) {
+        let wait = async {
+            while !out.iter().any(done) {
+                let event = session.next().await;
+                session.apply(event, out);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the session produced the output");
+    }
+
+    /// A server unsubscribe that arrives while the channel is still subscribing is applied once
+    /// the subscription is set up: the client learns the start, then the end.
+    #[tokio::test]
+    async fn a_server_unsubscribe_during_the_subscribe_waits_for_it() {
+        let node = Node::start(Config::default()).await.unwrap();
+        let mut session = Session::new(node.clone(), 1);
+        let mut out = Vec::new();
+        session.subscribe(Some(1), "c".into(), None, &mut out);
+        session.apply(Event::Control(Control::Unsubscribe("c".into())), &mut out);
+        assert!(out.is_empty(), "nothing before the subscription is set up");
+        run_until(&mut session, &mut out, |o| {
+            matches!(o, Output::Unsubscribed { .. })
+        })
+        .await;
+        let kinds: Vec<&str> = out
+            .iter()
+            .map(|o| match o {
+                Output::Subscribed { .. } => "subscribed",
+                Output::Unsubscribed { reason, .. } => reason,
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["subscribed", "server"]);
+        assert!(!session.has_subscriptions());
+    }
+
+    /// A disconnect marks the session; an unsubscribe of a channel it does not hold is nothing.
+    #[tokio::test]
+    async fn a_disconnect_marks_the_session() {
+        let node = Node::start(Config::default()).await.unwrap();
+        let mut session = Session::new(node.clone(), 1);
+        let mut out = Vec::new();
+        session.apply(Event::Control(Control::Unsubscribe("x".into())), &mut out);
+        assert!(out.is_empty() && !session.disconnected());
+        session.apply(Event::Control(Control::Disconnect), &mut out);
+        assert!(session.disconnected());
     }
 }

@@ -6,6 +6,10 @@
 //! reconnect: every publication after the cursor once, in order, on any node. A request is a
 //! short-lived session: it subscribes (joining the hub before reading positions, so nothing
 //! published meanwhile is missed), collects what the session outputs, and answers.
+//!
+//! A server unsubscribe (`POST /api/unsubscribe`) answers at once with an `unsubscribed` event, and
+//! the answer's cursor no longer names the channel; a server disconnect answers 403
+//! `user_disconnected`, as every later poll with the same token is.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -19,10 +23,11 @@ use crate::cursor;
 use crate::drain::reconnect_hint;
 use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::protocol::{error_code, ErrorBody};
+use crate::protocol::{disconnected_error, error_code, ErrorBody};
+use crate::security::auth::Identity;
 use crate::security::guard::too_many;
 use crate::session::fresh;
-use crate::session::{oldest_live, Output, Session};
+use crate::session::{oldest_live, unsubscribed_push, Output, Session};
 use crate::transport::stream_query::{decode_cursor, verify_compact, StreamQuery};
 
 /// Most outputs gathered into one answer once something is ready; the rest waits for the next
@@ -59,6 +64,8 @@ enum Outcome {
     Timeout,
     /// The node began draining while the request waited.
     Drained,
+    /// The server disconnected the poll's user (403).
+    Disconnected,
 }
 
 impl Outcome {
@@ -68,6 +75,7 @@ impl Outcome {
             Outcome::Positions => "positions",
             Outcome::Timeout => "timeout",
             Outcome::Drained => "drained",
+            Outcome::Disconnected => "disconnected",
         }
     }
 }
@@ -77,6 +85,7 @@ pub(crate) async fn poll(
     node: &Arc<Node>,
     query: Option<&str>,
     client_ip: IpAddr,
+    identity: Option<&Identity>,
 ) -> Response<Body> {
     let request = match parse(node, query) {
         Ok(request) => request,
@@ -98,7 +107,7 @@ pub(crate) async fn poll(
     }
     let gauge = node.metrics().connections.with_label_values(&["poll"]);
     gauge.inc();
-    let response = answer(node, request).await;
+    let response = answer(node, request, identity).await;
     gauge.dec();
     response
 }
@@ -135,12 +144,17 @@ fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
     })
 }
 
-async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
+async fn answer(
+    node: &Arc<Node>,
+    request: PollRequest,
+    identity: Option<&Identity>,
+) -> Response<Body> {
     let deadline = tokio::time::Instant::now() + request.timeout;
     // Registered like a stream, so a drain answers waiting polls at once instead of at timeout.
     let registration = node.streams().register();
     // A poll receives joins and leaves but is no member: it holds no connection between polls.
     let mut session = Session::new(node.clone(), registration.id()).not_a_member();
+    session.set_identity(identity);
     let starts = session.subscribe_from_cursor(&request.channels, &request.cursor);
     let missing_position = starts.iter().any(Option::is_none);
     let mut out = Vec::new();
@@ -152,6 +166,9 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
         tokio::select! {
             event = session.next() => session.apply(event, &mut out),
             _ = registration.closing() => return draining(node),
+        }
+        if session.disconnected() {
+            return disconnected(node, &session);
         }
         for output in out.drain(..) {
             match output {
@@ -210,6 +227,9 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
             _ = tokio::time::sleep_until(deadline) => outcome = Some(Outcome::Timeout),
             _ = registration.closing() => outcome = Some(Outcome::Drained),
         }
+        if session.disconnected() {
+            return disconnected(node, &session);
+        }
     }
     // Whatever else is ready now goes into the same answer.
     session.apply_ready(&mut delivered, BATCH);
@@ -225,9 +245,21 @@ fn has_data(outputs: &[Output]) -> bool {
     outputs.iter().any(|o| {
         matches!(
             o,
-            Output::History(_) | Output::Live(_) | Output::Presence(_) | Output::Reset { .. }
+            Output::History(_)
+                | Output::Live(_)
+                | Output::Presence(_)
+                | Output::Reset { .. }
+                | Output::Unsubscribed { .. }
         )
     })
+}
+
+/// 403 `user_disconnected`: the server disconnected the poll's user while it waited.
+fn disconnected(node: &Node, session: &Session) -> Response<Body> {
+    record(node, Outcome::Disconnected, &[]);
+    let user = session.user().map_or("", |u| u);
+    let e = disconnected_error(user);
+    response::error(e.status(), e.code, e.message)
 }
 
 fn record(node: &Node, outcome: Outcome, delivered: &[Output]) {
@@ -268,19 +300,18 @@ fn encode(
     delivered: &[Output],
     reconnect_ms: Option<u64>,
 ) -> Bytes {
+    // A channel the server unsubscribed has no position any more: the cursor leaves it out.
     let positions: Vec<PositionOut> = channels
         .iter()
-        .map(|c| {
-            let (epoch, offset, tag) = session
-                .position(c)
-                .expect("every channel of the poll is subscribed");
-            PositionOut {
+        .filter_map(|c| {
+            let (epoch, offset, tag) = session.position(c)?;
+            Some(PositionOut {
                 channel: c,
                 epoch,
                 offset,
                 tag: tag.map(backplane::format_tag),
                 tag_bits: tag,
-            }
+            })
         })
         .collect();
     let size: usize = delivered
@@ -306,6 +337,7 @@ fn encode(
     for output in delivered {
         let event = match output {
             Output::History(p) | Output::Live(p) | Output::Presence(p) => p.json().clone(),
+            Output::Unsubscribed { channel, reason } => unsubscribed_push(channel, reason),
             other => match other.reset_push() {
                 Some(push) => push,
                 None => continue,

@@ -2,6 +2,10 @@
 //! request, over HTTP/1.1 or HTTP/2. Every event's `id:` is a compact cursor holding the position
 //! of every channel of the stream, so EventSource's automatic `Last-Event-ID` resumes all of them
 //! exactly once.
+//!
+//! The server may end a channel of the stream (`POST /api/unsubscribe`: an `unsubscribed` event)
+//! or the whole stream (`POST /api/disconnect`: a `disconnect` event saying not to reconnect,
+//! then the end; a reconnect with the same token is refused with 403).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -17,7 +21,7 @@ use crate::cursor::{Cursor, StreamCursor};
 use crate::drain::{reconnect_hint, Registration};
 use crate::http::response::{self, Body};
 use crate::node::Node;
-use crate::protocol::{error_code, Reset, SubscribeResult};
+use crate::protocol::{error_code, Reset, SubscribeResult, DISCONNECTED_REASON};
 use crate::security::auth::Identity;
 use crate::security::guard::too_many;
 use crate::session::fresh;
@@ -70,7 +74,7 @@ pub(crate) fn open(
 
     let registration = node.streams().register();
     let mut session = Session::new(node.clone(), registration.id());
-    session.identify(identity);
+    session.set_identity(identity);
     session.subscribe_from_cursor(&channels, &cursor);
 
     let (tx, body) = body_channel(64);
@@ -129,6 +133,12 @@ struct Connected<'a> {
 }
 
 #[derive(Serialize)]
+struct Unsubscribed<'a> {
+    channel: &'a str,
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
 struct StreamError<'a> {
     channel: &'a str,
     code: &'a str,
@@ -176,7 +186,16 @@ impl SseStream {
                 return Ok(());
             }
             self.emit(&mut out).await?;
+            if session.disconnected() {
+                return self.disconnect().await;
+            }
         }
+    }
+
+    /// The server disconnected the stream's user: say so, then end the stream.
+    async fn disconnect(&mut self) -> Result<(), ()> {
+        let data = Bytes::from_static(DISCONNECTED_REASON.as_bytes());
+        self.send_event(Some("disconnect"), false, data).await
     }
 
     /// The stream's start: `retry:`, every channel subscribed (so the `connected` event's id is
@@ -195,6 +214,9 @@ impl SseStream {
             tokio::select! {
                 _ = self.tx.closed() => return Err(()),
                 event = session.next() => session.apply(event, &mut out),
+            }
+            if session.disconnected() {
+                return self.disconnect().await;
             }
             for output in out.drain(..) {
                 match output {
@@ -276,6 +298,15 @@ impl SseStream {
                         };
                         self.send_event(Some(name), false, event.json().clone())
                             .await?
+                    }
+                    Output::Unsubscribed { channel, reason } => {
+                        let data = Unsubscribed {
+                            channel: &channel,
+                            reason,
+                        };
+                        let data = serde_json::to_vec(&data).expect("cannot fail");
+                        self.send_event(Some("unsubscribed"), true, Bytes::from(data))
+                            .await?;
                     }
                     Output::Reply(_)
                     | Output::Subscribed { .. }

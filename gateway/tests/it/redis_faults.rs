@@ -47,7 +47,10 @@ async fn subscribes_of_clients_that_left_are_released_after_the_linger() {
     let stays = Sub::connect("stays", node.addr).await;
     stays.subscribe("leak:stays", None).await;
     let baseline = pubsub_channels(&redis).await;
-    assert_eq!(baseline, 1, "only the staying subscriber's channel");
+    assert_eq!(
+        baseline, 2,
+        "only the staying subscriber's channel and the node's control channel"
+    );
     let calls_before = subscribe_calls(&redis).await;
 
     let run = format!("{:x}", rand::random::<u32>());

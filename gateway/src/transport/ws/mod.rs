@@ -30,9 +30,9 @@ use tokio::time::{Instant, Sleep};
 use crate::drain::{reconnect_hint, Registration};
 use crate::metrics::observe_fanout;
 use crate::node::Node;
-use crate::protocol::{close_code, reply_err, reply_ok, Command};
+use crate::protocol::{close_code, reply_err, reply_ok, Command, DISCONNECTED_REASON};
 use crate::security::guard::{Admission, Guard, Verdict};
-use crate::session::{oldest_live, Event, Output, Session};
+use crate::session::{oldest_live, unsubscribed_push, Event, Output, Session};
 use crate::transport::ws::batch_writer::BatchWriter;
 use crate::transport::ws::extension::Deflate;
 use crate::transport::ws::frame::{close_code_allowed, server_header, Frame, OpCode};
@@ -316,11 +316,11 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     async fn serve(&mut self, mode: Mode) {
         let conn = self.registration.id();
         let mut session = (mode == Mode::Protocol).then(|| {
-            let mut session =
-                Session::new(self.node.clone(), conn).charge_fresh_channels_to(self.client_ip);
-            session.identify(self.guard.identity());
-            session
+            Session::new(self.node.clone(), conn).charge_fresh_channels_to(self.client_ip)
         });
+        if let Some(session) = session.as_mut() {
+            session.set_identity(self.guard.identity());
+        }
         let mut out: Vec<Output> = Vec::new();
         let end = loop {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
@@ -352,10 +352,20 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 break end;
             }
             if let Some(session) = session.as_mut() {
+                // A `connect` may just have named the user.
+                if session.user().is_none() {
+                    session.set_identity(self.guard.identity());
+                }
                 session.apply_ready(&mut out, BATCH);
                 self.guard.note_subscriptions(session.has_subscriptions());
                 if session.overflowed() {
                     break End::Close(close_code::SLOW_CONSUMER, "slow consumer".into());
+                }
+                if session.disconnected() {
+                    break End::CloseAfterReply(
+                        close_code::DISCONNECTED,
+                        DISCONNECTED_REASON.into(),
+                    );
                 }
             }
             if let Err(end) = self.write_outputs(&mut out).await {
@@ -483,9 +493,6 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                             Ok(())
                         }
                         Verdict::Reply(reply) => {
-                            if matches!(parsed, Ok(Command::Connect { .. })) {
-                                session.identify(self.guard.identity());
-                            }
                             out.push(Output::Reply(reply));
                             Ok(())
                         }
@@ -563,6 +570,9 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         Output::Reply(bytes) => bytes,
                         Output::Subscribed { id, result, .. } => reply_ok(id, &result),
                         Output::SubscribeFailed { id, error, .. } => reply_err(id, &error),
+                        Output::Unsubscribed { channel, reason } => {
+                            unsubscribed_push(&channel, reason)
+                        }
                         reset => reset.reset_push().expect("a reset has a push form"),
                     };
                     let compressed = deflate.and_then(|d| deflate::message(&text, d));
