@@ -491,7 +491,9 @@ class PollTransport {
         answer = await response.json();
         if (!response.ok) {
           const error = answer && answer.error ? answer.error : { code: 'http_' + response.status };
-          this.finish(error.code === 'shutting_down', null);
+          // The backend disconnected this user: its token is refused, do not come back.
+          const final = error.code === 'user_disconnected' ? { code: 4010, reason: 'disconnected' } : null;
+          this.finish(error.code === 'shutting_down', null, final);
           return;
         }
       } catch {
@@ -573,14 +575,14 @@ class PollTransport {
     return null;
   }
 
-  finish(draining, reconnectMs) {
+  finish(draining, reconnectMs, final = null) {
     if (this.done) return;
     this.done = true;
     const wasOpen = this.open;
     this.open = false;
     if (this.abort) this.abort.abort();
     if (this.wake) this.wake();
-    this.client._closed(this, { wasOpen, draining, reconnectMs });
+    this.client._closed(this, { wasOpen, draining, reconnectMs, final });
   }
 
   close() {
