@@ -12,7 +12,7 @@ use backplane::{
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use crate::{offsets, poll_until, script, Node, NodeOptions, Store};
+use crate::{offsets, poll_until, script, Node, NodeOptions, Store, PREFIX};
 
 fn data(n: u64) -> Bytes {
     Bytes::from(format!("{{\"n\":{n}}}"))
@@ -853,4 +853,71 @@ pub async fn a_crashed_nodes_members_leave_once_each(store: &Store) {
         assert_eq!(leaves(&b), ["L0:m4"], "{b:?}");
         assert_eq!(a.last().map(String::as_str), Some("P2"));
     }
+}
+
+/// Calls of `command` since the last `CONFIG RESETSTAT`, from `INFO commandstats` (commands a
+/// script runs count too).
+async fn command_calls(store: &Store, command: &str) -> u64 {
+    let Store::Redis(server) = store else {
+        panic!("a single Redis server")
+    };
+    let stats = server.cli(&["info", "commandstats"]).await;
+    let line = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Redis loses everything (a restart without persistence): the node's periodic refresh puts its
+/// members back, one script call per channel and 1,000 members (not a write per member), and
+/// never a member that left before.
+pub async fn refresh_restores_members_in_batches(store: &Store) {
+    const MEMBERS: usize = 2500;
+    let Store::Redis(server) = store else {
+        panic!("a single Redis server")
+    };
+    let node = store
+        .node(with_settings(Settings {
+            presence_ttl: Duration::from_secs(3),
+            ..Settings::default()
+        }))
+        .await;
+    let bp = &node.backplane;
+    for i in 0..MEMBERS {
+        bp.presence_join("big", member(&format!("c{i}"), None), false);
+    }
+    bp.presence_leave("big", "c7", false);
+    bp.presence_join("small", member("s", Some("u")), false);
+    flush(&node).await;
+    assert_eq!(presence(&node, "big").await.count, MEMBERS as u64 - 1);
+
+    assert_eq!(server.cli(&["flushall"]).await, "OK");
+    assert_eq!(server.cli(&["config", "resetstat"]).await, "OK");
+    // Polled with plain HLEN: a presence read is a script call itself.
+    let node_id = node.redis.as_ref().expect("a Redis node").node_id();
+    let hlen = |channel: &str| {
+        let key = format!("{PREFIX}:{{{channel}}}:pn:{node_id}");
+        async move { server.cli(&["hlen", &key]).await }
+    };
+    poll_until("the refresh to restore the members", || async {
+        let restored = hlen("big").await == (MEMBERS - 1).to_string() && hlen("small").await == "1";
+        restored.then_some(())
+    })
+    .await;
+    let scripts = command_calls(store, "evalsha").await;
+    let writes = command_calls(store, "hset").await;
+    assert!(writes >= MEMBERS as u64 - 1, "{writes} member writes");
+    assert!(
+        scripts * 100 < writes,
+        "members are refreshed in batches: {scripts} script calls for {writes} member writes"
+    );
+    let big = presence(&node, "big").await;
+    assert_eq!(big.count, MEMBERS as u64 - 1);
+    assert!(
+        !clients(&big).contains(&"c7"),
+        "a member that left is not refreshed back"
+    );
+    assert_eq!(presence(&node, "small").await.count, 1);
 }

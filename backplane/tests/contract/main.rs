@@ -171,7 +171,7 @@ pub enum Store {
     Sentinel(SentinelSet),
 }
 
-const PREFIX: &str = "contract";
+pub const PREFIX: &str = "contract";
 
 impl Store {
     pub async fn memory() -> Store {
@@ -355,6 +355,12 @@ macro_rules! shared_backplanes {
 }
 
 shared_backplanes!(a_crashed_nodes_members_leave_once_each,);
+
+contract_suite!(
+    redis_single,
+    crate::Store::redis(),
+    [refresh_restores_members_in_batches]
+);
 
 contract_suite!(
     redis_sentinel,
