@@ -281,7 +281,9 @@ pub trait Backplane: Send + Sync + 'static {
     async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError>;
 
     /// Adds `member` to the channel's presence and, when `announce`, fans out a join
-    /// ([`Kind::Join`]) to every subscriber of the channel in order with its publications.
+    /// ([`Kind::Join`]) to every subscriber of the channel in order with its publications (a
+    /// client already present is updated, not announced again). `announce` is kept with the
+    /// member: a node that removes it after this node crashed announces its leave only if set.
     /// Not awaited: a node's presence changes are queued and applied at the store in the order
     /// they were made, in batches ([`Backplane::flush_presence`] waits for them).
     fn presence_join(&self, channel: &str, member: Member, announce: bool);
@@ -292,7 +294,8 @@ pub trait Backplane: Send + Sync + 'static {
     fn presence_leave(&self, channel: &str, client: &str, announce: bool);
 
     /// Waits until every presence change queued before the call is applied at the store (a
-    /// draining node calls it before it exits).
+    /// draining node calls it before it exits). An error says some were not applied yet; they
+    /// stay queued, in order, and are retried.
     async fn flush_presence(&self) -> Result<(), BackplaneError>;
 
     /// Reads the channel's presence across the cluster; the member list only when `members`.

@@ -921,3 +921,47 @@ pub async fn refresh_restores_members_in_batches(store: &Store) {
     );
     assert_eq!(presence(&node, "small").await.count, 1);
 }
+
+/// Redis goes away (kill -9) and comes back empty: changes made meanwhile stay queued in order
+/// (a flush says they are not applied) and are applied once it is back; the refresh puts back
+/// what Redis lost.
+pub async fn presence_changes_outlast_a_redis_outage(store: &mut Store) {
+    let node = store
+        .node(with_settings(Settings {
+            presence_ttl: Duration::from_secs(3),
+            ..Settings::default()
+        }))
+        .await;
+    let bp = &node.backplane;
+    bp.presence_join("outage", member("before", Some("u1")), false);
+    flush(&node).await;
+    let Store::Redis(server) = store else {
+        panic!("a single Redis server")
+    };
+    server.kill9();
+    bp.presence_join("outage", member("during", Some("u2")), false);
+    bp.presence_join("outage", member("gone", None), false);
+    bp.presence_leave("outage", "gone", false);
+    assert!(
+        bp.flush_presence().await.is_err(),
+        "nothing can be applied while Redis is down"
+    );
+    server.restart().await;
+    let read = poll_until(
+        "the queued changes and the refresh to reach Redis",
+        || async {
+            let mut read = bp.presence("outage", true).await.ok()?;
+            let members = read.members.as_mut()?;
+            members.sort_by(|a, b| a.client.cmp(&b.client));
+            (read.count == 2).then_some(read)
+        },
+    )
+    .await;
+    assert_eq!(
+        clients(&read),
+        ["before", "during"],
+        "in order: gone joined, then left"
+    );
+    assert_eq!(read.users, 2);
+    flush(&node).await;
+}

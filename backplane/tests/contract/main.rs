@@ -373,3 +373,10 @@ contract_suite!(
         a_crashed_nodes_members_leave_once_each,
     ]
 );
+
+/// Not a contract case: it stops the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_presence_changes_outlast_an_outage() {
+    let mut store = Store::redis().await;
+    cases::presence_changes_outlast_a_redis_outage(&mut store).await;
+}
