@@ -96,6 +96,22 @@ async fn calls(server: &RedisServer, command: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Mean time inside Redis per call of `command` since the last `CONFIG RESETSTAT`.
+async fn usec_per_call(server: &RedisServer, command: &str) -> f64 {
+    let stats = server.cli(&["info", "commandstats"]).await;
+    let prefix = format!("cmdstat_{command}:");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| {
+            rest.split(',')
+                .find_map(|f| f.strip_prefix("usec_per_call="))?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, run by hand"]
 async fn presence_at_scale() {
@@ -135,6 +151,7 @@ async fn presence_at_scale() {
     );
 
     for members in [false, true] {
+        server.cli(&["config", "resetstat"]).await;
         let mut took = Vec::with_capacity(READS);
         for _ in 0..READS {
             let t = Instant::now();
@@ -147,7 +164,8 @@ async fn presence_at_scale() {
         }
         took.sort();
         println!(
-            "presence read ({}): p50 {:?}, p99 {:?}, max {:?} over {READS} reads",
+            "presence read ({}): p50 {:?}, p99 {:?}, max {:?} over {READS} reads; {} µs per \
+             script call inside Redis",
             if members {
                 "with the member list"
             } else {
@@ -155,7 +173,8 @@ async fn presence_at_scale() {
             },
             quantile(&took, 0.5),
             quantile(&took, 0.99),
-            took[READS - 1]
+            took[READS - 1],
+            usec_per_call(&server, "evalsha").await
         );
     }
 
