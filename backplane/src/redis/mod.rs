@@ -168,6 +168,13 @@ impl RedisBackplane {
         self.presence.abort();
     }
 
+    /// Reaps node `node` now, dead or not: removes its members, announcing their leaves, and
+    /// forgets it. Returns how many members this call removed. For tests of concurrent reaping.
+    #[doc(hidden)]
+    pub async fn reap_node(&self, node: &str) -> Result<u64, BackplaneError> {
+        registry::reap(&self.shared, node).await
+    }
+
     /// This node's id in the registry and in its presence keys.
     pub fn node_id(&self) -> &str {
         &self.shared.node_id

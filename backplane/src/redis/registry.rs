@@ -106,7 +106,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 
 /// Removes every member of the dead `node`, announcing their leaves, then forgets the node.
 /// Returns how many members were removed.
-async fn reap(shared: &Shared, node: &str) -> Result<u64, BackplaneError> {
+pub(crate) async fn reap(shared: &Shared, node: &str) -> Result<u64, BackplaneError> {
     let keys = &shared.keys;
     let channels_key = keys.node_channels(node);
     let mut members = redis::cmd("SMEMBERS");

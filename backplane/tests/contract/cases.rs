@@ -965,3 +965,51 @@ pub async fn presence_changes_outlast_a_redis_outage(store: &mut Store) {
     assert_eq!(read.users, 2);
     flush(&node).await;
 }
+
+/// Two survivors reap the same dead node at the same moment, over many channels: every member
+/// is removed by exactly one of them and its leave is heard once.
+pub async fn concurrent_reapers_announce_each_leave_once(store: &Store) {
+    const CHANNELS: usize = 20;
+    const EACH: usize = 5;
+    let doomed = node(store).await;
+    let survivors = [node(store).await, node(store).await];
+    let channels: Vec<String> = (0..CHANNELS).map(|c| format!("reaped:{c}")).collect();
+    for channel in &channels {
+        survivors[0].backplane.subscribe(channel).await.unwrap();
+        for m in 0..EACH {
+            let client = format!("{channel}/{m}");
+            doomed
+                .backplane
+                .presence_join(channel, member(&client, None), true);
+        }
+    }
+    flush(&doomed).await;
+    for channel in &channels {
+        survivors[0]
+            .sink
+            .wait_until(channel, "the joins", |got| script(got).len() == EACH)
+            .await;
+    }
+    let dead = doomed.redis.as_ref().expect("a Redis node");
+    dead.stop_presence_abruptly();
+    let reap = |survivor: &Node| {
+        let redis = survivor.redis.clone().expect("a Redis node");
+        let node_id = dead.node_id().to_string();
+        async move { redis.reap_node(&node_id).await.expect("reap") }
+    };
+    let (first, second) = tokio::join!(reap(&survivors[0]), reap(&survivors[1]));
+    assert_eq!(
+        first + second,
+        (CHANNELS * EACH) as u64,
+        "each member removed by one reaper: {first} + {second}"
+    );
+    for channel in &channels {
+        assert_eq!(presence(&survivors[1], channel).await.count, 0);
+        publish(&survivors[1], channel, 1).await;
+        let got = script(&survivors[0].sink.wait_for(channel, 1).await);
+        let mut leaves: Vec<&String> = got.iter().filter(|e| e.starts_with('L')).collect();
+        leaves.sort();
+        let expected: Vec<String> = (0..EACH).map(|m| format!("L0:{channel}/{m}")).collect();
+        assert_eq!(leaves, expected.iter().collect::<Vec<_>>(), "{got:?}");
+    }
+}

@@ -354,7 +354,10 @@ macro_rules! shared_backplanes {
     };
 }
 
-shared_backplanes!(a_crashed_nodes_members_leave_once_each,);
+shared_backplanes!(
+    a_crashed_nodes_members_leave_once_each,
+    concurrent_reapers_announce_each_leave_once,
+);
 
 contract_suite!(
     redis_single,
