@@ -142,6 +142,10 @@ pub struct Settings {
     pub meta_ttl: Duration,
     /// A publish repeating an idempotency key within this window returns the first result.
     pub idempotency_window: Duration,
+    /// How long the presence of a node that stopped without leaving (a crash) outlives it: within
+    /// this time the surviving nodes remove its members and announce their leaves. A node
+    /// heartbeats about every `presence_ttl / 6` and is taken for dead after `presence_ttl / 2`.
+    pub presence_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -151,6 +155,7 @@ impl Default for Settings {
             namespace_retention: Arc::from([]),
             meta_ttl: Duration::from_secs(24 * 3600),
             idempotency_window: Duration::from_secs(300),
+            presence_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -276,47 +281,33 @@ pub trait Backplane: Send + Sync + 'static {
     async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError>;
 
     /// Adds `member` to the channel's presence and, when `announce`, fans out a join
-    /// ([`Kind::Join`]) to every subscriber of the channel in order with its publications.
+    /// ([`Kind::Join`]) to every subscriber of the channel in order with its publications (a
+    /// client already present is updated, not announced again). `announce` is kept with the
+    /// member: a node that removes it after this node crashed announces its leave only if set.
     /// Not awaited: a node's presence changes are queued and applied at the store in the order
     /// they were made, in batches ([`Backplane::flush_presence`] waits for them).
-    fn presence_join(&self, channel: &str, member: Member, announce: bool) {
-        let _ = (channel, member, announce);
-    }
+    fn presence_join(&self, channel: &str, member: Member, announce: bool);
 
     /// Removes the member `client` from the channel's presence and, when `announce` and the
     /// member was still present, fans out one leave ([`Kind::Leave`]). Queued like
     /// [`Backplane::presence_join`].
-    fn presence_leave(&self, channel: &str, client: &str, announce: bool) {
-        let _ = (channel, client, announce);
-    }
+    fn presence_leave(&self, channel: &str, client: &str, announce: bool);
 
     /// Waits until every presence change queued before the call is applied at the store (a
-    /// draining node calls it before it exits).
-    async fn flush_presence(&self) -> Result<(), BackplaneError> {
-        Ok(())
-    }
+    /// draining node calls it before it exits). An error says some were not applied yet; they
+    /// stay queued, in order, and are retried.
+    async fn flush_presence(&self) -> Result<(), BackplaneError>;
 
     /// Reads the channel's presence across the cluster; the member list only when `members`.
-    async fn presence(&self, channel: &str, members: bool) -> Result<Presence, BackplaneError> {
-        let _ = (channel, members);
-        Err(BackplaneError::Invalid("presence is not supported".into()))
-    }
+    async fn presence(&self, channel: &str, members: bool) -> Result<Presence, BackplaneError>;
 
     /// Replaces this node's report of its channels and their local subscriber counts, which
     /// [`Backplane::channels`] sums over the live nodes.
-    async fn report_channels(&self, counts: Vec<ChannelCount>) -> Result<(), BackplaneError> {
-        let _ = counts;
-        Ok(())
-    }
+    async fn report_channels(&self, counts: Vec<ChannelCount>) -> Result<(), BackplaneError>;
 
     /// The channels whose name starts with `prefix` that have subscribers on any live node, with
     /// the cluster-wide subscriber count, sorted by name.
-    async fn channels(&self, prefix: &str) -> Result<Vec<ChannelCount>, BackplaneError> {
-        let _ = prefix;
-        Err(BackplaneError::Invalid(
-            "channel listing is not supported".into(),
-        ))
-    }
+    async fn channels(&self, prefix: &str) -> Result<Vec<ChannelCount>, BackplaneError>;
 
     /// Whether the backplane can take traffic now; `Err` says why not.
     fn health(&self) -> Result<(), String> {

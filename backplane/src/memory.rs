@@ -1,8 +1,12 @@
 //! The embedded backplane: one node, no external store. History lives in this process, so a
 //! restart loses it, and a channel gets a fresh epoch when it is created again.
+//!
+//! Presence is a table of members per channel, changed under the same lock as publishing, so a
+//! join or leave reaches the sink exactly between the publications it was made between. The
+//! channel list is the node's last report (there is no other node to sum).
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -12,8 +16,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::{
-    new_epoch, new_tag, Backplane, BackplaneError, HistoryPage, Idempotency, IdempotencyScope,
-    Publication, PublicationSink, PublishAck, Retention, Settings,
+    new_epoch, new_tag, Backplane, BackplaneError, ChannelCount, HistoryPage, Idempotency,
+    IdempotencyScope, Kind, Member, Presence, Publication, PublicationSink, PublishAck, Retention,
+    Settings,
 };
 
 const SHARDS: usize = 64;
@@ -29,6 +34,8 @@ pub struct MemoryBackplane {
     idle_ttl: Duration,
     idempotency_window: Duration,
     sink: Arc<dyn PublicationSink>,
+    /// The node's last [`Backplane::report_channels`].
+    channel_report: Mutex<Vec<ChannelCount>>,
 }
 
 struct Channel {
@@ -42,6 +49,8 @@ struct Channel {
     touched: Instant,
     /// Idempotency keys of recent publishes, one map per [`IdempotencyScope`].
     recent_keys: [HashMap<Box<str>, Remembered>; 2],
+    /// Presence: member by client id.
+    members: HashMap<Box<str>, Member>,
     /// Set when the sweeper removed the channel from its shard; a holder must look it up again.
     removed: bool,
 }
@@ -79,6 +88,7 @@ impl Channel {
             node_subscribed: false,
             touched: now,
             recent_keys: Default::default(),
+            members: HashMap::new(),
             removed: false,
         }
     }
@@ -93,6 +103,21 @@ impl Channel {
             }
             self.history.pop_front();
         }
+    }
+
+    /// Hands a join or leave of `member` to the sink, placed after the channel's top.
+    fn announce(&self, kind: Kind, member: &[u8], sink: &dyn PublicationSink) {
+        if !self.node_subscribed {
+            return;
+        }
+        // A channel with no publication has no epoch yet, as history reads show it.
+        let epoch: Arc<str> = if self.top == 0 {
+            "".into()
+        } else {
+            self.epoch.clone()
+        };
+        let event = Publication::presence_event(kind, self.name.clone(), epoch, self.top, member);
+        sink.deliver(Arc::new(event));
     }
 }
 
@@ -109,6 +134,7 @@ impl MemoryBackplane {
             idempotency_window: settings.idempotency_window,
             settings,
             sink,
+            channel_report: Mutex::new(Vec::new()),
         });
         tokio::spawn(sweep(Arc::downgrade(&backplane), period));
         backplane
@@ -168,6 +194,7 @@ impl MemoryBackplane {
             let mut state = state.lock();
             let unused = state.top == 0
                 && !state.node_subscribed
+                && state.members.is_empty()
                 && state.recent_keys.iter().all(HashMap::is_empty);
             state.removed |= unused;
             unused
@@ -190,6 +217,7 @@ impl MemoryBackplane {
                 }
                 let idle = now.duration_since(state.touched) >= self.idle_ttl;
                 let keep = state.node_subscribed
+                    || !state.members.is_empty()
                     || !state.history.is_empty()
                     || state.recent_keys.iter().any(|keys| !keys.is_empty())
                     || !idle;
@@ -344,6 +372,75 @@ impl Backplane for MemoryBackplane {
         self.with_existing(channel, |state, _| state.node_subscribed = false);
         self.forget_if_unused(channel);
         Ok(())
+    }
+
+    fn presence_join(&self, channel: &str, member: Member, announce: bool) {
+        let json = announce.then(|| member.to_json());
+        self.with_channel(channel, |state, _| {
+            let client: Box<str> = member.client.as_str().into();
+            let new = state.members.insert(client, member).is_none();
+            // Delivered under the channel lock, between the publications it was made between.
+            if let (true, Some(json)) = (new, json) {
+                state.announce(Kind::Join, &json, &*self.sink);
+            }
+        });
+    }
+
+    fn presence_leave(&self, channel: &str, client: &str, announce: bool) {
+        self.with_existing(channel, |state, _| {
+            let member = state.members.remove(client);
+            if let (true, Some(member)) = (announce, member) {
+                state.announce(Kind::Leave, &member.to_json(), &*self.sink);
+            }
+        });
+        self.forget_if_unused(channel);
+    }
+
+    /// Changes are applied when they are made.
+    async fn flush_presence(&self) -> Result<(), BackplaneError> {
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str, members: bool) -> Result<Presence, BackplaneError> {
+        let presence = self.with_existing(channel, |state, _| {
+            let users: HashSet<&str> = state
+                .members
+                .values()
+                .filter_map(|m| m.user.as_deref())
+                .collect();
+            let list = members.then(|| {
+                let mut list: Vec<Member> = state.members.values().cloned().collect();
+                list.sort_by(|a, b| a.client.cmp(&b.client));
+                list
+            });
+            Presence {
+                count: state.members.len() as u64,
+                users: users.len() as u64,
+                members: list,
+            }
+        });
+        Ok(presence.unwrap_or(Presence {
+            count: 0,
+            users: 0,
+            members: members.then(Vec::new),
+        }))
+    }
+
+    async fn report_channels(&self, counts: Vec<ChannelCount>) -> Result<(), BackplaneError> {
+        *self.channel_report.lock() = counts;
+        Ok(())
+    }
+
+    async fn channels(&self, prefix: &str) -> Result<Vec<ChannelCount>, BackplaneError> {
+        let mut channels: Vec<ChannelCount> = self
+            .channel_report
+            .lock()
+            .iter()
+            .filter(|c| c.subscribers > 0 && c.channel.starts_with(prefix))
+            .cloned()
+            .collect();
+        channels.sort_by(|a, b| a.channel.cmp(&b.channel));
+        Ok(channels)
     }
 
     fn kind(&self) -> &'static str {

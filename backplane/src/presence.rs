@@ -7,6 +7,7 @@
 //! per node), refreshes them in batches, and when a node dies without leaving, the surviving
 //! nodes remove its members and announce each leave once.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -32,6 +33,16 @@ impl PartialEq for Member {
 
 impl Eq for Member {}
 
+impl Member {
+    /// The member as compact JSON, `{"client":..,"user":..}` plus `"info"` when present: the
+    /// form a join or leave event carries ([`crate::Publication::presence_event`]).
+    pub(crate) fn to_json(&self) -> Bytes {
+        let text = serde_json::to_string(self).expect("a member serialises");
+        // `info` is kept as the token gave it, whitespace and all.
+        crate::json::compact(&text)
+    }
+}
+
 /// A channel's presence as read at one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
@@ -48,4 +59,28 @@ pub struct Presence {
 pub struct ChannelCount {
     pub channel: String,
     pub subscribers: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_json_is_compact_with_info_only_when_present() {
+        let anonymous = Member {
+            client: "c1".into(),
+            user: None,
+            info: None,
+        };
+        assert_eq!(&anonymous.to_json()[..], br#"{"client":"c1","user":null}"#);
+        let named = Member {
+            client: "c2".into(),
+            user: Some("u".into()),
+            info: Some(RawValue::from_string("{ \"a\" : [1, 2] }".into()).unwrap()),
+        };
+        assert_eq!(
+            &named.to_json()[..],
+            br#"{"client":"c2","user":"u","info":{"a":[1,2]}}"#
+        );
+    }
 }

@@ -924,6 +924,7 @@ impl Config {
             namespace_retention: namespace_retention.into(),
             meta_ttl: self.history.meta_ttl,
             idempotency_window: self.history.idempotency_window,
+            presence_ttl: self.presence.ttl,
         }
     }
 

@@ -6,6 +6,10 @@
 //! - Live messages go through `held` in arrival order; one that skips offsets makes the channel
 //!   read history after the last delivered offset first. `held` is bounded: when it overflows it
 //!   is dropped and the channel re-reads history instead (nothing is lost: it is all in history).
+//! - Presence events (joins and leaves, not in history) go through `held` too, in arrival order.
+//!   Each names the offset it follows: it is delivered once that offset was delivered (at once if
+//!   it already was), so it keeps its place among the publications. Dropping `held` for a re-read
+//!   loses the events in it (at most once: history cannot give them back, nor duplicate them).
 //! - A new epoch (first sight, Redis lost the channel, or a rotation) is delivered from its start
 //!   (offset 1 or the first retained), never from the first live message.
 //! - Rollback: when a read shows the top below the delivered offset, or the entry at the
@@ -74,6 +78,8 @@ enum Fit {
     Stale,
     Next,
     Gap,
+    /// A presence event whose place was reached: delivered without moving the position.
+    Event,
 }
 
 pub(crate) struct ChannelState {
@@ -293,6 +299,7 @@ impl ChannelState {
         while let Some(publication) = self.held.pop_front() {
             match self.fit(&publication) {
                 Fit::Stale => {}
+                Fit::Event => out.push(publication),
                 Fit::Next => self.deliver_live(publication, out),
                 Fit::Gap if !progressed && !self.retry => {
                     tracing::warn!(channel = %self.name, offset = publication.offset,
@@ -313,8 +320,19 @@ impl ChannelState {
         if self.retired.iter().any(|e| *e == publication.epoch) {
             return Fit::Stale;
         }
+        if !publication.is_publication() && publication.epoch.is_empty() {
+            // The channel had no publication when the event happened: nothing comes before it.
+            return Fit::Event;
+        }
         if self.delivered.epoch.as_deref() != Some(&*publication.epoch) {
             self.switch_epoch(publication.epoch.clone());
+        }
+        if !publication.is_publication() {
+            return if publication.offset <= self.delivered.offset {
+                Fit::Event
+            } else {
+                Fit::Gap
+            };
         }
         if publication.offset <= self.delivered.offset {
             Fit::Stale
@@ -326,6 +344,11 @@ impl ChannelState {
     }
 
     fn deliver_live(&mut self, publication: Arc<Publication>, out: &mut Vec<Arc<Publication>>) {
+        if !publication.is_publication() {
+            // An event whose place history could not fill: it moves no position.
+            out.push(publication);
+            return;
+        }
         self.delivered.offset = publication.offset;
         self.delivered.published_ms = publication.published_us / 1000;
         self.delivered.tag = publication.tag;
@@ -596,5 +619,148 @@ mod tests {
         s.awaiting_confirmation = true;
         assert_eq!(s.on_confirmed(), Some(Work::Read { since: 1 }));
         assert_eq!(s.on_confirmed(), None);
+    }
+
+    fn event(kind: crate::Kind, epoch: &str, after: u64) -> Arc<Publication> {
+        Arc::new(Publication::presence_event(
+            kind,
+            "c".into(),
+            epoch.into(),
+            after,
+            b"{}",
+        ))
+    }
+
+    /// What was delivered: `P<offset>` for a publication, `J<after>`/`L<after>` for an event.
+    fn script(out: &[Arc<Publication>]) -> Vec<String> {
+        out.iter()
+            .map(|p| match p.kind {
+                crate::Kind::Publication => format!("P{}", p.offset),
+                crate::Kind::Join => format!("J{}", p.offset),
+                crate::Kind::Leave => format!("L{}", p.offset),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_event_whose_place_was_delivered_goes_out_at_once_and_moves_nothing() {
+        use crate::Kind::{Join, Leave};
+        let mut s = subscribed_at(at("e", 2));
+        let mut out = Vec::new();
+        assert_eq!(s.on_live(event(Join, "e", 2), &mut out), None);
+        assert_eq!(s.on_live(event(Leave, "e", 1), &mut out), None);
+        assert_eq!(s.delivered(), &at("e", 2), "events move no position");
+        assert_eq!(s.on_live(live("e", 3), &mut out), None);
+        assert_eq!(script(&out), ["J2", "L1", "P3"]);
+    }
+
+    #[test]
+    fn an_event_waits_in_order_behind_a_gap() {
+        use crate::Kind::{Join, Leave};
+        let mut s = subscribed_at(at("e", 2));
+        let mut out = Vec::new();
+        assert_eq!(
+            s.on_live(live("e", 5), &mut out),
+            Some(Work::Read { since: 2 })
+        );
+        assert_eq!(s.on_live(event(Join, "e", 5), &mut out), None);
+        assert_eq!(s.on_live(live("e", 6), &mut out), None);
+        assert_eq!(s.on_live(event(Leave, "e", 6), &mut out), None);
+        assert!(out.is_empty(), "held while the gap is read");
+        let entries = (3..=5).map(|o| entry("e", o, o * 1000)).collect();
+        assert_eq!(s.on_page(2, page("e", 5, entries), &mut out), None);
+        assert_eq!(script(&out), ["P3", "P4", "P5", "J5", "P6", "L6"]);
+    }
+
+    #[test]
+    fn an_event_ahead_of_the_delivered_offset_reads_the_publications_before_it() {
+        use crate::Kind::Join;
+        let mut s = subscribed_at(at("e", 2));
+        let mut out = Vec::new();
+        assert_eq!(
+            s.on_live(event(Join, "e", 4), &mut out),
+            Some(Work::Read { since: 2 })
+        );
+        let entries = (3..=4).map(|o| entry("e", o, o * 1000)).collect();
+        assert_eq!(s.on_page(2, page("e", 4, entries), &mut out), None);
+        assert_eq!(script(&out), ["P3", "P4", "J4"]);
+    }
+
+    #[test]
+    fn events_held_while_subscribing_follow_the_position() {
+        use crate::Kind::{Join, Leave};
+        let mut s = ChannelState::subscribing("c".into(), "p".into(), 1);
+        let mut out = Vec::new();
+        assert_eq!(s.on_live(event(Join, "e", 3), &mut out), None);
+        assert_eq!(s.on_live(live("e", 4), &mut out), None);
+        assert_eq!(s.on_live(event(Leave, "e", 4), &mut out), None);
+        assert!(out.is_empty());
+        assert_eq!(s.on_position(at("e", 3), &mut out), None);
+        assert_eq!(script(&out), ["J3", "P4", "L4"]);
+    }
+
+    #[test]
+    fn an_event_of_a_channel_without_publications_goes_out_at_once() {
+        use crate::Kind::Join;
+        let mut s = ChannelState::subscribing("c".into(), "p".into(), 1);
+        let mut out = Vec::new();
+        let none = Delivered {
+            epoch: None,
+            offset: 0,
+            published_ms: 0,
+            tag: 0,
+        };
+        assert_eq!(s.on_position(none.clone(), &mut out), None);
+        assert_eq!(s.on_live(event(Join, "", 0), &mut out), None);
+        assert_eq!(script(&out), ["J0"]);
+        assert_eq!(s.delivered(), &none, "no epoch is made up");
+    }
+
+    #[test]
+    fn an_event_of_a_new_epoch_is_delivered_after_that_epoch_from_its_start() {
+        use crate::Kind::Join;
+        let mut s = subscribed_at(at("e1", 7));
+        let mut out = Vec::new();
+        assert_eq!(
+            s.on_live(event(Join, "e2", 2), &mut out),
+            Some(Work::Read { since: 0 })
+        );
+        let entries = (1..=2).map(|o| entry("e2", o, o)).collect();
+        assert_eq!(s.on_page(0, page("e2", 2, entries), &mut out), None);
+        assert_eq!(script(&out), ["P1", "P2", "J2"]);
+        assert_eq!(offsets(&out)[2].0, "e2");
+    }
+
+    #[test]
+    fn events_among_dropped_held_messages_are_lost_not_repeated() {
+        use crate::Kind::Join;
+        let mut s = subscribed_at(at("e", 0));
+        let mut out = Vec::new();
+        assert!(s.on_live(live("e", 2), &mut out).is_some());
+        assert_eq!(s.on_live(event(Join, "e", 2), &mut out), None);
+        for o in 3..(3 + HELD_MAX as u64) {
+            s.on_live(live("e", o), &mut out);
+        }
+        let top = 2 + HELD_MAX as u64;
+        // History serves the reads (the overflow makes one more) until the channel is live.
+        let mut since = 0;
+        for _ in 0..10 {
+            let entries = (since + 1..=top).map(|o| entry("e", o, o)).collect();
+            match s.on_page(since, page("e", top, entries), &mut out) {
+                Some(Work::Read { since: next }) => since = next,
+                None => break,
+                Some(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        let delivered = script(&out);
+        assert_eq!(
+            delivered.len() as u64,
+            top,
+            "every publication, from history"
+        );
+        assert!(
+            !delivered.contains(&"J2".to_string()),
+            "the held join is gone"
+        );
     }
 }

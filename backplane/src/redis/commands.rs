@@ -31,6 +31,9 @@ pub(crate) static HISTORY: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// Commands per pipeline of [`Commands::run_groups`] on a single server.
+const GROUPED_PIPELINE: usize = 256;
+
 /// Runs a script's `EVALSHA`; on NOSCRIPT (nothing ran) loads the script and runs it again.
 async fn eval<T: FromRedisValue>(
     command: &redis::Cmd,
@@ -349,6 +352,92 @@ impl Commands {
                 }
             })
             .await
+    }
+
+    /// Runs one command (routed by its key on a cluster).
+    pub(crate) async fn query<T: FromRedisValue + Send>(
+        &self,
+        command: &redis::Cmd,
+    ) -> Result<T, BackplaneError> {
+        match self {
+            Commands::Single(lanes) => {
+                lanes
+                    .with(|mut c| async move { command.query_async(&mut c).await })
+                    .await
+            }
+            Commands::Cluster(connection) => {
+                let mut connection = connection.clone();
+                command
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(unavailable)
+            }
+        }
+    }
+
+    /// Runs a pipeline on one connection; on a cluster its commands must share a slot.
+    pub(crate) async fn pipeline<T: FromRedisValue + Send>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, BackplaneError> {
+        match self {
+            Commands::Single(lanes) => {
+                lanes
+                    .with(|mut c| async move { pipe.query_async(&mut c).await })
+                    .await
+            }
+            Commands::Cluster(connection) => {
+                let mut connection = connection.clone();
+                pipe.query_async(&mut connection).await.map_err(unavailable)
+            }
+        }
+    }
+
+    /// Runs groups of `EVALSHA`s of `script`: each group's in order, the groups independently.
+    /// On a single server (or Sentinel's master) all of them go out in order as pipelines of
+    /// [`GROUPED_PIPELINE`] commands on one lane; on a cluster, where each group's keys share a
+    /// slot, the groups run concurrently, each stopping at its first failure. Returns each
+    /// group's answers, or an error of the group.
+    #[allow(clippy::type_complexity)]
+    pub(crate) async fn run_groups<T: FromRedisValue + Send>(
+        &self,
+        groups: Vec<Vec<redis::Cmd>>,
+        script: &Script,
+    ) -> Vec<Result<Vec<T>, BackplaneError>> {
+        match self {
+            Commands::Single(_) => {
+                let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+                let mut flat = groups.into_iter().flatten().peekable();
+                let mut answers: Vec<Result<T, BackplaneError>> = Vec::new();
+                while flat.peek().is_some() {
+                    let chunk: Vec<redis::Cmd> = flat.by_ref().take(GROUPED_PIPELINE).collect();
+                    let n = chunk.len();
+                    match self.run_batch::<T>(chunk, script, None).await {
+                        Ok((got, _)) => answers.extend(got),
+                        Err(e) => {
+                            let message = e.to_string();
+                            answers.extend((0..n).map(|_| Err(unavailable(&message))));
+                        }
+                    }
+                }
+                let mut answers = answers.into_iter();
+                sizes
+                    .into_iter()
+                    .map(|size| answers.by_ref().take(size).collect())
+                    .collect()
+            }
+            Commands::Cluster(_) => {
+                let runs = groups.into_iter().map(|group| async move {
+                    let mut answers = Vec::with_capacity(group.len());
+                    for command in &group {
+                        let (answer, _) = self.run_replicated(command, script, None).await?;
+                        answers.push(answer);
+                    }
+                    Ok(answers)
+                });
+                futures_util::future::join_all(runs).await
+            }
+        }
     }
 
     /// A round trip to Redis (to every primary on a cluster).

@@ -7,10 +7,20 @@
 //! | `{prefix}:{<tag>}:h` | stream | history: id `<offset>-0`, fields `d` data, `t` publish ms, `g` publication tag |
 //! | `{prefix}:{<tag>}:i:c:<key>` | string | `"<offset> <epoch> <g> <sha1 of data>"` of a client's idempotent publish |
 //! | `{prefix}:{<tag>}:i:s:<key>` | string | the same for a key of the server API |
-//! | `{prefix}:{<tag>}:p` | pub/sub (sharded on Cluster) | `"<offset> <epoch> <us> <g> <channel>\n<data>"` |
+//! | `{prefix}:{<tag>}:p` | pub/sub (sharded on Cluster) | `"<offset> <epoch> <us> <g> <channel>\n<data>"`, and presence events `"J <after> <epoch or -> <channel>\n<member>"` (`L` for a leave) |
+//! | `{prefix}:{<tag>}:pn:<node>` | hash | presence: the members node `<node>` holds in the channel, client id → `"<a><user>\n<member>"` |
+//! | `{prefix}:{<tag>}:pnodes` | set | presence: the nodes with members in the channel |
+//! | `{prefix}:{node.<node>}:pc` | set | presence: the channels node `<node>` has members in (what a survivor reaps) |
+//! | `{prefix}:{node.<node>}:cr` | hash | the node's channel report, channel → local subscribers; expires unless the node heartbeats |
+//! | `{prefix}:{nodes}:registry` | sorted set | node → its last heartbeat (Redis clock, ms) |
 //!
 //! `<tag>` is the channel name with `%`, `{` and `}` percent-encoded, so any channel name gives a
-//! well-formed, injective hash tag. `<g>`, the publication tag, is 8 lowercase hex digits.
+//! well-formed, injective hash tag. `<g>`, the publication tag, is 8 lowercase hex digits. A
+//! member's `<a>` is `1` when its namespace announces joins and leaves (so a survivor reaping it
+//! after a crash knows whether to), else `0`; `<user>` is the user as JSON (`null` for none), so
+//! the presence script counts distinct users without parsing members; `<member>` is the
+//! member's compact JSON. Every key of a channel, and every key of a node, shares one hash tag,
+//! so each presence script touches a single slot; the registry is one fixed key.
 
 use crate::IdempotencyScope;
 
@@ -75,6 +85,36 @@ impl Keys {
         self.base(channel) + ":p"
     }
 
+    /// The members node `node` holds in the channel.
+    pub(crate) fn presence_members(&self, channel: &str, node: &str) -> String {
+        self.presence_members_prefix(channel) + node
+    }
+
+    /// [`Keys::presence_members`] without the node id (the presence read appends each node's).
+    pub(crate) fn presence_members_prefix(&self, channel: &str) -> String {
+        self.base(channel) + ":pn:"
+    }
+
+    /// The nodes with members in the channel.
+    pub(crate) fn presence_nodes(&self, channel: &str) -> String {
+        self.base(channel) + ":pnodes"
+    }
+
+    /// The channels node `node` has members in.
+    pub(crate) fn node_channels(&self, node: &str) -> String {
+        self.base(&format!("node.{node}")) + ":pc"
+    }
+
+    /// Node `node`'s channel report.
+    pub(crate) fn node_report(&self, node: &str) -> String {
+        self.base(&format!("node.{node}")) + ":cr"
+    }
+
+    /// Every node's last heartbeat.
+    pub(crate) fn registry(&self) -> String {
+        self.base("nodes") + ":registry"
+    }
+
     /// The pub/sub channel a node uses to check its own pub/sub link end to end.
     pub(crate) fn health(&self, node_id: &str) -> String {
         self.base(&format!("health.{node_id}")) + ":p"
@@ -105,6 +145,8 @@ mod tests {
                 meta,
                 tag(keys.idempotency(channel, IdempotencyScope::Client, "k}"))
             );
+            assert_eq!(meta, tag(keys.presence_members(channel, "n1")));
+            assert_eq!(meta, tag(keys.presence_nodes(channel)));
         }
         assert_eq!(
             keys.idempotency("c", IdempotencyScope::Client, "k"),
@@ -114,5 +156,10 @@ mod tests {
             keys.idempotency("c", IdempotencyScope::Server, "k"),
             "gw:{c}:i:s:k"
         );
+        assert_eq!(keys.presence_members("c", "n1"), "gw:{c}:pn:n1");
+        assert_eq!(keys.presence_nodes("c"), "gw:{c}:pnodes");
+        assert_eq!(keys.node_channels("n1"), "gw:{node.n1}:pc");
+        assert_eq!(keys.node_report("n1"), "gw:{node.n1}:cr");
+        assert_eq!(keys.registry(), "gw:{nodes}:registry");
     }
 }

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use super::channel_state::{ChannelState, Delivered, Page, Work, PAGE};
 use super::link_reads;
-use super::pubsub::{parse_message, Message, Request};
+use super::pubsub::{parse_message, Message, PresenceMessage, PublicationMessage, Request};
 use super::subscription_worker::Change;
 use super::Shared;
 use crate::{BackplaneError, Publication};
@@ -485,29 +485,41 @@ impl Task {
     }
 
     fn on_message(&mut self, payload: &[u8]) {
-        let Some(Message {
-            offset,
-            epoch,
-            published_us,
-            tag,
-            channel,
-            data,
-        }) = parse_message(payload)
-        else {
+        let Some(message) = parse_message(payload) else {
             tracing::warn!("malformed pub/sub message ignored");
             return;
+        };
+        let channel = match &message {
+            Message::Publication(p) => p.channel,
+            Message::Presence(p) => p.channel,
         };
         let Some(state) = self.channels.get(channel) else {
             return;
         };
         let name = state.name.clone();
         // Share the epoch's allocation with the channel's state when it is the same.
-        let epoch = match &state.delivered().epoch {
+        let epoch = |epoch: &str| match &state.delivered().epoch {
             Some(e) if **e == *epoch => e.clone(),
-            _ => epoch.into(),
+            _ => Arc::from(epoch),
         };
-        let publication =
-            Publication::new(name.clone(), offset, epoch, tag, data).published_at(published_us);
+        let publication = match message {
+            Message::Publication(PublicationMessage {
+                offset,
+                epoch: e,
+                published_us,
+                tag,
+                data,
+                ..
+            }) => Publication::new(name.clone(), offset, epoch(e), tag, data)
+                .published_at(published_us),
+            Message::Presence(PresenceMessage {
+                kind,
+                after,
+                epoch: e,
+                member,
+                ..
+            }) => Publication::presence_event(kind, name.clone(), epoch(e), after, member),
+        };
         let publication = Arc::new(publication);
         self.with_state(&name, None, |state, out| state.on_live(publication, out));
     }

@@ -9,6 +9,9 @@
 //!   re-syncs channels after reconnects and checks itself with round trips through pub/sub.
 //! - On Sentinel (`sentinel.rs`) both paths follow the master the sentinels name; with
 //!   `min_replicas_acked` a publish is acknowledged only once that many replicas have it (`WAIT`).
+//! - Presence ([`presence`]): one writer per node applies its joins and leaves in order and
+//!   announces them on the channel's pub/sub channel; nodes heartbeat into a registry and the
+//!   survivors reap a dead node's members ([`registry`]), which also sums the channel reports.
 
 mod channel_state;
 mod commands;
@@ -17,7 +20,10 @@ mod health;
 mod keys;
 mod link;
 mod link_reads;
+mod presence;
+mod presence_writer;
 mod pubsub;
+mod registry;
 mod sentinel;
 mod subscription_worker;
 
@@ -28,8 +34,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    new_tag, parse_tag, Backplane, BackplaneError, BatchItem, HistoryPage, Idempotency,
-    Publication, PublicationSink, PublishAck, Settings, Stats,
+    new_tag, parse_tag, Backplane, BackplaneError, BatchItem, ChannelCount, HistoryPage,
+    Idempotency, Member, Presence, Publication, PublicationSink, PublishAck, Settings, Stats,
 };
 use commands::{Commands, HISTORY, PUBLISH};
 use health::Health;
@@ -71,6 +77,8 @@ pub struct RedisConfig {
 
 /// What the backplane and its link task share.
 pub(crate) struct Shared {
+    /// This node's id: its presence keys, its registry entry and its health channel.
+    pub(crate) node_id: String,
     pub(crate) keys: Keys,
     pub(crate) sharded: bool,
     pub(crate) commands: Commands,
@@ -85,6 +93,7 @@ pub(crate) struct Shared {
 pub struct RedisBackplane {
     shared: Arc<Shared>,
     link: pubsub::Link,
+    presence: presence::PresenceTasks,
 }
 
 impl RedisBackplane {
@@ -122,6 +131,7 @@ impl RedisBackplane {
         // The epoch and top must outlive the history they describe.
         settings.meta_ttl = settings.meta_ttl.max(settings.longest_age());
         let shared = Arc::new(Shared {
+            node_id: format!("{:016x}", rand::random::<u64>()),
             keys: Keys::new(&config.prefix),
             sharded: matches!(config.target, Target::Cluster(_)),
             commands,
@@ -134,7 +144,40 @@ impl RedisBackplane {
         // Fail at start rather than serve with a store that is not there.
         shared.commands.ping().await?;
         let link = pubsub::Link::start(shared.clone(), &config).await?;
-        Ok(Arc::new(RedisBackplane { shared, link }))
+        // Registered before any member is written, so nobody takes the node for dead.
+        registry::beat(&shared).await?;
+        let (changes, queue) = tokio::sync::mpsc::unbounded_channel();
+        let writer = presence_writer::Writer::new(shared.clone(), queue);
+        let presence = presence::PresenceTasks {
+            changes,
+            writer: tokio::spawn(writer.run()).abort_handle(),
+            timers: vec![tokio::spawn(registry::run(shared.clone())).abort_handle()],
+        };
+        Ok(Arc::new(RedisBackplane {
+            shared,
+            link,
+            presence,
+        }))
+    }
+
+    /// Stops this node's presence writer and heartbeat at once, as `kill -9` would: queued
+    /// changes are not applied and no member leaves; the other nodes reap them. For tests of
+    /// crash recovery.
+    #[doc(hidden)]
+    pub fn stop_presence_abruptly(&self) {
+        self.presence.abort();
+    }
+
+    /// Reaps node `node` now, dead or not: removes its members, announcing their leaves, and
+    /// forgets it. Returns how many members this call removed. For tests of concurrent reaping.
+    #[doc(hidden)]
+    pub async fn reap_node(&self, node: &str) -> Result<u64, BackplaneError> {
+        registry::reap(&self.shared, node).await
+    }
+
+    /// This node's id in the registry and in its presence keys.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
     }
 }
 
@@ -421,6 +464,51 @@ impl Backplane for RedisBackplane {
     async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError> {
         self.link.unsubscribe(channel);
         Ok(())
+    }
+
+    fn presence_join(&self, channel: &str, member: Member, announce: bool) {
+        let value = presence::stored_member(&member, announce);
+        let _ = self.presence.changes.send(presence::Change::Join {
+            channel: channel.into(),
+            client: member.client,
+            value,
+        });
+    }
+
+    fn presence_leave(&self, channel: &str, client: &str, announce: bool) {
+        let _ = self.presence.changes.send(presence::Change::Leave {
+            channel: channel.into(),
+            client: client.into(),
+            announce,
+        });
+    }
+
+    async fn flush_presence(&self) -> Result<(), BackplaneError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let stopped = || BackplaneError::Unavailable("the presence writer stopped".into());
+        self.presence
+            .changes
+            .send(presence::Change::Flush(answer))
+            .map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
+    }
+
+    async fn presence(&self, channel: &str, members: bool) -> Result<Presence, BackplaneError> {
+        presence::read(&self.shared, channel, members)
+            .await
+            .inspect_err(|_| self.shared.health.count_error())
+    }
+
+    async fn report_channels(&self, counts: Vec<ChannelCount>) -> Result<(), BackplaneError> {
+        registry::report(&self.shared, &counts)
+            .await
+            .inspect_err(|_| self.shared.health.count_error())
+    }
+
+    async fn channels(&self, prefix: &str) -> Result<Vec<ChannelCount>, BackplaneError> {
+        registry::channels(&self.shared, prefix)
+            .await
+            .inspect_err(|_| self.shared.health.count_error())
     }
 
     fn health(&self) -> Result<(), String> {

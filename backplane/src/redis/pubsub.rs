@@ -13,6 +13,10 @@
 //!   dropped. A new epoch is delivered from its start; a rollback under the same epoch rotates it.
 //! - Pushes reach the task through a bounded queue: when it is full, pushes are dropped and every
 //!   channel is re-read from history instead.
+//! - Presence events (joins and leaves) ride the channel's pub/sub channel too, each naming the
+//!   offset it follows, and are delivered in order with the publications. They are not in
+//!   history: whatever drops held messages for a re-read (an overflow, a reconnect) loses the
+//!   events among them. At most once, never twice.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,7 +29,7 @@ use super::connection::Connection;
 use super::link::{Task, Wiring};
 use super::subscription_worker;
 use super::{RedisConfig, Shared};
-use crate::BackplaneError;
+use crate::{BackplaneError, Kind};
 
 /// Pushes waiting for the link task; beyond it they are dropped and every channel re-read.
 const PUSH_QUEUE: usize = 4096;
@@ -49,8 +53,7 @@ impl Link {
     ) -> Result<Link, BackplaneError> {
         let (push_tx, raw_pushes) = mpsc::unbounded_channel();
         let mut connection = Connection::open(&config.target, config, push_tx).await?;
-        let node_id = format!("{:016x}", rand::random::<u64>());
-        let health_channel = shared.keys.health(&node_id);
+        let health_channel = shared.keys.health(&shared.node_id);
         connection
             .subscribe(
                 std::slice::from_ref(&health_channel),
@@ -140,9 +143,16 @@ fn bounded(
     (rx, dropped)
 }
 
+/// A message on a channel's pub/sub channel.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Message<'a> {
+    Publication(PublicationMessage<'a>),
+    Presence(PresenceMessage<'a>),
+}
+
 /// A publication as the publish script sends it through pub/sub.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Message<'a> {
+pub(crate) struct PublicationMessage<'a> {
     pub(crate) offset: u64,
     pub(crate) epoch: &'a str,
     pub(crate) published_us: u64,
@@ -151,14 +161,53 @@ pub(crate) struct Message<'a> {
     pub(crate) data: &'a [u8],
 }
 
-/// Splits `"<offset> <epoch> <publish time, us> <tag> <channel>\n<data>"` (the tag is 8 hex
-/// digits; the channel is last). Also reads the untagged form of nodes from before tags,
-/// `"<offset> <epoch> <publish time, us> <channel>\n<data>"`, as tag 0, so a rolling deploy
-/// does not drop their publications (channel names have no whitespace, so the forms differ in
-/// their number of fields).
+/// A join or leave as the presence scripts send it through pub/sub.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct PresenceMessage<'a> {
+    /// [`Kind::Join`] or [`Kind::Leave`].
+    pub(crate) kind: Kind,
+    /// The channel's top offset when the event happened: the event follows that publication.
+    pub(crate) after: u64,
+    /// The channel's epoch then, `""` for a channel with no publication.
+    pub(crate) epoch: &'a str,
+    pub(crate) channel: &'a str,
+    /// The member's compact JSON.
+    pub(crate) member: &'a [u8],
+}
+
+/// Splits a pub/sub message. A presence event starts with its kind, a publication with a digit:
+/// - `"J <after> <epoch or -> <channel>\n<member>"` (`L` for a leave);
+/// - `"<offset> <epoch> <publish time, us> <tag> <channel>\n<data>"` (the tag is 8 hex digits;
+///   the channel is last). Also the untagged form of nodes from before tags,
+///   `"<offset> <epoch> <publish time, us> <channel>\n<data>"`, as tag 0, so a rolling deploy
+///   does not drop their publications (channel names have no whitespace, so the forms differ in
+///   their number of fields).
 pub(crate) fn parse_message(payload: &[u8]) -> Option<Message<'_>> {
     let newline = payload.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&payload[..newline]).ok()?;
+    let body = &payload[newline + 1..];
+    let kind = match payload.first()? {
+        b'J' => Some(Kind::Join),
+        b'L' => Some(Kind::Leave),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        let mut parts = head.splitn(4, ' ');
+        let _kind = parts.next()?;
+        let after = parts.next()?.parse().ok()?;
+        let epoch = match parts.next()? {
+            "-" => "",
+            epoch => epoch,
+        };
+        let channel = parts.next()?;
+        return Some(Message::Presence(PresenceMessage {
+            kind,
+            after,
+            epoch,
+            channel,
+            member: body,
+        }));
+    }
     let tagged = head.split(' ').count() >= 5;
     let mut parts = head.splitn(if tagged { 5 } else { 4 }, ' ');
     let offset = parts.next()?.parse().ok()?;
@@ -170,25 +219,33 @@ pub(crate) fn parse_message(payload: &[u8]) -> Option<Message<'_>> {
         0
     };
     let channel = parts.next()?;
-    Some(Message {
+    Some(Message::Publication(PublicationMessage {
         offset,
         epoch,
         published_us,
         tag,
         channel,
-        data: &payload[newline + 1..],
-    })
+        data: body,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_message, Message};
+    use super::{parse_message, Message, PresenceMessage, PublicationMessage};
+    use crate::Kind;
+
+    fn publication(payload: &[u8]) -> Option<PublicationMessage<'_>> {
+        match parse_message(payload)? {
+            Message::Publication(p) => Some(p),
+            Message::Presence(_) => None,
+        }
+    }
 
     #[test]
     fn parses_the_script_message() {
         let message =
-            parse_message(b"42 e1 1700000000000123 00c0ffee chat:a\n{\"x\":\"a b\\nc\"}").unwrap();
-        let expected = Message {
+            publication(b"42 e1 1700000000000123 00c0ffee chat:a\n{\"x\":\"a b\\nc\"}").unwrap();
+        let expected = PublicationMessage {
             offset: 42,
             epoch: "e1",
             published_us: 1700000000000123,
@@ -200,8 +257,8 @@ mod tests {
         assert!(parse_message(b"x e 1 0000000a c\n1").is_none());
         assert!(parse_message(b"1 e 1 0000000a c").is_none());
         assert!(parse_message(b"1 e 1 xyz c\n1").is_none(), "not a tag");
-        let untagged = parse_message(b"7 e2 1700000000000456 chat:b\n[1]").unwrap();
-        let expected = Message {
+        let untagged = publication(b"7 e2 1700000000000456 chat:b\n[1]").unwrap();
+        let expected = PublicationMessage {
             offset: 7,
             epoch: "e2",
             published_us: 1700000000000456,
@@ -210,5 +267,42 @@ mod tests {
             data: b"[1]",
         };
         assert_eq!(untagged, expected, "a node from before tags");
+    }
+
+    #[test]
+    fn tells_presence_events_from_publications() {
+        let join = parse_message(b"J 12 e1 chat:a\n{\"client\":\"c 1\",\"user\":null}").unwrap();
+        assert_eq!(
+            join,
+            Message::Presence(PresenceMessage {
+                kind: Kind::Join,
+                after: 12,
+                epoch: "e1",
+                channel: "chat:a",
+                member: b"{\"client\":\"c 1\",\"user\":null}",
+            })
+        );
+        let leave = parse_message(b"L 0 - fresh\n{}").unwrap();
+        assert_eq!(
+            leave,
+            Message::Presence(PresenceMessage {
+                kind: Kind::Leave,
+                after: 0,
+                epoch: "",
+                channel: "fresh",
+                member: b"{}",
+            }),
+            "a channel never published to has no epoch"
+        );
+        assert!(parse_message(b"J x e c\n{}").is_none(), "after is a number");
+        assert!(
+            parse_message(b"J 1 e\n{}").is_none(),
+            "the channel is there"
+        );
+        assert!(
+            parse_message(b"L 1 e c").is_none(),
+            "the member follows a newline"
+        );
+        assert!(parse_message(b"X 1 e c\n{}").is_none(), "an unknown kind");
     }
 }

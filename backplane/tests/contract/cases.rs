@@ -5,10 +5,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backplane::{BackplaneError, HistoryPage, Idempotency, PublishAck, Retention, Settings};
+use backplane::{
+    BackplaneError, ChannelCount, HistoryPage, Idempotency, Kind, Member, Presence, PublishAck,
+    Retention, Settings,
+};
 use bytes::Bytes;
+use serde_json::value::RawValue;
 
-use crate::{offsets, poll_until, Node, NodeOptions, Store};
+use crate::{offsets, poll_until, script, Node, NodeOptions, Store, PREFIX};
 
 fn data(n: u64) -> Bytes {
     Bytes::from(format!("{{\"n\":{n}}}"))
@@ -88,13 +92,17 @@ pub async fn reads_of_unknown_channels_create_nothing(store: &Store) {
     assert_eq!(read.publications.len(), 0);
     assert_eq!((read.since_tag, read.top_tag), (None, None));
     history(&node, "unknown", 5, 0).await;
+    let nobody = node.backplane.presence("unknown", true).await.unwrap();
+    assert_eq!((nobody.count, nobody.members), (0, Some(vec![])));
+    node.backplane.presence_leave("unknown", "nobody", true);
+    node.backplane.flush_presence().await.unwrap();
     node.backplane.subscribe("unknown").await.unwrap();
     node.backplane.unsubscribe("unknown").await.unwrap();
     store.wait_unsubscribed("unknown").await;
     assert_eq!(
         store.stored(&node).await,
         0,
-        "reads and a subscribe+unsubscribe leave nothing behind"
+        "reads, a leave of nobody and a subscribe+unsubscribe leave nothing behind"
     );
     let ack = publish(&node, "unknown", 1).await;
     assert_eq!(ack.offset, 1);
@@ -481,5 +489,527 @@ pub async fn tags_are_carried_everywhere(store: &Store) {
             None,
             "ahead"
         );
+    }
+}
+
+fn member(client: &str, user: Option<&str>) -> Member {
+    Member {
+        client: client.into(),
+        user: user.map(Into::into),
+        info: None,
+    }
+}
+
+async fn flush(node: &Node) {
+    node.backplane
+        .flush_presence()
+        .await
+        .expect("flush presence");
+}
+
+async fn presence(node: &Node, channel: &str) -> Presence {
+    let mut read = node
+        .backplane
+        .presence(channel, true)
+        .await
+        .expect("presence");
+    if let Some(members) = &mut read.members {
+        members.sort_by(|a, b| a.client.cmp(&b.client));
+    }
+    read
+}
+
+fn clients(read: &Presence) -> Vec<&str> {
+    let members = read.members.as_ref().expect("a member list");
+    members.iter().map(|m| m.client.as_str()).collect()
+}
+
+pub async fn presence_counts_members_and_distinct_users(store: &Store) {
+    let node = node(store).await;
+    let peer = if store.shared() {
+        Some(self::node(store).await)
+    } else {
+        None
+    };
+    let empty = presence(&node, "room").await;
+    assert_eq!((empty.count, empty.users), (0, 0), "nobody yet");
+    assert_eq!(empty.members, Some(vec![]));
+
+    let bp = &node.backplane;
+    bp.presence_join("room", member("a", Some("u1")), false);
+    bp.presence_join("room", member("b", Some("u1")), false);
+    bp.presence_join("room", member("c", Some("u2")), false);
+    bp.presence_join("room", member("d", None), false);
+    bp.presence_join("elsewhere", member("a2", Some("u9")), false);
+    flush(&node).await;
+    let mut expected = vec![
+        member("a", Some("u1")),
+        member("b", Some("u1")),
+        member("c", Some("u2")),
+        member("d", None),
+    ];
+    if let Some(peer) = &peer {
+        // The same user on another node is one user; its info is kept as given.
+        let info = RawValue::from_string(r#"{"name":"E"}"#.into()).unwrap();
+        let e = Member {
+            info: Some(info),
+            ..member("e", Some("u2"))
+        };
+        peer.backplane.presence_join("room", e.clone(), false);
+        flush(peer).await;
+        expected.push(e);
+    }
+    let readers: Vec<&Node> = std::iter::once(&node).chain(peer.as_ref()).collect();
+    for reader in &readers {
+        let read = presence(reader, "room").await;
+        assert_eq!(read.count, expected.len() as u64);
+        assert_eq!(read.users, 2, "u1 and u2; an anonymous member is no user");
+        assert_eq!(
+            read.members.as_ref(),
+            Some(&expected),
+            "every member, on every node"
+        );
+        let count_only = reader.backplane.presence("room", false).await.unwrap();
+        assert_eq!(
+            (count_only.count, count_only.users, count_only.members),
+            (expected.len() as u64, 2, None),
+            "a count-only read lists nobody"
+        );
+    }
+
+    bp.presence_leave("room", "b", false);
+    flush(&node).await;
+    let read = presence(&node, "room").await;
+    assert_eq!((read.count, read.users), (expected.len() as u64 - 1, 2));
+    bp.presence_leave("room", "a", false);
+    bp.presence_leave("room", "c", false);
+    bp.presence_leave("room", "never-joined", false);
+    flush(&node).await;
+    let read = presence(&node, "room").await;
+    let remaining: Vec<&str> = if peer.is_some() {
+        vec!["d", "e"]
+    } else {
+        vec!["d"]
+    };
+    assert_eq!(clients(&read), remaining);
+    assert_eq!(read.users, u64::from(peer.is_some()));
+    let other = presence(&node, "elsewhere").await;
+    assert_eq!((other.count, other.users), (1, 1), "channels are apart");
+
+    bp.presence_leave("room", "d", false);
+    bp.presence_leave("elsewhere", "a2", false);
+    flush(&node).await;
+    if let Some(peer) = &peer {
+        peer.backplane.presence_leave("room", "e", false);
+        flush(peer).await;
+    }
+    assert_eq!(
+        store.stored(&node).await,
+        0,
+        "once every member left, no presence state remains"
+    );
+}
+
+pub async fn joins_and_leaves_keep_their_place_among_publications(store: &Store) {
+    let watcher = node(store).await;
+    // On a shared store the changes come from another node: every node hears them.
+    let peer = if store.shared() {
+        Some(node(store).await)
+    } else {
+        None
+    };
+    let actor = peer.as_ref().unwrap_or(&watcher);
+    let bp = &actor.backplane;
+    watcher.backplane.subscribe("ordered").await.unwrap();
+
+    bp.presence_join("ordered", member("m1", Some("u1")), true);
+    flush(actor).await;
+    let first = publish(actor, "ordered", 1).await;
+    bp.presence_join("ordered", member("m2", None), true);
+    flush(actor).await;
+    publish(actor, "ordered", 2).await;
+    bp.presence_join("ordered", member("quiet", Some("u3")), false);
+    bp.presence_leave("ordered", "m2", true);
+    bp.presence_leave("ordered", "absent", true);
+    bp.presence_leave("ordered", "quiet", false);
+    flush(actor).await;
+    publish(actor, "ordered", 3).await;
+    bp.presence_leave("ordered", "m2", true);
+    bp.presence_leave("ordered", "m1", true);
+    flush(actor).await;
+
+    let got = watcher
+        .sink
+        .wait_until("ordered", "the leave of m1", |got| {
+            script(got).contains(&"L3:m1".to_string())
+        })
+        .await;
+    assert_eq!(
+        script(&got),
+        ["J0:m1", "P1", "J1:m2", "P2", "L2:m2", "P3", "L3:m1"],
+        "each event between the publications it was made between; a silent join, a silent \
+         leave, a leave of an absent member and a second leave are not announced"
+    );
+    let join = &got[0];
+    assert_eq!(join.kind, Kind::Join);
+    assert_eq!(
+        (&*join.epoch, join.offset),
+        ("", 0),
+        "before the first publication: no epoch"
+    );
+    assert_eq!(
+        &join.json()[..],
+        br#"{"channel":"ordered","join":{"client":"m1","user":"u1"}}"#
+    );
+    let leave = &got[4];
+    assert_eq!((&leave.epoch, leave.offset), (&first.epoch, 2));
+    assert_eq!(
+        &leave.json()[..],
+        br#"{"channel":"ordered","leave":{"client":"m2","user":null}}"#
+    );
+    let page = history(actor, "ordered", 0, 100).await;
+    assert_eq!(page_offsets(&page), [1, 2, 3], "events are not in history");
+    if let Some(peer) = &peer {
+        assert!(
+            peer.sink.of("ordered").is_empty(),
+            "a node not subscribed to the channel hears nothing"
+        );
+    }
+}
+
+pub async fn flush_applies_every_queued_change_in_order(store: &Store) {
+    const MEMBERS: usize = 1500;
+    let node = node(store).await;
+    let bp = &node.backplane;
+    for i in 0..MEMBERS {
+        let user = format!("u{}", i % 10);
+        bp.presence_join("crowd", member(&format!("c{i}"), Some(&user)), false);
+    }
+    // Every third leaves; every sixth joins again after leaving.
+    for i in (0..MEMBERS).step_by(3) {
+        bp.presence_leave("crowd", &format!("c{i}"), false);
+    }
+    for i in (0..MEMBERS).step_by(6) {
+        bp.presence_join("crowd", member(&format!("c{i}"), Some("back")), false);
+    }
+    flush(&node).await;
+    let read = presence(&node, "crowd").await;
+    let expected: Vec<String> = (0..MEMBERS)
+        .filter(|i| i % 3 != 0 || i % 6 == 0)
+        .map(|i| format!("c{i}"))
+        .collect();
+    let mut expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(read.count, expected.len() as u64);
+    assert_eq!(clients(&read), expected);
+    assert_eq!(read.users, 11, "u0..u9 and back");
+    let rejoined = read
+        .members
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.client == "c6");
+    assert_eq!(rejoined.and_then(|m| m.user.as_deref()), Some("back"));
+}
+
+pub async fn channel_reports_are_summed_over_live_nodes(store: &Store) {
+    let count = |channel: &str, subscribers: u64| ChannelCount {
+        channel: channel.into(),
+        subscribers,
+    };
+    let a = node(store).await;
+    a.backplane
+        .report_channels(vec![
+            count("x:2", 1),
+            count("x:1", 2),
+            count("y", 5),
+            count("x:none", 0),
+        ])
+        .await
+        .unwrap();
+    let peer = if store.shared() {
+        let b = node(store).await;
+        b.backplane
+            .report_channels(vec![count("x:1", 3), count("x:3", 1)])
+            .await
+            .unwrap();
+        Some(b)
+    } else {
+        None
+    };
+    let readers: Vec<&Node> = std::iter::once(&a).chain(peer.as_ref()).collect();
+    let expected = if peer.is_some() {
+        vec![count("x:1", 5), count("x:2", 1), count("x:3", 1)]
+    } else {
+        vec![count("x:1", 2), count("x:2", 1)]
+    };
+    for reader in &readers {
+        let channels = reader.backplane.channels("x:").await.unwrap();
+        assert_eq!(channels, expected, "summed, sorted, no empty channel");
+        let all = reader.backplane.channels("").await.unwrap();
+        assert!(
+            all.contains(&count("y", 5)),
+            "the empty prefix is every channel"
+        );
+    }
+    a.backplane
+        .report_channels(vec![count("x:2", 4)])
+        .await
+        .unwrap();
+    let expected = if peer.is_some() {
+        vec![count("x:1", 3), count("x:2", 4), count("x:3", 1)]
+    } else {
+        vec![count("x:2", 4)]
+    };
+    assert_eq!(
+        a.backplane.channels("x:").await.unwrap(),
+        expected,
+        "a report replaces the node's previous one"
+    );
+    a.backplane.report_channels(vec![]).await.unwrap();
+    let expected = if peer.is_some() {
+        vec![count("x:1", 3), count("x:3", 1)]
+    } else {
+        vec![]
+    };
+    assert_eq!(a.backplane.channels("").await.unwrap(), expected);
+}
+
+/// A node dies with members (its presence writer and heartbeat stop at once, as with `kill -9`);
+/// two survivors subscribed to its channels each hear exactly one leave per announced member,
+/// and presence forgets them, while a survivor's own member stays.
+pub async fn a_crashed_nodes_members_leave_once_each(store: &Store) {
+    let ttl = Duration::from_secs(2);
+    let options = with_settings(Settings {
+        presence_ttl: ttl,
+        ..Settings::default()
+    });
+    let doomed = store.node(options.clone()).await;
+    let survivors = [store.node(options.clone()).await, store.node(options).await];
+    for survivor in &survivors {
+        survivor.backplane.subscribe("crash:a").await.unwrap();
+        survivor.backplane.subscribe("crash:b").await.unwrap();
+    }
+    publish(&survivors[0], "crash:a", 1).await;
+    let bp = &doomed.backplane;
+    bp.presence_join("crash:a", member("m1", Some("u1")), true);
+    bp.presence_join("crash:a", member("m2", None), true);
+    bp.presence_join("crash:a", member("silent", Some("u3")), false);
+    bp.presence_join("crash:b", member("m4", Some("u1")), true);
+    flush(&doomed).await;
+    survivors[0]
+        .backplane
+        .presence_join("crash:a", member("keeper", Some("u5")), true);
+    flush(&survivors[0]).await;
+    for survivor in &survivors {
+        survivor
+            .sink
+            .wait_until("crash:a", "the joins", |got| {
+                let got = script(got);
+                got.contains(&"J1:m2".into()) && got.contains(&"J1:keeper".into())
+            })
+            .await;
+    }
+
+    let killed = std::time::Instant::now();
+    doomed
+        .redis
+        .as_ref()
+        .expect("a Redis node")
+        .stop_presence_abruptly();
+    poll_until("the dead node's members to be reaped", || async {
+        let a = presence(&survivors[1], "crash:a").await;
+        let b = presence(&survivors[1], "crash:b").await;
+        (a.count == 1 && b.count == 0).then_some(())
+    })
+    .await;
+    eprintln!(
+        "reaped {:?} after the kill (presence_ttl {ttl:?})",
+        killed.elapsed()
+    );
+    assert_eq!(
+        clients(&presence(&survivors[0], "crash:a").await),
+        ["keeper"]
+    );
+
+    // The leaves were published with the deletes the reads above saw, so a publication after
+    // them is a barrier: once it arrived, every leave did.
+    publish(&survivors[0], "crash:a", 2).await;
+    publish(&survivors[0], "crash:b", 1).await;
+    for survivor in &survivors {
+        let a = script(&survivor.sink.wait_for("crash:a", 2).await);
+        let b = script(&survivor.sink.wait_for("crash:b", 1).await);
+        let leaves = |got: &[String]| {
+            let mut leaves: Vec<String> =
+                got.iter().filter(|e| e.starts_with('L')).cloned().collect();
+            leaves.sort();
+            leaves
+        };
+        assert_eq!(
+            leaves(&a),
+            ["L1:m1", "L1:m2"],
+            "one leave per announced member, none for a silent one: {a:?}"
+        );
+        assert_eq!(leaves(&b), ["L0:m4"], "{b:?}");
+        assert_eq!(a.last().map(String::as_str), Some("P2"));
+    }
+}
+
+/// Calls of `command` since the last `CONFIG RESETSTAT`, from `INFO commandstats` (commands a
+/// script runs count too).
+async fn command_calls(store: &Store, command: &str) -> u64 {
+    let Store::Redis(server) = store else {
+        panic!("a single Redis server")
+    };
+    let stats = server.cli(&["info", "commandstats"]).await;
+    let line = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Redis loses everything (a restart without persistence): the node's periodic refresh puts its
+/// members back, one script call per channel and 1,000 members (not a write per member), and
+/// never a member that left before.
+pub async fn refresh_restores_members_in_batches(store: &Store) {
+    const MEMBERS: usize = 2500;
+    let Store::Redis(server) = store else {
+        panic!("a single Redis server")
+    };
+    let node = store
+        .node(with_settings(Settings {
+            presence_ttl: Duration::from_secs(3),
+            ..Settings::default()
+        }))
+        .await;
+    let bp = &node.backplane;
+    for i in 0..MEMBERS {
+        bp.presence_join("big", member(&format!("c{i}"), None), false);
+    }
+    bp.presence_leave("big", "c7", false);
+    bp.presence_join("small", member("s", Some("u")), false);
+    flush(&node).await;
+    assert_eq!(presence(&node, "big").await.count, MEMBERS as u64 - 1);
+
+    assert_eq!(server.cli(&["flushall"]).await, "OK");
+    assert_eq!(server.cli(&["config", "resetstat"]).await, "OK");
+    // Polled with plain HLEN: a presence read is a script call itself.
+    let node_id = node.redis.as_ref().expect("a Redis node").node_id();
+    let hlen = |channel: &str| {
+        let key = format!("{PREFIX}:{{{channel}}}:pn:{node_id}");
+        async move { server.cli(&["hlen", &key]).await }
+    };
+    poll_until("the refresh to restore the members", || async {
+        let restored = hlen("big").await == (MEMBERS - 1).to_string() && hlen("small").await == "1";
+        restored.then_some(())
+    })
+    .await;
+    let scripts = command_calls(store, "evalsha").await;
+    let writes = command_calls(store, "hset").await;
+    assert!(writes >= MEMBERS as u64 - 1, "{writes} member writes");
+    assert!(
+        scripts * 100 < writes,
+        "members are refreshed in batches: {scripts} script calls for {writes} member writes"
+    );
+    let big = presence(&node, "big").await;
+    assert_eq!(big.count, MEMBERS as u64 - 1);
+    assert!(
+        !clients(&big).contains(&"c7"),
+        "a member that left is not refreshed back"
+    );
+    assert_eq!(presence(&node, "small").await.count, 1);
+}
+
+/// Redis goes away (kill -9) and comes back empty: changes made meanwhile stay queued in order
+/// (a flush says they are not applied) and are applied once it is back; the refresh puts back
+/// what Redis lost.
+pub async fn presence_changes_outlast_a_redis_outage(store: &mut Store) {
+    let node = store
+        .node(with_settings(Settings {
+            presence_ttl: Duration::from_secs(3),
+            ..Settings::default()
+        }))
+        .await;
+    let bp = &node.backplane;
+    bp.presence_join("outage", member("before", Some("u1")), false);
+    flush(&node).await;
+    let Store::Redis(server) = store else {
+        panic!("a single Redis server")
+    };
+    server.kill9();
+    bp.presence_join("outage", member("during", Some("u2")), false);
+    bp.presence_join("outage", member("gone", None), false);
+    bp.presence_leave("outage", "gone", false);
+    assert!(
+        bp.flush_presence().await.is_err(),
+        "nothing can be applied while Redis is down"
+    );
+    server.restart().await;
+    let read = poll_until(
+        "the queued changes and the refresh to reach Redis",
+        || async {
+            let mut read = bp.presence("outage", true).await.ok()?;
+            let members = read.members.as_mut()?;
+            members.sort_by(|a, b| a.client.cmp(&b.client));
+            (read.count == 2).then_some(read)
+        },
+    )
+    .await;
+    assert_eq!(
+        clients(&read),
+        ["before", "during"],
+        "in order: gone joined, then left"
+    );
+    assert_eq!(read.users, 2);
+    flush(&node).await;
+}
+
+/// Two survivors reap the same dead node at the same moment, over many channels: every member
+/// is removed by exactly one of them and its leave is heard once.
+pub async fn concurrent_reapers_announce_each_leave_once(store: &Store) {
+    const CHANNELS: usize = 20;
+    const EACH: usize = 5;
+    let doomed = node(store).await;
+    let survivors = [node(store).await, node(store).await];
+    let channels: Vec<String> = (0..CHANNELS).map(|c| format!("reaped:{c}")).collect();
+    for channel in &channels {
+        survivors[0].backplane.subscribe(channel).await.unwrap();
+        for m in 0..EACH {
+            let client = format!("{channel}/{m}");
+            doomed
+                .backplane
+                .presence_join(channel, member(&client, None), true);
+        }
+    }
+    flush(&doomed).await;
+    for channel in &channels {
+        survivors[0]
+            .sink
+            .wait_until(channel, "the joins", |got| script(got).len() == EACH)
+            .await;
+    }
+    let dead = doomed.redis.as_ref().expect("a Redis node");
+    dead.stop_presence_abruptly();
+    let reap = |survivor: &Node| {
+        let redis = survivor.redis.clone().expect("a Redis node");
+        let node_id = dead.node_id().to_string();
+        async move { redis.reap_node(&node_id).await.expect("reap") }
+    };
+    let (first, second) = tokio::join!(reap(&survivors[0]), reap(&survivors[1]));
+    assert_eq!(
+        first + second,
+        (CHANNELS * EACH) as u64,
+        "each member removed by one reaper: {first} + {second}"
+    );
+    for channel in &channels {
+        assert_eq!(presence(&survivors[1], channel).await.count, 0);
+        publish(&survivors[1], channel, 1).await;
+        let got = script(&survivors[0].sink.wait_for(channel, 1).await);
+        let mut leaves: Vec<&String> = got.iter().filter(|e| e.starts_with('L')).collect();
+        leaves.sort();
+        let expected: Vec<String> = (0..EACH).map(|m| format!("L0:{channel}/{m}")).collect();
+        assert_eq!(leaves, expected.iter().collect::<Vec<_>>(), "{got:?}");
     }
 }
