@@ -506,8 +506,6 @@ async fn wait_listed(node: &GatewayProcess, expected: Value) {
 /// the nodes, leaves out other prefixes, and follows a subscriber leaving. Needs the backplane's
 /// channel reports (`Backplane::report_channels`/`channels`, memory and Redis).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Backplane::report_channels/channels for Redis (#15 presence backplane work); \
-            un-ignore once merged"]
 async fn channels_lists_the_clusters_channels_with_subscriber_counts() {
     let redis = RedisServer::start(RedisOpts::default()).await;
     let nodes = redis_nodes(&redis).await;
@@ -549,8 +547,6 @@ async fn channels_lists_the_clusters_channels_with_subscriber_counts() {
 
 /// The same on the embedded backplane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Backplane::report_channels/channels for memory (#15 presence backplane work); \
-            un-ignore once merged"]
 async fn channels_lists_the_channels_of_a_single_node() {
     let nodes = one_memory_node().await;
     let mut a = WsClient::connect(&nodes[0]).await;
