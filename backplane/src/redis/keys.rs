@@ -9,6 +9,7 @@
 //! | `{prefix}:{<tag>}:i:s:<key>` | string | the same for a key of the server API |
 //! | `{prefix}:{<tag>}:p` | pub/sub (sharded on Cluster) | `"<offset> <epoch> <us> <g> <channel>\n<data>"`, and presence events `"J <after> <epoch or -> <channel>\n<member>"` (`L` for a leave) |
 //! | `{prefix}:{<tag>}:pn:<node>` | hash | presence: the members node `<node>` holds in the channel, client id → `"<a><user>\n<member>"` |
+//! | `{prefix}:{<tag>}:pu:<node>` | hash | presence: user (as JSON) → how many of node `<node>`'s members in the channel have it; anonymous members are not counted |
 //! | `{prefix}:{<tag>}:pnodes` | set | presence: the nodes with members in the channel |
 //! | `{prefix}:{node.<node>}:pc` | set | presence: the channels node `<node>` has members in (what a survivor reaps) |
 //! | `{prefix}:{node.<node>}:cr` | hash | the node's channel report, channel → local subscribers; expires unless the node heartbeats |
@@ -19,7 +20,9 @@
 //! member's `<a>` is `1` when its namespace announces joins and leaves (so a survivor reaping it
 //! after a crash knows whether to), else `0`; `<user>` is the user as JSON (`null` for none), so
 //! the presence script counts distinct users without parsing members; `<member>` is the
-//! member's compact JSON. Every key of a channel, and every key of a node, shares one hash tag,
+//! member's compact JSON. A node's members and user counts of a channel change in the same script
+//! and expire at the same instant, so a read counts distinct users without reading every member.
+//! Every key of a channel, and every key of a node, shares one hash tag,
 //! so each presence script touches a single slot; the registry is one fixed key.
 
 use crate::IdempotencyScope;
@@ -95,6 +98,16 @@ impl Keys {
         self.base(channel) + ":pn:"
     }
 
+    /// How many of node `node`'s members in the channel each user has.
+    pub(crate) fn presence_users(&self, channel: &str, node: &str) -> String {
+        self.presence_users_prefix(channel) + node
+    }
+
+    /// [`Keys::presence_users`] without the node id.
+    pub(crate) fn presence_users_prefix(&self, channel: &str) -> String {
+        self.base(channel) + ":pu:"
+    }
+
     /// The nodes with members in the channel.
     pub(crate) fn presence_nodes(&self, channel: &str) -> String {
         self.base(channel) + ":pnodes"
@@ -147,6 +160,7 @@ mod tests {
             );
             assert_eq!(meta, tag(keys.presence_members(channel, "n1")));
             assert_eq!(meta, tag(keys.presence_nodes(channel)));
+            assert_eq!(meta, tag(keys.presence_users(channel, "n1")));
         }
         assert_eq!(
             keys.idempotency("c", IdempotencyScope::Client, "k"),
@@ -158,6 +172,7 @@ mod tests {
         );
         assert_eq!(keys.presence_members("c", "n1"), "gw:{c}:pn:n1");
         assert_eq!(keys.presence_nodes("c"), "gw:{c}:pnodes");
+        assert_eq!(keys.presence_users("c", "n1"), "gw:{c}:pu:n1");
         assert_eq!(keys.node_channels("n1"), "gw:{node.n1}:pc");
         assert_eq!(keys.node_report("n1"), "gw:{node.n1}:cr");
         assert_eq!(keys.registry(), "gw:{nodes}:registry");

@@ -106,6 +106,7 @@ pub(crate) async fn read(
     let mut invocation = READ.key(keys.presence_nodes(channel));
     invocation
         .arg(keys.presence_members_prefix(channel))
+        .arg(keys.presence_users_prefix(channel))
         .arg(if members { "1" } else { "0" });
     let (count, users, list): (u64, u64, Vec<Vec<u8>>) = shared.commands.run(&invocation).await?;
     let members = if members {

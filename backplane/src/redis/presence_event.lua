@@ -23,3 +23,16 @@ end
 local function announces(value)
   return string.sub(value, 1, 1) == '1'
 end
+
+-- A stored member's user, as JSON ('null' for an anonymous member).
+local function user_of(value)
+  return string.sub(value, 2, string.find(value, '\n', 1, true) - 1)
+end
+
+-- Counts a member of `user` in (by = 1) or out (by = -1) of the node's user counts (a hash
+-- user JSON -> members, next to the node's members and changed in the same step, so a presence
+-- read counts distinct users without reading every member). Anonymous members are not counted.
+local function count_user(users, user, by)
+  if user == 'null' then return end
+  if redis.call('HINCRBY', users, user, by) <= 0 then redis.call('HDEL', users, user) end
+end

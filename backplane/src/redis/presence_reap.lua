@@ -5,6 +5,7 @@
 -- KEYS[1]  the dead node's members of the channel: hash client id -> "<a><user JSON>\n<member JSON>"
 -- KEYS[2]  the nodes with members in the channel: set
 -- KEYS[3]  the channel's meta hash {e = epoch, t = top offset} (read only)
+-- KEYS[4]  the dead node's user counts in the channel: hash user JSON -> members
 -- ARGV[1]  the dead node's id
 -- ARGV[2]  the channel's pub/sub channel
 -- ARGV[3]  "1": SPUBLISH (Redis Cluster), "0": PUBLISH
@@ -13,6 +14,7 @@
 
 local values = redis.call('HVALS', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[4])
 if #values == 0 then
   return 0
 end

@@ -293,10 +293,11 @@ impl Writer {
         let mut command = redis::cmd("EVALSHA");
         command
             .arg(APPLY.get_hash())
-            .arg(3)
+            .arg(4)
             .arg(keys.presence_members(channel, &shared.node_id))
             .arg(keys.presence_nodes(channel))
             .arg(keys.meta(channel))
+            .arg(keys.presence_users(channel, &shared.node_id))
             .arg(&shared.node_id)
             .arg(keys.pubsub(channel))
             .arg(if shared.sharded { "1" } else { "0" })

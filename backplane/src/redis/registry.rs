@@ -118,10 +118,11 @@ pub(crate) async fn reap(shared: &Shared, node: &str) -> Result<u64, BackplaneEr
             let mut command = redis::cmd("EVALSHA");
             command
                 .arg(REAP.get_hash())
-                .arg(3)
+                .arg(4)
                 .arg(keys.presence_members(channel, node))
                 .arg(keys.presence_nodes(channel))
                 .arg(keys.meta(channel))
+                .arg(keys.presence_users(channel, node))
                 .arg(node)
                 .arg(keys.pubsub(channel))
                 .arg(if shared.sharded { "1" } else { "0" })

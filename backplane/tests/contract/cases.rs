@@ -596,6 +596,23 @@ pub async fn presence_counts_members_and_distinct_users(store: &Store) {
     let other = presence(&node, "elsewhere").await;
     assert_eq!((other.count, other.users), (1, 1), "channels are apart");
 
+    // A member joining again with another user is updated, and counted under its new user.
+    let users_before = read.users;
+    bp.presence_join("room", member("d", Some("u7")), false);
+    flush(&node).await;
+    let read = presence(&node, "room").await;
+    assert_eq!(
+        (read.count, read.users),
+        (remaining.len() as u64, users_before + 1)
+    );
+    bp.presence_join("room", member("d", None), false);
+    flush(&node).await;
+    let read = presence(&node, "room").await;
+    assert_eq!(
+        (read.count, read.users),
+        (remaining.len() as u64, users_before)
+    );
+
     bp.presence_leave("room", "d", false);
     bp.presence_leave("elsewhere", "a2", false);
     flush(&node).await;
@@ -827,10 +844,13 @@ pub async fn a_crashed_nodes_members_leave_once_each(store: &Store) {
         "reaped {:?} after the kill (presence_ttl {ttl:?})",
         killed.elapsed()
     );
+    let a = presence(&survivors[0], "crash:a").await;
     assert_eq!(
-        clients(&presence(&survivors[0], "crash:a").await),
-        ["keeper"]
+        (clients(&a), a.users),
+        (vec!["keeper"], 1),
+        "only the keeper's user is left"
     );
+    assert_eq!(presence(&survivors[0], "crash:b").await.users, 0);
 
     // The leaves were published with the deletes the reads above saw, so a publication after
     // them is a barrier: once it arrived, every leave did.
@@ -919,7 +939,12 @@ pub async fn refresh_restores_members_in_batches(store: &Store) {
         !clients(&big).contains(&"c7"),
         "a member that left is not refreshed back"
     );
-    assert_eq!(presence(&node, "small").await.count, 1);
+    let small = presence(&node, "small").await;
+    assert_eq!(
+        (small.count, small.users),
+        (1, 1),
+        "users are counted again too"
+    );
 }
 
 /// Redis goes away (kill -9) and comes back empty: changes made meanwhile stay queued in order
