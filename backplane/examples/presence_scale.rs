@@ -1,5 +1,5 @@
-//! Measurements of presence on Redis at the sizes issue #15 names, run by hand (`--ignored`,
-//! best with `--release`): a presence read of a channel with 10,000 members held by 3 nodes, the
+//! Measurements of presence on Redis at the sizes issue #15 names
+//! (`cargo run --release -p backplane --example presence_scale`): a presence read of a channel with 10,000 members held by 3 nodes, the
 //! Redis memory those members take, and the cost of 1,000 announced joins made at once (how long
 //! until a subscribed node heard them all, and how many script calls they took). Real
 //! `redis-server`, three backplanes in this process; results go to stdout.
@@ -112,9 +112,8 @@ async fn usec_per_call(server: &RedisServer, command: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, run by hand"]
-async fn presence_at_scale() {
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
     const MEMBERS: usize = 10_000;
     const READS: usize = 100;
     let server = RedisServer::start(RedisOpts::default()).await;
