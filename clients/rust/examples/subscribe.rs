@@ -50,6 +50,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Event::Unsubscribed { channel, reason } => {
                 eprintln!("the server ended {channel} ({reason})")
             }
+            Event::Join { channel, member } => {
+                eprintln!(
+                    "{channel}: {} joined",
+                    member.user.as_deref().unwrap_or("guest")
+                )
+            }
+            Event::Leave { channel, member } => {
+                eprintln!(
+                    "{channel}: {} left",
+                    member.user.as_deref().unwrap_or("guest")
+                )
+            }
             Event::Ended { node, reason, .. } => {
                 eprintln!("{node} closed for good ({reason})");
                 break;

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::types::{ChannelCount, HistoryPage, Position, Publication, PublishAck};
+use crate::types::{ChannelCount, HistoryPage, Position, Presence, Publication, PublishAck};
 
 /// A client of the server API of one or more gateway nodes (`http://node:8080`, …).
 ///
@@ -344,6 +344,21 @@ impl ApiClient {
             })
             .await?;
         Ok(answer.channels)
+    }
+
+    /// Who is in `channel` across the cluster (its namespace must keep presence); without the
+    /// member list when `count_only`.
+    pub async fn presence(&self, channel: &str, count_only: bool) -> Result<Presence> {
+        self.with_retry(|base| {
+            let request = self
+                .authorized(self.http.get(format!("{base}/api/presence")))
+                .query(&[
+                    ("channel", channel),
+                    ("count_only", &count_only.to_string()),
+                ]);
+            async move { send(request).await }
+        })
+        .await
     }
 
     /// One page of history: publications of `channel` after offset `since`, oldest first, at

@@ -24,4 +24,6 @@ pub use api::{new_idempotency_key, ApiClient};
 pub use backoff::Backoff;
 pub use error::{Error, Result};
 pub use subscriber::{Event, Subscriber, SubscriberBuilder};
-pub use types::{ChannelCount, HistoryPage, Position, Publication, PublishAck, Reset};
+pub use types::{
+    ChannelCount, HistoryPage, Member, Position, Presence, Publication, PublishAck, Reset,
+};

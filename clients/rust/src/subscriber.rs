@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::positions::{Positions, SubscribeResult};
-use crate::types::{Position, Publication, Reset};
+use crate::types::{Member, Position, Publication, Reset};
 
 /// What a [`Subscriber`] reports, in the order it happened.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +72,22 @@ pub enum Event {
         channel: String,
         /// Why the server ended it.
         reason: String,
+    },
+    /// A member joined a channel whose namespace announces members (`join_leave`). Not in
+    /// history: joins and leaves while disconnected are not replayed (read
+    /// [`ApiClient::presence`](crate::ApiClient::presence) again after a reconnect).
+    Join {
+        /// The channel joined.
+        channel: String,
+        /// Who joined.
+        member: Member,
+    },
+    /// A member left such a channel.
+    Leave {
+        /// The channel left.
+        channel: String,
+        /// Who left.
+        member: Member,
     },
     /// The server closed the connection and said not to reconnect (`"reconnect":false` in the
     /// close reason; 4010: the backend disconnected the user, whose token is now refused). The
@@ -659,6 +675,19 @@ impl Task {
                 }
                 Ok(_) => {}
                 Err(e) => return Some(dropped(format!("bad reset: {e}"))),
+            }
+        } else if let Some(kind) = ["join", "leave"]
+            .into_iter()
+            .find(|k| message.get(k).is_some())
+        {
+            let channel = message["channel"].as_str().unwrap_or_default().to_string();
+            match serde_json::from_value::<Member>(message[kind].clone()) {
+                Ok(member) if self.channels.contains(&channel) => events.push(match kind {
+                    "join" => Event::Join { channel, member },
+                    _ => Event::Leave { channel, member },
+                }),
+                Ok(_) => {}
+                Err(e) => return Some(dropped(format!("bad {kind}: {e}"))),
             }
         } else if message.get("channel").is_some() && message.get("offset").is_some() {
             match serde_json::from_value::<Publication>(message) {

@@ -44,6 +44,32 @@ pub struct ChannelCount {
     pub subscribers: u64,
 }
 
+/// One member of a channel's presence: a connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// The connection's id, unique in the cluster.
+    pub client: String,
+    /// The token's `sub`; `None` for an anonymous connection.
+    pub user: Option<String>,
+    /// The token's `info` claim, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
+}
+
+/// Who is in a channel (`GET /api/presence`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Presence {
+    /// The channel asked about.
+    pub channel: String,
+    /// Members (connections).
+    pub count: u64,
+    /// Distinct users among them.
+    pub users: u64,
+    /// Every member; `None` for a count-only read.
+    #[serde(default)]
+    pub clients: Option<Vec<Member>>,
+}
+
 /// One page of `GET /api/history`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct HistoryPage {

@@ -254,7 +254,11 @@ async fn subscriber_survives(fault: Fault) {
                 assert!(recovered, "the resume on B must recover: {event:?}")
             }
             Event::Reset(r) => panic!("no history was lost, yet a reset came: {r:?}"),
-            Event::Error { .. } | Event::Unsubscribed { .. } | Event::Ended { .. } => {
+            Event::Error { .. }
+            | Event::Unsubscribed { .. }
+            | Event::Ended { .. }
+            | Event::Join { .. }
+            | Event::Leave { .. } => {
                 panic!("unexpected {event:?}")
             }
             Event::Disconnected { code, .. } => close_codes.push(code),
@@ -563,4 +567,59 @@ async fn the_api_manages_a_users_subscriber_and_broadcasts() {
         other => panic!("expected Ended, got {other:?}"),
     }
     assert_eq!(within("the subscriber's end", sub.recv()).await, None);
+}
+
+/// Presence through the API client, and joins and leaves as subscriber events, across nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_join_leave_events() {
+    let (_redis, nodes) = cluster(
+        2,
+        &[
+            ("GATEWAY__CHANNELS__NAMESPACES__ROOM__PRESENCE", "true"),
+            ("GATEWAY__CHANNELS__NAMESPACES__ROOM__JOIN_LEAVE", "true"),
+        ],
+    )
+    .await;
+    let room = format!("room:{}", channel("rc"));
+    let api = ApiClient::new([base(&nodes[1])], None).unwrap();
+    let mut watcher = Subscriber::connect([base(&nodes[0])], None).unwrap();
+    watcher.subscribe(&room).await.unwrap();
+    subscribed(&mut watcher).await;
+    let own = match next_event(&mut watcher).await {
+        Event::Join { channel, member } => {
+            assert_eq!(channel, room);
+            member
+        }
+        other => panic!("expected the watcher's own join, got {other:?}"),
+    };
+
+    let mut visitor = Subscriber::connect([base(&nodes[1])], None).unwrap();
+    visitor.subscribe(&room).await.unwrap();
+    subscribed(&mut visitor).await;
+    let visiting = match next_event(&mut watcher).await {
+        Event::Join { member, .. } => member,
+        other => panic!("expected the visitor's join, got {other:?}"),
+    };
+    assert_ne!(visiting.client, own.client);
+    assert_eq!(visiting.user, None);
+
+    let presence = api.presence(&room, false).await.unwrap();
+    assert_eq!((presence.count, presence.users), (2, 0));
+    let mut clients: Vec<String> = presence
+        .clients
+        .unwrap()
+        .into_iter()
+        .map(|m| m.client)
+        .collect();
+    clients.sort();
+    let mut expected = vec![own.client.clone(), visiting.client.clone()];
+    expected.sort();
+    assert_eq!(clients, expected);
+    assert_eq!(api.presence(&room, true).await.unwrap().clients, None);
+
+    visitor.close();
+    match next_event(&mut watcher).await {
+        Event::Leave { channel, member } => assert_eq!((channel, member), (room, visiting)),
+        other => panic!("expected the visitor's leave, got {other:?}"),
+    }
 }
