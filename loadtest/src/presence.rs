@@ -253,11 +253,15 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
         Duration::from_secs(60),
     )
     .await?;
-    // Each observer has seen the joins of the observers after it; count from here.
-    let base: Vec<u64> = observer_tallies
-        .iter()
-        .map(|t| t.joins.load(Ordering::Relaxed))
-        .collect();
+    // Observer i hears its own join and those of the observers after it; count from there.
+    wait_until("the observers' own joins", Duration::from_secs(60), || {
+        observer_tallies
+            .iter()
+            .enumerate()
+            .all(|(i, t)| t.joins.load(Ordering::Relaxed) >= (a.observers - i) as u64)
+    })
+    .await?;
+    let base: Vec<u64> = (0..a.observers).map(|i| (a.observers - i) as u64).collect();
     let mut joiner_sockets = Vec::with_capacity(a.joiners);
     for i in 0..a.joiners {
         joiner_sockets.push(open(addrs[i % NODES], sources.pick()).await?);
@@ -441,11 +445,12 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
         && extra_leaves == 0
         && reads.iter().all(|r| r["agreed"] == true)
         && reap.as_secs_f64() <= a.ttl;
+    // CPU milliseconds per 1,000 events (cpu_s * 1e3 / (events / 1e3)), to 3 decimals.
     let per_1k = |cpu: f64, events: u64| {
         if events == 0 {
             0.0
         } else {
-            (cpu * 1e6 / events as f64).round() / 1e3
+            (cpu * 1e9 / events as f64).round() / 1e3
         }
     };
     Ok(vec![json!({
@@ -465,6 +470,7 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
             "every_leave_at_every_observer_ms": ms(all_left),
             "duplicate_leaves_at_observers": extra_leaves,
             "leave_cpu_s": {"nodes": leave_cpu.0, "redis": leave_cpu.1},
+            "node_cpu_ms_per_1k_leave_events": per_1k(leave_cpu.0, joins * a.observers as u64),
         },
         "big_channel": {
             "members": a.members,
