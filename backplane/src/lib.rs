@@ -204,6 +204,8 @@ pub struct Stats {
     /// Channels the node is subscribed to at the store: those with local subscribers plus those
     /// lingering after their last one left.
     pub pubsub_subscriptions: u64,
+    /// Presence members of dead nodes this node removed (each with its leave, if announced).
+    pub presence_reaped: u64,
 }
 
 /// Failure of a backplane operation. Nothing that failed was acknowledged.

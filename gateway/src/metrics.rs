@@ -36,6 +36,10 @@ pub struct Metrics {
     pubsub_healthy: IntGauge,
     pubsub_reconnects: IntCounter,
     gap_fills: IntCounter,
+    presence_reaped: IntCounter,
+    /// Presence entries this node's connections hold (a connection in N presence channels
+    /// counts N times).
+    pub(crate) presence_members: IntGauge,
     backplane_errors: IntCounter,
     pubsub_subscriptions: IntGauge,
 }
@@ -265,6 +269,14 @@ impl Metrics {
                 "gateway_backplane_gap_fills_total",
                 "Gaps in live delivery filled from history.",
             ),
+            presence_reaped: f.counter(
+                "gateway_presence_reaped_total",
+                "Presence members of dead nodes (killed, cut off) this node removed, each leave announced once.",
+            ),
+            presence_members: f.gauge(
+                "gateway_presence_members",
+                "Presence entries held by this node's connections (one per connection and presence channel).",
+            ),
             backplane_errors: f.counter(
                 "gateway_backplane_errors_total",
                 "Backplane commands that failed.",
@@ -283,6 +295,7 @@ impl Metrics {
         for (counter, value) in [
             (&self.pubsub_reconnects, stats.pubsub_reconnects),
             (&self.gap_fills, stats.gap_fills),
+            (&self.presence_reaped, stats.presence_reaped),
             (&self.backplane_errors, stats.errors),
         ] {
             counter.inc_by(value.saturating_sub(counter.get()));

@@ -13,6 +13,8 @@ pub(crate) struct Health {
     reason: Mutex<String>,
     pub(crate) reconnects: AtomicU64,
     pub(crate) gap_fills: AtomicU64,
+    /// Members of dead nodes this node reaped.
+    pub(crate) presence_reaped: AtomicU64,
     errors: AtomicU64,
     /// Channels the link is subscribed to (or subscribing) at Redis.
     subscriptions: AtomicU64,
@@ -25,6 +27,7 @@ impl Default for Health {
             reason: Mutex::new(String::new()),
             reconnects: AtomicU64::new(0),
             gap_fills: AtomicU64::new(0),
+            presence_reaped: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             subscriptions: AtomicU64::new(0),
         }
@@ -50,6 +53,7 @@ impl Health {
             gap_fills: self.gap_fills.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             pubsub_subscriptions: self.subscriptions.load(Ordering::Relaxed),
+            presence_reaped: self.presence_reaped.load(Ordering::Relaxed),
         }
     }
 

@@ -92,6 +92,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             for node in dead {
                 match reap(&shared, &node).await {
                     Ok(members) => {
+                        shared
+                            .health
+                            .presence_reaped
+                            .fetch_add(members, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(node, members, "reaped the presence of a dead node")
                     }
                     Err(e) => {

@@ -321,6 +321,7 @@ impl Session {
             self.node
                 .backplane()
                 .presence_join(channel, member, announce);
+            self.node.metrics().presence_members.inc();
         }
     }
 
@@ -332,6 +333,7 @@ impl Session {
             self.node
                 .backplane()
                 .presence_leave(channel, &client, announce);
+            self.node.metrics().presence_members.dec();
         }
     }
 

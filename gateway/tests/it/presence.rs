@@ -379,6 +379,16 @@ async fn scenario_presence_across_nodes_and_a_crash(backend: &Backend) {
         })
         .await;
     }
+    // The survivors count the reaped members, once between them (a reaper counts when it is
+    // done with the dead node); node 0 still holds its 3 members and its watcher.
+    poll_until("the reaped members counted", WAIT, || async {
+        let reaped = metric_of(&nodes[0], "gateway_presence_reaped_total").await
+            + metric_of(&nodes[1], "gateway_presence_reaped_total").await;
+        assert!(reaped <= lost.len() as f64, "counted twice: {reaped}");
+        (reaped == lost.len() as f64).then_some(())
+    })
+    .await;
+    assert_eq!(metric_of(&nodes[0], "gateway_presence_members").await, 4.0);
     publish(&nodes[0], ROOM, json!({"n": 2})).await;
     for w in &watchers {
         wait_transcript_has(w, ROOM, "pub 2").await;
