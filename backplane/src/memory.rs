@@ -12,8 +12,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::{
-    new_epoch, new_tag, Backplane, BackplaneError, HistoryPage, Idempotency, IdempotencyScope,
-    Publication, PublicationSink, PublishAck, Retention, Settings,
+    new_epoch, new_tag, Backplane, BackplaneError, BatchItem, HistoryPage, Idempotency,
+    IdempotencyScope, Publication, PublicationSink, PublishAck, Retention, Settings,
 };
 
 const SHARDS: usize = 64;
@@ -37,6 +37,8 @@ struct Channel {
     top: u64,
     /// Tag of the publication at `top` (0 while `top` is 0); outlives its history entry.
     top_tag: u32,
+    /// The version of the last versioned publish that was stored ([`BatchItem::version`]).
+    version: Option<u64>,
     history: VecDeque<Entry>,
     node_subscribed: bool,
     touched: Instant,
@@ -75,6 +77,7 @@ impl Channel {
             epoch: new_epoch(),
             top: 0,
             top_tag: 0,
+            version: None,
             history: VecDeque::new(),
             node_subscribed: false,
             touched: now,
@@ -225,6 +228,22 @@ impl Backplane for MemoryBackplane {
         data: Bytes,
         idempotency: Option<Idempotency<'_>>,
     ) -> Result<PublishAck, BackplaneError> {
+        self.publish_item(&BatchItem {
+            channel,
+            data,
+            idempotency,
+            version: None,
+        })
+        .await
+    }
+
+    async fn publish_item(&self, item: &BatchItem<'_>) -> Result<PublishAck, BackplaneError> {
+        let BatchItem {
+            channel,
+            ref data,
+            idempotency,
+            version,
+        } = *item;
         // Keyed with the backplane's random hasher keys, so nobody can craft a colliding payload.
         let data_digest = idempotency.map(|_| self.hasher.hash_one(&data[..]));
         self.with_channel(channel, |state, now| {
@@ -238,6 +257,18 @@ impl Backplane for MemoryBackplane {
                     }
                 }
             }
+            if let Some(version) = version {
+                if state.version.is_some_and(|last| version <= last) {
+                    return Ok(PublishAck {
+                        channel: state.name.clone(),
+                        offset: state.top,
+                        epoch: state.epoch.clone(),
+                        tag: state.top_tag,
+                        suppressed: true,
+                    });
+                }
+                state.version = Some(version);
+            }
             state.top += 1;
             let prev_tag = std::mem::replace(&mut state.top_tag, new_tag());
             let publication = Arc::new(
@@ -246,7 +277,7 @@ impl Backplane for MemoryBackplane {
                     state.top,
                     state.epoch.clone(),
                     state.top_tag,
-                    &data,
+                    data,
                 )
                 .published_at(crate::now_us()),
             );
@@ -262,6 +293,7 @@ impl Backplane for MemoryBackplane {
                 offset: state.top,
                 epoch: state.epoch.clone(),
                 tag: state.top_tag,
+                suppressed: false,
             };
             if let (Some(Idempotency { scope, key }), Some(data_digest)) =
                 (idempotency, data_digest)

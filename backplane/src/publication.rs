@@ -150,6 +150,11 @@ pub struct PublishAck {
     /// The publication's tag ([`Publication::tag`]), as 8 hex digits on the wire.
     #[serde(with = "tag_text")]
     pub tag: u32,
+    /// The publish carried a version not greater than the channel's last one: nothing was
+    /// stored, and `offset`/`epoch`/`tag` name the channel's current top. On the wire only when
+    /// true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suppressed: bool,
 }
 
 /// Serde form of a tag: 8 lowercase hex digits.
@@ -252,6 +257,7 @@ mod tests {
             offset: 3,
             epoch: "e".into(),
             tag: 0xab,
+            suppressed: false,
         };
         assert_eq!(
             serde_json::to_value(&ack).unwrap(),

@@ -32,7 +32,10 @@ pub async fn run_publisher(node: Arc<Node>) {
             *price = next;
             let data = serde_json::json!({"symbol": symbol, "price": next, "change": change});
             let channel = format!("prices:{symbol}");
-            if let Err(e) = node.publish(&channel, data.to_string().into(), None).await {
+            if let Err(e) = node
+                .publish(&channel, data.to_string().into(), None, None)
+                .await
+            {
                 tracing::warn!(%channel, error = %e, "demo price not published");
             }
         }

@@ -204,10 +204,19 @@ impl Node {
         channel: &str,
         data: bytes::Bytes,
         idempotency: Option<backplane::Idempotency<'_>>,
+        version: Option<u64>,
     ) -> Result<backplane::PublishAck, BackplaneError> {
-        let publish = self.backplane.publish(channel, data, idempotency);
-        let ack = self.timed("publish", publish).await;
-        self.metrics.publications.inc_by(u64::from(ack.is_ok()));
+        let item = backplane::BatchItem {
+            channel,
+            data,
+            idempotency,
+            version,
+        };
+        let ack = self
+            .timed("publish", self.backplane.publish_item(&item))
+            .await;
+        let published = ack.as_ref().is_ok_and(|a| !a.suppressed);
+        self.metrics.publications.inc_by(u64::from(published));
         ack
     }
 
@@ -219,7 +228,10 @@ impl Node {
     ) -> Vec<Result<backplane::PublishAck, BackplaneError>> {
         let publish = self.backplane.publish_batch(items);
         let acks = self.timed("publish_batch", publish).await;
-        let published = acks.iter().filter(|a| a.is_ok()).count();
+        let published = acks
+            .iter()
+            .filter(|a| a.as_ref().is_ok_and(|a| !a.suppressed))
+            .count();
         self.metrics.publications.inc_by(published as u64);
         acks
     }

@@ -244,6 +244,8 @@ pub enum Command<'a> {
         channel: Cow<'a, str>,
         data: &'a RawValue,
         idempotency_key: Option<Cow<'a, str>>,
+        /// The producer's version of the value ([`backplane::BatchItem::version`]).
+        version: Option<u64>,
     },
     Ping {
         id: Option<u64>,
@@ -300,6 +302,7 @@ struct RawCommand<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     idempotency_key: Option<Cow<'a, str>>,
+    version: Option<u64>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -379,6 +382,7 @@ impl<'a> Command<'a> {
                     channel,
                     data,
                     idempotency_key: raw.idempotency_key,
+                    version: raw.version,
                 })
             }
             "ping" => Ok(Command::Ping { id }),

@@ -259,4 +259,6 @@ every_backplane!(
     idempotency_key_with_other_data_is_a_conflict,
     idempotency_scopes_live_apart,
     tags_are_carried_everywhere,
+    stale_versions_are_suppressed,
+    versions_race_atomically,
 );

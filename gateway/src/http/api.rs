@@ -29,6 +29,8 @@ struct PublishRequest<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     idempotency_key: Option<Nullable<'a>>,
+    #[serde(default, deserialize_with = "present")]
+    version: Option<Option<u64>>,
     #[serde(borrow, default, deserialize_with = "present")]
     publications: Option<Option<Vec<PublishItem<'a>>>>,
 }
@@ -46,6 +48,8 @@ struct PublishItem<'a> {
     data: &'a RawValue,
     #[serde(borrow, default)]
     idempotency_key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    version: Option<u64>,
 }
 
 /// A key that is there, whatever its value (`Option` alone reads `null` as absent).
@@ -115,12 +119,13 @@ pub(crate) async fn publish<B: RequestBody>(
             )
         }
     };
-    let (channel, data, key) = match request {
+    let (channel, data, key, version) = match request {
         PublishRequest {
             publications: Some(items),
             channel: None,
             data: None,
             idempotency_key: None,
+            version: None,
         } => {
             let Some(items) = items else {
                 return bad_request("`publications` must be a list of publications");
@@ -132,16 +137,22 @@ pub(crate) async fn publish<B: RequestBody>(
             ..
         } => {
             return bad_request(
-                "`publications` (a batch) cannot be combined with `channel`, `data` or \
-                 `idempotency_key`",
+                "`publications` (a batch) cannot be combined with `channel`, `data`, \
+                 `idempotency_key` or `version`",
             )
         }
         PublishRequest {
             channel: Some(Nullable(Some(channel))),
             data: Some(data),
             idempotency_key,
+            version,
             ..
-        } => (channel, data, idempotency_key.and_then(|k| k.0)),
+        } => (
+            channel,
+            data,
+            idempotency_key.and_then(|k| k.0),
+            version.flatten(),
+        ),
         PublishRequest { channel: None, .. } => return bad_request("missing field `channel`"),
         PublishRequest {
             channel: Some(Nullable(None)),
@@ -155,7 +166,7 @@ pub(crate) async fn publish<B: RequestBody>(
     }
     let data = backplane::json::compact(data.get());
     let key = key.map(backplane::Idempotency::server);
-    match node.publish(&channel, data, key).await {
+    match node.publish(&channel, data, key, version).await {
         Ok(ack) => response::json(
             StatusCode::OK,
             serde_json::to_vec(&ack).expect("cannot fail"),
@@ -186,6 +197,7 @@ async fn publish_batch(node: &Arc<Node>, items: &[PublishItem<'_>]) -> Response<
             channel: &item.channel,
             data: backplane::json::compact(item.data.get()),
             idempotency: key.map(backplane::Idempotency::server),
+            version: item.version,
         });
     }
     let results = node.publish_batch(&batch).await;

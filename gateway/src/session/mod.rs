@@ -354,11 +354,13 @@ impl Session {
                 channel,
                 data,
                 idempotency_key,
+                version,
             } => self.publish(
                 id,
                 channel.into(),
                 backplane::json::compact(data.get()),
                 idempotency_key.map(|k| k.into_owned()),
+                version,
             ),
             Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
             Command::Presence {
@@ -392,6 +394,7 @@ impl Session {
         channel: Arc<str>,
         data: Bytes,
         idempotency_key: Option<String>,
+        version: Option<u64>,
     ) {
         let node = self.node.clone();
         self.pending().push(
@@ -403,6 +406,7 @@ impl Session {
                         idempotency_key
                             .as_deref()
                             .map(backplane::Idempotency::client),
+                        version,
                     )
                     .await;
                 Completion::Published { id, result }

@@ -37,6 +37,7 @@ mod sse;
 mod sse_http1;
 mod sse_ids;
 mod tls;
+mod versioned_publish;
 mod websocket;
 mod ws_deflate;
 mod ws_frames;
