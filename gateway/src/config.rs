@@ -119,6 +119,19 @@ pub struct NamespaceConfig {
     /// Whether subscribers get a `join` and a `leave` event as members come and go (needs
     /// `presence`).
     pub join_leave: bool,
+    /// Where a subscription that sends no position starts.
+    pub subscribe_from: SubscribeFrom,
+}
+
+/// Where a subscription without a position starts (`channels.*.subscribe_from`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribeFrom {
+    /// After the channel's newest publication: only what is published from now on.
+    #[default]
+    Now,
+    /// With the channel's newest publication (its latest value), then live ones.
+    Latest,
 }
 
 impl Default for NamespaceConfig {
@@ -131,6 +144,7 @@ impl Default for NamespaceConfig {
             history_max_age: None,
             presence: false,
             join_leave: false,
+            subscribe_from: SubscribeFrom::Now,
         }
     }
 }

@@ -234,6 +234,8 @@ pub enum Command<'a> {
         id: Option<u64>,
         channel: Cow<'a, str>,
         since: Option<Position>,
+        /// `"since": "latest"`: the channel's newest publication first, then live ones.
+        latest: bool,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -297,7 +299,7 @@ struct RawCommand<'a> {
     op: Option<Cow<'a, str>>,
     #[serde(borrow)]
     channel: Option<Cow<'a, str>>,
-    since: Option<Position>,
+    since: Option<Since>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -307,6 +309,20 @@ struct RawCommand<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(default)]
     count_only: bool,
+}
+
+/// A subscribe's `since`: a position, or `"latest"` (the channel's newest publication first).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Since {
+    Latest(LatestWord),
+    Position(Position),
+}
+
+#[derive(Deserialize)]
+enum LatestWord {
+    #[serde(rename = "latest")]
+    Latest,
 }
 
 /// Longest token accepted, in bytes.
@@ -354,7 +370,12 @@ impl<'a> Command<'a> {
         match &*op {
             "subscribe" => {
                 let channel = channel(raw.channel)?;
-                if raw.since.as_ref().is_some_and(|s| s.epoch == ANY_EPOCH) {
+                let (since, latest) = match raw.since {
+                    None => (None, false),
+                    Some(Since::Latest(LatestWord::Latest)) => (None, true),
+                    Some(Since::Position(p)) => (Some(p), false),
+                };
+                if since.as_ref().is_some_and(|s| s.epoch == ANY_EPOCH) {
                     return Err(fail(
                         error_code::BAD_REQUEST,
                         "`since.epoch` \"*\" is reserved",
@@ -363,7 +384,8 @@ impl<'a> Command<'a> {
                 Ok(Command::Subscribe {
                     id,
                     channel,
-                    since: raw.since,
+                    since,
+                    latest,
                 })
             }
             "unsubscribe" => Ok(Command::Unsubscribe {
@@ -430,6 +452,10 @@ pub struct SubscribeResult {
         serialize_with = "serialize_tag"
     )]
     pub tag: Option<u32>,
+    /// Asked for the latest value: whether the channel's newest publication follows (false: the
+    /// channel has none in history — never published, or it expired).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest: Option<bool>,
 }
 
 fn serialize_tag<S: serde::Serializer>(tag: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
@@ -512,7 +538,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            matches!(c, Command::Subscribe { id: Some(1), ref channel, since: Some(ref s) } if channel == "a" && s.offset == 3)
+            matches!(c, Command::Subscribe { id: Some(1), ref channel, since: Some(ref s), .. } if channel == "a" && s.offset == 3)
         );
         let c =
             Command::parse(br#"{"id":2,"op":"publish","channel":"a","data":{"x": [1]}}"#).unwrap();

@@ -14,6 +14,10 @@
 //! subscription that delivered nothing adopts a new epoch silently, and a resume from offset 0 of
 //! any epoch is a resume from the start. A resume whose tag differs from the tag history has at
 //! the position is not recovered (`history_diverged`): the store reused the offset.
+//!
+//! A subscription from the latest value reads the channel's top, then resumes from the offset
+//! before it: the newest publication is delivered from history, then live ones, by the same rule
+//! as any resume. When that publication is no longer in history, it starts at the top instead.
 
 use std::sync::Arc;
 
@@ -129,6 +133,14 @@ pub(crate) enum Effect {
         id: Option<u64>,
         since: Position,
     },
+    /// A subscription from the latest value learnt the channel's top: read the page after
+    /// `since` (the offset before it) and feed it back as [`Input::Subscribed`] without `since`.
+    ReadLatest {
+        gen: u64,
+        channel: Arc<str>,
+        id: Option<u64>,
+        since: u64,
+    },
     /// The subscription ended without an unsubscribe command: leave the hub.
     LeaveHub(Arc<str>),
     /// The subscription is set up (its `subscribed` result is out): the connection is now a
@@ -153,6 +165,25 @@ enum State {
     Live,
 }
 
+/// How a subscription starts, besides its position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SubscribeOptions {
+    /// With no position: deliver the channel's newest publication first (the latest value),
+    /// then live ones.
+    pub(crate) latest: bool,
+}
+
+/// Where a subscription from the latest value is in its two reads.
+enum Latest {
+    /// Not asked for, or decided.
+    No,
+    /// Asked for; the first read (the channel's top) is in flight.
+    Wanted,
+    /// The first read found the channel at `top` of `epoch`; the page after `top - 1` is in
+    /// flight.
+    Reading { epoch: Arc<str>, top: u64 },
+}
+
 struct Subscription {
     /// Tells this subscription's reads from those of an earlier one of the same channel.
     gen: u64,
@@ -168,6 +199,7 @@ struct Subscription {
     /// Presence events that arrived while not live, held until delivery passes the
     /// publication each follows (at most [`HELD_EVENTS`]; they are at-most-once).
     held_events: Vec<Arc<Publication>>,
+    latest: Latest,
 }
 
 /// Presence events a subscription holds while catching up; later ones are dropped.
@@ -227,6 +259,8 @@ struct Resume {
     tag: Option<u32>,
     /// Whether the first page is delivered (recovered, or a new epoch from its start).
     deliver_page: bool,
+    /// For a subscription from the latest value: whether the newest publication is delivered.
+    latest: Option<bool>,
 }
 
 /// The epoch of a position that names none (a compact SSE cursor's): it matches whichever epoch
@@ -254,6 +288,7 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
         continue_after: page.top,
         tag: page.top_tag,
         deliver_page: false,
+        latest: None,
     };
     let recovered_after = |offset, tag| Resume {
         recovered: true,
@@ -261,6 +296,7 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
         continue_after: offset,
         tag,
         deliver_page: true,
+        latest: None,
     };
     let Some(s) = since else {
         return Some(at_top(false, None));
@@ -282,6 +318,7 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
                 .then_some(page.top_tag)
                 .flatten(),
             deliver_page: true,
+            latest: None,
         },
         s if s.offset > page.top => at_top(false, Some(reset_reason::OFFSET_AHEAD)),
         _ if diverged => at_top(false, Some(reset_reason::HISTORY_DIVERGED)),
@@ -290,6 +327,32 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
         }
         _ => at_top(false, Some(reset_reason::HISTORY_TRUNCATED)),
     })
+}
+
+/// Where a subscription from the latest value continues, given the page read after `top - 1`
+/// where its first read found the channel at `top` of `epoch` (`None`: no publication then).
+/// The newest publication is delivered only if it is still the first one the page holds in that
+/// epoch; otherwise (expired, trimmed, or the channel restarted) delivery starts at the top.
+fn decide_latest(first_read: Option<(&Arc<str>, u64)>, page: &HistoryPage) -> Resume {
+    let first = page.publications.first().map(|p| p.offset);
+    match first_read {
+        Some((epoch, top)) if *epoch == page.epoch && first == Some(top) => Resume {
+            recovered: false,
+            reason: None,
+            continue_after: top - 1,
+            tag: page.since_tag,
+            deliver_page: true,
+            latest: Some(true),
+        },
+        _ => Resume {
+            recovered: false,
+            reason: None,
+            continue_after: page.top,
+            tag: page.top_tag,
+            deliver_page: false,
+            latest: Some(false),
+        },
+    }
 }
 
 impl Deliveries {
@@ -323,7 +386,18 @@ impl Deliveries {
 
     /// Starts a subscription; returns the generation its first read must carry
     /// ([`Input::Subscribed`]).
+    #[cfg(test)]
     pub(crate) fn subscribe(&mut self, channel: &Arc<str>) -> Result<u64, ErrorBody> {
+        self.subscribe_with(channel, SubscribeOptions::default())
+    }
+
+    /// [`Deliveries::subscribe`] with options; `latest` applies when the first read comes
+    /// without a position.
+    pub(crate) fn subscribe_with(
+        &mut self,
+        channel: &Arc<str>,
+        options: SubscribeOptions,
+    ) -> Result<u64, ErrorBody> {
         if self.subs.contains_key(channel) {
             return Err(ErrorBody::new(
                 error_code::ALREADY_SUBSCRIBED,
@@ -342,6 +416,11 @@ impl Deliveries {
             reading_since: 0,
             state: State::Subscribing { live_max: 0 },
             held_events: Vec::new(),
+            latest: if options.latest {
+                Latest::Wanted
+            } else {
+                Latest::No
+            },
         };
         self.subs.insert(channel.clone(), sub);
         Ok(gen)
@@ -526,7 +605,26 @@ impl Deliveries {
         let State::Subscribing { live_max } = sub.state else {
             return;
         };
-        let Some(resume) = decide_resume(since.as_ref(), &page, from_start) else {
+        let latest = match std::mem::replace(&mut sub.latest, Latest::No) {
+            _ if since.is_some() => None,
+            Latest::No => None,
+            Latest::Wanted if page.top > 0 => {
+                // Resume from just before the top: one more read, then the rule of a resume.
+                let (epoch, top) = (page.epoch.clone(), page.top);
+                sub.latest = Latest::Reading { epoch, top };
+                effects.push(Effect::ReadLatest {
+                    gen,
+                    channel,
+                    id,
+                    since: top - 1,
+                });
+                return;
+            }
+            Latest::Wanted => Some(decide_latest(None, &page)),
+            Latest::Reading { epoch, top } => Some(decide_latest(Some((&epoch, top)), &page)),
+        };
+        let Some(resume) = latest.or_else(|| decide_resume(since.as_ref(), &page, from_start))
+        else {
             let since = since.expect("only a resume reads again");
             effects.push(Effect::ReadFromStart {
                 gen,
@@ -559,6 +657,7 @@ impl Deliveries {
                 recovered: resume.recovered,
                 reason: resume.reason,
                 tag: page.top_tag,
+                latest: resume.latest,
             },
         });
         let more = resume.deliver_page && deliver_page(sub, &channel, &page, self.page_size, out);
@@ -730,6 +829,8 @@ mod tests {
         Sub(Option<(&'static str, u64)>),
         /// Subscribe to `c` from a position with a tag: epoch, offset, tag.
         SubTagged(&'static str, u64, u32),
+        /// Subscribe to `c` from its latest value (no position).
+        SubLatest,
         /// Subscribe to another channel.
         SubTo(&'static str),
         /// The first read of `c` lands: epoch, top, offsets of the page.
@@ -786,6 +887,12 @@ mod tests {
             Output::Reply(_) => "reply".into(),
             Output::Subscribed { result: r, .. } => match r.reason {
                 _ if r.recovered => format!("subscribed {}@{} recovered", r.epoch, r.offset),
+                _ if r.latest == Some(true) => {
+                    format!("subscribed {}@{} latest", r.epoch, r.offset)
+                }
+                _ if r.latest == Some(false) => {
+                    format!("subscribed {}@{} no latest", r.epoch, r.offset)
+                }
                 Some(reason) => format!("subscribed {}@{} {reason}", r.epoch, r.offset),
                 None => format!("subscribed {}@{}", r.epoch, r.offset),
             },
@@ -813,6 +920,7 @@ mod tests {
                 since, retry: true, ..
             } => format!("retry {since}"),
             Effect::ReadFromStart { .. } => "read from start".into(),
+            Effect::ReadLatest { since, .. } => format!("read latest {since}"),
             Effect::LeaveHub(_) => "leave".into(),
             Effect::Joined(_) => "joined".into(),
             Effect::Resumed {
@@ -850,6 +958,14 @@ mod tests {
                         tag: Some(*tag),
                     });
                     gen = deliveries.subscribe(&channel).expect("subscribed");
+                    None
+                }
+                SubLatest => {
+                    since = None;
+                    let options = SubscribeOptions { latest: true };
+                    gen = deliveries
+                        .subscribe_with(&channel, options)
+                        .expect("subscribed");
                     None
                 }
                 SubTo(other) => {
@@ -1060,6 +1176,116 @@ mod tests {
                 (Live("e1", 7), &["live 7"]),
             ],
         );
+    }
+
+    #[test]
+    fn latest_value_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "latest: the newest publication, then live ones",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (
+                        First("e1", 5, &[5]),
+                        &["subscribed e1@5 latest", "history 5"],
+                    ),
+                    (At, &["at e1@5, 0 catching up"]),
+                    (Live("e1", 5), &[]),
+                    (Live("e1", 6), &["live 6"]),
+                ],
+            ),
+            (
+                "latest: publications during the reads follow, no gap, no duplicate",
+                &[
+                    (SubLatest, &[]),
+                    (Live("e1", 6), &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (Live("e1", 7), &[]),
+                    (
+                        First("e1", 7, &[5, 6, 7]),
+                        &[
+                            "subscribed e1@7 latest",
+                            "history 5",
+                            "history 6",
+                            "history 7",
+                        ],
+                    ),
+                    (Live("e1", 7), &[]),
+                    (Live("e1", 8), &["live 8"]),
+                ],
+            ),
+            (
+                "latest: live traffic past the page is caught up from history",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (Live("e1", 9), &[]),
+                    (
+                        First("e1", 9, &[5, 6, 7]),
+                        &[
+                            "subscribed e1@9 latest",
+                            "history 5",
+                            "history 6",
+                            "history 7",
+                            "fetch 7",
+                        ],
+                    ),
+                    (Page("e1", 9, &[8, 9]), &["history 8", "history 9"]),
+                    (At, &["at e1@9, 0 catching up"]),
+                    (Live("e1", 10), &["live 10"]),
+                ],
+            ),
+            (
+                "latest: a channel never published to says so and goes live",
+                &[
+                    (SubLatest, &[]),
+                    (First("", 0, &[]), &["subscribed @0 no latest"]),
+                    (Live("e1", 1), &["live 1"]),
+                ],
+            ),
+            (
+                "latest: an expired newest publication delivers nothing and says so",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (First("e1", 5, &[]), &["subscribed e1@5 no latest"]),
+                    (Live("e1", 6), &["live 6"]),
+                ],
+            ),
+            (
+                "latest: trimmed past the newest publication between the reads starts at the top",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (Live("e1", 8), &[]),
+                    (First("e1", 8, &[7, 8]), &["subscribed e1@8 no latest"]),
+                    (Live("e1", 9), &["live 9"]),
+                ],
+            ),
+            (
+                "latest: a channel restarted between the reads starts at its top",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (First("e2", 2, &[]), &["subscribed e2@2 no latest"]),
+                    (Live("e2", 3), &["live 3"]),
+                ],
+            ),
+            (
+                "latest: an unsubscribe while reading drops the late read",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (Unsub, &[]),
+                    (StaleFirst("e1", 5, &[5]), &[]),
+                    (At, &["not subscribed, 0 catching up"]),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
     }
 
     #[test]

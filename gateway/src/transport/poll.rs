@@ -34,6 +34,8 @@ struct PollRequest {
     channels: Vec<Arc<str>>,
     /// The cursor's positions; channels absent from it start at live.
     cursor: crate::cursor::Cursor,
+    /// How the channels absent from the cursor start (`latest=true`).
+    options: crate::session::SubscribeOptions,
     timeout: Duration,
 }
 
@@ -131,6 +133,7 @@ fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
     Ok(PollRequest {
         channels: request.channels,
         cursor,
+        options: request.options,
         timeout,
     })
 }
@@ -141,7 +144,7 @@ async fn answer(node: &Arc<Node>, request: PollRequest) -> Response<Body> {
     let registration = node.streams().register();
     // A poll receives joins and leaves but is no member: it holds no connection between polls.
     let mut session = Session::new(node.clone(), registration.id()).not_a_member();
-    let starts = session.subscribe_from_cursor(&request.channels, &request.cursor);
+    let starts = session.subscribe_from_cursor(&request.channels, &request.cursor, request.options);
     let missing_position = starts.iter().any(Option::is_none);
     let mut out = Vec::new();
 

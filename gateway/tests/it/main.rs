@@ -14,6 +14,7 @@ mod fresh_channels;
 mod fuzz_corpus;
 mod heartbeat;
 mod http_api;
+mod latest_value;
 mod namespace_history;
 mod poll;
 mod redis_catchup;
