@@ -8,6 +8,7 @@
 
 pub mod json;
 pub mod memory;
+pub mod merge_patch;
 mod presence;
 mod publication;
 pub mod redis;

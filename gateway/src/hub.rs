@@ -29,6 +29,8 @@ struct Entry {
     subscribers: IndexMap<ConnId, QueueSender>,
     /// Whether the backplane delivers this channel to the node.
     node_subscribed: bool,
+    /// The channel's last publication fanned out: the next one's delta form is made against it.
+    last: parking_lot::Mutex<Option<Arc<Publication>>>,
 }
 
 type Shard = RwLock<HashMap<Arc<str>, Entry>>;
@@ -160,6 +162,14 @@ impl PublicationSink for Hub {
         let Some(entry) = shard.get(&*publication.channel) else {
             return;
         };
+        if publication.is_publication() {
+            // Publications of a channel arrive here in order, one at a time.
+            let mut last = entry.last.lock();
+            if let Some(previous) = last.as_deref() {
+                publication.follows(previous);
+            }
+            *last = Some(publication.clone());
+        }
         let mut slow = 0;
         for queue in entry.subscribers.values() {
             if queue.push(&publication) == Pushed::Overflowed {

@@ -236,6 +236,8 @@ pub enum Command<'a> {
         since: Option<Position>,
         /// `"since": "latest"`: the channel's newest publication first, then live ones.
         latest: bool,
+        /// `"delta": true`: live publications as merge patches when smaller.
+        delta: bool,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -309,6 +311,8 @@ struct RawCommand<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(default)]
     count_only: bool,
+    #[serde(default)]
+    delta: bool,
 }
 
 /// A subscribe's `since`: a position, or `"latest"` (the channel's newest publication first).
@@ -386,6 +390,7 @@ impl<'a> Command<'a> {
                     channel,
                     since,
                     latest,
+                    delta: raw.delta,
                 })
             }
             "unsubscribe" => Ok(Command::Unsubscribe {

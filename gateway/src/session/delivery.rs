@@ -18,6 +18,12 @@
 //! A subscription from the latest value reads the channel's top, then resumes from the offset
 //! before it: the newest publication is delivered from history, then live ones, by the same rule
 //! as any resume. When that publication is no longer in history, it starts at the top instead.
+//!
+//! A subscription that asked for deltas gets a live publication in its delta form (shared, made
+//! once per node) only when the last publication it sent the client is the very one the delta is
+//! against: a position the client brought (a resume, a cursor) says nothing of whether it still
+//! has that publication's data. Anything from history goes in full, and so does the first
+//! publication after subscribing, a reset or an epoch change.
 
 use std::sync::Arc;
 
@@ -171,6 +177,8 @@ pub(crate) struct SubscribeOptions {
     /// With no position: deliver the channel's newest publication first (the latest value),
     /// then live ones.
     pub(crate) latest: bool,
+    /// Live publications in their delta form when it is smaller and applies.
+    pub(crate) delta: bool,
 }
 
 /// Where a subscription from the latest value is in its two reads.
@@ -200,6 +208,10 @@ struct Subscription {
     /// publication each follows (at most [`HELD_EVENTS`]; they are at-most-once).
     held_events: Vec<Arc<Publication>>,
     latest: Latest,
+    delta: bool,
+    /// Offset and tag of the last publication this subscription sent, in `epoch`: the only
+    /// base a delta may be sent against.
+    sent: Option<(u64, u32)>,
 }
 
 /// Presence events a subscription holds while catching up; later ones are dropped.
@@ -421,6 +433,8 @@ impl Deliveries {
             } else {
                 Latest::No
             },
+            delta: options.delta,
+            sent: None,
         };
         self.subs.insert(channel.clone(), sub);
         Ok(gen)
@@ -516,9 +530,15 @@ impl Deliveries {
                     sub.tag = None;
                 }
                 if p.offset == sub.delivered + 1 {
+                    let base = sub.sent.filter(|(offset, _)| offset + 1 == p.offset);
+                    let delta = match base {
+                        Some((_, tag)) if sub.delta => p.delta_for(Some(tag)),
+                        _ => None,
+                    };
                     sub.delivered = p.offset;
                     sub.tag = Some(p.tag);
-                    out.push(Output::Live(p));
+                    sub.sent = Some((p.offset, p.tag));
+                    out.push(Output::Live(delta.unwrap_or(p)));
                 } else if p.offset > sub.delivered + 1 {
                     sub.state = State::CatchingUp { live_max: p.offset };
                     self.catching_up += 1;
@@ -722,6 +742,7 @@ impl Deliveries {
                 live_max = 0;
             }
             sub.epoch = page.epoch.clone();
+            sub.sent = None;
         } else if page.top < sub.delivered {
             // History went back in this epoch (a store rollback the link has not rotated yet):
             // wait rather than read it again at once.
@@ -807,6 +828,7 @@ fn deliver_page(
             sub.release_events(out);
             sub.delivered = p.offset;
             sub.tag = Some(p.tag);
+            sub.sent = Some((p.offset, p.tag));
             out.push(Output::History(p.clone()));
         }
     }
@@ -831,6 +853,8 @@ mod tests {
         SubTagged(&'static str, u64, u32),
         /// Subscribe to `c` from its latest value (no position).
         SubLatest,
+        /// Subscribe to `c` asking for deltas, from a position or from now.
+        SubDelta(Option<(&'static str, u64)>),
         /// Subscribe to another channel.
         SubTo(&'static str),
         /// The first read of `c` lands: epoch, top, offsets of the page.
@@ -862,13 +886,16 @@ mod tests {
     /// A step and the transcript it must produce.
     type ScriptStep = (Step, &'static [&'static str]);
 
+    /// A quote whose price is its offset, tagged with its offset: one member changes from one
+    /// publication to the next, so its delta form is smaller.
     fn publication(epoch: &str, offset: u64) -> Arc<Publication> {
+        let data = format!("{{\"symbol\":\"ACME\",\"currency\":\"EUR\",\"price\":{offset}}}");
         Arc::new(Publication::new(
             CHANNEL.into(),
             offset,
             epoch.into(),
-            0,
-            b"{}",
+            offset as u32,
+            data.as_bytes(),
         ))
     }
 
@@ -878,7 +905,7 @@ mod tests {
             top,
             publications: offsets.iter().map(|o| publication(epoch, *o)).collect(),
             since_tag: None,
-            top_tag: (top > 0).then_some(0),
+            top_tag: (top > 0).then_some(top as u32),
         })
     }
 
@@ -898,6 +925,7 @@ mod tests {
             },
             Output::SubscribeFailed { error, .. } => format!("failed {}", error.code),
             Output::History(p) => format!("history {}", p.offset),
+            Output::Live(p) if p.is_delta() => format!("delta {}", p.offset),
             Output::Live(p) => format!("live {}", p.offset),
             Output::Presence(p) => format!("join after {}", p.offset),
             Output::Reset {
@@ -936,6 +964,7 @@ mod tests {
         let mut deliveries = Deliveries::new(PAGE_SIZE, 2);
         let channel: Arc<str> = CHANNEL.into();
         let (mut gen, mut since) = (0, None);
+        let mut last_live: Option<Arc<Publication>> = None;
         for (i, (step, expected)) in script.iter().enumerate() {
             let mut lines = Vec::new();
             let input = match step {
@@ -960,9 +989,27 @@ mod tests {
                     gen = deliveries.subscribe(&channel).expect("subscribed");
                     None
                 }
+                SubDelta(from) => {
+                    since = from.map(|(epoch, offset)| Position {
+                        epoch: epoch.into(),
+                        offset,
+                        tag: None,
+                    });
+                    let options = SubscribeOptions {
+                        delta: true,
+                        ..SubscribeOptions::default()
+                    };
+                    gen = deliveries
+                        .subscribe_with(&channel, options)
+                        .expect("subscribed");
+                    None
+                }
                 SubLatest => {
                     since = None;
-                    let options = SubscribeOptions { latest: true };
+                    let options = SubscribeOptions {
+                        latest: true,
+                        ..SubscribeOptions::default()
+                    };
                     gen = deliveries
                         .subscribe_with(&channel, options)
                         .expect("subscribed");
@@ -1018,8 +1065,13 @@ mod tests {
                     deliveries.apply(input, &mut out, &mut effects);
                 }
                 (Live(epoch, offset), None) => {
-                    let input = Input::Live(publication(epoch, *offset));
-                    deliveries.apply(input, &mut out, &mut effects);
+                    // As the hub does: every live publication follows the one before, if adjacent.
+                    let p = publication(epoch, *offset);
+                    if let Some(previous) = &last_live {
+                        p.follows(previous);
+                    }
+                    last_live = Some(p.clone());
+                    deliveries.apply(Input::Live(p), &mut out, &mut effects);
                 }
                 (Join(epoch, after), None) => {
                     let event = Publication::presence_event(
@@ -1176,6 +1228,133 @@ mod tests {
                 (Live("e1", 7), &["live 7"]),
             ],
         );
+    }
+
+    #[test]
+    fn delta_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "delta: only when asked",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["live 7"]),
+                ],
+            ),
+            (
+                "delta: against the publication delivered before, once the node saw it",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                    (Live("e1", 8), &["delta 8"]),
+                ],
+            ),
+            (
+                "delta: never against a publication this subscription did not send",
+                &[
+                    (Live("e1", 5), &[]),
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                ],
+            ),
+            (
+                "delta: a resume at the top starts in full (the client may not hold that data)",
+                &[
+                    (Live("e1", 4), &[]),
+                    (SubDelta(Some(("e1", 4))), &[]),
+                    (
+                        First("e1", 4, &[]),
+                        &["subscribed e1@4 recovered", "resumed"],
+                    ),
+                    (Live("e1", 5), &["live 5"]),
+                    (Live("e1", 6), &["delta 6"]),
+                ],
+            ),
+            (
+                "delta: a gap is filled in full, then deltas go on",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                    (Live("e1", 9), &["fetch 7"]),
+                    (Page("e1", 9, &[8, 9]), &["history 8", "history 9"]),
+                    (Live("e1", 10), &["delta 10"]),
+                ],
+            ),
+            (
+                "delta: a resume starts in full",
+                &[
+                    (SubDelta(Some(("e1", 2))), &[]),
+                    (
+                        First("e1", 4, &[3, 4]),
+                        &[
+                            "subscribed e1@4 recovered",
+                            "history 3",
+                            "history 4",
+                            "resumed",
+                        ],
+                    ),
+                    (Live("e1", 5), &["live 5"]),
+                    (Live("e1", 6), &["delta 6"]),
+                ],
+            ),
+            (
+                "delta: a resume from history is followed by deltas when the node saw the base",
+                &[
+                    (Live("e1", 4), &[]),
+                    (SubDelta(Some(("e1", 2))), &[]),
+                    (
+                        First("e1", 4, &[3, 4]),
+                        &[
+                            "subscribed e1@4 recovered",
+                            "history 3",
+                            "history 4",
+                            "resumed",
+                        ],
+                    ),
+                    (Live("e1", 5), &["delta 5"]),
+                ],
+            ),
+            (
+                "delta: a new epoch starts in full",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                    (Live("e2", 1), &["fetch 0"]),
+                    (
+                        Page("e2", 1, &[1]),
+                        &["reset e2@0 epoch_changed", "history 1"],
+                    ),
+                    (Live("e2", 2), &["delta 2"]),
+                    (Live("e2", 3), &["delta 3"]),
+                ],
+            ),
+            (
+                "delta: a reset past trimmed history starts in full",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 9), &["fetch 6"]),
+                    (
+                        Page("e1", 9, &[9]),
+                        &["reset e1@8 history_truncated", "history 9"],
+                    ),
+                    (Live("e1", 10), &["delta 10"]),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
     }
 
     #[test]

@@ -142,6 +142,7 @@ impl Session {
             == crate::config::SubscribeFrom::Latest;
         let options = SubscribeOptions {
             latest: since.is_none() && (options.latest || from_latest),
+            delta: options.delta,
         };
         let gen = match self.deliveries.subscribe_with(&channel, options) {
             Ok(gen) => gen,
@@ -374,8 +375,9 @@ impl Session {
                 channel,
                 since,
                 latest,
+                delta,
             } => {
-                let options = SubscribeOptions { latest };
+                let options = SubscribeOptions { latest, delta };
                 self.subscribe(id, channel.into(), since, options, out)
             }
             Command::Unsubscribe { id, channel } => {

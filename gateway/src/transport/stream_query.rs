@@ -10,8 +10,8 @@ use crate::protocol::{
 };
 use crate::session::SubscribeOptions;
 
-/// The channels of a stream or poll, distinct, in request order, its cursor as sent, and how
-/// its channels without a position start (`latest=true`).
+/// The channels of a stream or poll, distinct, in request order, its cursor as sent, how its
+/// channels without a position start (`latest=true`) and whether it takes deltas (`delta=true`).
 pub(crate) struct StreamQuery {
     pub(crate) channels: Vec<Arc<str>>,
     pub(crate) cursor: Option<String>,
@@ -56,6 +56,8 @@ impl StreamQuery {
                 cursor = Some(value.into_owned());
             } else if key == "latest" {
                 options.latest = flag(&key, &value)?;
+            } else if key == "delta" {
+                options.delta = flag(&key, &value)?;
             } else {
                 other(&key, &value)?;
             }

@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
+  applyMergePatch,
   attemptPlan,
   backoffDelay,
   connect,
@@ -141,9 +142,11 @@ function fakeWebSocket() {
       this.sent.push(msg);
       if (msg.op === 'subscribe') {
         const ch = FakeWs.channels.get(msg.channel) || { epoch: 'e', top: 0 };
-        const recovered = !!msg.since && msg.since.epoch === ch.epoch && msg.since.offset <= ch.top;
+        const latest = msg.since === 'latest';
+        const recovered = !latest && !!msg.since && msg.since.epoch === ch.epoch && msg.since.offset <= ch.top;
         const result = { channel: msg.channel, epoch: ch.epoch, offset: ch.top, recovered };
-        if (msg.since && !recovered) result.reason = 'epoch_changed';
+        if (latest) result.latest = ch.top > 0;
+        else if (msg.since && !recovered) result.reason = 'epoch_changed';
         setImmediate(() => this.push({ id: msg.id, result }));
       }
     }
@@ -387,5 +390,71 @@ test('long-poll: a new subscription aborts the waiting poll and polls again with
   assert.deepEqual(decodeCursor(requests[2].searchParams.get('cursor')), new Map([['a', { epoch: 'e', offset: 0 }]]));
   await until(() => client.position('b'), 'b positioned');
   assert.equal(client.currentState, 'connected', 'a channel change is no reconnect');
+  client.close();
+});
+
+test('merge patch: RFC 7396 applied without changing the target', () => {
+  const cases = [
+    [{ a: 'b' }, { a: 'c' }, { a: 'c' }],
+    [{ a: 'b' }, { b: 'c' }, { a: 'b', b: 'c' }],
+    [{ a: 'b' }, { a: null }, {}],
+    [{ a: [{ b: 'c' }] }, { a: [1] }, { a: [1] }],
+    [['a', 'b'], { a: 'c' }, { a: 'c' }],
+    [{ e: null }, { a: 1 }, { e: null, a: 1 }],
+    [{}, { a: { bb: { ccc: null } } }, { a: { bb: {} } }],
+    [{ a: { b: 1, c: 2 } }, { a: { c: 3 } }, { a: { b: 1, c: 3 } }],
+  ];
+  for (const [target, patch, result] of cases) {
+    const before = JSON.stringify(target);
+    assert.deepEqual(applyMergePatch(target, patch), result, `${before} + ${JSON.stringify(patch)}`);
+    assert.equal(JSON.stringify(target), before, 'the target is not changed');
+  }
+});
+
+test('latest and delta: asked on subscribe, deltas applied so handlers get full data', async () => {
+  const WebSocket = fakeWebSocket();
+  WebSocket.reachable = new Set(['ws://a.test/ws']);
+  WebSocket.channels.set('prices:ACME', { epoch: 'e1', top: 3 });
+  const client = connect(A, { ...fast, WebSocket });
+  const got = [];
+  const errors = [];
+  client.on('error', (e) => errors.push(e.code));
+  client.subscribe('prices:ACME', (p) => got.push([p.offset, p.data, p.delta]), { latest: true, delta: true });
+  client.subscribe('plain', () => {});
+  await until(() => client.position('plain'), 'subscribed');
+  const ws = WebSocket.instances[0];
+  await until(() => ws.sent.length === 2, 'both subscribed');
+  assert.equal(client.position('prices:ACME'), null, 'the latest value brings the position');
+  assert.deepEqual(ws.sent.map((m) => [m.channel, m.since, m.delta]), [
+    ['prices:ACME', 'latest', true],
+    ['plain', undefined, undefined],
+  ]);
+  const quote = { bid: 1, ask: 2, volume: 10 };
+  ws.push({ channel: 'prices:ACME', offset: 3, epoch: 'e1', data: quote });
+  ws.push({ channel: 'prices:ACME', offset: 4, epoch: 'e1', delta: { bid: 1.5 } });
+  ws.push({ channel: 'prices:ACME', offset: 5, epoch: 'e1', delta: { volume: null, last: 1.5 } });
+  assert.deepEqual(got, [
+    [3, quote, undefined],
+    [4, { bid: 1.5, ask: 2, volume: 10 }, undefined],
+    [5, { bid: 1.5, ask: 2, last: 1.5 }, undefined],
+  ]);
+  assert.deepEqual(quote, { bid: 1, ask: 2, volume: 10 }, 'earlier data is not changed');
+  // A delta that does not follow the last publication cannot be applied: surfaced, not delivered.
+  ws.push({ channel: 'prices:ACME', offset: 7, epoch: 'e1', delta: { bid: 9 } });
+  assert.deepEqual(errors, ['delta_without_base']);
+  assert.equal(got.length, 3);
+  assert.deepEqual(client.position('prices:ACME'), { epoch: 'e1', offset: 5 });
+  client.close();
+});
+
+test('latest and delta over SSE and long-poll: one query for the stream', async () => {
+  const EventSource = fakeEventSource([A]);
+  const client = connect(A, { ...fast, transports: ['sse'], EventSource });
+  client.subscribe('prices:ACME', () => {}, { latest: true, delta: true });
+  client.subscribe('plain', () => {});
+  await until(() => client.currentState === 'connected', 'connected');
+  const url = new URL(EventSource.instances.at(-1).url);
+  assert.equal(url.searchParams.get('latest'), 'true');
+  assert.equal(url.searchParams.get('delta'), 'true');
   client.close();
 });
