@@ -36,6 +36,9 @@ pub struct Publication {
     /// store rollback reused the offset (0 for entries written before tags existed). On the wire
     /// as 8 lowercase hex digits ([`format_tag`]).
     pub tag: u32,
+    /// Publications of the channel right before this one that a conflating connection queue
+    /// dropped (0 but for a publication taken from such a queue); not part of the JSON text.
+    pub skipped: u64,
     json: Bytes,
     data: Range<usize>,
     /// Forms of `json` a transport derives, each made on first use and then shared like `json`
@@ -84,6 +87,7 @@ impl Publication {
             epoch,
             published_us: 0,
             tag,
+            skipped: 0,
             json: Bytes::from(json),
             data,
             encoded: OnceLock::new(),
@@ -123,6 +127,7 @@ impl Publication {
             epoch,
             published_us: 0,
             tag: 0,
+            skipped: 0,
             json: Bytes::from(json),
             data,
             encoded: OnceLock::new(),
@@ -212,6 +217,41 @@ impl Publication {
         form.data = start + 1..form.data.end + 1;
         form.json = Bytes::from(text);
         (form.json.len() < self.json.len()).then(|| Arc::new(form))
+    }
+
+    /// This publication as taken from a conflating queue after `skipped` of its channel's
+    /// publications right before it were dropped (see [`Publication::skipped_form`]).
+    pub fn after_skipping(&self, skipped: u64) -> Publication {
+        let mut taken = self.clone();
+        taken.skipped = skipped;
+        taken
+    }
+
+    /// The wire form that tells a subscriber the `skipped` publications before this one will not
+    /// come: `{"channel","offset","epoch","tag","skipped":N,"data"}`.
+    pub fn skipped_form(&self, skipped: u64) -> Publication {
+        let key: &[u8] = if self.is_delta() {
+            b"\"delta\":"
+        } else {
+            b"\"data\":"
+        };
+        let start = self.data.start - key.len();
+        let mut text = Vec::with_capacity(self.json.len() + 32);
+        text.extend_from_slice(&self.json[..start]);
+        text.extend_from_slice(b"\"skipped\":");
+        text.extend_from_slice(itoa::Buffer::new().format(skipped).as_bytes());
+        text.push(b',');
+        let shift = text.len() - start;
+        text.extend_from_slice(&self.json[start..]);
+        Publication {
+            json: Bytes::from(text),
+            data: self.data.start + shift..self.data.end + shift,
+            skipped,
+            encoded: OnceLock::new(),
+            previous: OnceLock::new(),
+            delta: OnceLock::new(),
+            ..self.clone()
+        }
     }
 
     /// Whether this is a delta form ([`Publication::delta_for`]): its `data` is a merge patch.

@@ -20,6 +20,8 @@ export interface Publication<T = unknown> {
   /** Random per publication, 8 hex digits: (epoch, offset, tag) names one publication. */
   tag: string;
   data: T;
+  /** On a conflating namespace: how many publications right before this one were dropped. */
+  skipped?: number;
 }
 
 /** Publications of `channel` were lost; delivery continues after `offset` of `epoch`. */

@@ -121,6 +121,19 @@ pub struct NamespaceConfig {
     pub join_leave: bool,
     /// Where a subscription that sends no position starts.
     pub subscribe_from: SubscribeFrom,
+    /// What happens to a connection whose outbound queue passes its limit.
+    pub slow_consumer: SlowConsumer,
+}
+
+/// What happens to a slow consumer's publications of a namespace (`channels.*.slow_consumer`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumer {
+    /// The connection is closed (4000) and resumes losslessly from its positions.
+    #[default]
+    Disconnect,
+    /// Each channel keeps only its newest waiting publication, which says how many it skipped.
+    Conflate,
 }
 
 /// Where a subscription without a position starts (`channels.*.subscribe_from`).
@@ -145,6 +158,7 @@ impl Default for NamespaceConfig {
             presence: false,
             join_leave: false,
             subscribe_from: SubscribeFrom::Now,
+            slow_consumer: SlowConsumer::Disconnect,
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct Hub {
     stripes: Box<[tokio::sync::Mutex<()>]>,
     hasher: RandomState,
     metrics: Metrics,
+    /// The namespaces, to tell the channels whose slow consumers conflate (none without).
+    namespaces: Option<crate::security::namespace::Namespaces>,
 }
 
 impl Hub {
@@ -50,7 +52,23 @@ impl Hub {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             hasher: RandomState::new(),
             metrics,
+            namespaces: None,
         }
+    }
+
+    /// The hub with the namespaces that say which channels conflate for slow consumers.
+    pub(crate) fn with_namespaces(
+        mut self,
+        namespaces: crate::security::namespace::Namespaces,
+    ) -> Self {
+        self.namespaces = Some(namespaces);
+        self
+    }
+
+    fn conflates(&self, channel: &str) -> bool {
+        self.namespaces
+            .as_ref()
+            .is_some_and(|n| n.get(channel).slow_consumer == crate::config::SlowConsumer::Conflate)
     }
 
     fn shard(&self, channel: &str) -> &Shard {
@@ -170,15 +188,21 @@ impl PublicationSink for Hub {
             }
             *last = Some(publication.clone());
         }
-        let mut slow = 0;
+        let conflate = self.conflates(&publication.channel);
+        let (mut slow, mut conflated) = (0, 0);
         for queue in entry.subscribers.values() {
-            if queue.push(&publication) == Pushed::Overflowed {
-                slow += 1;
+            match queue.push(&publication, conflate) {
+                Pushed::Overflowed => slow += 1,
+                Pushed::Conflated => conflated += 1,
+                Pushed::Queued | Pushed::Dropped => {}
             }
         }
         drop(shard);
         if slow > 0 {
             self.metrics.slow_consumer_disconnects.inc_by(slow);
+        }
+        if conflated > 0 {
+            self.metrics.slow_consumer_conflations.inc_by(conflated);
         }
     }
 }

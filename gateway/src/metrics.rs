@@ -18,6 +18,7 @@ pub struct Metrics {
     pub publications: IntCounter,
     pub deliveries: IntCounterVec,
     pub slow_consumer_disconnects: IntCounter,
+    pub slow_consumer_conflations: IntCounter,
     pub resumes: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub catching_up: IntGauge,
@@ -179,6 +180,11 @@ impl Metrics {
             slow_consumer_disconnects: f.counter(
                 "gateway_slow_consumer_disconnects_total",
                 "Connections cut off because their outbound queue overflowed.",
+            ),
+            slow_consumer_conflations: f.counter(
+                "gateway_slow_consumer_conflations_total",
+                "Times a full outbound queue made room by keeping only the newest publication of \
+                 each conflating channel.",
             ),
             resumes: f.counter_vec(
                 "gateway_resumes_total",

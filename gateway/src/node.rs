@@ -57,7 +57,7 @@ impl Node {
     pub(crate) async fn start(config: Config) -> Result<Arc<Node>, StartError> {
         let policy = Policy::load(&config).map_err(StartError::Security)?;
         let metrics = Metrics::new();
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::new(metrics.clone()).with_namespaces(policy.namespaces.clone()));
         let backplane: Arc<dyn Backplane> = match config.redis() {
             Some(redis) => RedisBackplane::connect(redis, config.settings(), hub.clone()).await?,
             None => MemoryBackplane::new(config.settings(), hub.clone()),

@@ -4,8 +4,15 @@
 //!
 //! One small allocation per connection (a tokio mpsc cost ~800 bytes even when empty): a deque
 //! that grows only while publications wait, under a lock never held across an await.
+//!
+//! Channels of a conflating namespace (`slow_consumer = "conflate"`) are not cut off: when the
+//! queue passes its limit, each such channel keeps only its newest waiting publication, which
+//! counts the ones it replaced ([`Publication::skipped`]). An entry only ever replaces older
+//! entries of its own channel and epoch, so no channel is reordered.
 
 use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -17,7 +24,7 @@ use tokio::sync::Notify;
 const KEEP_CAPACITY: usize = 64;
 
 struct Shared {
-    queued: Mutex<VecDeque<Arc<Publication>>>,
+    queued: Mutex<VecDeque<Entry>>,
     /// Wakes the connection task; a notification sent while it is busy is kept for it.
     ready: Notify,
     queued_bytes: AtomicUsize,
@@ -25,6 +32,40 @@ struct Shared {
     overflowed: AtomicBool,
     /// The connection task is gone: pushes are dropped.
     closed: AtomicBool,
+}
+
+/// A waiting publication.
+struct Entry {
+    publication: Arc<Publication>,
+    /// Publications of the channel right before this one that conflation removed.
+    skipped: u64,
+    /// Whether the channel conflates.
+    conflate: bool,
+}
+
+/// Keeps the newest entry of each conflating channel (per epoch), each counting the entries it
+/// replaced. Returns the bytes freed.
+fn compact(queued: &mut VecDeque<Entry>) -> usize {
+    let mut kept: Vec<Entry> = Vec::with_capacity(queued.len());
+    let mut newest: FxHashMap<Arc<str>, usize> = FxHashMap::default();
+    let mut freed = 0;
+    // Newest first: each entry meets the newer one of its channel it is folded into.
+    while let Some(entry) = queued.pop_back() {
+        if entry.conflate {
+            let channel = &entry.publication.channel;
+            if let Some(newer) = newest.get(channel).map(|&i| &mut kept[i]) {
+                if newer.publication.epoch == entry.publication.epoch {
+                    newer.skipped += entry.skipped + 1;
+                    freed += entry.publication.json().len();
+                    continue;
+                }
+            }
+            newest.insert(channel.clone(), kept.len());
+        }
+        kept.push(entry);
+    }
+    queued.extend(kept.into_iter().rev());
+    freed
 }
 
 /// The hub's handle on a connection's queue.
@@ -60,6 +101,9 @@ pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
+    /// The queue was full; its conflating channels kept only their newest publication each,
+    /// which made room for this one.
+    Conflated,
     /// The queue was already full or is now: the connection is a slow consumer. Reported once.
     Overflowed,
     /// The queue was already marked overflowed or its connection is gone.
@@ -72,23 +116,43 @@ impl QueueSender {
         self.shared.queued_bytes.load(Ordering::Relaxed)
     }
 
-    /// Queues a publication without waiting.
-    pub fn push(&self, publication: &Arc<Publication>) -> Pushed {
+    /// Queues a publication without waiting; with `conflate`, its channel conflates when the
+    /// queue is full instead of overflowing.
+    pub fn push(&self, publication: &Arc<Publication>, conflate: bool) -> Pushed {
         let shared = &*self.shared;
         if shared.overflowed.load(Ordering::Relaxed) || shared.closed.load(Ordering::Relaxed) {
             return Pushed::Dropped;
         }
+        let entry = Entry {
+            publication: publication.clone(),
+            skipped: 0,
+            conflate: conflate && publication.is_publication(),
+        };
         let len = publication.json().len();
         let before = shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
         if before + len > shared.max_bytes {
-            shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            if entry.conflate {
+                let mut queued = shared.queued.lock();
+                queued.push_back(entry);
+                let freed = compact(&mut queued);
+                let now = shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed) - freed;
+                if now <= shared.max_bytes {
+                    drop(queued);
+                    shared.ready.notify_one();
+                    return Pushed::Conflated;
+                }
+                // Too full even so: cut off like any other, as the queue stands (its bytes are
+                // counted; nothing more is taken from it).
+            } else {
+                shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
             return if shared.overflowed.swap(true, Ordering::Relaxed) {
                 Pushed::Dropped
             } else {
                 Pushed::Overflowed
             };
         }
-        shared.queued.lock().push_back(publication.clone());
+        shared.queued.lock().push_back(entry);
         shared.ready.notify_one();
         Pushed::Queued
     }
@@ -105,20 +169,24 @@ impl QueueReceiver {
         }
     }
 
-    /// The next publication if one is queued now.
+    /// The next publication if one is queued now; one that replaced others by conflation
+    /// says how many ([`Publication::skipped`]).
     pub fn try_recv(&mut self) -> Option<Arc<Publication>> {
-        let publication = {
+        let entry = {
             let mut queued = self.shared.queued.lock();
-            let publication = queued.pop_front()?;
+            let entry = queued.pop_front()?;
             if queued.is_empty() && queued.capacity() > KEEP_CAPACITY {
                 queued.shrink_to(KEEP_CAPACITY);
             }
-            publication
+            entry
         };
         self.shared
             .queued_bytes
-            .fetch_sub(publication.json().len(), Ordering::Relaxed);
-        Some(publication)
+            .fetch_sub(entry.publication.json().len(), Ordering::Relaxed);
+        Some(match entry.skipped {
+            0 => entry.publication,
+            skipped => Arc::new(entry.publication.after_skipping(skipped)),
+        })
     }
 
     /// True once a push found the queue full: the connection must be cut off.
@@ -152,11 +220,11 @@ mod tests {
     fn overflow_is_reported_once_and_frees_nothing_twice() {
         let p = publication(100);
         let (tx, mut rx) = outbound(p.json().len() * 2);
-        assert_eq!(tx.push(&p), Pushed::Queued);
-        assert_eq!(tx.push(&p), Pushed::Queued);
+        assert_eq!(tx.push(&p, false), Pushed::Queued);
+        assert_eq!(tx.push(&p, false), Pushed::Queued);
         assert!(!rx.overflowed());
-        assert_eq!(tx.push(&p), Pushed::Overflowed);
-        assert_eq!(tx.push(&p), Pushed::Dropped);
+        assert_eq!(tx.push(&p, false), Pushed::Overflowed);
+        assert_eq!(tx.push(&p, false), Pushed::Dropped);
         assert!(rx.overflowed());
         assert!(rx.try_recv().is_some());
         assert!(rx.try_recv().is_some());
@@ -172,12 +240,71 @@ mod tests {
             (got, rx)
         });
         tokio::task::yield_now().await;
-        assert_eq!(tx.push(&p), Pushed::Queued);
+        assert_eq!(tx.push(&p, false), Pushed::Queued);
         let (got, rx) = waiter.await.unwrap();
         assert!(Arc::ptr_eq(&got, &p));
         assert_eq!(tx.queued_bytes(), 0);
         drop(rx);
-        assert_eq!(tx.push(&p), Pushed::Dropped);
+        assert_eq!(tx.push(&p, false), Pushed::Dropped);
+    }
+
+    fn quote(channel: &str, epoch: &str, offset: u64) -> Arc<Publication> {
+        let data = format!("{{\"price\":{offset},\"pad\":\"{}\"}}", "x".repeat(50));
+        Arc::new(Publication::new(
+            channel.into(),
+            offset,
+            epoch.into(),
+            0,
+            data.as_bytes(),
+        ))
+    }
+
+    fn drain(rx: &mut QueueReceiver) -> Vec<(String, u64, u64)> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|p| (p.channel.to_string(), p.offset, p.skipped))
+            .collect()
+    }
+
+    #[test]
+    fn conflation_keeps_the_newest_of_each_channel_in_order_and_counts_the_rest() {
+        let size = quote("a", "e", 1).json().len();
+        let (tx, mut rx) = outbound(size * 4);
+        assert_eq!(tx.push(&quote("a", "e", 1), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("b", "e", 1), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("a", "e", 2), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("b", "e", 2), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("a", "e", 3), true), Pushed::Conflated);
+        assert_eq!(tx.queued_bytes(), size * 2);
+        assert_eq!(tx.push(&quote("a", "e", 4), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("b", "e", 3), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("a", "e", 5), true), Pushed::Conflated);
+        assert!(!rx.overflowed());
+        assert_eq!(
+            drain(&mut rx),
+            vec![("b".into(), 3, 2), ("a".into(), 5, 4)],
+            "the newest of each, each after its own channel's older ones"
+        );
+        assert_eq!(tx.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn conflation_keeps_epochs_apart_and_other_channels_still_overflow() {
+        let size = quote("a", "e", 1).json().len();
+        let (tx, mut rx) = outbound(size * 3);
+        tx.push(&quote("a", "e", 7), true);
+        tx.push(&quote("a", "f", 1), true);
+        tx.push(&quote("a", "f", 2), true);
+        assert_eq!(tx.push(&quote("a", "f", 3), true), Pushed::Conflated);
+        assert_eq!(drain(&mut rx), vec![("a".into(), 7, 0), ("a".into(), 3, 2)]);
+
+        let (tx, rx) = outbound(size * 2);
+        tx.push(&quote("b", "e", 1), false);
+        tx.push(&quote("b", "e", 2), false);
+        assert_eq!(tx.push(&quote("a", "e", 1), true), Pushed::Overflowed);
+        assert!(
+            rx.overflowed(),
+            "what does not conflate is not dropped: cut off"
+        );
     }
 
     #[test]
@@ -185,7 +312,7 @@ mod tests {
         let p = publication(10);
         let (tx, mut rx) = outbound(p.json().len());
         for _ in 0..5 {
-            assert_eq!(tx.push(&p), Pushed::Queued);
+            assert_eq!(tx.push(&p, false), Pushed::Queued);
             assert!(rx.try_recv().is_some());
         }
     }

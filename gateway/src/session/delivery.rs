@@ -529,7 +529,15 @@ impl Deliveries {
                     sub.epoch = p.epoch.clone();
                     sub.tag = None;
                 }
-                if p.offset == sub.delivered + 1 {
+                // A conflating queue may have dropped some before it, and says how many: they
+                // are skipped, not a gap to fill.
+                let missed = p.offset.saturating_sub(sub.delivered + 1);
+                if p.offset > sub.delivered && missed > 0 && missed <= p.skipped {
+                    sub.delivered = p.offset;
+                    sub.tag = Some(p.tag);
+                    sub.sent = Some((p.offset, p.tag));
+                    out.push(Output::Live(Arc::new(p.skipped_form(missed))));
+                } else if p.offset == sub.delivered + 1 {
                     let base = sub.sent.filter(|(offset, _)| offset + 1 == p.offset);
                     let delta = match base {
                         Some((_, tag)) if sub.delta => p.delta_for(Some(tag)),
@@ -875,6 +883,8 @@ mod tests {
         StalePage(&'static str, u64, &'static [u64]),
         /// A live publication of `c`: epoch, offset.
         Live(&'static str, u64),
+        /// A live publication of `c` taken from a conflating queue: epoch, offset, skipped.
+        LiveSkipped(&'static str, u64, u64),
         /// A join of `c` following the publication at `after`: epoch, after.
         Join(&'static str, u64),
         Unsub,
@@ -926,6 +936,7 @@ mod tests {
             Output::SubscribeFailed { error, .. } => format!("failed {}", error.code),
             Output::History(p) => format!("history {}", p.offset),
             Output::Live(p) if p.is_delta() => format!("delta {}", p.offset),
+            Output::Live(p) if p.skipped > 0 => format!("live {} skipped {}", p.offset, p.skipped),
             Output::Live(p) => format!("live {}", p.offset),
             Output::Presence(p) => format!("join after {}", p.offset),
             Output::Reset {
@@ -1041,7 +1052,7 @@ mod tests {
                 StalePage(epoch, top, offsets) => {
                     Some((false, gen - 1, page(epoch, *top, offsets)))
                 }
-                Live(..) | Join(..) | Unsub | At => None,
+                Live(..) | LiveSkipped(..) | Join(..) | Unsub | At => None,
             };
             let (mut out, mut effects) = (Vec::new(), Vec::new());
             match (step, input) {
@@ -1072,6 +1083,15 @@ mod tests {
                     }
                     last_live = Some(p.clone());
                     deliveries.apply(Input::Live(p), &mut out, &mut effects);
+                }
+                (LiveSkipped(epoch, offset, skipped), None) => {
+                    let p = publication(epoch, *offset);
+                    if let Some(previous) = &last_live {
+                        p.follows(previous);
+                    }
+                    last_live = Some(p.clone());
+                    let taken = Arc::new(p.after_skipping(*skipped));
+                    deliveries.apply(Input::Live(taken), &mut out, &mut effects);
                 }
                 (Join(epoch, after), None) => {
                     let event = Publication::presence_event(
@@ -1228,6 +1248,68 @@ mod tests {
                 (Live("e1", 7), &["live 7"]),
             ],
         );
+    }
+
+    #[test]
+    fn conflation_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "conflation: what the queue skipped is reported, not filled",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (LiveSkipped("e1", 9, 2), &["live 9 skipped 2"]),
+                    (At, &["at e1@9, 0 catching up"]),
+                    (Live("e1", 10), &["live 10"]),
+                ],
+            ),
+            (
+                "conflation: missing more than was skipped is a gap, filled from history",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (LiveSkipped("e1", 9, 1), &["fetch 5"]),
+                    (
+                        Page("e1", 9, &[6, 7, 8]),
+                        &["history 6", "history 7", "history 8", "fetch 8"],
+                    ),
+                    (Page("e1", 9, &[9]), &["history 9"]),
+                ],
+            ),
+            (
+                "conflation: a skip only counts what this subscription missed",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (LiveSkipped("e1", 7, 4), &["live 7 skipped 1"]),
+                    (LiveSkipped("e1", 7, 4), &[]),
+                ],
+            ),
+            (
+                "conflation: a skip breaks the delta chain, which starts again after it",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                    (LiveSkipped("e1", 9, 1), &["live 9 skipped 1"]),
+                    (Live("e1", 10), &["delta 10"]),
+                ],
+            ),
+            (
+                "conflation: while catching up, everything comes from history",
+                &[
+                    (Sub(None), &[]),
+                    (LiveSkipped("e1", 7, 2), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5", "fetch 5"]),
+                    (Page("e1", 7, &[6, 7]), &["history 6", "history 7"]),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod support;
 
 mod cli;
 mod config;
+mod conflation;
 mod delta_updates;
 mod demo;
 mod drain;
