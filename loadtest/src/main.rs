@@ -27,6 +27,7 @@ mod storm;
 mod subscriber;
 mod suite;
 mod system;
+mod ticker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,6 +135,9 @@ enum Command {
     /// Acknowledged publishes/s through one Redis over HTTP and WebSocket (and on the embedded
     /// backplane), against the publish script pipelined straight at the same Redis.
     Publish(publish::Args),
+    /// Stock tickers (#16): bytes on the wire and CPU per delivery for full JSON, deltas,
+    /// permessage-deflate and both; a slow subscriber under conflation.
+    Ticker(ticker::Args),
 }
 
 pub fn secs(s: f64) -> Duration {
@@ -165,6 +169,9 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::FreshFlood(args) => {
             redis_scenario(&cli, |bin| async move { flood::run(&bin, args).await }).await
+        }
+        Command::Ticker(args) => {
+            redis_scenario(&cli, |bin| async move { ticker::run(&bin, args).await }).await
         }
         Command::Publish(args) => {
             let bin = match &args.url {
@@ -239,7 +246,8 @@ async fn single(
         | Command::PublishLatency(_)
         | Command::FreshFlood(_)
         | Command::Soak(_)
-        | Command::Publish(_) => {
+        | Command::Publish(_)
+        | Command::Ticker(_) => {
             unreachable!("handled by the caller")
         }
     };
@@ -274,7 +282,8 @@ async fn single(
         | Command::PublishLatency(_)
         | Command::FreshFlood(_)
         | Command::Soak(_)
-        | Command::Publish(_) => {
+        | Command::Publish(_)
+        | Command::Ticker(_) => {
             unreachable!("handled by the caller")
         }
     };
