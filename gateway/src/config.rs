@@ -310,6 +310,10 @@ pub struct ServerConfig {
     /// How long a stopping node waits for its connections to close before it exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Kernel send buffer (SO_SNDBUF) of each accepted connection, in bytes; 0 leaves the
+    /// kernel's own, which grows to several MiB. A small one keeps what a slow client has not
+    /// read in the node's queue, where conflation can replace it, instead of in the kernel.
+    pub send_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -480,6 +484,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_timeout: Duration::from_secs(10),
+            send_buffer_bytes: 0,
         }
     }
 }

@@ -193,7 +193,7 @@ impl PublicationSink for Hub {
         for queue in entry.subscribers.values() {
             match queue.push(&publication, conflate) {
                 Pushed::Overflowed => slow += 1,
-                Pushed::Conflated => conflated += 1,
+                Pushed::Conflated { dropped } => conflated += dropped,
                 Pushed::Queued | Pushed::Dropped => {}
             }
         }
@@ -202,7 +202,7 @@ impl PublicationSink for Hub {
             self.metrics.slow_consumer_disconnects.inc_by(slow);
         }
         if conflated > 0 {
-            self.metrics.slow_consumer_conflations.inc_by(conflated);
+            self.metrics.conflated_publications.inc_by(conflated);
         }
     }
 }

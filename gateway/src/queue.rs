@@ -6,9 +6,12 @@
 //! that grows only while publications wait, under a lock never held across an await.
 //!
 //! Channels of a conflating namespace (`slow_consumer = "conflate"`) are not cut off: when the
-//! queue passes its limit, each such channel keeps only its newest waiting publication, which
-//! counts the ones it replaced ([`Publication::skipped`]). An entry only ever replaces older
-//! entries of its own channel and epoch, so no channel is reordered.
+//! queue passes its limit, each such channel keeps only its newest waiting publication, in the
+//! place of its oldest waiting one (so it is sent as soon as the first would have been), counting
+//! the ones it replaced ([`Publication::skipped`]); until the queue is empty again, a newer
+//! publication of such a channel replaces its waiting one in place. A publication only ever
+//! replaces publications of its own channel and epoch with nothing of that channel in between
+//! (a presence event stays between the publications around it), so no channel is reordered.
 
 use std::collections::VecDeque;
 
@@ -24,7 +27,7 @@ use tokio::sync::Notify;
 const KEEP_CAPACITY: usize = 64;
 
 struct Shared {
-    queued: Mutex<VecDeque<Entry>>,
+    queued: Mutex<Waiting>,
     /// Wakes the connection task; a notification sent while it is busy is kept for it.
     ready: Notify,
     queued_bytes: AtomicUsize,
@@ -32,6 +35,15 @@ struct Shared {
     overflowed: AtomicBool,
     /// The connection task is gone: pushes are dropped.
     closed: AtomicBool,
+}
+
+/// What waits to be sent.
+#[derive(Default)]
+struct Waiting {
+    entries: VecDeque<Entry>,
+    /// The queue passed its limit and has not been empty since: conflating channels replace
+    /// their waiting publication instead of queueing another.
+    conflating: bool,
 }
 
 /// A waiting publication.
@@ -43,29 +55,52 @@ struct Entry {
     conflate: bool,
 }
 
-/// Keeps the newest entry of each conflating channel (per epoch), each counting the entries it
-/// replaced. Returns the bytes freed.
-fn compact(queued: &mut VecDeque<Entry>) -> usize {
-    let mut kept: Vec<Entry> = Vec::with_capacity(queued.len());
-    let mut newest: FxHashMap<Arc<str>, usize> = FxHashMap::default();
-    let mut freed = 0;
-    // Newest first: each entry meets the newer one of its channel it is folded into.
-    while let Some(entry) = queued.pop_back() {
-        if entry.conflate {
-            let channel = &entry.publication.channel;
-            if let Some(newer) = newest.get(channel).map(|&i| &mut kept[i]) {
-                if newer.publication.epoch == entry.publication.epoch {
-                    newer.skipped += entry.skipped + 1;
-                    freed += entry.publication.json().len();
-                    continue;
-                }
-            }
-            newest.insert(channel.clone(), kept.len());
+/// Folds each conflating channel's waiting publications into the place of its oldest one (per
+/// epoch, and never across another entry of the channel), which then holds the newest and counts
+/// the rest. Returns the bytes freed and the publications dropped.
+fn compact(entries: &mut VecDeque<Entry>) -> (usize, u64) {
+    let mut kept: VecDeque<Entry> = VecDeque::with_capacity(entries.len());
+    // The place in `kept` that publications of a channel fold into.
+    let mut slot: FxHashMap<Arc<str>, usize> = FxHashMap::default();
+    let (mut freed, mut dropped) = (0, 0);
+    for entry in entries.drain(..) {
+        let channel = entry.publication.channel.clone();
+        if !entry.conflate {
+            slot.remove(&channel);
+            kept.push_back(entry);
+            continue;
         }
-        kept.push(entry);
+        if let Some(older) = slot.get(&channel).map(|&i| &mut kept[i]) {
+            if older.publication.epoch == entry.publication.epoch {
+                freed += older.publication.json().len();
+                dropped += 1;
+                older.skipped += 1 + entry.skipped;
+                older.publication = entry.publication;
+                continue;
+            }
+        }
+        slot.insert(channel, kept.len());
+        kept.push_back(entry);
     }
-    queued.extend(kept.into_iter().rev());
-    freed
+    *entries = kept;
+    (freed, dropped)
+}
+
+/// Replaces the waiting publication of `entry`'s channel, if the channel's last waiting entry is
+/// a publication of the same epoch; returns the bytes that replaced publication held.
+fn replace_in_place(entries: &mut VecDeque<Entry>, entry: &Entry) -> Option<usize> {
+    let p = &entry.publication;
+    let waiting = entries
+        .iter_mut()
+        .rev()
+        .find(|e| e.publication.channel == p.channel)?;
+    if !waiting.conflate || waiting.publication.epoch != p.epoch {
+        return None;
+    }
+    let freed = waiting.publication.json().len();
+    waiting.skipped += 1;
+    waiting.publication = p.clone();
+    Some(freed)
 }
 
 /// The hub's handle on a connection's queue.
@@ -82,7 +117,7 @@ pub struct QueueReceiver {
 /// Creates a queue that holds at most `max_bytes` of publication JSON.
 pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
     let shared = Arc::new(Shared {
-        queued: Mutex::new(VecDeque::new()),
+        queued: Mutex::new(Waiting::default()),
         ready: Notify::new(),
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
@@ -101,9 +136,11 @@ pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
-    /// The queue was full; its conflating channels kept only their newest publication each,
-    /// which made room for this one.
-    Conflated,
+    /// The publication replaced waiting ones of its channel (the queue passed its limit);
+    /// `dropped` publications will not be sent.
+    Conflated {
+        dropped: u64,
+    },
     /// The queue was already full or is now: the connection is a slow consumer. Reported once.
     Overflowed,
     /// The queue was already marked overflowed or its connection is gone.
@@ -129,17 +166,28 @@ impl QueueSender {
             conflate: conflate && publication.is_publication(),
         };
         let len = publication.json().len();
+        if entry.conflate {
+            let mut waiting = shared.queued.lock();
+            if waiting.conflating {
+                if let Some(freed) = replace_in_place(&mut waiting.entries, &entry) {
+                    shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
+                    shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed);
+                    return Pushed::Conflated { dropped: 1 };
+                }
+            }
+        }
         let before = shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
         if before + len > shared.max_bytes {
             if entry.conflate {
-                let mut queued = shared.queued.lock();
-                queued.push_back(entry);
-                let freed = compact(&mut queued);
+                let mut waiting = shared.queued.lock();
+                waiting.entries.push_back(entry);
+                waiting.conflating = true;
+                let (freed, dropped) = compact(&mut waiting.entries);
                 let now = shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed) - freed;
                 if now <= shared.max_bytes {
-                    drop(queued);
+                    drop(waiting);
                     shared.ready.notify_one();
-                    return Pushed::Conflated;
+                    return Pushed::Conflated { dropped };
                 }
                 // Too full even so: cut off like any other, as the queue stands (its bytes are
                 // counted; nothing more is taken from it).
@@ -152,7 +200,7 @@ impl QueueSender {
                 Pushed::Overflowed
             };
         }
-        shared.queued.lock().push_back(entry);
+        shared.queued.lock().entries.push_back(entry);
         shared.ready.notify_one();
         Pushed::Queued
     }
@@ -173,10 +221,14 @@ impl QueueReceiver {
     /// says how many ([`Publication::skipped`]).
     pub fn try_recv(&mut self) -> Option<Arc<Publication>> {
         let entry = {
-            let mut queued = self.shared.queued.lock();
-            let entry = queued.pop_front()?;
-            if queued.is_empty() && queued.capacity() > KEEP_CAPACITY {
-                queued.shrink_to(KEEP_CAPACITY);
+            let mut waiting = self.shared.queued.lock();
+            let entry = waiting.entries.pop_front()?;
+            if waiting.entries.is_empty() {
+                // Caught up: queue normally again.
+                waiting.conflating = false;
+                if waiting.entries.capacity() > KEEP_CAPACITY {
+                    waiting.entries.shrink_to(KEEP_CAPACITY);
+                }
             }
             entry
         };
@@ -266,36 +318,74 @@ mod tests {
     }
 
     #[test]
-    fn conflation_keeps_the_newest_of_each_channel_in_order_and_counts_the_rest() {
+    fn conflation_keeps_the_newest_of_each_channel_in_its_first_place_and_counts_the_rest() {
         let size = quote("a", "e", 1).json().len();
         let (tx, mut rx) = outbound(size * 4);
         assert_eq!(tx.push(&quote("a", "e", 1), true), Pushed::Queued);
         assert_eq!(tx.push(&quote("b", "e", 1), true), Pushed::Queued);
         assert_eq!(tx.push(&quote("a", "e", 2), true), Pushed::Queued);
         assert_eq!(tx.push(&quote("b", "e", 2), true), Pushed::Queued);
-        assert_eq!(tx.push(&quote("a", "e", 3), true), Pushed::Conflated);
+        assert_eq!(
+            tx.push(&quote("a", "e", 3), true),
+            Pushed::Conflated { dropped: 3 }
+        );
         assert_eq!(tx.queued_bytes(), size * 2);
-        assert_eq!(tx.push(&quote("a", "e", 4), true), Pushed::Queued);
-        assert_eq!(tx.push(&quote("b", "e", 3), true), Pushed::Queued);
-        assert_eq!(tx.push(&quote("a", "e", 5), true), Pushed::Conflated);
+        // Until the queue is empty again, a newer publication replaces the waiting one.
+        assert_eq!(
+            tx.push(&quote("a", "e", 4), true),
+            Pushed::Conflated { dropped: 1 }
+        );
+        assert_eq!(
+            tx.push(&quote("b", "e", 3), true),
+            Pushed::Conflated { dropped: 1 }
+        );
+        assert_eq!(tx.push(&quote("c", "e", 1), true), Pushed::Queued);
         assert!(!rx.overflowed());
         assert_eq!(
             drain(&mut rx),
-            vec![("b".into(), 3, 2), ("a".into(), 5, 4)],
-            "the newest of each, each after its own channel's older ones"
+            vec![("a".into(), 4, 3), ("b".into(), 3, 2), ("c".into(), 1, 0)],
+            "the newest of each, in the place of its first"
         );
         assert_eq!(tx.queued_bytes(), 0);
+        // Caught up: queued normally again.
+        assert_eq!(tx.push(&quote("a", "e", 5), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("a", "e", 6), true), Pushed::Queued);
+        assert_eq!(drain(&mut rx), vec![("a".into(), 5, 0), ("a".into(), 6, 0)]);
     }
 
     #[test]
-    fn conflation_keeps_epochs_apart_and_other_channels_still_overflow() {
+    fn conflation_keeps_epochs_and_presence_events_in_place_and_others_still_overflow() {
         let size = quote("a", "e", 1).json().len();
         let (tx, mut rx) = outbound(size * 3);
         tx.push(&quote("a", "e", 7), true);
         tx.push(&quote("a", "f", 1), true);
         tx.push(&quote("a", "f", 2), true);
-        assert_eq!(tx.push(&quote("a", "f", 3), true), Pushed::Conflated);
+        assert_eq!(
+            tx.push(&quote("a", "f", 3), true),
+            Pushed::Conflated { dropped: 2 }
+        );
         assert_eq!(drain(&mut rx), vec![("a".into(), 7, 0), ("a".into(), 3, 2)]);
+
+        let join = Arc::new(Publication::presence_event(
+            backplane::Kind::Join,
+            "a".into(),
+            "e".into(),
+            1,
+            b"{}",
+        ));
+        let (tx, mut rx) = outbound(size * 3);
+        tx.push(&quote("a", "e", 1), true);
+        tx.push(&join, true);
+        tx.push(&quote("a", "e", 2), true);
+        tx.push(&quote("a", "e", 3), true);
+        let order: Vec<(u64, bool)> = std::iter::from_fn(|| rx.try_recv())
+            .map(|p| (p.offset, p.is_publication()))
+            .collect();
+        assert_eq!(
+            order,
+            vec![(1, true), (1, false), (3, true)],
+            "a join after 1 stays between 1 and what follows it"
+        );
 
         let (tx, rx) = outbound(size * 2);
         tx.push(&quote("b", "e", 1), false);

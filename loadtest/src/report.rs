@@ -81,6 +81,7 @@ fn columns(scenario: &str) -> Vec<Column> {
             col!("CPU µs/delivery", ["cpu_us_per_delivery"]),
             col!("deltas %", ["delta_share"]),
             col!("ticks behind p50", ["ticks_behind_p50"]),
+            col!("ticks behind p99", ["ticks_behind_p99"]),
             col!("ticks behind max", ["ticks_behind_max"]),
             col!("skipped", ["skipped"]),
             col!("ok", ["ok"]),

@@ -86,8 +86,8 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
             assert!(p.get("skipped").is_none(), "{p}");
         }
         let text = metrics(&node).await;
-        let conflations = metric(&text, "gateway_slow_consumer_conflations_total", &[]);
-        if conflations.unwrap_or(0.0) >= 3.0 {
+        let conflated = metric(&text, "gateway_conflated_publications_total", &[]);
+        if conflated.unwrap_or(0.0) >= 3.0 {
             break;
         }
         assert!(round < 2_000, "the slow client's queue never conflated");
