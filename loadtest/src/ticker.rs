@@ -547,6 +547,7 @@ async fn run_conflation(bin: &Path, a: &Args, send_buffer: usize) -> Result<Valu
         "skips_reported_exactly": honest,
         "ends_on_newest": true,
         "catch_up_ms": catch_up.elapsed().as_millis() as u64,
-        "ok": honest && skipped_total > 0,
+        // With the kernel's buffer the backlog may never reach the queue: nothing to skip then.
+        "ok": honest && (send_buffer == 0 || skipped_total > 0),
     }))
 }
