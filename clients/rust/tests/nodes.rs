@@ -503,3 +503,29 @@ async fn publish_batch_answers_each_publication_in_order() {
         other => panic!("1001 publications are refused, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_version_is_suppressed_across_nodes() {
+    let (_redis, nodes) = cluster(2, &[]).await;
+    let first = ApiClient::new([base(&nodes[0])], None).unwrap();
+    let second = ApiClient::new([base(&nodes[1])], None).unwrap();
+    let ch = channel("rc-versioned");
+    let newer = first
+        .publish_versioned(&ch, &json!({"price": 2}), 2)
+        .await
+        .unwrap();
+    assert!(!newer.suppressed);
+    // An out-of-order producer on another node cannot move the price back.
+    let stale = second
+        .publish_versioned(&ch, &json!({"price": 1}), 1)
+        .await
+        .unwrap();
+    assert!(stale.suppressed, "{stale:?}");
+    assert_eq!(
+        (stale.offset, &stale.epoch, &stale.tag),
+        (newer.offset, &newer.epoch, &newer.tag),
+        "the answer names the current top"
+    );
+    let page = second.history(&ch, 0, None).await.unwrap();
+    assert_eq!(page.publications.len(), 1, "nothing suppressed is stored");
+}
