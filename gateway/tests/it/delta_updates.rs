@@ -2,7 +2,7 @@
 //! publication as a JSON Merge Patch against the previous one when that is smaller, while others
 //! on the same channel get full data; applying the patches gives exactly the published data. A
 //! resume starts in full. Over WebSocket, SSE and long-poll, on memory and across two nodes on
-//! Redis.
+//! Redis; and over permessage-deflate, where the compressed delta is made once and shared.
 
 use std::net::SocketAddr;
 
@@ -196,4 +196,70 @@ async fn deltas_across_nodes_on_redis() {
     let redis = RedisServer::start(RedisOpts::default()).await;
     let nodes = start_nodes(&Backend::standalone(&redis), 2, &PATIENT).await;
     every_transport(nodes[0].addr(), nodes[1].addr()).await;
+}
+
+/// Inflates a permessage-deflate message (RFC 7692: the tail 00 00 ff ff restored).
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    let mut decompress = flate2::Decompress::new(false);
+    let input = [payload, &[0, 0, 0xff, 0xff]].concat();
+    let mut out = Vec::with_capacity(1 << 16);
+    decompress
+        .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+        .unwrap();
+    out
+}
+
+/// A raw WebSocket that negotiated permessage-deflate, subscribed to `ch` asking for deltas.
+async fn deflating_delta_subscriber(node: &GatewayProcess, ch: &str) -> RawWs {
+    let mut ws = RawWs::connect_with(
+        node.addr,
+        "/ws",
+        &[("Sec-WebSocket-Extensions", "permessage-deflate")],
+    )
+    .await;
+    assert!(ws.response_header("Sec-WebSocket-Extensions").is_some());
+    let subscribe = json!({"id": 1, "op": "subscribe", "channel": ch, "delta": true});
+    ws.send_frame(true, 0, OP_TEXT, subscribe.to_string().as_bytes())
+        .await;
+    let reply = next_compressed(&mut ws).await.1;
+    assert_eq!(reply["id"], 1, "{reply}");
+    ws
+}
+
+/// The next text frame: its payload as sent, and its JSON.
+async fn next_compressed(ws: &mut RawWs) -> (Vec<u8>, Value) {
+    loop {
+        let frame = ws.read_frame().await.expect("connection ended");
+        if frame.opcode != OP_TEXT {
+            continue;
+        }
+        let text = if frame.rsv & 0b100 != 0 {
+            inflate(&frame.payload)
+        } else {
+            frame.payload.clone()
+        };
+        return (frame.payload, serde_json::from_slice(&text).expect("JSON"));
+    }
+}
+
+#[tokio::test]
+async fn compressed_deltas_are_made_once_and_shared() {
+    let node = GatewayProcess::start(
+        "delta-deflate",
+        &[],
+        &[("GATEWAY__WEBSOCKET__COMPRESSION_MIN_SIZE", "0")],
+    )
+    .await;
+    let ch = "ticker:delta-deflate";
+    let mut a = deflating_delta_subscriber(&node, ch).await;
+    let mut b = deflating_delta_subscriber(&node, ch).await;
+    publish_quotes(node.addr, ch, 1..=4).await;
+    let (mut follow_a, mut follow_b) = (Follower::new(), Follower::new());
+    for n in 1..=4 {
+        let (bytes_a, p_a) = next_compressed(&mut a).await;
+        let (bytes_b, p_b) = next_compressed(&mut b).await;
+        assert_eq!(bytes_a, bytes_b, "one compressed form for every subscriber");
+        assert_eq!(follow_a.take(&p_a), (n, n > 1, quote(n)), "{p_a}");
+        assert_eq!(follow_b.take(&p_b), (n, n > 1, quote(n)), "{p_b}");
+    }
 }
