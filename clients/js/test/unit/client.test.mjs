@@ -458,3 +458,44 @@ test('latest and delta over SSE and long-poll: one query for the stream', async 
   assert.equal(url.searchParams.get('delta'), 'true');
   client.close();
 });
+
+test('long-poll with latest: the first answer brings the latest value, then deltas and skips', async () => {
+  const requests = [];
+  const answers = [
+    {
+      cursor: 'x',
+      positions: [{ channel: 'prices:A', epoch: 'e', offset: 7 }],
+      events: [{ channel: 'prices:A', offset: 7, epoch: 'e', data: { bid: 1, ask: 2 } }],
+    },
+    {
+      cursor: 'y',
+      positions: [{ channel: 'prices:A', epoch: 'e', offset: 10 }],
+      events: [
+        { channel: 'prices:A', offset: 8, epoch: 'e', delta: { bid: 1.5 } },
+        { channel: 'prices:A', offset: 10, epoch: 'e', skipped: 1, data: { bid: 3, ask: 4 } },
+      ],
+    },
+  ];
+  const fetch = async (url, init) => {
+    requests.push(new URL(url));
+    const answer = answers.shift();
+    if (!answer) {
+      await new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(new Error('aborted'))));
+    }
+    return { ok: true, status: 200, json: async () => answer };
+  };
+  const client = connect(A, { ...fast, transports: ['poll'], fetch, pollTimeout: 20 });
+  const got = [];
+  client.subscribe('prices:A', (p) => got.push([p.offset, p.data, p.skipped]), { latest: true, delta: true });
+  await until(() => requests.length === 3, 'three polls');
+  assert.equal(requests[0].searchParams.get('latest'), 'true');
+  assert.equal(requests[0].searchParams.get('delta'), 'true');
+  assert.equal(requests[1].searchParams.get('latest'), null, 'a position now: no latest');
+  assert.deepEqual(got, [
+    [7, { bid: 1, ask: 2 }, undefined],
+    [8, { bid: 1.5, ask: 2 }, undefined],
+    [10, { bid: 3, ask: 4 }, 1],
+  ]);
+  assert.deepEqual(client.position('prices:A'), { epoch: 'e', offset: 10 });
+  client.close();
+});
