@@ -8,6 +8,7 @@
 
 pub mod json;
 pub mod memory;
+pub mod merge_patch;
 mod presence;
 mod publication;
 pub mod redis;
@@ -60,6 +61,9 @@ pub struct BatchItem<'a> {
     /// Compact JSON, as for [`Backplane::publish`].
     pub data: Bytes,
     pub idempotency: Option<Idempotency<'a>>,
+    /// The producer's version of the channel's value: a publication whose version is not
+    /// greater than the channel's last one is suppressed ([`PublishAck::suppressed`]).
+    pub version: Option<u64>,
 }
 
 /// Who chose an idempotency key. Keys of each scope live apart, so a client can never take a key
@@ -245,7 +249,22 @@ pub trait Backplane: Send + Sync + 'static {
         idempotency: Option<Idempotency<'_>>,
     ) -> Result<PublishAck, BackplaneError>;
 
-    /// Publishes several publications; each is answered as [`Backplane::publish`] answers it,
+    /// Publishes one item as [`Backplane::publish`] does, honouring its `version`: with one not
+    /// greater than the last version the channel was published with, nothing is stored or fanned
+    /// out and the ack is the channel's current top, marked [`PublishAck::suppressed`]. The
+    /// comparison and the append are atomic; the last version lives as long as the channel's
+    /// epoch. The default refuses versions (a backplane that cannot keep them atomically).
+    async fn publish_item(&self, item: &BatchItem<'_>) -> Result<PublishAck, BackplaneError> {
+        if item.version.is_some() {
+            return Err(BackplaneError::Invalid(
+                "versioned publishes are not supported by this backplane".into(),
+            ));
+        }
+        self.publish(item.channel, item.data.clone(), item.idempotency)
+            .await
+    }
+
+    /// Publishes several publications; each is answered as [`Backplane::publish_item`] answers it,
     /// in list order, and publications of one channel get increasing offsets in list order.
     /// One failing does not stop the others. The default publishes them one after the other;
     /// an implementation sends them to its store together.
@@ -255,10 +274,7 @@ pub trait Backplane: Send + Sync + 'static {
     ) -> Vec<Result<PublishAck, BackplaneError>> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            out.push(
-                self.publish(item.channel, item.data.clone(), item.idempotency)
-                    .await,
-            );
+            out.push(self.publish_item(item).await);
         }
         out
     }

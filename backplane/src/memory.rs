@@ -16,9 +16,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::{
-    new_epoch, new_tag, Backplane, BackplaneError, ChannelCount, HistoryPage, Idempotency,
-    IdempotencyScope, Kind, Member, Presence, Publication, PublicationSink, PublishAck, Retention,
-    Settings,
+    new_epoch, new_tag, Backplane, BackplaneError, BatchItem, ChannelCount, HistoryPage,
+    Idempotency, IdempotencyScope, Kind, Member, Presence, Publication, PublicationSink,
+    PublishAck, Retention, Settings,
 };
 
 const SHARDS: usize = 64;
@@ -44,6 +44,8 @@ struct Channel {
     top: u64,
     /// Tag of the publication at `top` (0 while `top` is 0); outlives its history entry.
     top_tag: u32,
+    /// The version of the last versioned publish that was stored ([`BatchItem::version`]).
+    version: Option<u64>,
     history: VecDeque<Entry>,
     node_subscribed: bool,
     touched: Instant,
@@ -84,6 +86,7 @@ impl Channel {
             epoch: new_epoch(),
             top: 0,
             top_tag: 0,
+            version: None,
             history: VecDeque::new(),
             node_subscribed: false,
             touched: now,
@@ -253,6 +256,22 @@ impl Backplane for MemoryBackplane {
         data: Bytes,
         idempotency: Option<Idempotency<'_>>,
     ) -> Result<PublishAck, BackplaneError> {
+        self.publish_item(&BatchItem {
+            channel,
+            data,
+            idempotency,
+            version: None,
+        })
+        .await
+    }
+
+    async fn publish_item(&self, item: &BatchItem<'_>) -> Result<PublishAck, BackplaneError> {
+        let BatchItem {
+            channel,
+            ref data,
+            idempotency,
+            version,
+        } = *item;
         // Keyed with the backplane's random hasher keys, so nobody can craft a colliding payload.
         let data_digest = idempotency.map(|_| self.hasher.hash_one(&data[..]));
         self.with_channel(channel, |state, now| {
@@ -266,6 +285,18 @@ impl Backplane for MemoryBackplane {
                     }
                 }
             }
+            if let Some(version) = version {
+                if state.version.is_some_and(|last| version <= last) {
+                    return Ok(PublishAck {
+                        channel: state.name.clone(),
+                        offset: state.top,
+                        epoch: state.epoch.clone(),
+                        tag: state.top_tag,
+                        suppressed: true,
+                    });
+                }
+                state.version = Some(version);
+            }
             state.top += 1;
             let prev_tag = std::mem::replace(&mut state.top_tag, new_tag());
             let publication = Arc::new(
@@ -274,7 +305,7 @@ impl Backplane for MemoryBackplane {
                     state.top,
                     state.epoch.clone(),
                     state.top_tag,
-                    &data,
+                    data,
                 )
                 .published_at(crate::now_us()),
             );
@@ -290,6 +321,7 @@ impl Backplane for MemoryBackplane {
                 offset: state.top,
                 epoch: state.epoch.clone(),
                 tag: state.top_tag,
+                suppressed: false,
             };
             if let (Some(Idempotency { scope, key }), Some(data_digest)) =
                 (idempotency, data_digest)

@@ -1,4 +1,6 @@
-//! A publication and its one wire form, built once and shared by every subscriber and transport.
+//! A publication and its one wire form, built once and shared by every subscriber and transport;
+//! and its delta form (a merge patch against the channel's previous publication), also built at
+//! most once and shared by every subscriber that asked for deltas.
 
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -34,11 +36,27 @@ pub struct Publication {
     /// store rollback reused the offset (0 for entries written before tags existed). On the wire
     /// as 8 lowercase hex digits ([`format_tag`]).
     pub tag: u32,
+    /// Publications of the channel right before this one that a conflating connection queue
+    /// dropped (0 but for a publication taken from such a queue); not part of the JSON text.
+    pub skipped: u64,
     json: Bytes,
     data: Range<usize>,
     /// Forms of `json` a transport derives, each made on first use and then shared like `json`
     /// (WebSocket permessage-deflate: one per window size). Unallocated until one is asked for.
     encoded: OnceLock<Box<[OnceLock<Bytes>; ENCODED_SLOTS]>>,
+    /// The channel's previous publication as the node saw it, set by the node's fan-out.
+    previous: OnceLock<Previous>,
+    /// The delta form, made on first use from `previous` (`None`: no smaller form).
+    delta: OnceLock<Option<Arc<Publication>>>,
+}
+
+/// What the delta form needs of the previous publication: its tag, to check the subscriber
+/// holds that very publication, and its `data` (a slice of its JSON text, not the publication:
+/// no chain of publications is kept alive).
+#[derive(Debug, Clone)]
+struct Previous {
+    tag: u32,
+    data: Bytes,
 }
 
 /// How many derived forms a publication can hold ([`Publication::encoded`]).
@@ -69,9 +87,12 @@ impl Publication {
             epoch,
             published_us: 0,
             tag,
+            skipped: 0,
             json: Bytes::from(json),
             data,
             encoded: OnceLock::new(),
+            previous: OnceLock::new(),
+            delta: OnceLock::new(),
         }
     }
 
@@ -106,9 +127,12 @@ impl Publication {
             epoch,
             published_us: 0,
             tag: 0,
+            skipped: 0,
             json: Bytes::from(json),
             data,
             encoded: OnceLock::new(),
+            previous: OnceLock::new(),
+            delta: OnceLock::new(),
         }
     }
 
@@ -139,6 +163,101 @@ impl Publication {
     pub fn data(&self) -> &[u8] {
         &self.json[self.data.clone()]
     }
+
+    /// Records `previous` as the channel's publication before this one, when it is (same
+    /// epoch, the offset before), so a delta form can be made. The node's fan-out calls it for
+    /// every publication of a channel, in order; the first call wins.
+    pub fn follows(&self, previous: &Publication) -> bool {
+        let adjacent = self.is_publication()
+            && previous.is_publication()
+            && previous.epoch == self.epoch
+            && previous.offset.checked_add(1) == Some(self.offset);
+        if adjacent {
+            let _ = self.previous.set(Previous {
+                tag: previous.tag,
+                data: previous.json.slice(previous.data.clone()),
+            });
+        }
+        adjacent
+    }
+
+    /// The delta form for a subscriber whose last publication of the channel has `held_tag`
+    /// at the offset before this one: `{"channel","offset","epoch","tag","delta":<merge patch>}`,
+    /// made once and shared. `None` when the previous publication is not known here, is not the
+    /// one the subscriber holds, or the delta form is not smaller (see [`crate::merge_patch`]).
+    pub fn delta_for(&self, held_tag: Option<u32>) -> Option<Arc<Publication>> {
+        let previous = self.previous.get()?;
+        if held_tag != Some(previous.tag) {
+            return None;
+        }
+        self.delta
+            .get_or_init(|| self.make_delta(&previous.data))
+            .clone()
+    }
+
+    fn make_delta(&self, previous: &[u8]) -> Option<Arc<Publication>> {
+        let old: serde_json::Value = serde_json::from_slice(previous).ok()?;
+        let new: serde_json::Value = serde_json::from_slice(self.data()).ok()?;
+        let patch = serde_json::to_vec(&crate::merge_patch::diff(&old, &new)?).ok()?;
+        let mut form = Publication::new(
+            self.channel.clone(),
+            self.offset,
+            self.epoch.clone(),
+            self.tag,
+            &patch,
+        )
+        .published_at(self.published_us);
+        // The same layout with `"delta":` for `"data":`, one byte longer.
+        let json = std::mem::take(&mut form.json);
+        let start = form.data.start;
+        let mut text = Vec::with_capacity(json.len() + 1);
+        text.extend_from_slice(&json[..start - b"\"data\":".len()]);
+        text.extend_from_slice(b"\"delta\":");
+        text.extend_from_slice(&json[start..]);
+        form.data = start + 1..form.data.end + 1;
+        form.json = Bytes::from(text);
+        (form.json.len() < self.json.len()).then(|| Arc::new(form))
+    }
+
+    /// This publication as taken from a conflating queue after `skipped` of its channel's
+    /// publications right before it were dropped (see [`Publication::skipped_form`]).
+    pub fn after_skipping(&self, skipped: u64) -> Publication {
+        let mut taken = self.clone();
+        taken.skipped = skipped;
+        taken
+    }
+
+    /// The wire form that tells a subscriber the `skipped` publications before this one will not
+    /// come: `{"channel","offset","epoch","tag","skipped":N,"data"}`.
+    pub fn skipped_form(&self, skipped: u64) -> Publication {
+        let key: &[u8] = if self.is_delta() {
+            b"\"delta\":"
+        } else {
+            b"\"data\":"
+        };
+        let start = self.data.start - key.len();
+        let mut text = Vec::with_capacity(self.json.len() + 32);
+        text.extend_from_slice(&self.json[..start]);
+        text.extend_from_slice(b"\"skipped\":");
+        text.extend_from_slice(itoa::Buffer::new().format(skipped).as_bytes());
+        text.push(b',');
+        let shift = text.len() - start;
+        text.extend_from_slice(&self.json[start..]);
+        Publication {
+            json: Bytes::from(text),
+            data: self.data.start + shift..self.data.end + shift,
+            skipped,
+            encoded: OnceLock::new(),
+            previous: OnceLock::new(),
+            delta: OnceLock::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether this is a delta form ([`Publication::delta_for`]): its `data` is a merge patch.
+    pub fn is_delta(&self) -> bool {
+        self.json[..self.data.start].ends_with(b"\"delta\":")
+    }
 }
 
 /// What a successful publish returns: where the publication landed.
@@ -150,6 +269,11 @@ pub struct PublishAck {
     /// The publication's tag ([`Publication::tag`]), as 8 hex digits on the wire.
     #[serde(with = "tag_text")]
     pub tag: u32,
+    /// The publish carried a version not greater than the channel's last one: nothing was
+    /// stored, and `offset`/`epoch`/`tag` name the channel's current top. On the wire only when
+    /// true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suppressed: bool,
 }
 
 /// Serde form of a tag: 8 lowercase hex digits.
@@ -234,6 +358,44 @@ mod tests {
     }
 
     #[test]
+    fn delta_form_is_a_shared_merge_patch_against_the_held_previous() {
+        let quote =
+            |bid: u32| format!("{{\"sym\":\"ACME\",\"bid\":{bid},\"ask\":101,\"volume\":5000}}");
+        let first = Publication::new("c".into(), 1, "e".into(), 10, quote(100).as_bytes());
+        let second = Publication::new("c".into(), 2, "e".into(), 20, quote(99).as_bytes());
+        assert!(
+            second.delta_for(Some(10)).is_none(),
+            "no previous known yet"
+        );
+        assert!(second.follows(&first));
+        let delta = second.delta_for(Some(10)).expect("smaller");
+        assert!(
+            Arc::ptr_eq(&delta, &second.delta_for(Some(10)).unwrap()),
+            "made once"
+        );
+        assert!(delta.is_delta() && !second.is_delta());
+        let v: serde_json::Value = serde_json::from_slice(delta.json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"channel": "c", "offset": 2, "epoch": "e", "tag": "00000014", "delta": {"bid": 99}})
+        );
+        assert_eq!(delta.data(), b"{\"bid\":99}");
+        assert!(
+            second.delta_for(Some(11)).is_none(),
+            "another publication at offset 1"
+        );
+        assert!(second.delta_for(None).is_none());
+
+        let other_epoch = Publication::new("c".into(), 3, "f".into(), 30, quote(98).as_bytes());
+        assert!(!other_epoch.follows(&second), "a new epoch starts over");
+        let gap = Publication::new("c".into(), 4, "e".into(), 40, quote(98).as_bytes());
+        assert!(!gap.follows(&second), "so does a gap");
+        let whole = Publication::new("c".into(), 3, "e".into(), 30, b"{\"other\":[1,2,3]}");
+        assert!(whole.follows(&second));
+        assert!(whole.delta_for(Some(20)).is_none(), "not smaller: full");
+    }
+
+    #[test]
     fn tag_is_eight_lowercase_hex_digits() {
         assert_eq!(format_tag(0xab), "000000ab");
         assert_eq!(format_tag(u32::MAX), "ffffffff");
@@ -252,6 +414,7 @@ mod tests {
             offset: 3,
             epoch: "e".into(),
             tag: 0xab,
+            suppressed: false,
         };
         assert_eq!(
             serde_json::to_value(&ack).unwrap(),

@@ -20,6 +20,8 @@ export interface Publication<T = unknown> {
   /** Random per publication, 8 hex digits: (epoch, offset, tag) names one publication. */
   tag: string;
   data: T;
+  /** On a conflating namespace: how many publications right before this one were dropped. */
+  skipped?: number;
 }
 
 /** Publications of `channel` were lost; delivery continues after `offset` of `epoch`. */
@@ -151,6 +153,10 @@ export declare class Client {
       onUnsubscribed?: (ended: Unsubscribed) => void;
       onJoin?: (member: Member, event: PresenceEvent) => void;
       onLeave?: (member: Member, event: PresenceEvent) => void;
+      /** Without a stored position, start with the channel's newest publication. */
+      latest?: boolean;
+      /** Let the server send merge patches; the handler still gets full data (immutable). */
+      delta?: boolean;
     },
   ): Subscription;
   /** Who is in `channel` (over the WebSocket when open, else `GET /presence`). */
@@ -187,3 +193,6 @@ export declare class Positions {
   /** True (and the position advances) unless the publication is a duplicate. */
   accept(publication: Publication): boolean;
 }
+
+/** Applies a JSON Merge Patch (RFC 7396) to `target`, returning the result (`target` unchanged). */
+export function applyMergePatch(target: unknown, patch: unknown): unknown;

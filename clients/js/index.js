@@ -264,7 +264,10 @@ class WebSocketTransport {
     if (!this.open) return;
     const since = this.client.positions.get(channel);
     const op = { op: 'subscribe', channel };
+    const wanted = this.client._wants(channel);
     if (since) op.since = since;
+    else if (wanted.latest) op.since = 'latest';
+    if (wanted.delta) op.delta = true;
     this.request(op).then(
       (result) => this.client._subscribed(result, since),
       (error) => {
@@ -367,7 +370,7 @@ class SseTransport {
     const positions = channels.map((c) => [c, this.client.positions.get(c)]);
     const since = new Map(positions);
     const cursor = encodeCursor(positions);
-    let url = `${this.endpoint}/sse?${channelQuery(channels)}${this.client._tokenQuery('&')}`;
+    let url = `${this.endpoint}/sse?${channelQuery(channels)}${this.client._streamQuery(channels)}${this.client._tokenQuery('&')}`;
     if (cursor) url += `&last_event_id=${cursor}`;
     const source = new Es(url);
     this.source = source;
@@ -482,7 +485,7 @@ class PollTransport {
       this.abort = controller;
       const timeout = this.client.options.pollTimeout;
       const cursor = encodeCursor(channels.map((c) => [c, this.client.positions.get(c)]));
-      let url = `${this.endpoint}/poll?${channelQuery(channels)}&timeout=${timeout}${this.client._tokenQuery('&')}`;
+      let url = `${this.endpoint}/poll?${channelQuery(channels)}&timeout=${timeout}${this.client._streamQuery(channels)}${this.client._tokenQuery('&')}`;
       if (cursor) url += `&cursor=${cursor}`;
       const guard = setTimeout(() => controller.abort(), timeout * 1000 + this.client.options.connectTimeoutMs);
       let answer;
@@ -528,8 +531,10 @@ class PollTransport {
 
   apply(answer) {
     const subscribed = new Set(this.client.channels());
+    // A channel that starts with publications (its latest value) takes its position from them.
+    const delivering = new Set(answer.events.filter((e) => e.offset !== undefined).map((e) => e.channel));
     for (const p of answer.positions) {
-      if (subscribed.has(p.channel) && !this.client.positions.get(p.channel)) {
+      if (subscribed.has(p.channel) && !delivering.has(p.channel) && !this.client.positions.get(p.channel)) {
         this.client._subscribed({ channel: p.channel, epoch: p.epoch, offset: p.offset, tag: p.tag, recovered: false }, null);
       }
     }
@@ -623,6 +628,8 @@ export class Client {
     this.plan = attemptPlan(this.options.transports, this.endpoints);
     this.positions = new Positions(resolveStorage(this.options.persist), this.options.storageKey);
     this.handlers = new Map();
+    /** channel → the full data of its last publication, the base of the next delta. */
+    this.lastData = new Map();
     this.listeners = new Map();
     this.planIndex = 0;
     this.attempt = 0;
@@ -670,10 +677,16 @@ export class Client {
    * Calls `handler(publication)` for every publication of `channel` (`{channel, offset, epoch,
    * data}`), exactly once and in order across reconnects. Resumes from a stored position if the
    * client persists positions. Returns `{unsubscribe()}`.
+   *
+   * `latest: true`: without a stored position, the channel's newest publication comes first
+   * (its current value), then live ones. `delta: true`: the server may send a publication as a
+   * JSON Merge Patch against the previous one, which the client applies, so `handler` still gets
+   * full `data` (treat it as immutable: the next patch is applied to it). Over SSE and long-poll,
+   * where one request carries every channel, either option asked by one channel applies to all.
    */
-  subscribe(channel, handler, { onReset, onUnsubscribed, onJoin, onLeave } = {}) {
+  subscribe(channel, handler, { onReset, onUnsubscribed, onJoin, onLeave, latest = false, delta = false } = {}) {
     if (typeof handler !== 'function') throw new TypeError('subscribe needs a handler function');
-    const entry = { handler, onReset, onUnsubscribed, onJoin, onLeave };
+    const entry = { handler, onReset, onUnsubscribed, onJoin, onLeave, latest, delta };
     const isNew = !this.handlers.has(channel);
     if (isNew) this.handlers.set(channel, new Set());
     this.handlers.get(channel).add(entry);
@@ -681,10 +694,28 @@ export class Client {
     return { unsubscribe: () => this._remove(channel, entry) };
   }
 
+  /** Whether any handler of `channel` asked for its latest value, for deltas. */
+  _wants(channel) {
+    const wanted = { latest: false, delta: false };
+    for (const entry of this.handlers.get(channel) || []) {
+      wanted.latest ||= entry.latest;
+      wanted.delta ||= entry.delta;
+    }
+    return wanted;
+  }
+
+  /** `&latest=true`, `&delta=true` for an SSE or poll request over `channels`. */
+  _streamQuery(channels) {
+    const latest = channels.some((c) => !this.positions.get(c) && this._wants(c).latest);
+    const delta = channels.some((c) => this._wants(c).delta);
+    return `${latest ? '&latest=true' : ''}${delta ? '&delta=true' : ''}`;
+  }
+
   /** Removes every handler of `channel` and forgets its position. */
   unsubscribe(channel) {
     if (!this.handlers.delete(channel)) return;
     this.positions.delete(channel);
+    this.lastData.delete(channel);
     if (this.transport) this.transport.unsubscribe(channel);
   }
 
@@ -850,6 +881,8 @@ export class Client {
   _subscribed(result, since) {
     if (!this.handlers.has(result.channel)) return;
     if (result.recovered) return;
+    // The latest value follows: the position comes with it (the result's offset may be past it).
+    if (result.latest) return;
     // Not recovered: delivery starts after `result.offset`. Without a position asked for, that
     // is simply where the subscription starts; with one, what lay between was lost. After
     // `epoch_changed` the server delivers the new epoch from its start, so the position is its
@@ -876,6 +909,7 @@ export class Client {
     if (!entries) return;
     this.handlers.delete(ended.channel);
     this.positions.delete(ended.channel);
+    this.lastData.delete(ended.channel);
     for (const entry of entries) {
       if (entry.onUnsubscribed) {
         try {
@@ -923,9 +957,21 @@ export class Client {
   _publication(p) {
     const entries = this.handlers.get(p.channel);
     if (!entries) return;
+    if (p.delta !== undefined) {
+      // The server sends a delta only right after the publication it patches.
+      const base = this.lastData.get(p.channel);
+      if (!base || base.epoch !== p.epoch || base.offset !== p.offset - 1) {
+        this._emit('error', new GatewayError('delta_without_base', `no base for the delta at ${p.offset} of ${p.channel}`));
+        return;
+      }
+      const { delta, ...rest } = p;
+      p = { ...rest, data: applyMergePatch(base.data, delta) };
+    }
     // The position is saved before the handlers run: JavaScript runs them to completion, so a
     // page cannot unload in between, and a handler that throws does not get it again.
     if (!this.positions.accept(p)) return;
+    // Kept for every channel: over SSE and long-poll, one channel's `delta` asks for all.
+    this.lastData.set(p.channel, { epoch: p.epoch, offset: p.offset, data: p.data });
     for (const entry of entries) {
       try {
         entry.handler(p);
@@ -935,6 +981,21 @@ export class Client {
     }
     this._emit('position', { channel: p.channel, epoch: p.epoch, offset: p.offset });
   }
+}
+
+/**
+ * Applies a JSON Merge Patch (RFC 7396) to `target` without changing it: members the patch
+ * names are replaced (`null` removes one), objects are patched member by member, everything
+ * else is kept (shared with `target`).
+ */
+export function applyMergePatch(target, patch) {
+  if (patch === null || typeof patch !== 'object' || Array.isArray(patch)) return patch;
+  const result = target !== null && typeof target === 'object' && !Array.isArray(target) ? { ...target } : {};
+  for (const [key, value] of Object.entries(patch)) {
+    if (value === null) delete result[key];
+    else result[key] = applyMergePatch(result[key], value);
+  }
+  return result;
 }
 
 /**

@@ -143,6 +143,32 @@ pub struct NamespaceConfig {
     /// Whether subscribers get a `join` and a `leave` event as members come and go (needs
     /// `presence`).
     pub join_leave: bool,
+    /// Where a subscription that sends no position starts.
+    pub subscribe_from: SubscribeFrom,
+    /// What happens to a connection whose outbound queue passes its limit.
+    pub slow_consumer: SlowConsumer,
+}
+
+/// What happens to a slow consumer's publications of a namespace (`channels.*.slow_consumer`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumer {
+    /// The connection is closed (4000) and resumes losslessly from its positions.
+    #[default]
+    Disconnect,
+    /// Each channel keeps only its newest waiting publication, which says how many it skipped.
+    Conflate,
+}
+
+/// Where a subscription without a position starts (`channels.*.subscribe_from`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribeFrom {
+    /// After the channel's newest publication: only what is published from now on.
+    #[default]
+    Now,
+    /// With the channel's newest publication (its latest value), then live ones.
+    Latest,
 }
 
 impl Default for NamespaceConfig {
@@ -155,6 +181,8 @@ impl Default for NamespaceConfig {
             history_max_age: None,
             presence: false,
             join_leave: false,
+            subscribe_from: SubscribeFrom::Now,
+            slow_consumer: SlowConsumer::Disconnect,
         }
     }
 }
@@ -306,6 +334,10 @@ pub struct ServerConfig {
     /// How long a stopping node waits for its connections to close before it exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Kernel send buffer (SO_SNDBUF) of each accepted connection, in bytes; 0 leaves the
+    /// kernel's own, which grows to several MiB. A small one keeps what a slow client has not
+    /// read in the node's queue, where conflation can replace it, instead of in the kernel.
+    pub send_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -476,6 +508,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_timeout: Duration::from_secs(10),
+            send_buffer_bytes: 0,
         }
     }
 }

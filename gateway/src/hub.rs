@@ -33,6 +33,8 @@ struct Entry {
     subscribers: IndexMap<ConnId, QueueSender>,
     /// Whether the backplane delivers this channel to the node.
     node_subscribed: bool,
+    /// The channel's last publication fanned out: the next one's delta form is made against it.
+    last: parking_lot::Mutex<Option<Arc<Publication>>>,
 }
 
 type Shard = RwLock<HashMap<Arc<str>, Entry>>;
@@ -45,6 +47,8 @@ pub struct Hub {
     metrics: Metrics,
     /// Where the control channel's publications go, once the node set it.
     control: OnceLock<Arc<dyn PublicationSink>>,
+    /// The namespaces, to tell the channels whose slow consumers conflate (none without).
+    namespaces: Option<crate::security::namespace::Namespaces>,
 }
 
 impl Hub {
@@ -55,7 +59,23 @@ impl Hub {
             hasher: RandomState::new(),
             metrics,
             control: OnceLock::new(),
+            namespaces: None,
         }
+    }
+
+    /// The hub with the namespaces that say which channels conflate for slow consumers.
+    pub(crate) fn with_namespaces(
+        mut self,
+        namespaces: crate::security::namespace::Namespaces,
+    ) -> Self {
+        self.namespaces = Some(namespaces);
+        self
+    }
+
+    fn conflates(&self, channel: &str) -> bool {
+        self.namespaces
+            .as_ref()
+            .is_some_and(|n| n.get(channel).slow_consumer == crate::config::SlowConsumer::Conflate)
     }
 
     /// Sends the control channel's publications to `sink` (set once, at node start).
@@ -196,15 +216,29 @@ impl PublicationSink for Hub {
         let Some(entry) = shard.get(&*publication.channel) else {
             return;
         };
-        let mut slow = 0;
+        if publication.is_publication() {
+            // Publications of a channel arrive here in order, one at a time.
+            let mut last = entry.last.lock();
+            if let Some(previous) = last.as_deref() {
+                publication.follows(previous);
+            }
+            *last = Some(publication.clone());
+        }
+        let conflate = self.conflates(&publication.channel);
+        let (mut slow, mut conflated) = (0, 0);
         for queue in entry.subscribers.values() {
-            if queue.push(&publication) == Pushed::Overflowed {
-                slow += 1;
+            match queue.push(&publication, conflate) {
+                Pushed::Overflowed => slow += 1,
+                Pushed::Conflated { dropped } => conflated += dropped,
+                Pushed::Queued | Pushed::Dropped => {}
             }
         }
         drop(shard);
         if slow > 0 {
             self.metrics.slow_consumer_disconnects.inc_by(slow);
+        }
+        if conflated > 0 {
+            self.metrics.conflated_publications.inc_by(conflated);
         }
     }
 }

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub publications: IntCounter,
     pub deliveries: IntCounterVec,
     pub slow_consumer_disconnects: IntCounter,
+    pub conflated_publications: IntCounter,
     pub resumes: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub catching_up: IntGauge,
@@ -183,6 +184,11 @@ impl Metrics {
             slow_consumer_disconnects: f.counter(
                 "gateway_slow_consumer_disconnects_total",
                 "Connections cut off because their outbound queue overflowed.",
+            ),
+            conflated_publications: f.counter(
+                "gateway_conflated_publications_total",
+                "Publications a slow consumer's queue dropped for a newer one of the same \
+                 channel (namespaces with slow_consumer = conflate).",
             ),
             resumes: f.counter_vec(
                 "gateway_resumes_total",

@@ -60,7 +60,7 @@ impl Node {
     pub(crate) async fn start(config: Config) -> Result<Arc<Node>, StartError> {
         let policy = Policy::load(&config).map_err(StartError::Security)?;
         let metrics = Metrics::new();
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::new(metrics.clone()).with_namespaces(policy.namespaces.clone()));
         let control = Arc::new(control::Registry::new(config.api.disconnect_window));
         hub.set_control(control.clone());
         let backplane: Arc<dyn Backplane> = match config.redis() {
@@ -225,10 +225,19 @@ impl Node {
         channel: &str,
         data: bytes::Bytes,
         idempotency: Option<backplane::Idempotency<'_>>,
+        version: Option<u64>,
     ) -> Result<backplane::PublishAck, BackplaneError> {
-        let publish = self.backplane.publish(channel, data, idempotency);
-        let ack = self.timed("publish", publish).await;
-        self.metrics.publications.inc_by(u64::from(ack.is_ok()));
+        let item = backplane::BatchItem {
+            channel,
+            data,
+            idempotency,
+            version,
+        };
+        let ack = self
+            .timed("publish", self.backplane.publish_item(&item))
+            .await;
+        let published = ack.as_ref().is_ok_and(|a| !a.suppressed);
+        self.metrics.publications.inc_by(u64::from(published));
         ack
     }
 
@@ -240,7 +249,10 @@ impl Node {
     ) -> Vec<Result<backplane::PublishAck, BackplaneError>> {
         let publish = self.backplane.publish_batch(items);
         let acks = self.timed("publish_batch", publish).await;
-        let published = acks.iter().filter(|a| a.is_ok()).count();
+        let published = acks
+            .iter()
+            .filter(|a| a.as_ref().is_ok_and(|a| !a.suppressed))
+            .count();
         self.metrics.publications.inc_by(published as u64);
         acks
     }

@@ -264,6 +264,10 @@ pub enum Command<'a> {
         id: Option<u64>,
         channel: Cow<'a, str>,
         since: Option<Position>,
+        /// `"since": "latest"`: the channel's newest publication first, then live ones.
+        latest: bool,
+        /// `"delta": true`: live publications as merge patches when smaller.
+        delta: bool,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -274,6 +278,8 @@ pub enum Command<'a> {
         channel: Cow<'a, str>,
         data: &'a RawValue,
         idempotency_key: Option<Cow<'a, str>>,
+        /// The producer's version of the value ([`backplane::BatchItem::version`]).
+        version: Option<u64>,
     },
     Ping {
         id: Option<u64>,
@@ -325,15 +331,32 @@ struct RawCommand<'a> {
     op: Option<Cow<'a, str>>,
     #[serde(borrow)]
     channel: Option<Cow<'a, str>>,
-    since: Option<Position>,
+    since: Option<Since>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     idempotency_key: Option<Cow<'a, str>>,
+    version: Option<u64>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
     #[serde(default)]
     count_only: bool,
+    #[serde(default)]
+    delta: bool,
+}
+
+/// A subscribe's `since`: a position, or `"latest"` (the channel's newest publication first).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Since {
+    Latest(LatestWord),
+    Position(Position),
+}
+
+#[derive(Deserialize)]
+enum LatestWord {
+    #[serde(rename = "latest")]
+    Latest,
 }
 
 /// Longest token accepted, in bytes.
@@ -381,7 +404,12 @@ impl<'a> Command<'a> {
         match &*op {
             "subscribe" => {
                 let channel = channel(raw.channel)?;
-                if raw.since.as_ref().is_some_and(|s| s.epoch == ANY_EPOCH) {
+                let (since, latest) = match raw.since {
+                    None => (None, false),
+                    Some(Since::Latest(LatestWord::Latest)) => (None, true),
+                    Some(Since::Position(p)) => (Some(p), false),
+                };
+                if since.as_ref().is_some_and(|s| s.epoch == ANY_EPOCH) {
                     return Err(fail(
                         error_code::BAD_REQUEST,
                         "`since.epoch` \"*\" is reserved",
@@ -390,7 +418,9 @@ impl<'a> Command<'a> {
                 Ok(Command::Subscribe {
                     id,
                     channel,
-                    since: raw.since,
+                    since,
+                    latest,
+                    delta: raw.delta,
                 })
             }
             "unsubscribe" => Ok(Command::Unsubscribe {
@@ -409,6 +439,7 @@ impl<'a> Command<'a> {
                     channel,
                     data,
                     idempotency_key: raw.idempotency_key,
+                    version: raw.version,
                 })
             }
             "ping" => Ok(Command::Ping { id }),
@@ -456,6 +487,10 @@ pub struct SubscribeResult {
         serialize_with = "serialize_tag"
     )]
     pub tag: Option<u32>,
+    /// Asked for the latest value: whether the channel's newest publication follows (false: the
+    /// channel has none in history — never published, or it expired).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest: Option<bool>,
 }
 
 fn serialize_tag<S: serde::Serializer>(tag: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
@@ -538,7 +573,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            matches!(c, Command::Subscribe { id: Some(1), ref channel, since: Some(ref s) } if channel == "a" && s.offset == 3)
+            matches!(c, Command::Subscribe { id: Some(1), ref channel, since: Some(ref s), .. } if channel == "a" && s.offset == 3)
         );
         let c =
             Command::parse(br#"{"id":2,"op":"publish","channel":"a","data":{"x": [1]}}"#).unwrap();

@@ -8,8 +8,18 @@
 //! The queue is also the connection's control mailbox ([`Control`]): the node's control handler
 //! leaves a command in it and the same notification wakes the task, so a connection needs no
 //! task or channel of its own for it.
+//!
+//! Channels of a conflating namespace (`slow_consumer = "conflate"`) are not cut off: when the
+//! queue passes its limit, each such channel keeps only its newest waiting publication, in the
+//! place of its oldest waiting one (so it is sent as soon as the first would have been), counting
+//! the ones it replaced ([`Publication::skipped`]); until the queue is empty again, a newer
+//! publication of such a channel replaces its waiting one in place. A publication only ever
+//! replaces publications of its own channel and epoch with nothing of that channel in between
+//! (a presence event stays between the publications around it), so no channel is reordered.
 
 use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -23,7 +33,7 @@ use crate::control::Control;
 const KEEP_CAPACITY: usize = 64;
 
 struct Shared {
-    queued: Mutex<VecDeque<Arc<Publication>>>,
+    queued: Mutex<Waiting>,
     /// Wakes the connection task; a notification sent while it is busy is kept for it.
     ready: Notify,
     queued_bytes: AtomicUsize,
@@ -46,6 +56,72 @@ pub(crate) enum Received {
     Control(Control),
 }
 
+/// What waits to be sent.
+#[derive(Default)]
+struct Waiting {
+    entries: VecDeque<Entry>,
+    /// The queue passed its limit and has not been empty since: conflating channels replace
+    /// their waiting publication instead of queueing another.
+    conflating: bool,
+}
+
+/// A waiting publication.
+struct Entry {
+    publication: Arc<Publication>,
+    /// Publications of the channel right before this one that conflation removed.
+    skipped: u64,
+    /// Whether the channel conflates.
+    conflate: bool,
+}
+
+/// Folds each conflating channel's waiting publications into the place of its oldest one (per
+/// epoch, and never across another entry of the channel), which then holds the newest and counts
+/// the rest. Returns the bytes freed and the publications dropped.
+fn compact(entries: &mut VecDeque<Entry>) -> (usize, u64) {
+    let mut kept: VecDeque<Entry> = VecDeque::with_capacity(entries.len());
+    // The place in `kept` that publications of a channel fold into.
+    let mut slot: FxHashMap<Arc<str>, usize> = FxHashMap::default();
+    let (mut freed, mut dropped) = (0, 0);
+    for entry in entries.drain(..) {
+        let channel = entry.publication.channel.clone();
+        if !entry.conflate {
+            slot.remove(&channel);
+            kept.push_back(entry);
+            continue;
+        }
+        if let Some(older) = slot.get(&channel).map(|&i| &mut kept[i]) {
+            if older.publication.epoch == entry.publication.epoch {
+                freed += older.publication.json().len();
+                dropped += 1;
+                older.skipped += 1 + entry.skipped;
+                older.publication = entry.publication;
+                continue;
+            }
+        }
+        slot.insert(channel, kept.len());
+        kept.push_back(entry);
+    }
+    *entries = kept;
+    (freed, dropped)
+}
+
+/// Replaces the waiting publication of `entry`'s channel, if the channel's last waiting entry is
+/// a publication of the same epoch; returns the bytes that replaced publication held.
+fn replace_in_place(entries: &mut VecDeque<Entry>, entry: &Entry) -> Option<usize> {
+    let p = &entry.publication;
+    let waiting = entries
+        .iter_mut()
+        .rev()
+        .find(|e| e.publication.channel == p.channel)?;
+    if !waiting.conflate || waiting.publication.epoch != p.epoch {
+        return None;
+    }
+    let freed = waiting.publication.json().len();
+    waiting.skipped += 1;
+    waiting.publication = p.clone();
+    Some(freed)
+}
+
 /// The hub's handle on a connection's queue.
 #[derive(Clone)]
 pub struct QueueSender {
@@ -60,7 +136,7 @@ pub struct QueueReceiver {
 /// Creates a queue that holds at most `max_bytes` of publication JSON.
 pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
     let shared = Arc::new(Shared {
-        queued: Mutex::new(VecDeque::new()),
+        queued: Mutex::new(Waiting::default()),
         ready: Notify::new(),
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
@@ -80,6 +156,11 @@ pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
+    /// The publication replaced waiting ones of its channel (the queue passed its limit);
+    /// `dropped` publications will not be sent.
+    Conflated {
+        dropped: u64,
+    },
     /// The queue was already full or is now: the connection is a slow consumer. Reported once.
     Overflowed,
     /// The queue was already marked overflowed or its connection is gone.
@@ -92,23 +173,54 @@ impl QueueSender {
         self.shared.queued_bytes.load(Ordering::Relaxed)
     }
 
-    /// Queues a publication without waiting.
-    pub fn push(&self, publication: &Arc<Publication>) -> Pushed {
+    /// Queues a publication without waiting; with `conflate`, its channel conflates when the
+    /// queue is full instead of overflowing.
+    pub fn push(&self, publication: &Arc<Publication>, conflate: bool) -> Pushed {
         let shared = &*self.shared;
         if shared.overflowed.load(Ordering::Relaxed) || shared.closed.load(Ordering::Relaxed) {
             return Pushed::Dropped;
         }
+        let entry = Entry {
+            publication: publication.clone(),
+            skipped: 0,
+            conflate: conflate && publication.is_publication(),
+        };
         let len = publication.json().len();
+        if entry.conflate {
+            let mut waiting = shared.queued.lock();
+            if waiting.conflating {
+                if let Some(freed) = replace_in_place(&mut waiting.entries, &entry) {
+                    shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
+                    shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed);
+                    return Pushed::Conflated { dropped: 1 };
+                }
+            }
+        }
         let before = shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
         if before + len > shared.max_bytes {
-            shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            if entry.conflate {
+                let mut waiting = shared.queued.lock();
+                waiting.entries.push_back(entry);
+                waiting.conflating = true;
+                let (freed, dropped) = compact(&mut waiting.entries);
+                let now = shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed) - freed;
+                if now <= shared.max_bytes {
+                    drop(waiting);
+                    shared.ready.notify_one();
+                    return Pushed::Conflated { dropped };
+                }
+                // Too full even so: cut off like any other, as the queue stands (its bytes are
+                // counted; nothing more is taken from it).
+            } else {
+                shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
             return if shared.overflowed.swap(true, Ordering::Relaxed) {
                 Pushed::Dropped
             } else {
                 Pushed::Overflowed
             };
         }
-        shared.queued.lock().push_back(publication.clone());
+        shared.queued.lock().entries.push_back(entry);
         shared.ready.notify_one();
         Pushed::Queued
     }
@@ -155,20 +267,28 @@ impl QueueReceiver {
         Some(command)
     }
 
-    /// The next publication if one is queued now.
+    /// The next publication if one is queued now; one that replaced others by conflation
+    /// says how many ([`Publication::skipped`]).
     pub fn try_recv(&mut self) -> Option<Arc<Publication>> {
-        let publication = {
-            let mut queued = self.shared.queued.lock();
-            let publication = queued.pop_front()?;
-            if queued.is_empty() && queued.capacity() > KEEP_CAPACITY {
-                queued.shrink_to(KEEP_CAPACITY);
+        let entry = {
+            let mut waiting = self.shared.queued.lock();
+            let entry = waiting.entries.pop_front()?;
+            if waiting.entries.is_empty() {
+                // Caught up: queue normally again.
+                waiting.conflating = false;
+                if waiting.entries.capacity() > KEEP_CAPACITY {
+                    waiting.entries.shrink_to(KEEP_CAPACITY);
+                }
             }
-            publication
+            entry
         };
         self.shared
             .queued_bytes
-            .fetch_sub(publication.json().len(), Ordering::Relaxed);
-        Some(publication)
+            .fetch_sub(entry.publication.json().len(), Ordering::Relaxed);
+        Some(match entry.skipped {
+            0 => entry.publication,
+            skipped => Arc::new(entry.publication.after_skipping(skipped)),
+        })
     }
 
     /// True once a push found the queue full: the connection must be cut off.
@@ -202,11 +322,11 @@ mod tests {
     fn overflow_is_reported_once_and_frees_nothing_twice() {
         let p = publication(100);
         let (tx, mut rx) = outbound(p.json().len() * 2);
-        assert_eq!(tx.push(&p), Pushed::Queued);
-        assert_eq!(tx.push(&p), Pushed::Queued);
+        assert_eq!(tx.push(&p, false), Pushed::Queued);
+        assert_eq!(tx.push(&p, false), Pushed::Queued);
         assert!(!rx.overflowed());
-        assert_eq!(tx.push(&p), Pushed::Overflowed);
-        assert_eq!(tx.push(&p), Pushed::Dropped);
+        assert_eq!(tx.push(&p, false), Pushed::Overflowed);
+        assert_eq!(tx.push(&p, false), Pushed::Dropped);
         assert!(rx.overflowed());
         assert!(rx.try_recv().is_some());
         assert!(rx.try_recv().is_some());
@@ -222,7 +342,7 @@ mod tests {
             (got, rx)
         });
         tokio::task::yield_now().await;
-        assert_eq!(tx.push(&p), Pushed::Queued);
+        assert_eq!(tx.push(&p, false), Pushed::Queued);
         let (got, rx) = waiter.await.unwrap();
         let Received::Publication(got) = got else {
             panic!("a publication was pushed")
@@ -230,14 +350,111 @@ mod tests {
         assert!(Arc::ptr_eq(&got, &p));
         assert_eq!(tx.queued_bytes(), 0);
         drop(rx);
-        assert_eq!(tx.push(&p), Pushed::Dropped);
+        assert_eq!(tx.push(&p, false), Pushed::Dropped);
+    }
+
+    fn quote(channel: &str, epoch: &str, offset: u64) -> Arc<Publication> {
+        let data = format!("{{\"price\":{offset},\"pad\":\"{}\"}}", "x".repeat(50));
+        Arc::new(Publication::new(
+            channel.into(),
+            offset,
+            epoch.into(),
+            0,
+            data.as_bytes(),
+        ))
+    }
+
+    fn drain(rx: &mut QueueReceiver) -> Vec<(String, u64, u64)> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|p| (p.channel.to_string(), p.offset, p.skipped))
+            .collect()
+    }
+
+    #[test]
+    fn conflation_keeps_the_newest_of_each_channel_in_its_first_place_and_counts_the_rest() {
+        let size = quote("a", "e", 1).json().len();
+        let (tx, mut rx) = outbound(size * 4);
+        assert_eq!(tx.push(&quote("a", "e", 1), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("b", "e", 1), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("a", "e", 2), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("b", "e", 2), true), Pushed::Queued);
+        assert_eq!(
+            tx.push(&quote("a", "e", 3), true),
+            Pushed::Conflated { dropped: 3 }
+        );
+        assert_eq!(tx.queued_bytes(), size * 2);
+        // Until the queue is empty again, a newer publication replaces the waiting one.
+        assert_eq!(
+            tx.push(&quote("a", "e", 4), true),
+            Pushed::Conflated { dropped: 1 }
+        );
+        assert_eq!(
+            tx.push(&quote("b", "e", 3), true),
+            Pushed::Conflated { dropped: 1 }
+        );
+        assert_eq!(tx.push(&quote("c", "e", 1), true), Pushed::Queued);
+        assert!(!rx.overflowed());
+        assert_eq!(
+            drain(&mut rx),
+            vec![("a".into(), 4, 3), ("b".into(), 3, 2), ("c".into(), 1, 0)],
+            "the newest of each, in the place of its first"
+        );
+        assert_eq!(tx.queued_bytes(), 0);
+        // Caught up: queued normally again.
+        assert_eq!(tx.push(&quote("a", "e", 5), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("a", "e", 6), true), Pushed::Queued);
+        assert_eq!(drain(&mut rx), vec![("a".into(), 5, 0), ("a".into(), 6, 0)]);
+    }
+
+    #[test]
+    fn conflation_keeps_epochs_and_presence_events_in_place_and_others_still_overflow() {
+        let size = quote("a", "e", 1).json().len();
+        let (tx, mut rx) = outbound(size * 3);
+        tx.push(&quote("a", "e", 7), true);
+        tx.push(&quote("a", "f", 1), true);
+        tx.push(&quote("a", "f", 2), true);
+        assert_eq!(
+            tx.push(&quote("a", "f", 3), true),
+            Pushed::Conflated { dropped: 2 }
+        );
+        assert_eq!(drain(&mut rx), vec![("a".into(), 7, 0), ("a".into(), 3, 2)]);
+
+        let join = Arc::new(Publication::presence_event(
+            backplane::Kind::Join,
+            "a".into(),
+            "e".into(),
+            1,
+            b"{}",
+        ));
+        let (tx, mut rx) = outbound(size * 3);
+        tx.push(&quote("a", "e", 1), true);
+        tx.push(&join, true);
+        tx.push(&quote("a", "e", 2), true);
+        tx.push(&quote("a", "e", 3), true);
+        let order: Vec<(u64, bool)> = std::iter::from_fn(|| rx.try_recv())
+            .map(|p| (p.offset, p.is_publication()))
+            .collect();
+        assert_eq!(
+            order,
+            vec![(1, true), (1, false), (3, true)],
+            "a join after 1 stays between 1 and what follows it"
+        );
+
+        let (tx, rx) = outbound(size * 2);
+        tx.push(&quote("b", "e", 1), false);
+        tx.push(&quote("b", "e", 2), false);
+        assert_eq!(tx.push(&quote("a", "e", 1), true), Pushed::Overflowed);
+        assert!(
+            rx.overflowed(),
+            "what does not conflate is not dropped: cut off"
+        );
     }
 
     #[tokio::test]
     async fn control_commands_come_first_and_wake_the_receiver() {
         let p = publication(10);
         let (tx, mut rx) = outbound(p.json().len());
-        assert_eq!(tx.push(&p), Pushed::Queued);
+        assert_eq!(tx.push(&p, false), Pushed::Queued);
         tx.control(Control::Unsubscribe("c".into()));
         tx.control(Control::Disconnect);
         assert!(matches!(
@@ -257,7 +474,7 @@ mod tests {
         let p = publication(10);
         let (tx, mut rx) = outbound(p.json().len());
         for _ in 0..5 {
-            assert_eq!(tx.push(&p), Pushed::Queued);
+            assert_eq!(tx.push(&p, false), Pushed::Queued);
             assert!(rx.try_recv().is_some());
         }
     }

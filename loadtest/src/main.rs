@@ -28,6 +28,7 @@ mod storm;
 mod subscriber;
 mod suite;
 mod system;
+mod ticker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,6 +140,9 @@ enum Command {
     /// when many clients subscribe at once, presence reads and Redis memory of a big channel,
     /// and how fast a killed node's members are removed.
     Presence(presence::Args),
+    /// Stock tickers (#16): bytes on the wire and CPU per delivery for full JSON, deltas,
+    /// permessage-deflate and both; a slow subscriber under conflation.
+    Ticker(ticker::Args),
 }
 
 pub fn secs(s: f64) -> Duration {
@@ -173,6 +177,9 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Presence(args) => {
             redis_scenario(&cli, |bin| async move { presence::run(&bin, args).await }).await
+        }
+        Command::Ticker(args) => {
+            redis_scenario(&cli, |bin| async move { ticker::run(&bin, args).await }).await
         }
         Command::Publish(args) => {
             let bin = match &args.url {
@@ -248,7 +255,8 @@ async fn single(
         | Command::FreshFlood(_)
         | Command::Presence(_)
         | Command::Soak(_)
-        | Command::Publish(_) => {
+        | Command::Publish(_)
+        | Command::Ticker(_) => {
             unreachable!("handled by the caller")
         }
     };
@@ -284,7 +292,8 @@ async fn single(
         | Command::FreshFlood(_)
         | Command::Presence(_)
         | Command::Soak(_)
-        | Command::Publish(_) => {
+        | Command::Publish(_)
+        | Command::Ticker(_) => {
             unreachable!("handled by the caller")
         }
     };

@@ -70,6 +70,22 @@ fn columns(scenario: &str) -> Vec<Column> {
         cell: label,
     };
     match scenario {
+        "ticker" => vec![
+            Column {
+                header: "mode",
+                cell: |v| num(&v["mode"]),
+            },
+            col!("deliveries", ["deliveries"]),
+            col!("deliveries/s", ["deliveries_per_s"]),
+            col!("bytes/delivery", ["bytes_per_delivery"]),
+            col!("CPU µs/delivery", ["cpu_us_per_delivery"]),
+            col!("deltas %", ["delta_share"]),
+            col!("ticks behind p50", ["ticks_behind_p50"]),
+            col!("ticks behind p99", ["ticks_behind_p99"]),
+            col!("ticks behind max", ["ticks_behind_max"]),
+            col!("skipped", ["skipped"]),
+            col!("ok", ["ok"]),
+        ],
         "fanout" => vec![
             system,
             col!("clients", ["clients"]),

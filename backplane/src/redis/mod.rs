@@ -192,6 +192,8 @@ fn hex_of(n: u64, out: &mut [u8; 16]) -> &[u8] {
 
 /// The publish script's status for a reused idempotency key whose first data differs.
 const CONFLICT: u8 = 2;
+/// The publish script's status for a version not greater than the channel's last one.
+const SUPPRESSED: u8 = 3;
 
 fn millis(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX).max(1)
@@ -289,6 +291,7 @@ impl RedisBackplane {
         channel: &str,
         data: &[u8],
         idempotency: Option<Idempotency<'_>>,
+        version: Option<u64>,
     ) -> redis::Cmd {
         let shared = &*self.shared;
         let settings = &shared.settings;
@@ -299,7 +302,7 @@ impl RedisBackplane {
         key.reserve(extra + 2);
         let mut hex = [0u8; 16];
         let mut command = redis::Cmd::with_capacity(
-            17,
+            18,
             4 * (base + 2) + extra + data.len() + channel.len() + 128,
         );
         command.arg("EVALSHA").arg(PUBLISH.get_hash()).arg(3);
@@ -336,6 +339,10 @@ impl RedisBackplane {
             .arg(window)
             .arg(channel);
         command.arg(hex_of(u64::from(new_tag()), &mut hex)[8..].as_ref());
+        match version {
+            Some(version) => command.arg(itoa::Buffer::new().format(version)),
+            None => command.arg(""),
+        };
         command
     }
 
@@ -368,6 +375,7 @@ impl RedisBackplane {
             offset,
             epoch: epoch.into(),
             tag,
+            suppressed: status == SUPPRESSED,
         };
         match status {
             CONFLICT => Err(crate::idempotency_conflict(&ack)),
@@ -384,8 +392,19 @@ impl Backplane for RedisBackplane {
         data: Bytes,
         idempotency: Option<Idempotency<'_>>,
     ) -> Result<PublishAck, BackplaneError> {
+        self.publish_item(&BatchItem {
+            channel,
+            data,
+            idempotency,
+            version: None,
+        })
+        .await
+    }
+
+    async fn publish_item(&self, item: &BatchItem<'_>) -> Result<PublishAck, BackplaneError> {
         let shared = &*self.shared;
-        let command = self.command(channel, &data, idempotency);
+        let channel = item.channel;
+        let command = self.command(channel, &item.data, item.idempotency, item.version);
         let result: Result<((u64, String, String, u8), Option<u64>), _> = shared
             .commands
             .run_replicated(&command, &PUBLISH, shared.replica_ack)
@@ -405,16 +424,13 @@ impl Backplane for RedisBackplane {
         if matches!(shared.commands, Commands::Cluster(_)) {
             let mut out = Vec::with_capacity(items.len());
             for item in items {
-                out.push(
-                    self.publish(item.channel, item.data.clone(), item.idempotency)
-                        .await,
-                );
+                out.push(self.publish_item(item).await);
             }
             return out;
         }
         let commands: Vec<_> = items
             .iter()
-            .map(|item| self.command(item.channel, &item.data, item.idempotency))
+            .map(|item| self.command(item.channel, &item.data, item.idempotency, item.version))
             .collect();
         match shared
             .commands

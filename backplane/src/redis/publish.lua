@@ -1,7 +1,8 @@
 -- Publish one message to a channel, atomically: epoch, offset, history append, trims, expiry and
 -- fan-out happen together or not at all.
 --
--- KEYS[1]  meta hash   {e = epoch, t = top offset, g = tag of the top publication}
+-- KEYS[1]  meta hash   {e = epoch, t = top offset, g = tag of the top publication,
+--                       v = version of the last versioned publish stored}
 -- KEYS[2]  history stream, entry id "<offset>-0", fields d = data, t = publish time (ms), g = tag,
 --          p = tag of the previous publication (so the tag at a trimmed offset is still known)
 -- KEYS[3]  idempotency key (used only when ARGV[9] > 0), already in its scope (client or server)
@@ -16,9 +17,11 @@
 -- ARGV[9]  idempotency window (ms), 0 for none
 -- ARGV[10] channel name (goes into the pub/sub message)
 -- ARGV[11] publication tag, 8 lowercase hex digits (random, drawn by the caller)
+-- ARGV[12] version: a decimal u64 without leading zeros, '' for an unversioned publish
 -- Returns {offset, epoch, tag, status}: status 0 published, 1 the idempotency key's first
 -- publication (same data; nothing stored), 2 conflict (the key's first publication had other
--- data; nothing stored, offset/epoch/tag are the first publication's).
+-- data; nothing stored, offset/epoch/tag are the first publication's), 3 suppressed (the version
+-- is not greater than the channel's last one; nothing stored, offset/epoch/tag are the top's).
 -- Pub/sub message: "<offset> <epoch> <publish time, us> <tag> <channel>\n<data>" (channel names
 -- have no whitespace; the channel stays last).
 -- Idempotency record: "<offset> <epoch> <tag> <sha1 of data>".
@@ -34,6 +37,17 @@ if idem_ms > 0 then
       return {tonumber(offset), epoch, tag, status}
     end
   end
+end
+
+-- Versions are compared as decimal strings: Lua numbers are doubles, exact only up to 2^53.
+local version = ARGV[12]
+if version ~= '' then
+  local last = redis.call('HGET', KEYS[1], 'v')
+  if last and (#version < #last or (#version == #last and version <= last)) then
+    local top = redis.call('HMGET', KEYS[1], 'e', 't', 'g')
+    return {tonumber(top[2]), top[1], top[3] or '', 3}
+  end
+  redis.call('HSET', KEYS[1], 'v', version)
 end
 
 local epoch = redis.call('HGET', KEYS[1], 'e')

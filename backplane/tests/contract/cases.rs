@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backplane::{
-    BackplaneError, ChannelCount, HistoryPage, Idempotency, Kind, Member, Presence, PublishAck,
-    Retention, Settings,
+    BackplaneError, BatchItem, ChannelCount, HistoryPage, Idempotency, Kind, Member, Presence,
+    PublishAck, Retention, Settings,
 };
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -1037,4 +1037,120 @@ pub async fn concurrent_reapers_announce_each_leave_once(store: &Store) {
         let expected: Vec<String> = (0..EACH).map(|m| format!("L0:{channel}/{m}")).collect();
         assert_eq!(leaves, expected.iter().collect::<Vec<_>>(), "{got:?}");
     }
+}
+
+async fn publish_versioned(node: &Node, channel: &str, n: u64, version: Option<u64>) -> PublishAck {
+    node.backplane
+        .publish_item(&BatchItem {
+            channel,
+            data: data(n),
+            idempotency: None,
+            version,
+        })
+        .await
+        .expect("publish")
+}
+
+pub async fn stale_versions_are_suppressed(store: &Store) {
+    let node = node(store).await;
+    node.backplane.subscribe("priced").await.unwrap();
+    let first = publish_versioned(&node, "priced", 1, Some(10)).await;
+    assert_eq!((first.offset, first.suppressed), (1, false));
+    for stale in [10, 9, 0] {
+        let ack = publish_versioned(&node, "priced", 2, Some(stale)).await;
+        assert!(ack.suppressed, "version {stale} after 10 is suppressed");
+        assert_eq!(
+            (ack.offset, &ack.epoch, ack.tag),
+            (1, &first.epoch, first.tag),
+            "a suppressed publish answers the current top"
+        );
+    }
+    let newer = publish_versioned(&node, "priced", 3, Some(11)).await;
+    assert_eq!((newer.offset, newer.suppressed), (2, false));
+    let unversioned = publish_versioned(&node, "priced", 4, None).await;
+    assert_eq!(
+        (unversioned.offset, unversioned.suppressed),
+        (3, false),
+        "a publish without a version is never suppressed"
+    );
+    let still = publish_versioned(&node, "priced", 5, Some(11)).await;
+    assert!(still.suppressed, "nor does it reset the last version");
+    assert_eq!(still.offset, 3);
+    // Beyond 2^53, where a double would round 2^64-1 and 2^64-2 to the same number.
+    let huge = publish_versioned(&node, "priced", 6, Some(u64::MAX - 1)).await;
+    assert!(!huge.suppressed);
+    let huge_again = publish_versioned(&node, "priced", 7, Some(u64::MAX - 1)).await;
+    assert!(huge_again.suppressed, "compared exactly, not as doubles");
+    let top = publish_versioned(&node, "priced", 8, Some(u64::MAX)).await;
+    assert_eq!((top.offset, top.suppressed), (5, false));
+
+    let delivered = node.sink.wait_for("priced", 5).await;
+    assert_eq!(
+        offsets(&delivered),
+        vec![1, 2, 3, 4, 5],
+        "nothing suppressed is delivered"
+    );
+    let page = history(&node, "priced", 0, 100).await;
+    let stored: Vec<&[u8]> = page.publications.iter().map(|p| p.data()).collect();
+    assert_eq!(
+        stored,
+        vec![
+            &data(1)[..],
+            &data(3)[..],
+            &data(4)[..],
+            &data(6)[..],
+            &data(8)[..]
+        ],
+        "nothing suppressed is stored"
+    );
+    let other = publish_versioned(&node, "priced-other", 1, Some(1)).await;
+    assert!(!other.suppressed, "versions are per channel");
+}
+
+pub async fn versions_race_atomically(store: &Store) {
+    let first = node(store).await;
+    let other;
+    let second = if store.shared() {
+        other = node(store).await;
+        &other
+    } else {
+        &first
+    };
+    // Two producers send the same versions in opposite orders, concurrently: exactly one
+    // publish per version can win, and the stored versions must increase.
+    let up = async {
+        let mut acks = Vec::new();
+        for v in 1..=40 {
+            acks.push((v, publish_versioned(&first, "raced", v, Some(v)).await));
+        }
+        acks
+    };
+    let down = async {
+        let mut acks = Vec::new();
+        for v in (1..=40).rev() {
+            acks.push((v, publish_versioned(second, "raced", v, Some(v)).await));
+        }
+        acks
+    };
+    let (up, down) = tokio::join!(up, down);
+    let stored = up
+        .iter()
+        .chain(&down)
+        .filter(|(_, ack)| !ack.suppressed)
+        .count() as u64;
+    let page = history(&first, "raced", 0, 100).await;
+    assert_eq!(page.top, stored, "every publish not suppressed was stored");
+    let versions: Vec<u64> = page
+        .publications
+        .iter()
+        .map(|p| {
+            let v: serde_json::Value = serde_json::from_slice(p.data()).unwrap();
+            v["n"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "stored versions only increase: {versions:?}"
+    );
+    assert_eq!(versions.last(), Some(&40));
 }

@@ -344,6 +344,8 @@ every_backplane!(
     joins_and_leaves_keep_their_place_among_publications,
     flush_applies_every_queued_change_in_order,
     channel_reports_are_summed_over_live_nodes,
+    stale_versions_are_suppressed,
+    versions_race_atomically,
 );
 
 /// Cases about several nodes sharing one store (Redis and Redis Cluster).

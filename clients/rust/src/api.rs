@@ -35,6 +35,8 @@ struct PublishBody<'a, T: Serialize + ?Sized> {
     channel: &'a str,
     data: &'a T,
     idempotency_key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
 }
 
 /// `POST /api/publish` with `publications`: a batch.
@@ -150,10 +152,35 @@ impl ApiClient {
         data: &T,
         idempotency_key: &str,
     ) -> Result<PublishAck> {
+        self.publish_keyed(channel, data, idempotency_key, None)
+            .await
+    }
+
+    /// [`ApiClient::publish`] of a versioned value: when `version` is not greater than the
+    /// channel's last one, nothing is published and the ack has `suppressed` set (with the
+    /// channel's current top), so an out-of-order producer cannot move the value back.
+    pub async fn publish_versioned<T: Serialize + ?Sized>(
+        &self,
+        channel: &str,
+        data: &T,
+        version: u64,
+    ) -> Result<PublishAck> {
+        self.publish_keyed(channel, data, &new_idempotency_key(), Some(version))
+            .await
+    }
+
+    async fn publish_keyed<T: Serialize + ?Sized>(
+        &self,
+        channel: &str,
+        data: &T,
+        idempotency_key: &str,
+        version: Option<u64>,
+    ) -> Result<PublishAck> {
         let body = serde_json::to_vec(&PublishBody {
             channel,
             data,
             idempotency_key,
+            version,
         })
         .map_err(|e| Error::Config(format!("data does not serialise: {e}")))?;
         self.with_retry(|base| {
@@ -203,6 +230,7 @@ impl ApiClient {
                         channel: publications[i].0,
                         data: &publications[i].1,
                         idempotency_key: &keys[i],
+                        version: None,
                     })
                     .collect(),
             })

@@ -33,6 +33,10 @@ pub struct PublishAck {
     /// The publication's tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// The publish was versioned and its version not greater than the channel's last one:
+    /// nothing was stored; `offset`, `epoch` and `tag` name the channel's current top.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suppressed: bool,
 }
 
 /// A channel with subscribers somewhere in the cluster (`GET /api/channels`).

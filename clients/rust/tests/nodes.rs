@@ -623,3 +623,29 @@ async fn presence_and_join_leave_events() {
         other => panic!("expected the visitor's leave, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_version_is_suppressed_across_nodes() {
+    let (_redis, nodes) = cluster(2, &[]).await;
+    let first = ApiClient::new([base(&nodes[0])], None).unwrap();
+    let second = ApiClient::new([base(&nodes[1])], None).unwrap();
+    let ch = channel("rc-versioned");
+    let newer = first
+        .publish_versioned(&ch, &json!({"price": 2}), 2)
+        .await
+        .unwrap();
+    assert!(!newer.suppressed);
+    // An out-of-order producer on another node cannot move the price back.
+    let stale = second
+        .publish_versioned(&ch, &json!({"price": 1}), 1)
+        .await
+        .unwrap();
+    assert!(stale.suppressed, "{stale:?}");
+    assert_eq!(
+        (stale.offset, &stale.epoch, &stale.tag),
+        (newer.offset, &newer.epoch, &newer.tag),
+        "the answer names the current top"
+    );
+    let page = second.history(&ch, 0, None).await.unwrap();
+    assert_eq!(page.publications.len(), 1, "nothing suppressed is stored");
+}

@@ -31,6 +31,8 @@ struct PublishRequest<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     idempotency_key: Option<Nullable<'a>>,
+    #[serde(default, deserialize_with = "present")]
+    version: Option<Option<u64>>,
     #[serde(borrow, default, deserialize_with = "present")]
     publications: Option<Option<Vec<PublishItem<'a>>>>,
 }
@@ -48,6 +50,8 @@ struct PublishItem<'a> {
     data: &'a RawValue,
     #[serde(borrow, default)]
     idempotency_key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    version: Option<u64>,
 }
 
 /// A key that is there, whatever its value (`Option` alone reads `null` as absent).
@@ -135,12 +139,13 @@ pub(crate) async fn publish<B: RequestBody>(
         Ok(r) => r,
         Err(response) => return response,
     };
-    let (channel, data, key) = match request {
+    let (channel, data, key, version) = match request {
         PublishRequest {
             publications: Some(items),
             channel: None,
             data: None,
             idempotency_key: None,
+            version: None,
         } => {
             let Some(items) = items else {
                 return bad_request("`publications` must be a list of publications");
@@ -152,16 +157,22 @@ pub(crate) async fn publish<B: RequestBody>(
             ..
         } => {
             return bad_request(
-                "`publications` (a batch) cannot be combined with `channel`, `data` or \
-                 `idempotency_key`",
+                "`publications` (a batch) cannot be combined with `channel`, `data`, \
+                 `idempotency_key` or `version`",
             )
         }
         PublishRequest {
             channel: Some(Nullable(Some(channel))),
             data: Some(data),
             idempotency_key,
+            version,
             ..
-        } => (channel, data, idempotency_key.and_then(|k| k.0)),
+        } => (
+            channel,
+            data,
+            idempotency_key.and_then(|k| k.0),
+            version.flatten(),
+        ),
         PublishRequest { channel: None, .. } => return bad_request("missing field `channel`"),
         PublishRequest {
             channel: Some(Nullable(None)),
@@ -175,7 +186,7 @@ pub(crate) async fn publish<B: RequestBody>(
     }
     let data = backplane::json::compact(data.get());
     let key = key.map(backplane::Idempotency::server);
-    match node.publish(&channel, data, key).await {
+    match node.publish(&channel, data, key, version).await {
         Ok(ack) => response::json(
             StatusCode::OK,
             serde_json::to_vec(&ack).expect("cannot fail"),
@@ -207,6 +218,7 @@ async fn publish_batch(node: &Arc<Node>, items: &[PublishItem<'_>]) -> Response<
             channel: &item.channel,
             data: backplane::json::compact(item.data.get()),
             idempotency: key.map(backplane::Idempotency::server),
+            version: item.version,
         });
     }
     publish_checked(node, &batch).await
@@ -283,6 +295,7 @@ pub(crate) async fn broadcast<B: RequestBody>(
             channel,
             data: data.clone(),
             idempotency: key.map(backplane::Idempotency::server),
+            version: None,
         });
     }
     publish_checked(node, &batch).await

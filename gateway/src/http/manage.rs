@@ -64,7 +64,10 @@ fn check_user(user: &str) -> Result<(), Response<Body>> {
 /// Publishes a control command to every node; 200 with `answer` once it is in the control
 /// channel's history (every node then acts on it as it arrives).
 async fn send(node: &Node, command: &Command, answer: Vec<u8>) -> Response<Body> {
-    match node.publish(CONTROL_CHANNEL, command.to_json(), None).await {
+    match node
+        .publish(CONTROL_CHANNEL, command.to_json(), None, None)
+        .await
+    {
         Ok(_) => response::json(StatusCode::OK, answer),
         Err(e) => {
             let error = backplane_error(&e);

@@ -273,6 +273,10 @@ async fn serve_connection(
     tls: Option<Tls>,
 ) {
     let _ = stream.set_nodelay(true);
+    let send_buffer = node.config().server.send_buffer_bytes;
+    if send_buffer > 0 {
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(send_buffer);
+    }
     match tls {
         None => {
             let handshake = node.config().limits.handshake_timeout;

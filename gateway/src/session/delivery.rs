@@ -14,6 +14,16 @@
 //! subscription that delivered nothing adopts a new epoch silently, and a resume from offset 0 of
 //! any epoch is a resume from the start. A resume whose tag differs from the tag history has at
 //! the position is not recovered (`history_diverged`): the store reused the offset.
+//!
+//! A subscription from the latest value reads the channel's top, then resumes from the offset
+//! before it: the newest publication is delivered from history, then live ones, by the same rule
+//! as any resume. When that publication is no longer in history, it starts at the top instead.
+//!
+//! A subscription that asked for deltas gets a live publication in its delta form (shared, made
+//! once per node) only when the last publication it sent the client is the very one the delta is
+//! against: a position the client brought (a resume, a cursor) says nothing of whether it still
+//! has that publication's data. Anything from history goes in full, and so does the first
+//! publication after subscribing, a reset or an epoch change.
 
 use std::sync::Arc;
 
@@ -135,6 +145,14 @@ pub(crate) enum Effect {
         id: Option<u64>,
         since: Position,
     },
+    /// A subscription from the latest value learnt the channel's top: read the page after
+    /// `since` (the offset before it) and feed it back as [`Input::Subscribed`] without `since`.
+    ReadLatest {
+        gen: u64,
+        channel: Arc<str>,
+        id: Option<u64>,
+        since: u64,
+    },
     /// The subscription ended without an unsubscribe command: leave the hub.
     LeaveHub(Arc<str>),
     /// The subscription is set up (its `subscribed` result is out): the connection is now a
@@ -159,6 +177,27 @@ enum State {
     Live,
 }
 
+/// How a subscription starts, besides its position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SubscribeOptions {
+    /// With no position: deliver the channel's newest publication first (the latest value),
+    /// then live ones.
+    pub(crate) latest: bool,
+    /// Live publications in their delta form when it is smaller and applies.
+    pub(crate) delta: bool,
+}
+
+/// Where a subscription from the latest value is in its two reads.
+enum Latest {
+    /// Not asked for, or decided.
+    No,
+    /// Asked for; the first read (the channel's top) is in flight.
+    Wanted,
+    /// The first read found the channel at `top` of `epoch`; the page after `top - 1` is in
+    /// flight.
+    Reading { epoch: Arc<str>, top: u64 },
+}
+
 struct Subscription {
     /// Tells this subscription's reads from those of an earlier one of the same channel.
     gen: u64,
@@ -174,6 +213,11 @@ struct Subscription {
     /// Presence events that arrived while not live, held until delivery passes the
     /// publication each follows (at most [`HELD_EVENTS`]; they are at-most-once).
     held_events: Vec<Arc<Publication>>,
+    latest: Latest,
+    delta: bool,
+    /// Offset and tag of the last publication this subscription sent, in `epoch`: the only
+    /// base a delta may be sent against.
+    sent: Option<(u64, u32)>,
 }
 
 /// Presence events a subscription holds while catching up; later ones are dropped.
@@ -233,6 +277,8 @@ struct Resume {
     tag: Option<u32>,
     /// Whether the first page is delivered (recovered, or a new epoch from its start).
     deliver_page: bool,
+    /// For a subscription from the latest value: whether the newest publication is delivered.
+    latest: Option<bool>,
 }
 
 /// The epoch of a position that names none (a compact SSE cursor's): it matches whichever epoch
@@ -260,6 +306,7 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
         continue_after: page.top,
         tag: page.top_tag,
         deliver_page: false,
+        latest: None,
     };
     let recovered_after = |offset, tag| Resume {
         recovered: true,
@@ -267,6 +314,7 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
         continue_after: offset,
         tag,
         deliver_page: true,
+        latest: None,
     };
     let Some(s) = since else {
         return Some(at_top(false, None));
@@ -288,6 +336,7 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
                 .then_some(page.top_tag)
                 .flatten(),
             deliver_page: true,
+            latest: None,
         },
         s if s.offset > page.top => at_top(false, Some(reset_reason::OFFSET_AHEAD)),
         _ if diverged => at_top(false, Some(reset_reason::HISTORY_DIVERGED)),
@@ -296,6 +345,32 @@ fn decide_resume(since: Option<&Position>, page: &HistoryPage, from_start: bool)
         }
         _ => at_top(false, Some(reset_reason::HISTORY_TRUNCATED)),
     })
+}
+
+/// Where a subscription from the latest value continues, given the page read after `top - 1`
+/// where its first read found the channel at `top` of `epoch` (`None`: no publication then).
+/// The newest publication is delivered only if it is still the first one the page holds in that
+/// epoch; otherwise (expired, trimmed, or the channel restarted) delivery starts at the top.
+fn decide_latest(first_read: Option<(&Arc<str>, u64)>, page: &HistoryPage) -> Resume {
+    let first = page.publications.first().map(|p| p.offset);
+    match first_read {
+        Some((epoch, top)) if *epoch == page.epoch && first == Some(top) => Resume {
+            recovered: false,
+            reason: None,
+            continue_after: top - 1,
+            tag: page.since_tag,
+            deliver_page: true,
+            latest: Some(true),
+        },
+        _ => Resume {
+            recovered: false,
+            reason: None,
+            continue_after: page.top,
+            tag: page.top_tag,
+            deliver_page: false,
+            latest: Some(false),
+        },
+    }
 }
 
 impl Deliveries {
@@ -336,7 +411,18 @@ impl Deliveries {
 
     /// Starts a subscription; returns the generation its first read must carry
     /// ([`Input::Subscribed`]).
+    #[cfg(test)]
     pub(crate) fn subscribe(&mut self, channel: &Arc<str>) -> Result<u64, ErrorBody> {
+        self.subscribe_with(channel, SubscribeOptions::default())
+    }
+
+    /// [`Deliveries::subscribe`] with options; `latest` applies when the first read comes
+    /// without a position.
+    pub(crate) fn subscribe_with(
+        &mut self,
+        channel: &Arc<str>,
+        options: SubscribeOptions,
+    ) -> Result<u64, ErrorBody> {
         if self.subs.contains_key(channel) {
             return Err(ErrorBody::new(
                 error_code::ALREADY_SUBSCRIBED,
@@ -355,6 +441,13 @@ impl Deliveries {
             reading_since: 0,
             state: State::Subscribing { live_max: 0 },
             held_events: Vec::new(),
+            latest: if options.latest {
+                Latest::Wanted
+            } else {
+                Latest::No
+            },
+            delta: options.delta,
+            sent: None,
         };
         self.subs.insert(channel.clone(), sub);
         Ok(gen)
@@ -449,10 +542,24 @@ impl Deliveries {
                     sub.epoch = p.epoch.clone();
                     sub.tag = None;
                 }
-                if p.offset == sub.delivered + 1 {
+                // A conflating queue may have dropped some before it, and says how many: they
+                // are skipped, not a gap to fill.
+                let missed = p.offset.saturating_sub(sub.delivered + 1);
+                if p.offset > sub.delivered && missed > 0 && missed <= p.skipped {
                     sub.delivered = p.offset;
                     sub.tag = Some(p.tag);
-                    out.push(Output::Live(p));
+                    sub.sent = Some((p.offset, p.tag));
+                    out.push(Output::Live(Arc::new(p.skipped_form(missed))));
+                } else if p.offset == sub.delivered + 1 {
+                    let base = sub.sent.filter(|(offset, _)| offset + 1 == p.offset);
+                    let delta = match base {
+                        Some((_, tag)) if sub.delta => p.delta_for(Some(tag)),
+                        _ => None,
+                    };
+                    sub.delivered = p.offset;
+                    sub.tag = Some(p.tag);
+                    sub.sent = Some((p.offset, p.tag));
+                    out.push(Output::Live(delta.unwrap_or(p)));
                 } else if p.offset > sub.delivered + 1 {
                     sub.state = State::CatchingUp { live_max: p.offset };
                     self.catching_up += 1;
@@ -539,7 +646,26 @@ impl Deliveries {
         let State::Subscribing { live_max } = sub.state else {
             return;
         };
-        let Some(resume) = decide_resume(since.as_ref(), &page, from_start) else {
+        let latest = match std::mem::replace(&mut sub.latest, Latest::No) {
+            _ if since.is_some() => None,
+            Latest::No => None,
+            Latest::Wanted if page.top > 0 => {
+                // Resume from just before the top: one more read, then the rule of a resume.
+                let (epoch, top) = (page.epoch.clone(), page.top);
+                sub.latest = Latest::Reading { epoch, top };
+                effects.push(Effect::ReadLatest {
+                    gen,
+                    channel,
+                    id,
+                    since: top - 1,
+                });
+                return;
+            }
+            Latest::Wanted => Some(decide_latest(None, &page)),
+            Latest::Reading { epoch, top } => Some(decide_latest(Some((&epoch, top)), &page)),
+        };
+        let Some(resume) = latest.or_else(|| decide_resume(since.as_ref(), &page, from_start))
+        else {
             let since = since.expect("only a resume reads again");
             effects.push(Effect::ReadFromStart {
                 gen,
@@ -572,6 +698,7 @@ impl Deliveries {
                 recovered: resume.recovered,
                 reason: resume.reason,
                 tag: page.top_tag,
+                latest: resume.latest,
             },
         });
         let more = resume.deliver_page && deliver_page(sub, &channel, &page, self.page_size, out);
@@ -636,6 +763,7 @@ impl Deliveries {
                 live_max = 0;
             }
             sub.epoch = page.epoch.clone();
+            sub.sent = None;
         } else if page.top < sub.delivered {
             // History went back in this epoch (a store rollback the link has not rotated yet):
             // wait rather than read it again at once.
@@ -721,6 +849,7 @@ fn deliver_page(
             sub.release_events(out);
             sub.delivered = p.offset;
             sub.tag = Some(p.tag);
+            sub.sent = Some((p.offset, p.tag));
             out.push(Output::History(p.clone()));
         }
     }
@@ -743,6 +872,10 @@ mod tests {
         Sub(Option<(&'static str, u64)>),
         /// Subscribe to `c` from a position with a tag: epoch, offset, tag.
         SubTagged(&'static str, u64, u32),
+        /// Subscribe to `c` from its latest value (no position).
+        SubLatest,
+        /// Subscribe to `c` asking for deltas, from a position or from now.
+        SubDelta(Option<(&'static str, u64)>),
         /// Subscribe to another channel.
         SubTo(&'static str),
         /// The first read of `c` lands: epoch, top, offsets of the page.
@@ -763,6 +896,8 @@ mod tests {
         StalePage(&'static str, u64, &'static [u64]),
         /// A live publication of `c`: epoch, offset.
         Live(&'static str, u64),
+        /// A live publication of `c` taken from a conflating queue: epoch, offset, skipped.
+        LiveSkipped(&'static str, u64, u64),
         /// A join of `c` following the publication at `after`: epoch, after.
         Join(&'static str, u64),
         Unsub,
@@ -774,13 +909,16 @@ mod tests {
     /// A step and the transcript it must produce.
     type ScriptStep = (Step, &'static [&'static str]);
 
+    /// A quote whose price is its offset, tagged with its offset: one member changes from one
+    /// publication to the next, so its delta form is smaller.
     fn publication(epoch: &str, offset: u64) -> Arc<Publication> {
+        let data = format!("{{\"symbol\":\"ACME\",\"currency\":\"EUR\",\"price\":{offset}}}");
         Arc::new(Publication::new(
             CHANNEL.into(),
             offset,
             epoch.into(),
-            0,
-            b"{}",
+            offset as u32,
+            data.as_bytes(),
         ))
     }
 
@@ -790,7 +928,7 @@ mod tests {
             top,
             publications: offsets.iter().map(|o| publication(epoch, *o)).collect(),
             since_tag: None,
-            top_tag: (top > 0).then_some(0),
+            top_tag: (top > 0).then_some(top as u32),
         })
     }
 
@@ -799,11 +937,19 @@ mod tests {
             Output::Reply(_) => "reply".into(),
             Output::Subscribed { result: r, .. } => match r.reason {
                 _ if r.recovered => format!("subscribed {}@{} recovered", r.epoch, r.offset),
+                _ if r.latest == Some(true) => {
+                    format!("subscribed {}@{} latest", r.epoch, r.offset)
+                }
+                _ if r.latest == Some(false) => {
+                    format!("subscribed {}@{} no latest", r.epoch, r.offset)
+                }
                 Some(reason) => format!("subscribed {}@{} {reason}", r.epoch, r.offset),
                 None => format!("subscribed {}@{}", r.epoch, r.offset),
             },
             Output::SubscribeFailed { error, .. } => format!("failed {}", error.code),
             Output::History(p) => format!("history {}", p.offset),
+            Output::Live(p) if p.is_delta() => format!("delta {}", p.offset),
+            Output::Live(p) if p.skipped > 0 => format!("live {} skipped {}", p.offset, p.skipped),
             Output::Live(p) => format!("live {}", p.offset),
             Output::Presence(p) => format!("join after {}", p.offset),
             Output::Reset {
@@ -827,6 +973,7 @@ mod tests {
                 since, retry: true, ..
             } => format!("retry {since}"),
             Effect::ReadFromStart { .. } => "read from start".into(),
+            Effect::ReadLatest { since, .. } => format!("read latest {since}"),
             Effect::LeaveHub(_) => "leave".into(),
             Effect::Joined(_) => "joined".into(),
             Effect::Resumed {
@@ -842,6 +989,7 @@ mod tests {
         let mut deliveries = Deliveries::new(PAGE_SIZE, 2);
         let channel: Arc<str> = CHANNEL.into();
         let (mut gen, mut since) = (0, None);
+        let mut last_live: Option<Arc<Publication>> = None;
         for (i, (step, expected)) in script.iter().enumerate() {
             let mut lines = Vec::new();
             let input = match step {
@@ -864,6 +1012,32 @@ mod tests {
                         tag: Some(*tag),
                     });
                     gen = deliveries.subscribe(&channel).expect("subscribed");
+                    None
+                }
+                SubDelta(from) => {
+                    since = from.map(|(epoch, offset)| Position {
+                        epoch: epoch.into(),
+                        offset,
+                        tag: None,
+                    });
+                    let options = SubscribeOptions {
+                        delta: true,
+                        ..SubscribeOptions::default()
+                    };
+                    gen = deliveries
+                        .subscribe_with(&channel, options)
+                        .expect("subscribed");
+                    None
+                }
+                SubLatest => {
+                    since = None;
+                    let options = SubscribeOptions {
+                        latest: true,
+                        ..SubscribeOptions::default()
+                    };
+                    gen = deliveries
+                        .subscribe_with(&channel, options)
+                        .expect("subscribed");
                     None
                 }
                 SubTo(other) => {
@@ -892,7 +1066,7 @@ mod tests {
                 StalePage(epoch, top, offsets) => {
                     Some((false, gen - 1, page(epoch, *top, offsets)))
                 }
-                Live(..) | Join(..) | Unsub | At => None,
+                Live(..) | LiveSkipped(..) | Join(..) | Unsub | At => None,
             };
             let (mut out, mut effects) = (Vec::new(), Vec::new());
             match (step, input) {
@@ -916,8 +1090,22 @@ mod tests {
                     deliveries.apply(input, &mut out, &mut effects);
                 }
                 (Live(epoch, offset), None) => {
-                    let input = Input::Live(publication(epoch, *offset));
-                    deliveries.apply(input, &mut out, &mut effects);
+                    // As the hub does: every live publication follows the one before, if adjacent.
+                    let p = publication(epoch, *offset);
+                    if let Some(previous) = &last_live {
+                        p.follows(previous);
+                    }
+                    last_live = Some(p.clone());
+                    deliveries.apply(Input::Live(p), &mut out, &mut effects);
+                }
+                (LiveSkipped(epoch, offset, skipped), None) => {
+                    let p = publication(epoch, *offset);
+                    if let Some(previous) = &last_live {
+                        p.follows(previous);
+                    }
+                    last_live = Some(p.clone());
+                    let taken = Arc::new(p.after_skipping(*skipped));
+                    deliveries.apply(Input::Live(taken), &mut out, &mut effects);
                 }
                 (Join(epoch, after), None) => {
                     let event = Publication::presence_event(
@@ -1074,6 +1262,305 @@ mod tests {
                 (Live("e1", 7), &["live 7"]),
             ],
         );
+    }
+
+    #[test]
+    fn conflation_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "conflation: what the queue skipped is reported, not filled",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (LiveSkipped("e1", 9, 2), &["live 9 skipped 2"]),
+                    (At, &["at e1@9, 0 catching up"]),
+                    (Live("e1", 10), &["live 10"]),
+                ],
+            ),
+            (
+                "conflation: missing more than was skipped is a gap, filled from history",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (LiveSkipped("e1", 9, 1), &["fetch 5"]),
+                    (
+                        Page("e1", 9, &[6, 7, 8]),
+                        &["history 6", "history 7", "history 8", "fetch 8"],
+                    ),
+                    (Page("e1", 9, &[9]), &["history 9"]),
+                ],
+            ),
+            (
+                "conflation: a skip only counts what this subscription missed",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (LiveSkipped("e1", 7, 4), &["live 7 skipped 1"]),
+                    (LiveSkipped("e1", 7, 4), &[]),
+                ],
+            ),
+            (
+                "conflation: a skip breaks the delta chain, which starts again after it",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                    (LiveSkipped("e1", 9, 1), &["live 9 skipped 1"]),
+                    (Live("e1", 10), &["delta 10"]),
+                ],
+            ),
+            (
+                "conflation: while catching up, everything comes from history",
+                &[
+                    (Sub(None), &[]),
+                    (LiveSkipped("e1", 7, 2), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5", "fetch 5"]),
+                    (Page("e1", 7, &[6, 7]), &["history 6", "history 7"]),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
+    }
+
+    #[test]
+    fn delta_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "delta: only when asked",
+                &[
+                    (Sub(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["live 7"]),
+                ],
+            ),
+            (
+                "delta: against the publication delivered before, once the node saw it",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                    (Live("e1", 8), &["delta 8"]),
+                ],
+            ),
+            (
+                "delta: never against a publication this subscription did not send",
+                &[
+                    (Live("e1", 5), &[]),
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                ],
+            ),
+            (
+                "delta: a resume at the top starts in full (the client may not hold that data)",
+                &[
+                    (Live("e1", 4), &[]),
+                    (SubDelta(Some(("e1", 4))), &[]),
+                    (
+                        First("e1", 4, &[]),
+                        &["subscribed e1@4 recovered", "resumed"],
+                    ),
+                    (Live("e1", 5), &["live 5"]),
+                    (Live("e1", 6), &["delta 6"]),
+                ],
+            ),
+            (
+                "delta: a gap is filled in full, then deltas go on",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                    (Live("e1", 9), &["fetch 7"]),
+                    (Page("e1", 9, &[8, 9]), &["history 8", "history 9"]),
+                    (Live("e1", 10), &["delta 10"]),
+                ],
+            ),
+            (
+                "delta: a resume starts in full",
+                &[
+                    (SubDelta(Some(("e1", 2))), &[]),
+                    (
+                        First("e1", 4, &[3, 4]),
+                        &[
+                            "subscribed e1@4 recovered",
+                            "history 3",
+                            "history 4",
+                            "resumed",
+                        ],
+                    ),
+                    (Live("e1", 5), &["live 5"]),
+                    (Live("e1", 6), &["delta 6"]),
+                ],
+            ),
+            (
+                "delta: a resume from history is followed by deltas when the node saw the base",
+                &[
+                    (Live("e1", 4), &[]),
+                    (SubDelta(Some(("e1", 2))), &[]),
+                    (
+                        First("e1", 4, &[3, 4]),
+                        &[
+                            "subscribed e1@4 recovered",
+                            "history 3",
+                            "history 4",
+                            "resumed",
+                        ],
+                    ),
+                    (Live("e1", 5), &["delta 5"]),
+                ],
+            ),
+            (
+                "delta: a new epoch starts in full",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 7), &["delta 7"]),
+                    (Live("e2", 1), &["fetch 0"]),
+                    (
+                        Page("e2", 1, &[1]),
+                        &["reset e2@0 epoch_changed", "history 1"],
+                    ),
+                    (Live("e2", 2), &["delta 2"]),
+                    (Live("e2", 3), &["delta 3"]),
+                ],
+            ),
+            (
+                "delta: a reset past trimmed history starts in full",
+                &[
+                    (SubDelta(None), &[]),
+                    (First("e1", 5, &[]), &["subscribed e1@5"]),
+                    (Live("e1", 6), &["live 6"]),
+                    (Live("e1", 9), &["fetch 6"]),
+                    (
+                        Page("e1", 9, &[9]),
+                        &["reset e1@8 history_truncated", "history 9"],
+                    ),
+                    (Live("e1", 10), &["delta 10"]),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
+    }
+
+    #[test]
+    fn latest_value_cases() {
+        let cases: &[(&str, &[ScriptStep])] = &[
+            (
+                "latest: the newest publication, then live ones",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (
+                        First("e1", 5, &[5]),
+                        &["subscribed e1@5 latest", "history 5"],
+                    ),
+                    (At, &["at e1@5, 0 catching up"]),
+                    (Live("e1", 5), &[]),
+                    (Live("e1", 6), &["live 6"]),
+                ],
+            ),
+            (
+                "latest: publications during the reads follow, no gap, no duplicate",
+                &[
+                    (SubLatest, &[]),
+                    (Live("e1", 6), &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (Live("e1", 7), &[]),
+                    (
+                        First("e1", 7, &[5, 6, 7]),
+                        &[
+                            "subscribed e1@7 latest",
+                            "history 5",
+                            "history 6",
+                            "history 7",
+                        ],
+                    ),
+                    (Live("e1", 7), &[]),
+                    (Live("e1", 8), &["live 8"]),
+                ],
+            ),
+            (
+                "latest: live traffic past the page is caught up from history",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (Live("e1", 9), &[]),
+                    (
+                        First("e1", 9, &[5, 6, 7]),
+                        &[
+                            "subscribed e1@9 latest",
+                            "history 5",
+                            "history 6",
+                            "history 7",
+                            "fetch 7",
+                        ],
+                    ),
+                    (Page("e1", 9, &[8, 9]), &["history 8", "history 9"]),
+                    (At, &["at e1@9, 0 catching up"]),
+                    (Live("e1", 10), &["live 10"]),
+                ],
+            ),
+            (
+                "latest: a channel never published to says so and goes live",
+                &[
+                    (SubLatest, &[]),
+                    (First("", 0, &[]), &["subscribed @0 no latest"]),
+                    (Live("e1", 1), &["live 1"]),
+                ],
+            ),
+            (
+                "latest: an expired newest publication delivers nothing and says so",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (First("e1", 5, &[]), &["subscribed e1@5 no latest"]),
+                    (Live("e1", 6), &["live 6"]),
+                ],
+            ),
+            (
+                "latest: trimmed past the newest publication between the reads starts at the top",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (Live("e1", 8), &[]),
+                    (First("e1", 8, &[7, 8]), &["subscribed e1@8 no latest"]),
+                    (Live("e1", 9), &["live 9"]),
+                ],
+            ),
+            (
+                "latest: a channel restarted between the reads starts at its top",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (First("e2", 2, &[]), &["subscribed e2@2 no latest"]),
+                    (Live("e2", 3), &["live 3"]),
+                ],
+            ),
+            (
+                "latest: an unsubscribe while reading drops the late read",
+                &[
+                    (SubLatest, &[]),
+                    (First("e1", 5, &[]), &["read latest 4"]),
+                    (Unsub, &[]),
+                    (StaleFirst("e1", 5, &[5]), &[]),
+                    (At, &["not subscribed, 0 catching up"]),
+                ],
+            ),
+        ];
+        for (name, script) in cases {
+            run(name, script);
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::protocol::{
 use crate::queue::{outbound, QueueReceiver, QueueSender, Received};
 use crate::security::auth::Identity;
 pub(crate) use crate::session::delivery::Output;
+pub(crate) use crate::session::delivery::SubscribeOptions;
 use crate::session::delivery::{Deliveries, Effect, Input};
 
 /// Most commands a session runs at once; a transport stops reading commands beyond it.
@@ -178,9 +179,16 @@ impl Session {
         id: Option<u64>,
         channel: Arc<str>,
         since: Option<Position>,
+        options: SubscribeOptions,
         out: &mut Vec<Output>,
     ) {
-        let gen = match self.deliveries.subscribe(&channel) {
+        let from_latest = self.node.policy().namespaces.get(&channel).subscribe_from
+            == crate::config::SubscribeFrom::Latest;
+        let options = SubscribeOptions {
+            latest: since.is_none() && (options.latest || from_latest),
+            delta: options.delta,
+        };
+        let gen = match self.deliveries.subscribe_with(&channel, options) {
             Ok(gen) => gen,
             Err(error) => {
                 if error.code == error_code::TOO_MANY_SUBSCRIPTIONS {
@@ -251,8 +259,29 @@ impl Session {
         );
     }
 
+    /// Reads the page after `since` for a subscription from the latest value
+    /// ([`Effect::ReadLatest`]).
+    fn read_latest(&mut self, gen: u64, channel: Arc<str>, id: Option<u64>, since: u64) {
+        let node = self.node.clone();
+        let limit = self.node.config().client.history_page_size;
+        self.pending().push(
+            async move {
+                let page = node.history(&channel, since, limit).await;
+                Completion::Read(Input::Subscribed {
+                    gen,
+                    channel,
+                    id,
+                    since: None,
+                    from_start: false,
+                    page,
+                })
+            }
+            .boxed(),
+        );
+    }
+
     /// Subscribes a stream's channels (SSE, long-poll), each from its position in `cursor`
-    /// or from now. Returns each channel's starting offset and tag, `None` for a channel the
+    /// or, with `options`, from the latest value (else from now). Returns each channel's starting offset and tag, `None` for a channel the
     /// cursor does not name. A compact cursor's positions name no epoch: they resume in whatever
     /// epoch each channel has, and [`verify_compact`](crate::transport::stream_query) checks
     /// them once subscribed.
@@ -260,6 +289,7 @@ impl Session {
         &mut self,
         channels: &[Arc<str>],
         cursor: &Cursor,
+        options: SubscribeOptions,
     ) -> Vec<Option<(u64, Option<u32>)>> {
         let mut out = Vec::new();
         let since: Vec<Option<Position>> = match cursor {
@@ -290,7 +320,7 @@ impl Session {
             .zip(since)
             .map(|(channel, since)| {
                 let start = since.as_ref().map(|s| (s.offset, s.tag));
-                self.subscribe(None, channel.clone(), since, &mut out);
+                self.subscribe(None, channel.clone(), since, options, &mut out);
                 start
             })
             .collect();
@@ -434,8 +464,15 @@ impl Session {
             }
         };
         match command {
-            Command::Subscribe { id, channel, since } => {
-                self.subscribe(id, channel.into(), since, out)
+            Command::Subscribe {
+                id,
+                channel,
+                since,
+                latest,
+                delta,
+            } => {
+                let options = SubscribeOptions { latest, delta };
+                self.subscribe(id, channel.into(), since, options, out)
             }
             Command::Unsubscribe { id, channel } => {
                 out.push(Output::Reply(match self.unsubscribe(&channel) {
@@ -448,11 +485,13 @@ impl Session {
                 channel,
                 data,
                 idempotency_key,
+                version,
             } => self.publish(
                 id,
                 channel.into(),
                 backplane::json::compact(data.get()),
                 idempotency_key.map(|k| k.into_owned()),
+                version,
             ),
             Command::Ping { id } => out.push(Output::Reply(reply_ok(id, &serde_json::Map::new()))),
             Command::Presence {
@@ -486,6 +525,7 @@ impl Session {
         channel: Arc<str>,
         data: Bytes,
         idempotency_key: Option<String>,
+        version: Option<u64>,
     ) {
         let node = self.node.clone();
         self.pending().push(
@@ -497,6 +537,7 @@ impl Session {
                         idempotency_key
                             .as_deref()
                             .map(backplane::Idempotency::client),
+                        version,
                     )
                     .await;
                 Completion::Published { id, result }
@@ -620,6 +661,12 @@ impl Session {
                     id,
                     since,
                 } => self.read_from_start(gen, channel, id, since),
+                Effect::ReadLatest {
+                    gen,
+                    channel,
+                    id,
+                    since,
+                } => self.read_latest(gen, channel, id, since),
                 Effect::LeaveHub(channel) => self.leave_hub(&channel),
                 Effect::Joined(channel) => self.join_presence(&channel),
                 Effect::Resumed { recovered, reason } => {
@@ -722,7 +769,7 @@ mod tests {
         let node = Node::start(Config::default()).await.unwrap();
         let mut session = Session::new(node.clone(), 1);
         let mut out = Vec::new();
-        session.subscribe(Some(1), "c".into(), None, &mut out);
+        session.subscribe(Some(1), "c".into(), None, Default::default(), &mut out);
         session.apply(Event::Control(Control::Unsubscribe("c".into())), &mut out);
         assert!(out.is_empty(), "nothing before the subscription is set up");
         run_until(&mut session, &mut out, |o| {

@@ -39,6 +39,8 @@ struct PollRequest {
     channels: Vec<Arc<str>>,
     /// The cursor's positions; channels absent from it start at live.
     cursor: crate::cursor::Cursor,
+    /// How the channels absent from the cursor start (`latest=true`).
+    options: crate::session::SubscribeOptions,
     timeout: Duration,
 }
 
@@ -140,6 +142,7 @@ fn parse(node: &Node, query: Option<&str>) -> Result<PollRequest, ErrorBody> {
     Ok(PollRequest {
         channels: request.channels,
         cursor,
+        options: request.options,
         timeout,
     })
 }
@@ -155,7 +158,7 @@ async fn answer(
     // A poll receives joins and leaves but is no member: it holds no connection between polls.
     let mut session = Session::new(node.clone(), registration.id()).not_a_member();
     session.set_identity(identity);
-    let starts = session.subscribe_from_cursor(&request.channels, &request.cursor);
+    let starts = session.subscribe_from_cursor(&request.channels, &request.cursor, request.options);
     let missing_position = starts.iter().any(Option::is_none);
     let mut out = Vec::new();
 

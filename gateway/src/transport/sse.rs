@@ -63,6 +63,7 @@ pub(crate) fn open(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty());
     let channels = request.channels;
+    let options = request.options;
     let cursor = match decode_cursor(header_cursor.or(request.cursor.as_deref()), &channels) {
         Ok(cursor) => cursor,
         Err(e) => return response::error(StatusCode::BAD_REQUEST, e.code, e.message),
@@ -75,7 +76,7 @@ pub(crate) fn open(
     let registration = node.streams().register();
     let mut session = Session::new(node.clone(), registration.id());
     session.set_identity(identity);
-    session.subscribe_from_cursor(&channels, &cursor);
+    session.subscribe_from_cursor(&channels, &cursor, options);
 
     let (tx, body) = body_channel(64);
     let stream = SseStream {

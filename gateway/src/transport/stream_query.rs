@@ -8,11 +8,26 @@ use crate::node::Node;
 use crate::protocol::{
     check_channel, check_subscription_count, error_code, reset_reason, ErrorBody, SubscribeResult,
 };
+use crate::session::SubscribeOptions;
 
-/// The channels of a stream or poll, distinct, in request order, and its cursor as sent.
+/// The channels of a stream or poll, distinct, in request order, its cursor as sent, how its
+/// channels without a position start (`latest=true`) and whether it takes deltas (`delta=true`).
 pub(crate) struct StreamQuery {
     pub(crate) channels: Vec<Arc<str>>,
     pub(crate) cursor: Option<String>,
+    pub(crate) options: SubscribeOptions,
+}
+
+/// Reads a `true`/`false` query parameter.
+fn flag(key: &str, value: &str) -> Result<bool, ErrorBody> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(ErrorBody::new(
+            error_code::BAD_REQUEST,
+            format!("`{key}` must be true or false, got {value:?}"),
+        )),
+    }
 }
 
 impl StreamQuery {
@@ -27,6 +42,7 @@ impl StreamQuery {
     ) -> Result<StreamQuery, ErrorBody> {
         let mut channels: Vec<Arc<str>> = Vec::new();
         let mut cursor = None;
+        let mut options = SubscribeOptions::default();
         let mut given = 0;
         for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             if key == "channel" {
@@ -38,6 +54,10 @@ impl StreamQuery {
                 }
             } else if key == cursor_key {
                 cursor = Some(value.into_owned());
+            } else if key == "latest" {
+                options.latest = flag(&key, &value)?;
+            } else if key == "delta" {
+                options.delta = flag(&key, &value)?;
             } else {
                 other(&key, &value)?;
             }
@@ -48,7 +68,11 @@ impl StreamQuery {
                 "at least one `channel` query parameter is required",
             ));
         }
-        Ok(StreamQuery { channels, cursor })
+        Ok(StreamQuery {
+            channels,
+            cursor,
+            options,
+        })
     }
 }
 

@@ -65,6 +65,29 @@ async fn the_demo_publisher_feeds_price_channels_only_when_asked() {
         assert_eq!(p["data"]["symbol"], "ACME");
         assert!(p["data"]["price"].as_f64().unwrap() > 0.0, "{p}");
     }
+    // As the page subscribes: the current quote at once, then deltas of what changed.
+    let mut page = WsClient::connect(&node).await;
+    let result = page
+        .ok(
+            serde_json::json!({"op": "subscribe", "channel": "prices:GLOBEX",
+                               "since": "latest", "delta": true}),
+        )
+        .await;
+    let first = page.push().await;
+    if result["latest"] == true {
+        assert!(
+            first.get("data").is_some(),
+            "the latest value in full: {first}"
+        );
+    }
+    let mut saw_delta = false;
+    while !saw_delta {
+        let p = page.push().await;
+        if let Some(delta) = p.get("delta") {
+            assert!(delta.get("symbol").is_none(), "only what changed: {p}");
+            saw_delta = true;
+        }
+    }
 
     // Off by default: nothing is ever published on the price channels.
     let quiet = Node::default().await;

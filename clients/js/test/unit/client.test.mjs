@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
+  applyMergePatch,
   attemptPlan,
   backoffDelay,
   connect,
@@ -141,9 +142,11 @@ function fakeWebSocket() {
       this.sent.push(msg);
       if (msg.op === 'subscribe') {
         const ch = FakeWs.channels.get(msg.channel) || { epoch: 'e', top: 0 };
-        const recovered = !!msg.since && msg.since.epoch === ch.epoch && msg.since.offset <= ch.top;
+        const latest = msg.since === 'latest';
+        const recovered = !latest && !!msg.since && msg.since.epoch === ch.epoch && msg.since.offset <= ch.top;
         const result = { channel: msg.channel, epoch: ch.epoch, offset: ch.top, recovered };
-        if (msg.since && !recovered) result.reason = 'epoch_changed';
+        if (latest) result.latest = ch.top > 0;
+        else if (msg.since && !recovered) result.reason = 'epoch_changed';
         setImmediate(() => this.push({ id: msg.id, result }));
       }
     }
@@ -461,4 +464,111 @@ test('disconnect: a close that says reconnect false ends the client for good', a
   assert.deepEqual(closed, [{ code: 4010, reason: 'disconnected' }]);
   // Straight to `closed`: no `disconnected` with a retry, so no reconnect was scheduled.
   assert.deepEqual(states.slice(before).map((s) => s.state), ['closed']);
+});
+
+test('merge patch: RFC 7396 applied without changing the target', () => {
+  const cases = [
+    [{ a: 'b' }, { a: 'c' }, { a: 'c' }],
+    [{ a: 'b' }, { b: 'c' }, { a: 'b', b: 'c' }],
+    [{ a: 'b' }, { a: null }, {}],
+    [{ a: [{ b: 'c' }] }, { a: [1] }, { a: [1] }],
+    [['a', 'b'], { a: 'c' }, { a: 'c' }],
+    [{ e: null }, { a: 1 }, { e: null, a: 1 }],
+    [{}, { a: { bb: { ccc: null } } }, { a: { bb: {} } }],
+    [{ a: { b: 1, c: 2 } }, { a: { c: 3 } }, { a: { b: 1, c: 3 } }],
+  ];
+  for (const [target, patch, result] of cases) {
+    const before = JSON.stringify(target);
+    assert.deepEqual(applyMergePatch(target, patch), result, `${before} + ${JSON.stringify(patch)}`);
+    assert.equal(JSON.stringify(target), before, 'the target is not changed');
+  }
+});
+
+test('latest and delta: asked on subscribe, deltas applied so handlers get full data', async () => {
+  const WebSocket = fakeWebSocket();
+  WebSocket.reachable = new Set(['ws://a.test/ws']);
+  WebSocket.channels.set('prices:ACME', { epoch: 'e1', top: 3 });
+  const client = connect(A, { ...fast, WebSocket });
+  const got = [];
+  const errors = [];
+  client.on('error', (e) => errors.push(e.code));
+  client.subscribe('prices:ACME', (p) => got.push([p.offset, p.data, p.delta]), { latest: true, delta: true });
+  client.subscribe('plain', () => {});
+  await until(() => client.position('plain'), 'subscribed');
+  const ws = WebSocket.instances[0];
+  await until(() => ws.sent.length === 2, 'both subscribed');
+  assert.equal(client.position('prices:ACME'), null, 'the latest value brings the position');
+  assert.deepEqual(ws.sent.map((m) => [m.channel, m.since, m.delta]), [
+    ['prices:ACME', 'latest', true],
+    ['plain', undefined, undefined],
+  ]);
+  const quote = { bid: 1, ask: 2, volume: 10 };
+  ws.push({ channel: 'prices:ACME', offset: 3, epoch: 'e1', data: quote });
+  ws.push({ channel: 'prices:ACME', offset: 4, epoch: 'e1', delta: { bid: 1.5 } });
+  ws.push({ channel: 'prices:ACME', offset: 5, epoch: 'e1', delta: { volume: null, last: 1.5 } });
+  assert.deepEqual(got, [
+    [3, quote, undefined],
+    [4, { bid: 1.5, ask: 2, volume: 10 }, undefined],
+    [5, { bid: 1.5, ask: 2, last: 1.5 }, undefined],
+  ]);
+  assert.deepEqual(quote, { bid: 1, ask: 2, volume: 10 }, 'earlier data is not changed');
+  // A delta that does not follow the last publication cannot be applied: surfaced, not delivered.
+  ws.push({ channel: 'prices:ACME', offset: 7, epoch: 'e1', delta: { bid: 9 } });
+  assert.deepEqual(errors, ['delta_without_base']);
+  assert.equal(got.length, 3);
+  assert.deepEqual(client.position('prices:ACME'), { epoch: 'e1', offset: 5 });
+  client.close();
+});
+
+test('latest and delta over SSE and long-poll: one query for the stream', async () => {
+  const EventSource = fakeEventSource([A]);
+  const client = connect(A, { ...fast, transports: ['sse'], EventSource });
+  client.subscribe('prices:ACME', () => {}, { latest: true, delta: true });
+  client.subscribe('plain', () => {});
+  await until(() => client.currentState === 'connected', 'connected');
+  const url = new URL(EventSource.instances.at(-1).url);
+  assert.equal(url.searchParams.get('latest'), 'true');
+  assert.equal(url.searchParams.get('delta'), 'true');
+  client.close();
+});
+
+test('long-poll with latest: the first answer brings the latest value, then deltas and skips', async () => {
+  const requests = [];
+  const answers = [
+    {
+      cursor: 'x',
+      positions: [{ channel: 'prices:A', epoch: 'e', offset: 7 }],
+      events: [{ channel: 'prices:A', offset: 7, epoch: 'e', data: { bid: 1, ask: 2 } }],
+    },
+    {
+      cursor: 'y',
+      positions: [{ channel: 'prices:A', epoch: 'e', offset: 10 }],
+      events: [
+        { channel: 'prices:A', offset: 8, epoch: 'e', delta: { bid: 1.5 } },
+        { channel: 'prices:A', offset: 10, epoch: 'e', skipped: 1, data: { bid: 3, ask: 4 } },
+      ],
+    },
+  ];
+  const fetch = async (url, init) => {
+    requests.push(new URL(url));
+    const answer = answers.shift();
+    if (!answer) {
+      await new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(new Error('aborted'))));
+    }
+    return { ok: true, status: 200, json: async () => answer };
+  };
+  const client = connect(A, { ...fast, transports: ['poll'], fetch, pollTimeout: 20 });
+  const got = [];
+  client.subscribe('prices:A', (p) => got.push([p.offset, p.data, p.skipped]), { latest: true, delta: true });
+  await until(() => requests.length === 3, 'three polls');
+  assert.equal(requests[0].searchParams.get('latest'), 'true');
+  assert.equal(requests[0].searchParams.get('delta'), 'true');
+  assert.equal(requests[1].searchParams.get('latest'), null, 'a position now: no latest');
+  assert.deepEqual(got, [
+    [7, { bid: 1, ask: 2 }, undefined],
+    [8, { bid: 1.5, ask: 2 }, undefined],
+    [10, { bid: 3, ask: 4 }, 1],
+  ]);
+  assert.deepEqual(client.position('prices:A'), { epoch: 'e', offset: 10 });
+  client.close();
 });

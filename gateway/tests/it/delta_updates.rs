@@ -1,0 +1,265 @@
+//! Delta updates: a subscriber that asks (`"delta": true`, `delta=true`) gets each live
+//! publication as a JSON Merge Patch against the previous one when that is smaller, while others
+//! on the same channel get full data; applying the patches gives exactly the published data. A
+//! resume starts in full. Over WebSocket, SSE and long-poll, on memory and across two nodes on
+//! Redis; and over permessage-deflate, where the compressed delta is made once and shared.
+
+use std::net::SocketAddr;
+
+use crate::support::*;
+use backplane::merge_patch;
+use serde_json::{json, Value};
+
+/// A quote of realistic shape in which only the price and the time change from tick to tick.
+fn quote(n: u64) -> Value {
+    json!({
+        "symbol": "ACME", "currency": "EUR", "exchange": "XETR",
+        "bid": 100 + n, "ask": 101 + n, "last": 100 + n,
+        "volume": 250_000, "open": 99.5, "high": 120.25, "low": 98.75,
+        "time": 1_700_000_000_000u64 + n,
+    })
+}
+
+/// Follows a channel's publications as a client would: full ones replace the value, deltas are
+/// applied to it. Returns `(offset, was a delta, value)`.
+struct Follower {
+    value: Option<(u64, Value)>,
+}
+
+impl Follower {
+    fn new() -> Self {
+        Follower { value: None }
+    }
+
+    fn take(&mut self, p: &Value) -> (u64, bool, Value) {
+        let offset = p["offset"].as_u64().expect("offset");
+        let delta = p.get("delta").is_some();
+        let value = if let Some(patch) = p.get("delta") {
+            assert!(p.get("data").is_none(), "a delta has no data: {p}");
+            let (before, base) = self
+                .value
+                .clone()
+                .expect("a delta follows a full publication");
+            assert_eq!(
+                before + 1,
+                offset,
+                "a delta only follows the publication it patches"
+            );
+            let mut value = base;
+            merge_patch::apply(&mut value, patch);
+            value
+        } else {
+            p["data"].clone()
+        };
+        self.value = Some((offset, value.clone()));
+        (offset, delta, value)
+    }
+}
+
+async fn publish_quotes(publisher: SocketAddr, ch: &str, range: std::ops::RangeInclusive<u64>) {
+    for n in range {
+        publish(&publisher, ch, quote(n)).await;
+    }
+}
+
+async fn over_websocket(publisher: SocketAddr, subscriber: SocketAddr) {
+    let ch = "ticker:delta-ws";
+    let mut deltas = WsClient::connect(&subscriber).await;
+    deltas
+        .ok(json!({"op": "subscribe", "channel": ch, "delta": true}))
+        .await;
+    let mut full = WsClient::connect(&subscriber).await;
+    full.subscribe(ch).await;
+    publish_quotes(publisher, ch, 1..=5).await;
+    let mut follower = Follower::new();
+    for n in 1..=5 {
+        let p = deltas.push().await;
+        let (offset, delta, value) = follower.take(&p);
+        assert_eq!((offset, value), (n, quote(n)), "{p}");
+        // The first one has no predecessor the subscriber holds.
+        assert_eq!(delta, n > 1, "{p}");
+        if delta {
+            assert!(p.to_string().len() < full_form(ch, &p, n).len());
+        }
+        let whole = full.push().await;
+        assert_eq!(
+            (whole["offset"].clone(), whole["data"].clone()),
+            (json!(n), quote(n)),
+            "{whole}"
+        );
+        assert!(
+            whole.get("delta").is_none(),
+            "a subscriber that did not ask gets full data"
+        );
+    }
+    // A publication of another shape: the patch would not be smaller, so it goes in full.
+    publish(&publisher, ch, json!({"halted": true})).await;
+    let p = deltas.push().await;
+    assert_eq!(follower.take(&p), (6, false, json!({"halted": true})));
+    // Nor can a merge patch set a member to null: full.
+    publish(&publisher, ch, json!({"halted": null})).await;
+    let p = deltas.push().await;
+    assert_eq!(follower.take(&p), (7, false, json!({"halted": null})));
+
+    // A resume: history in full first, then deltas again.
+    let epoch = p["epoch"].clone();
+    drop(deltas);
+    publish_quotes(publisher, ch, 8..=9).await;
+    let mut resumed = WsClient::connect(&subscriber).await;
+    let result = resumed
+        .ok(json!({"op": "subscribe", "channel": ch, "delta": true,
+                   "since": {"epoch": epoch, "offset": 7}}))
+        .await;
+    assert_eq!(result["recovered"], true, "{result}");
+    let mut follower = Follower::new();
+    for n in 8..=9 {
+        let p = resumed.push().await;
+        assert_eq!(
+            follower.take(&p),
+            (n, false, quote(n)),
+            "from history, in full"
+        );
+    }
+    publish_quotes(publisher, ch, 10..=10).await;
+    let p = resumed.push().await;
+    assert_eq!(
+        follower.take(&p),
+        (10, true, quote(10)),
+        "live again: a delta"
+    );
+}
+
+/// The full form of publication `n` as a subscriber without deltas would get it.
+fn full_form(ch: &str, p: &Value, n: u64) -> String {
+    json!({"channel": ch, "offset": n, "epoch": p["epoch"], "tag": p["tag"], "data": quote(n)})
+        .to_string()
+}
+
+async fn over_sse(publisher: SocketAddr, subscriber: SocketAddr) {
+    let ch = "ticker:delta-sse";
+    let mut sse = Sse::open_query(&subscriber, &format!("channel={}&delta=true", enc(ch))).await;
+    sse.connected().await;
+    publish_quotes(publisher, ch, 1..=3).await;
+    let mut follower = Follower::new();
+    for n in 1..=3 {
+        let (_, p) = sse.publication().await;
+        assert_eq!(follower.take(&p), (n, n > 1, quote(n)), "{p}");
+    }
+}
+
+async fn over_poll(publisher: SocketAddr, subscriber: SocketAddr) {
+    let ch = "ticker:delta-poll";
+    let (_, first) = get(
+        &subscriber,
+        &format!("/poll?channel={}&delta=true", enc(ch)),
+    )
+    .await;
+    let mut cursor = first["cursor"].as_str().expect("cursor").to_string();
+    let mut follower = Follower::new();
+    let mut got = Vec::new();
+    publish_quotes(publisher, ch, 1..=3).await;
+    while got.len() < 3 {
+        let (status, answer) = get(
+            &subscriber,
+            &format!(
+                "/poll?channel={}&delta=true&cursor={cursor}&timeout=5",
+                enc(ch)
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        for p in answer["events"].as_array().expect("events") {
+            got.push(follower.take(p));
+        }
+        cursor = answer["cursor"].as_str().expect("cursor").to_string();
+    }
+    // Each poll is a new session: the first publication of an answer is full, later ones of
+    // the same answer may be deltas; applied, they always give the published data.
+    let values: Vec<(u64, Value)> = got.into_iter().map(|(o, _, v)| (o, v)).collect();
+    assert_eq!(values, (1..=3).map(|n| (n, quote(n))).collect::<Vec<_>>());
+}
+
+async fn every_transport(publisher: SocketAddr, subscriber: SocketAddr) {
+    over_websocket(publisher, subscriber).await;
+    over_sse(publisher, subscriber).await;
+    over_poll(publisher, subscriber).await;
+}
+
+#[tokio::test]
+async fn deltas_on_memory() {
+    let node = Node::default().await;
+    every_transport(node.addr(), node.addr()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_across_nodes_on_redis() {
+    let redis = RedisServer::start(RedisOpts::default()).await;
+    let nodes = start_nodes(&Backend::standalone(&redis), 2, &PATIENT).await;
+    every_transport(nodes[0].addr(), nodes[1].addr()).await;
+}
+
+/// Inflates a permessage-deflate message (RFC 7692: the tail 00 00 ff ff restored).
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    let mut decompress = flate2::Decompress::new(false);
+    let input = [payload, &[0, 0, 0xff, 0xff]].concat();
+    let mut out = Vec::with_capacity(1 << 16);
+    decompress
+        .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+        .unwrap();
+    out
+}
+
+/// A raw WebSocket that negotiated permessage-deflate, subscribed to `ch` asking for deltas.
+async fn deflating_delta_subscriber(node: &GatewayProcess, ch: &str) -> RawWs {
+    let mut ws = RawWs::connect_with(
+        node.addr,
+        "/ws",
+        &[("Sec-WebSocket-Extensions", "permessage-deflate")],
+    )
+    .await;
+    assert!(ws.response_header("Sec-WebSocket-Extensions").is_some());
+    let subscribe = json!({"id": 1, "op": "subscribe", "channel": ch, "delta": true});
+    ws.send_frame(true, 0, OP_TEXT, subscribe.to_string().as_bytes())
+        .await;
+    let reply = next_compressed(&mut ws).await.1;
+    assert_eq!(reply["id"], 1, "{reply}");
+    ws
+}
+
+/// The next text frame: its payload as sent, and its JSON.
+async fn next_compressed(ws: &mut RawWs) -> (Vec<u8>, Value) {
+    loop {
+        let frame = ws.read_frame().await.expect("connection ended");
+        if frame.opcode != OP_TEXT {
+            continue;
+        }
+        let text = if frame.rsv & 0b100 != 0 {
+            inflate(&frame.payload)
+        } else {
+            frame.payload.clone()
+        };
+        return (frame.payload, serde_json::from_slice(&text).expect("JSON"));
+    }
+}
+
+#[tokio::test]
+async fn compressed_deltas_are_made_once_and_shared() {
+    let node = GatewayProcess::start(
+        "delta-deflate",
+        &[],
+        &[("GATEWAY__WEBSOCKET__COMPRESSION_MIN_SIZE", "0")],
+    )
+    .await;
+    let ch = "ticker:delta-deflate";
+    let mut a = deflating_delta_subscriber(&node, ch).await;
+    let mut b = deflating_delta_subscriber(&node, ch).await;
+    publish_quotes(node.addr, ch, 1..=4).await;
+    let (mut follow_a, mut follow_b) = (Follower::new(), Follower::new());
+    for n in 1..=4 {
+        let (bytes_a, p_a) = next_compressed(&mut a).await;
+        let (bytes_b, p_b) = next_compressed(&mut b).await;
+        assert_eq!(bytes_a, bytes_b, "one compressed form for every subscriber");
+        assert_eq!(follow_a.take(&p_a), (n, n > 1, quote(n)), "{p_a}");
+        assert_eq!(follow_b.take(&p_b), (n, n > 1, quote(n)), "{p_b}");
+    }
+}
