@@ -510,7 +510,9 @@ async fn script_publisher(
                 .arg("0")
                 .arg(0)
                 .arg(name)
-                .arg(format!("{tag:08x}"));
+                .arg(format!("{tag:08x}"))
+                // Unversioned.
+                .arg("");
             sent.push((k as u32, seq));
             seq += 1;
         }

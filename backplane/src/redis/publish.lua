@@ -40,7 +40,7 @@ if idem_ms > 0 then
 end
 
 -- Versions are compared as decimal strings: Lua numbers are doubles, exact only up to 2^53.
-local version = ARGV[12]
+local version = ARGV[12] or ''
 if version ~= '' then
   local last = redis.call('HGET', KEYS[1], 'v')
   if last and (#version < #last or (#version == #last and version <= last)) then
