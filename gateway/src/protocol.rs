@@ -336,7 +336,7 @@ struct RawCommand<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     idempotency_key: Option<Cow<'a, str>>,
-    version: Option<u64>,
+    version: Option<Version>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -439,7 +439,7 @@ impl<'a> Command<'a> {
                     channel,
                     data,
                     idempotency_key: raw.idempotency_key,
-                    version: raw.version,
+                    version: raw.version.map(|v| v.0),
                 })
             }
             "ping" => Ok(Command::Ping { id }),
@@ -557,9 +557,61 @@ impl Reset<'_> {
     }
 }
 
+/// A publish's `version`: an unsigned integer. JSON has one number type, so an integral float
+/// (`29497.0`, which JSON Schema counts as an integer) is read too, exactly up to 2^53.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version(pub u64);
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Version;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an unsigned integer")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Version, E> {
+                Ok(Version(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Version, E> {
+                u64::try_from(v)
+                    .map(Version)
+                    .map_err(|_| E::custom("`version` must not be negative"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Version, E> {
+                const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+                if v.fract() == 0.0 && (0.0..=EXACT).contains(&v) {
+                    Ok(Version(v as u64))
+                } else {
+                    Err(E::custom(format!(
+                        "`version` must be an unsigned integer, got {v}"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_is_an_unsigned_integer_written_either_way() {
+        let version = |v: &str| serde_json::from_str::<Version>(v).map(|v| v.0).ok();
+        assert_eq!(version("5"), Some(5));
+        assert_eq!(
+            version("29497.0"),
+            Some(29497),
+            "an integral float is an integer"
+        );
+        assert_eq!(version("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(version("5.5"), None);
+        assert_eq!(version("-1"), None);
+        assert_eq!(version("1e300"), None);
+        assert_eq!(version("\"5\""), None);
+    }
 
     fn code(text: &str) -> (Option<u64>, &'static str) {
         let e = Command::parse(text.as_bytes()).unwrap_err();

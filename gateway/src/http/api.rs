@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use crate::http::response::{self, Body, RequestBody};
 use crate::node::Node;
 use crate::protocol::{
-    backplane_error, check_channel, check_idempotency_key, error_code, ErrorBody,
+    backplane_error, check_channel, check_idempotency_key, error_code, ErrorBody, Version,
 };
 
 /// Most publications in one batch publish.
@@ -32,7 +32,7 @@ struct PublishRequest<'a> {
     #[serde(borrow, default, deserialize_with = "present")]
     idempotency_key: Option<Nullable<'a>>,
     #[serde(default, deserialize_with = "present")]
-    version: Option<Option<u64>>,
+    version: Option<Option<Version>>,
     #[serde(borrow, default, deserialize_with = "present")]
     publications: Option<Option<Vec<PublishItem<'a>>>>,
 }
@@ -51,7 +51,7 @@ struct PublishItem<'a> {
     #[serde(borrow, default)]
     idempotency_key: Option<Cow<'a, str>>,
     #[serde(default)]
-    version: Option<u64>,
+    version: Option<Version>,
 }
 
 /// A key that is there, whatever its value (`Option` alone reads `null` as absent).
@@ -171,7 +171,7 @@ pub(crate) async fn publish<B: RequestBody>(
             channel,
             data,
             idempotency_key.and_then(|k| k.0),
-            version.flatten(),
+            version.flatten().map(|v| v.0),
         ),
         PublishRequest { channel: None, .. } => return bad_request("missing field `channel`"),
         PublishRequest {
@@ -218,7 +218,7 @@ async fn publish_batch(node: &Arc<Node>, items: &[PublishItem<'_>]) -> Response<
             channel: &item.channel,
             data: backplane::json::compact(item.data.get()),
             idempotency: key.map(backplane::Idempotency::server),
-            version: item.version,
+            version: item.version.map(|v| v.0),
         });
     }
     publish_checked(node, &batch).await
