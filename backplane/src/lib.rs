@@ -247,22 +247,22 @@ pub trait Backplane: Send + Sync + 'static {
         channel: &str,
         data: Bytes,
         idempotency: Option<Idempotency<'_>>,
-    ) -> Result<PublishAck, BackplaneError>;
+    ) -> Result<PublishAck, BackplaneError> {
+        self.publish_item(&BatchItem {
+            channel,
+            data,
+            idempotency,
+            version: None,
+        })
+        .await
+    }
 
     /// Publishes one item as [`Backplane::publish`] does, honouring its `version`: with one not
     /// greater than the last version the channel was published with, nothing is stored or fanned
     /// out and the ack is the channel's current top, marked [`PublishAck::suppressed`]. The
     /// comparison and the append are atomic; the last version lives as long as the channel's
-    /// epoch. The default refuses versions (a backplane that cannot keep them atomically).
-    async fn publish_item(&self, item: &BatchItem<'_>) -> Result<PublishAck, BackplaneError> {
-        if item.version.is_some() {
-            return Err(BackplaneError::Invalid(
-                "versioned publishes are not supported by this backplane".into(),
-            ));
-        }
-        self.publish(item.channel, item.data.clone(), item.idempotency)
-            .await
-    }
+    /// epoch.
+    async fn publish_item(&self, item: &BatchItem<'_>) -> Result<PublishAck, BackplaneError>;
 
     /// Publishes several publications; each is answered as [`Backplane::publish_item`] answers it,
     /// in list order, and publications of one channel get increasing offsets in list order.

@@ -12,7 +12,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::{
@@ -250,21 +249,6 @@ async fn sweep(backplane: Weak<MemoryBackplane>, period: Duration) {
 
 #[async_trait]
 impl Backplane for MemoryBackplane {
-    async fn publish(
-        &self,
-        channel: &str,
-        data: Bytes,
-        idempotency: Option<Idempotency<'_>>,
-    ) -> Result<PublishAck, BackplaneError> {
-        self.publish_item(&BatchItem {
-            channel,
-            data,
-            idempotency,
-            version: None,
-        })
-        .await
-    }
-
     async fn publish_item(&self, item: &BatchItem<'_>) -> Result<PublishAck, BackplaneError> {
         let BatchItem {
             channel,
@@ -483,6 +467,7 @@ impl Backplane for MemoryBackplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[derive(Default)]
     struct Collect(Mutex<Vec<Arc<Publication>>>);

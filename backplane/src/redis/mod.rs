@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
 use crate::{
     new_tag, parse_tag, Backplane, BackplaneError, BatchItem, ChannelCount, HistoryPage,
@@ -386,21 +385,6 @@ impl RedisBackplane {
 
 #[async_trait]
 impl Backplane for RedisBackplane {
-    async fn publish(
-        &self,
-        channel: &str,
-        data: Bytes,
-        idempotency: Option<Idempotency<'_>>,
-    ) -> Result<PublishAck, BackplaneError> {
-        self.publish_item(&BatchItem {
-            channel,
-            data,
-            idempotency,
-            version: None,
-        })
-        .await
-    }
-
     async fn publish_item(&self, item: &BatchItem<'_>) -> Result<PublishAck, BackplaneError> {
         let shared = &*self.shared;
         let channel = item.channel;
