@@ -205,25 +205,8 @@ impl ApiClient {
         publications: &[(&str, T)],
     ) -> Result<Vec<Result<PublishAck>>> {
         let keys: Vec<String> = publications.iter().map(|_| new_idempotency_key()).collect();
-        let mut results: Vec<Option<Result<PublishAck>>> =
-            publications.iter().map(|_| None).collect();
-        let mut tried = 0;
-        loop {
-            // Only those still unanswered (or outcome unknown), in list order.
-            let pending: Vec<usize> = (0..publications.len())
-                .filter(|&i| match &results[i] {
-                    None => true,
-                    Some(result) => result.as_ref().is_err_and(Error::is_retryable),
-                })
-                .collect();
-            if pending.is_empty() || tried >= self.attempts {
-                break;
-            }
-            if tried > 0 {
-                tokio::time::sleep(self.backoff.delay(tried - 1)).await;
-            }
-            tried += 1;
-            let body = serde_json::to_vec(&BatchBody {
+        self.answer_each(publications.len(), "/api/publish", |pending| {
+            serde_json::to_vec(&BatchBody {
                 publications: pending
                     .iter()
                     .map(|&i| PublishBody {
@@ -234,34 +217,8 @@ impl ApiClient {
                     })
                     .collect(),
             })
-            .map_err(|e| Error::Config(format!("data does not serialise: {e}")))?;
-            let answer: BatchAnswer = self
-                .with_retry(|base| {
-                    let request = self
-                        .authorized(self.http.post(format!("{base}/api/publish")))
-                        .header("content-type", "application/json")
-                        .body(body.clone());
-                    async move { send(request).await }
-                })
-                .await?;
-            if answer.results.len() != pending.len() {
-                return Err(Error::Protocol(format!(
-                    "{} results for {} publications",
-                    answer.results.len(),
-                    pending.len()
-                )));
-            }
-            for (i, result) in pending.into_iter().zip(answer.results) {
-                results[i] = Some(match result {
-                    BatchResult::Ack(ack) => Ok(ack),
-                    BatchResult::Error(ErrorBody { error }) => Err(item_error(error)),
-                });
-            }
-        }
-        Ok(results
-            .into_iter()
-            .map(|r| r.expect("every publication was sent at least once"))
-            .collect())
+        })
+        .await
     }
 
     /// Publishes one `data` to every channel of `channels` (1 to 1000) in one request
@@ -275,10 +232,31 @@ impl ApiClient {
         data: &T,
     ) -> Result<Vec<Result<PublishAck>>> {
         let key = new_idempotency_key();
-        let mut results: Vec<Option<Result<PublishAck>>> = channels.iter().map(|_| None).collect();
+        self.answer_each(channels.len(), "/api/broadcast", |pending| {
+            serde_json::to_vec(&BroadcastBody {
+                channels: pending.iter().map(|&i| channels[i]).collect(),
+                data,
+                idempotency_key: &key,
+            })
+        })
+        .await
+    }
+
+    /// Sends `count` items answered one by one (`{"results": [...]}` in order) to `path`, the
+    /// body made by `body` from the indexes still to send; retried across nodes like
+    /// [`ApiClient::publish`], and so is every item whose own answer was "outcome unknown"
+    /// (`backplane_unavailable`): `body` must give a retried item the same idempotency key.
+    async fn answer_each(
+        &self,
+        count: usize,
+        path: &str,
+        body: impl Fn(&[usize]) -> serde_json::Result<Vec<u8>>,
+    ) -> Result<Vec<Result<PublishAck>>> {
+        let mut results: Vec<Option<Result<PublishAck>>> = (0..count).map(|_| None).collect();
         let mut tried = 0;
         loop {
-            let pending: Vec<usize> = (0..channels.len())
+            // Only those still unanswered (or outcome unknown), in list order.
+            let pending: Vec<usize> = (0..count)
                 .filter(|&i| match &results[i] {
                     None => true,
                     Some(result) => result.as_ref().is_err_and(Error::is_retryable),
@@ -291,16 +269,12 @@ impl ApiClient {
                 tokio::time::sleep(self.backoff.delay(tried - 1)).await;
             }
             tried += 1;
-            let body = serde_json::to_vec(&BroadcastBody {
-                channels: pending.iter().map(|&i| channels[i]).collect(),
-                data,
-                idempotency_key: &key,
-            })
-            .map_err(|e| Error::Config(format!("data does not serialise: {e}")))?;
+            let body = body(&pending)
+                .map_err(|e| Error::Config(format!("data does not serialise: {e}")))?;
             let answer: BatchAnswer = self
                 .with_retry(|base| {
                     let request = self
-                        .authorized(self.http.post(format!("{base}/api/broadcast")))
+                        .authorized(self.http.post(format!("{base}{path}")))
                         .header("content-type", "application/json")
                         .body(body.clone());
                     async move { send(request).await }
@@ -308,7 +282,7 @@ impl ApiClient {
                 .await?;
             if answer.results.len() != pending.len() {
                 return Err(Error::Protocol(format!(
-                    "{} results for {} channels",
+                    "{} results for {} items sent",
                     answer.results.len(),
                     pending.len()
                 )));
@@ -322,7 +296,7 @@ impl ApiClient {
         }
         Ok(results
             .into_iter()
-            .map(|r| r.expect("every channel was sent at least once"))
+            .map(|r| r.expect("every item was sent at least once"))
             .collect())
     }
 
