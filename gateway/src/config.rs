@@ -338,6 +338,13 @@ pub struct ServerConfig {
     /// kernel's own, which grows to several MiB. A small one keeps what a slow client has not
     /// read in the node's queue, where conflation can replace it, instead of in the kernel.
     pub send_buffer_bytes: usize,
+    /// TCP_NOTSENT_LOWAT of each accepted connection (Linux): the kernel takes more from the node
+    /// only while fewer than this many bytes wait unsent; 0 leaves the kernel's default (no
+    /// bound). Bounds what a slow client has waiting in the kernel without shrinking the
+    /// window a fast one needs, so a conflating channel's backlog stays in the node's queue,
+    /// where each channel keeps only its newest publication. Unset: 4096 when a namespace
+    /// conflates (see [`Config::send_low_water`]), else the kernel's default.
+    pub send_low_water_bytes: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -503,12 +510,17 @@ impl Default for DemoConfig {
     }
 }
 
+/// `server.send_low_water_bytes` when unset and a namespace conflates: a few quotes' worth, so
+/// what a slow client reads is about as fresh as its own receive buffer allows.
+pub const AUTO_SEND_LOW_WATER: u32 = 4096;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_timeout: Duration::from_secs(10),
             send_buffer_bytes: 0,
+            send_low_water_bytes: None,
         }
     }
 }
@@ -920,6 +932,23 @@ impl Config {
     /// The address `/api/*` is served on.
     pub fn api_addr(&self) -> SocketAddr {
         self.auth.api_listen.unwrap_or(self.server.listen)
+    }
+
+    /// The TCP_NOTSENT_LOWAT for accepted connections, if any: `server.send_low_water_bytes`,
+    /// or when unset [`AUTO_SEND_LOW_WATER`] if a namespace conflates — without a bound the
+    /// kernel's send buffer (several MiB) would hold a slow client's backlog, aging out of
+    /// conflation's reach.
+    pub(crate) fn send_low_water(&self) -> Option<u32> {
+        match self.server.send_low_water_bytes {
+            Some(0) => None,
+            Some(bytes) => Some(bytes),
+            None => self
+                .channels
+                .namespaces
+                .values()
+                .any(|n| n.slow_consumer == SlowConsumer::Conflate)
+                .then_some(AUTO_SEND_LOW_WATER),
+        }
     }
 
     /// The longest an SSE stream may take to make room for its next chunk before it is dropped.

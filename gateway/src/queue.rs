@@ -10,7 +10,8 @@
 //! task or channel of its own for it.
 //!
 //! Channels of a conflating namespace (`slow_consumer = "conflate"`) are not cut off: when the
-//! queue passes its limit, each such channel keeps only its newest waiting publication, in the
+//! queue passes its limit — or earlier, when the connection's socket stops taking data while a
+//! backlog waits — each such channel keeps only its newest waiting publication, in the
 //! place of its oldest waiting one (so it is sent as soon as the first would have been), counting
 //! the ones it replaced ([`Publication::skipped`]); until the queue is empty again, a newer
 //! publication of such a channel replaces its waiting one in place. A publication only ever
@@ -291,6 +292,29 @@ impl QueueReceiver {
         })
     }
 
+    /// Whether the queue passed its limit and conflates until it has been emptied: the
+    /// connection then takes one publication at a time, each when the socket accepts more, so
+    /// what it writes is the newest of its channel at that moment rather than a batch that
+    /// ages in the socket's buffers.
+    pub fn conflating(&self) -> bool {
+        self.shared.queued.lock().conflating
+    }
+
+    /// The connection's socket stopped taking data (its peer reads slower than the channels
+    /// publish): with a backlog waiting, conflating channels conflate from now until the queue
+    /// has been emptied, as when it passes its limit, rather than let the backlog age until it
+    /// reaches the limit. Returns how many waiting publications that dropped.
+    pub fn conflate_backlog(&mut self) -> u64 {
+        let mut waiting = self.shared.queued.lock();
+        if waiting.entries.is_empty() {
+            return 0;
+        }
+        waiting.conflating = true;
+        let (freed, dropped) = compact(&mut waiting.entries);
+        self.shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed);
+        dropped
+    }
+
     /// True once a push found the queue full: the connection must be cut off.
     pub fn overflowed(&self) -> bool {
         self.shared.overflowed.load(Ordering::Relaxed)
@@ -404,6 +428,48 @@ mod tests {
         assert_eq!(tx.push(&quote("a", "e", 5), true), Pushed::Queued);
         assert_eq!(tx.push(&quote("a", "e", 6), true), Pushed::Queued);
         assert_eq!(drain(&mut rx), vec![("a".into(), 5, 0), ("a".into(), 6, 0)]);
+    }
+
+    #[test]
+    fn a_stalled_socket_conflates_the_backlog_before_the_limit_until_the_queue_is_empty() {
+        let size = quote("a", "e", 1).json().len();
+        let (tx, mut rx) = outbound(size * 100);
+        assert_eq!(
+            rx.conflate_backlog(),
+            0,
+            "nothing waits: nothing to conflate"
+        );
+        assert_eq!(tx.push(&quote("a", "e", 1), true), Pushed::Queued);
+        assert_eq!(
+            tx.push(&quote("a", "e", 2), true),
+            Pushed::Queued,
+            "far under the limit"
+        );
+        assert_eq!(tx.push(&quote("x", "e", 1), false), Pushed::Queued);
+        assert_eq!(tx.push(&quote("x", "e", 2), false), Pushed::Queued);
+        assert_eq!(tx.push(&quote("b", "e", 1), true), Pushed::Queued);
+        assert!(!rx.conflating());
+        assert_eq!(rx.conflate_backlog(), 1, "a's two fold into one");
+        assert!(rx.conflating());
+        assert_eq!(tx.queued_bytes(), size * 4);
+        assert_eq!(
+            tx.push(&quote("b", "e", 2), true),
+            Pushed::Conflated { dropped: 1 }
+        );
+        assert_eq!(
+            drain(&mut rx),
+            [
+                ("a".into(), 2, 1),
+                ("x".into(), 1, 0),
+                ("x".into(), 2, 0),
+                ("b".into(), 2, 1)
+            ],
+            "the channel that does not conflate keeps every publication"
+        );
+        assert!(!rx.conflating(), "emptied: queues normally again");
+        assert_eq!(tx.push(&quote("a", "e", 3), true), Pushed::Queued);
+        assert_eq!(tx.push(&quote("a", "e", 4), true), Pushed::Queued);
+        assert_eq!(tx.queued_bytes(), size * 2);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! the node's CPU time per delivery. A last run on a conflating namespace (`slow_consumer =
 //! "conflate"`) follow a deliberately slow subscriber on every symbol: how many ticks behind the
 //! newest price each quote it reads is, whether every skip is reported, and that it ends on the
-//! newest prices — once with the kernel's own send buffer, once with `server.send_buffer_bytes`.
+//! newest prices — with the kernel's own send buffer, with `server.send_buffer_bytes`, with the
+//! node's defaults (a low-water mark, as a namespace conflates) and with
+//! `server.send_low_water_bytes` 1024.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -95,8 +97,13 @@ pub async fn run(bin: &Path, a: &Args) -> Result<Vec<Value>, String> {
         );
         results.push(v);
     }
-    for send_buffer in [0, 4096] {
-        let v = run_conflation(bin, a, send_buffer).await?;
+    for socket in [
+        SocketSetting::Kernel,
+        SocketSetting::SendBuffer(4096),
+        SocketSetting::LowWater(None),
+        SocketSetting::LowWater(Some(1024)),
+    ] {
+        let v = run_conflation(bin, a, socket).await?;
         eprintln!(
             "ticker {}: ticks behind p50 {} max {}, {} skipped",
             v["mode"], v["ticks_behind_p50"], v["ticks_behind_max"], v["skipped"]
@@ -431,23 +438,56 @@ async fn run_mode(bin: &Path, a: &Args, mode: Mode) -> Result<Value, String> {
     }))
 }
 
+/// How the node's sockets of a conflation run hold what the slow subscriber has not read.
+#[derive(Clone, Copy)]
+enum SocketSetting {
+    /// No bound (`server.send_low_water_bytes = 0`): the kernel's own send buffer, which grows
+    /// to several MiB.
+    Kernel,
+    /// `server.send_buffer_bytes`, without a low-water mark.
+    SendBuffer(usize),
+    /// `server.send_low_water_bytes`; `None`: the node's default with a conflating namespace.
+    LowWater(Option<u32>),
+}
+
+impl SocketSetting {
+    fn env(self) -> Vec<(&'static str, String)> {
+        const LOW_WATER: &str = "GATEWAY__SERVER__SEND_LOW_WATER_BYTES";
+        match self {
+            SocketSetting::Kernel => vec![(LOW_WATER, "0".into())],
+            SocketSetting::SendBuffer(n) => vec![
+                (LOW_WATER, "0".into()),
+                ("GATEWAY__SERVER__SEND_BUFFER_BYTES", n.to_string()),
+            ],
+            SocketSetting::LowWater(Some(n)) => vec![(LOW_WATER, n.to_string())],
+            SocketSetting::LowWater(None) => vec![],
+        }
+    }
+
+    fn mode(self) -> String {
+        match self {
+            SocketSetting::Kernel => "conflation, kernel send buffer".into(),
+            SocketSetting::SendBuffer(n) => format!("conflation, send_buffer_bytes {n}"),
+            SocketSetting::LowWater(Some(n)) => format!("conflation, send_low_water_bytes {n}"),
+            SocketSetting::LowWater(None) => "conflation, defaults".into(),
+        }
+    }
+}
+
 /// The slow subscriber under conflation: one client on every symbol, reading `--slow-reads`
 /// quotes per second (the feed is `--symbols` × `--ticks`) through a small receive buffer, on a
-/// node whose `ticks` namespace conflates; with the kernel's own send buffer, then with
-/// `server.send_buffer_bytes` small, so the backlog stays where conflation can reach it.
-async fn run_conflation(bin: &Path, a: &Args, send_buffer: usize) -> Result<Value, String> {
-    let send_buffer_text = send_buffer.to_string();
-    let env = [
+/// node whose `ticks` namespace conflates; with the kernel's own send buffer, then with the
+/// node's side of the socket bounded, so the backlog stays where conflation can reach it.
+async fn run_conflation(bin: &Path, a: &Args, setting: SocketSetting) -> Result<Value, String> {
+    let mut env = vec![
         (
             "GATEWAY__CHANNELS__NAMESPACES__TICKS__SLOW_CONSUMER",
-            "conflate",
+            "conflate".to_string(),
         ),
-        ("GATEWAY__CLIENT__QUEUE_MAX_BYTES", "65536"),
-        (
-            "GATEWAY__SERVER__SEND_BUFFER_BYTES",
-            send_buffer_text.as_str(),
-        ),
+        ("GATEWAY__CLIENT__QUEUE_MAX_BYTES", "65536".to_string()),
     ];
+    env.extend(setting.env());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let node = GatewayProcess::try_start(bin, "ticker-conflate", &[], &env).await?;
     let addr = node.addr;
     let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
@@ -528,10 +568,8 @@ async fn run_conflation(bin: &Path, a: &Args, send_buffer: usize) -> Result<Valu
             .get(((behind.len() as f64 - 1.0) * q).round() as usize)
             .copied()
     };
-    let mode = match send_buffer {
-        0 => "conflation, kernel send buffer".to_string(),
-        n => format!("conflation, send_buffer_bytes {n}"),
-    };
+    let mode = setting.mode();
+    let bounded = !matches!(setting, SocketSetting::Kernel);
     Ok(json!({
         "scenario": "ticker",
         "system": "gateway",
@@ -548,6 +586,6 @@ async fn run_conflation(bin: &Path, a: &Args, send_buffer: usize) -> Result<Valu
         "ends_on_newest": true,
         "catch_up_ms": catch_up.elapsed().as_millis() as u64,
         // With the kernel's buffer the backlog may never reach the queue: nothing to skip then.
-        "ok": honest && (send_buffer == 0 || skipped_total > 0),
+        "ok": honest && (!bounded || skipped_total > 0),
     }))
 }

@@ -277,6 +277,10 @@ async fn serve_connection(
     if send_buffer > 0 {
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(send_buffer);
     }
+    #[cfg(target_os = "linux")]
+    if let Some(low_water) = node.config().send_low_water() {
+        let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(low_water);
+    }
     match tls {
         None => {
             let handshake = node.config().limits.handshake_timeout;

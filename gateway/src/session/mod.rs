@@ -161,6 +161,15 @@ impl Session {
         self.pending.as_ref().map_or(0, FuturesUnordered::len) < MAX_PENDING
     }
 
+    /// The transport's socket stopped taking data: conflating channels conflate their backlog
+    /// now (see [`QueueReceiver::conflate_backlog`]).
+    pub(crate) fn socket_stalled(&mut self) {
+        let dropped = self.queue.conflate_backlog();
+        if dropped > 0 {
+            self.node.metrics().conflated_publications.inc_by(dropped);
+        }
+    }
+
     /// True once the outbound queue overflowed: the connection must be closed.
     pub(crate) fn overflowed(&self) -> bool {
         self.queue.overflowed()
@@ -589,8 +598,10 @@ impl Session {
     }
 
     /// Applies whatever is ready now until `out` holds `batch` outputs, so a transport writes
-    /// one batch rather than one output at a time.
+    /// one batch rather than one output at a time — but one at a time while the queue
+    /// conflates (see [`QueueReceiver::conflating`]).
     pub(crate) fn apply_ready(&mut self, out: &mut Vec<Output>, batch: usize) {
+        let batch = if self.queue.conflating() { 1 } else { batch };
         while out.len() < batch {
             match self.try_next() {
                 Some(event) => self.apply(event, out),

@@ -28,6 +28,8 @@ struct State {
     body_waker: Option<Waker>,
     sender_gone: bool,
     body_gone: bool,
+    /// A send had to wait for room since [`BodySender::take_waited`] last asked.
+    sender_waited: bool,
 }
 
 /// The task's end: sends chunks, waiting while `limit` of them are unread.
@@ -52,6 +54,7 @@ pub fn body_channel(limit: usize) -> (BodySender, ChannelBody) {
             body_waker: None,
             sender_gone: false,
             body_gone: false,
+            sender_waited: false,
         }),
         sender_wake: Notify::new(),
         limit,
@@ -82,9 +85,16 @@ impl BodySender {
                     }
                     return Ok(());
                 }
+                state.sender_waited = true;
             }
             self.shared.sender_wake.notified().await;
         }
+    }
+
+    /// Whether a send had to wait for room (the client reads slower than the stream writes)
+    /// since the last call.
+    pub fn take_waited(&self) -> bool {
+        std::mem::take(&mut self.shared.state.lock().sender_waited)
     }
 
     /// Resolves when the body is dropped (the client went away).
@@ -163,9 +173,15 @@ mod tests {
     async fn bounded_in_order_and_ends_when_the_sender_goes() {
         let (tx, mut body) = body_channel(2);
         let writer = tokio::spawn(async move {
-            for i in 0..5u8 {
+            for i in 0..2u8 {
                 tx.send(Bytes::from(vec![i])).await.unwrap();
             }
+            assert!(!tx.take_waited(), "two chunks fit");
+            for i in 2..5u8 {
+                tx.send(Bytes::from(vec![i])).await.unwrap();
+            }
+            assert!(tx.take_waited(), "the third waited for the body to read");
+            assert!(!tx.take_waited(), "asking clears it");
         });
         let mut got = Vec::new();
         while let Some(frame) = body.frame().await {

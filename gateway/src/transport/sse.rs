@@ -187,6 +187,9 @@ impl SseStream {
                 return Ok(());
             }
             self.emit(&mut out).await?;
+            if self.tx.take_waited() {
+                session.socket_stalled();
+            }
             if session.disconnected() {
                 return self.disconnect().await;
             }

@@ -10,7 +10,9 @@ use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use gateway::config::{NamespaceConfig, SlowConsumer};
 use serde_json::{json, Value};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::Message;
+use tokio_tungstenite::WebSocketStream;
 
 const PAYLOAD: usize = 8 * 1024;
 const SYMBOLS: [&str; 3] = ["ticks:A", "ticks:B", "ticks:C"];
@@ -33,30 +35,7 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
         fast.subscribe(ch).await;
     }
 
-    let stream = small_buffer_stream(node.addr).await;
-    let (mut slow, _) = within(
-        "slow handshake",
-        tokio_tungstenite::client_async(node.ws_url("/ws"), stream),
-    )
-    .await
-    .expect("slow handshake");
-    for (id, ch) in SYMBOLS.iter().enumerate() {
-        slow.send(Message::text(
-            json!({"id": id, "op": "subscribe", "channel": ch}).to_string(),
-        ))
-        .await
-        .unwrap();
-    }
-    let mut replies = 0;
-    while replies < SYMBOLS.len() {
-        let reply = within("subscribe reply", slow.next())
-            .await
-            .unwrap()
-            .unwrap();
-        let reply: Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
-        assert!(reply.get("result").is_some(), "{reply}");
-        replies += 1;
-    }
+    let mut slow = slow_subscriber(&node, &SYMBOLS).await;
     // From here on `slow` is not read until its queue conflated.
 
     let pad = "q".repeat(PAYLOAD);
@@ -104,15 +83,62 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
 
     // The stalled client reads again: per channel, increasing offsets whose skips account for
     // every publication in between, ending with the newest.
+    let skipped_total = read_to_newest(&mut slow, &newest).await;
+    assert!(skipped_total > 0, "the slow client was not slow");
+
+    // And it is live again: the next tick arrives in full, right after the newest.
+    publisher
+        .ok(json!({"op": "publish", "channel": SYMBOLS[0], "data": "next"}))
+        .await;
+    let next = loop {
+        match within("next tick", slow.next()).await {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(t.as_str()).unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("the slow client's connection ended: {other:?}"),
+        }
+    };
+    assert_eq!(next["offset"], newest[SYMBOLS[0]] + 1, "{next}");
+    assert_eq!(next["data"], "next");
+}
+
+/// A client on `channels` whose socket has a small receive buffer, subscribed, and from then on
+/// not read until the test says.
+async fn slow_subscriber(node: &Node, channels: &[&str]) -> WebSocketStream<TcpStream> {
+    let stream = small_buffer_stream(node.addr).await;
+    let (mut slow, _) = within(
+        "slow handshake",
+        tokio_tungstenite::client_async(node.ws_url("/ws"), stream),
+    )
+    .await
+    .expect("slow handshake");
+    for (id, ch) in channels.iter().enumerate() {
+        slow.send(Message::text(
+            json!({"id": id, "op": "subscribe", "channel": ch}).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    for _ in channels {
+        let reply = within("subscribe reply", slow.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let reply: Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+        assert!(reply.get("result").is_some(), "{reply}");
+    }
+    slow
+}
+
+/// Reads `slow` until every channel of `newest` reached its newest offset, asserting that each
+/// channel's offsets only increase and that each skip accounts exactly for what was not
+/// delivered. Returns the publications skipped.
+async fn read_to_newest(slow: &mut WebSocketStream<TcpStream>, newest: &HashMap<&str, u64>) -> u64 {
     let mut last: HashMap<String, u64> = HashMap::new();
     let mut skipped_total = 0;
     within(
         "the slow client to reach the newest of every channel",
         async {
-            while SYMBOLS
-                .iter()
-                .any(|ch| last.get(*ch).copied() != newest.get(ch).copied())
-            {
+            while newest.iter().any(|(ch, n)| last.get(*ch) != Some(n)) {
                 match slow.next().await {
                     Some(Ok(Message::Text(t))) => {
                         let p: Value = serde_json::from_str(t.as_str()).unwrap();
@@ -137,19 +163,54 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
         },
     )
     .await;
-    assert!(skipped_total > 0, "the slow client was not slow");
+    skipped_total
+}
 
-    // And it is live again: the next tick arrives in full, right after the newest.
-    publisher
-        .ok(json!({"op": "publish", "channel": SYMBOLS[0], "data": "next"}))
-        .await;
-    let next = loop {
-        match within("next tick", slow.next()).await {
-            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(t.as_str()).unwrap(),
-            Some(Ok(_)) => {}
-            other => panic!("the slow client's connection ended: {other:?}"),
-        }
-    };
-    assert_eq!(next["offset"], newest[SYMBOLS[0]] + 1, "{next}");
-    assert_eq!(next["data"], "next");
+/// With `server.send_low_water_bytes` the node sees its socket stop taking data long before the
+/// client's queue reaches its limit: the backlog conflates from then on, so a slow reader is not
+/// served publications that aged in a queue it can never fill.
+#[tokio::test]
+async fn a_stalled_socket_conflates_long_before_the_queue_is_full() {
+    const PUBLICATIONS: u64 = 100;
+    let node = Node::with(|c| {
+        config(c);
+        // 100 publications of 8 KiB fit five times over: the limit is never the reason.
+        c.client.queue_max_bytes = 4 * 1024 * 1024;
+        c.server.send_low_water_bytes = Some(1024);
+    })
+    .await;
+    let channel = SYMBOLS[0];
+    let mut fast = WsClient::connect(&node).await;
+    fast.subscribe(channel).await;
+    let mut slow = slow_subscriber(&node, &[channel]).await;
+
+    let pad = "q".repeat(PAYLOAD);
+    let mut publisher = WsClient::connect(&node).await;
+    let mut newest = HashMap::new();
+    for n in 1..=PUBLICATIONS {
+        let ack = publisher
+            .ok(json!({"op": "publish", "channel": channel, "data": {"n": n, "pad": pad}}))
+            .await;
+        newest.insert(channel, ack["offset"].as_u64().unwrap());
+        // The hub queues a publication for every subscriber of the node at once: once the fast
+        // one (which keeps up, so it skips nothing) has it, so has the slow one's queue.
+        let p = fast.push().await;
+        assert_eq!((&p["offset"], p.get("skipped")), (&json!(n), None));
+    }
+
+    let skipped = read_to_newest(&mut slow, &newest).await;
+    assert!(
+        skipped > 0,
+        "800 KB cannot all have fitted in the socket: the backlog conflated"
+    );
+    let text = metrics(&node).await;
+    assert_eq!(
+        metric(&text, "gateway_conflated_publications_total", &[]),
+        Some(skipped as f64),
+        "the metric counts what the client was told it skipped"
+    );
+    assert_eq!(
+        metric(&text, "gateway_slow_consumer_disconnects_total", &[]),
+        Some(0.0)
+    );
 }

@@ -19,6 +19,8 @@ pub struct BatchWriter<W> {
     buf: Vec<u8>,
     /// How much of `buf` is already written to `inner`.
     written: usize,
+    /// A write had to wait for the socket since [`BatchWriter::take_waited`] last asked.
+    waited: bool,
 }
 
 impl<W: AsyncWrite + Unpin> BatchWriter<W> {
@@ -27,7 +29,14 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
             inner,
             buf: Vec::new(),
             written: 0,
+            waited: false,
         }
+    }
+
+    /// Whether a write had to wait for the socket (the peer is not reading as fast as the node
+    /// writes) since the last call.
+    pub fn take_waited(&mut self) -> bool {
+        std::mem::take(&mut self.waited)
     }
 
     /// Appends `head` and `payload` to the batch if they fit under the buffer's limit, without
@@ -46,7 +55,11 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
     /// Writes out everything buffered.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.buf.len() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.written..]))?;
+            let written = Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.written..]);
+            if written.is_pending() {
+                self.waited = true;
+            }
+            let n = ready!(written)?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -155,5 +168,24 @@ mod tests {
         let mut got = [0u8; 4];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"abcd");
+        assert!(!writer.take_waited(), "the pipe took everything at once");
+    }
+
+    #[tokio::test]
+    async fn says_when_a_write_had_to_wait_for_the_socket() {
+        let (client, mut server) = tokio::io::duplex(16);
+        let mut writer = BatchWriter::new(client);
+        assert!(writer.buffer(b"", &[1; 64]));
+        let reader = tokio::spawn(async move {
+            let mut got = [0u8; 64];
+            server.read_exact(&mut got).await.unwrap();
+        });
+        writer.flush().await.unwrap();
+        reader.await.unwrap();
+        assert!(
+            writer.take_waited(),
+            "64 bytes do not fit a 16-byte pipe at once"
+        );
+        assert!(!writer.take_waited(), "asking clears it");
     }
 }

@@ -371,6 +371,11 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             if let Err(end) = self.write_outputs(&mut out).await {
                 break end;
             }
+            if self.writer.take_waited() {
+                if let Some(session) = session.as_mut() {
+                    session.socket_stalled();
+                }
+            }
         };
         match end {
             // Once per connection, on the heap: see `push_frame`.
