@@ -2,7 +2,8 @@
 //! a conflating namespace is not cut off; when its queue passes its limit each channel keeps
 //! only its newest waiting publication, which reports how many it skipped. Once the client
 //! reads again it gets, per channel, offsets that only increase, each exactly `skipped + 1`
-//! after the previous one, ending at the newest — while a fast subscriber got everything.
+//! after the previous one, ending at the newest — while a fast subscriber got everything. On
+//! one node, and across two nodes sharing Redis (publisher on one, subscribers on the other).
 
 use std::collections::HashMap;
 
@@ -28,15 +29,32 @@ fn config(c: &mut gateway::Config) {
 #[tokio::test]
 async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_skips() {
     let node = Node::with(config).await;
-    let mut fast = WsClient::connect(&node).await;
+    stalled_client_gets_the_newest_with_honest_skips(&node, &node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_nodes_on_redis_a_stalled_client_gets_the_newest_with_honest_skips() {
+    let redis = RedisServer::start(RedisOpts::default()).await;
+    let on_redis = |c: &mut gateway::Config| {
+        config(c);
+        c.redis.url = Some(redis.url());
+    };
+    let publishing = Node::with(on_redis).await;
+    let subscribing = Node::with(on_redis).await;
+    stalled_client_gets_the_newest_with_honest_skips(&publishing, &subscribing).await;
+}
+
+/// Publishes through `publishing` while a fast and a stalled client of `subscribing` listen.
+async fn stalled_client_gets_the_newest_with_honest_skips(publishing: &Node, subscribing: &Node) {
+    let mut fast = WsClient::connect(subscribing).await;
     for ch in SYMBOLS {
         fast.subscribe(ch).await;
     }
 
-    let stream = small_buffer_stream(node.addr).await;
+    let stream = small_buffer_stream(subscribing.addr).await;
     let (mut slow, _) = within(
         "slow handshake",
-        tokio_tungstenite::client_async(node.ws_url("/ws"), stream),
+        tokio_tungstenite::client_async(subscribing.ws_url("/ws"), stream),
     )
     .await
     .expect("slow handshake");
@@ -60,7 +78,7 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
     // From here on `slow` is not read until its queue conflated.
 
     let pad = "q".repeat(PAYLOAD);
-    let mut publisher = WsClient::connect(&node).await;
+    let mut publisher = WsClient::connect(publishing).await;
     let mut newest: HashMap<&str, u64> = HashMap::new();
     let mut fast_seen: HashMap<String, u64> = HashMap::new();
     let mut round = 0u64;
@@ -85,7 +103,7 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
             );
             assert!(p.get("skipped").is_none(), "{p}");
         }
-        let text = metrics(&node).await;
+        let text = metrics(subscribing).await;
         let conflated = metric(&text, "gateway_conflated_publications_total", &[]);
         if conflated.unwrap_or(0.0) >= 3.0 {
             break;
@@ -94,7 +112,7 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
     }
     assert_eq!(
         metric(
-            &metrics(&node).await,
+            &metrics(subscribing).await,
             "gateway_slow_consumer_disconnects_total",
             &[]
         ),
