@@ -3,9 +3,9 @@
 //! on the same channel get full data; applying the patches gives exactly the published data. A
 //! resume starts in full. Over WebSocket, SSE and long-poll, on memory and across two nodes on
 //! Redis; over permessage-deflate, where the compressed delta is made once and shared; and on
-//! Redis when the chain breaks — a gap the subscriber's node fills from history, and an epoch
-//! change — after which a patch is still only ever applied to the very publication the
-//! subscriber received right before it, and a new epoch starts with a reset and a full one.
+//! Redis when the chain breaks — a gap the subscriber's node fills from history, a gap past what
+//! history keeps, and an epoch change — after which a patch is still only ever applied to the
+//! very publication the subscriber received right before it, and what follows a reset is full.
 
 use std::net::SocketAddr;
 
@@ -274,6 +274,22 @@ async fn compressed_deltas_are_made_once_and_shared() {
     }
 }
 
+/// Redis, node A on it, and node B reaching it through a proxy that can freeze or cut B's
+/// connections (its pub/sub link among them).
+async fn node_b_behind_a_link(
+    env: &[(&str, &str)],
+) -> (RedisServer, TcpProxy, GatewayProcess, GatewayProcess) {
+    let redis = RedisServer::start(RedisOpts::default()).await;
+    let link = TcpProxy::start(redis.addr().parse().unwrap()).await;
+    let a = GatewayProcess::start("node-a", &Backend::standalone(&redis).args, env).await;
+    let through_link = [
+        "--redis-url".to_string(),
+        format!("redis://{}", link.addr()),
+    ];
+    let b = GatewayProcess::start("node-b", &through_link, env).await;
+    (redis, link, a, b)
+}
+
 /// A gap on Redis: node B's connections to Redis freeze while node A publishes, then are cut,
 /// so what Redis sent B meanwhile is lost and B must fill the gap from history. Its delta
 /// subscribers (WebSocket and SSE) still get every publication once, in order, and every patch
@@ -281,14 +297,7 @@ async fn compressed_deltas_are_made_once_and_shared() {
 /// data exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_chain_broken_by_a_gap_on_redis_never_patches_what_the_subscriber_lacks() {
-    let redis = RedisServer::start(RedisOpts::default()).await;
-    let link = TcpProxy::start(redis.addr().parse().unwrap()).await;
-    let a = GatewayProcess::start("node-a", &Backend::standalone(&redis).args, &PATIENT).await;
-    let through_link = [
-        "--redis-url".to_string(),
-        format!("redis://{}", link.addr()),
-    ];
-    let b = GatewayProcess::start("node-b", &through_link, &PATIENT).await;
+    let (_redis, link, a, b) = node_b_behind_a_link(&PATIENT).await;
     let ch = "ticker:delta-gap";
     let mut ws = WsClient::connect(&b).await;
     ws.ok(json!({"op": "subscribe", "channel": ch, "delta": true}))
@@ -445,4 +454,112 @@ async fn a_delta_chain_broken_by_an_epoch_change_on_redis_restarts_in_full() {
     );
     let p = ws.push().await;
     assert_eq!(follow_ws.take(&p), (top + 1, true, quote(111)), "{p}");
+}
+
+/// What a subscriber received up to a channel's offset `top`: publications and resets, in order,
+/// each publication taken by `follower` (a reset makes it forget its value).
+struct Received {
+    /// `(offset, was a delta, value)` of each publication, or the reset.
+    items: Vec<Result<(u64, bool, Value), Value>>,
+}
+
+impl Received {
+    fn take(&mut self, follower: &mut Follower, message: &Value) {
+        if let Some(reset) = message.get("reset") {
+            follower.reset();
+            self.items.push(Err(reset.clone()));
+        } else {
+            self.items.push(Ok(follower.take(message)));
+        }
+    }
+
+    fn reached(&self, top: u64) -> bool {
+        matches!(self.items.last(), Some(Ok((offset, _, _))) if *offset >= top)
+    }
+
+    /// Asserts the one reset `reason` of `epoch`, every publication once and in order around
+    /// it, the first after it in full, and each value the published `quote`.
+    fn assert_one_reset_then_full(&self, epoch: &Value, reason: &str) {
+        let resets: Vec<usize> = (0..self.items.len())
+            .filter(|&i| self.items[i].is_err())
+            .collect();
+        assert_eq!(resets.len(), 1, "one reset: {:?}", self.items);
+        let Err(reset) = &self.items[resets[0]] else {
+            unreachable!()
+        };
+        assert_eq!((&reset["epoch"], &reset["reason"]), (epoch, &json!(reason)));
+        let after_reset = reset["offset"].as_u64().expect("reset offset") + 1;
+        let mut next = 1;
+        for item in &self.items {
+            match item {
+                Err(_) => next = after_reset,
+                Ok((offset, delta, value)) => {
+                    assert_eq!((*offset, value), (next, &quote(next)), "{:?}", self.items);
+                    if next == after_reset {
+                        assert!(!delta, "the first after a reset is full: {:?}", self.items);
+                    }
+                    next += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A gap history no longer covers, on Redis: node B's connections freeze while node A publishes
+/// past what the channel's history keeps, then are cut. The delta subscribers on B are told
+/// (`history_truncated`), and the first publication after the reset is full: a patch never
+/// meets a base they do not have. Live again, deltas resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_chain_broken_by_a_gap_past_history_on_redis_resets_then_starts_in_full() {
+    let short_history = [(
+        "GATEWAY__CHANNELS__NAMESPACES__BRIEF__HISTORY_MAX_COUNT",
+        "5",
+    )];
+    let env: Vec<(&str, &str)> = PATIENT.iter().chain(&short_history).copied().collect();
+    let (_redis, link, a, b) = node_b_behind_a_link(&env).await;
+    let ch = "brief:delta-gap";
+    let mut ws = WsClient::connect(&b).await;
+    ws.ok(json!({"op": "subscribe", "channel": ch, "delta": true}))
+        .await;
+    let mut sse = Sse::open_query(&b, &format!("channel={}&delta=true", enc(ch))).await;
+    sse.connected().await;
+    publish_quotes(a.addr, ch, 1..=5).await;
+    let (mut follow_ws, mut follow_sse) = (Follower::new(), Follower::new());
+    let mut got_ws = Received { items: Vec::new() };
+    let mut got_sse = Received { items: Vec::new() };
+    while !got_ws.reached(5) {
+        got_ws.take(&mut follow_ws, &ws.push().await);
+    }
+
+    // 6..=25 never reach node B live, and history keeps only the last five of them.
+    link.pause();
+    publish_quotes(a.addr, ch, 6..=25).await;
+    link.cut();
+    link.resume();
+    // Nothing more is published until B delivered this one, so one reset says it all.
+    let last = publish(&a.addr, ch, quote(26)).await;
+    while !got_ws.reached(26) {
+        got_ws.take(&mut follow_ws, &ws.push().await);
+    }
+    while !got_sse.reached(26) {
+        let ev = sse.next_event().await;
+        assert!(matches!(ev.kind(), "message" | "reset"), "{ev:?}");
+        let message = match ev.kind() {
+            "reset" => json!({ "reset": ev.json() }),
+            _ => ev.json(),
+        };
+        got_sse.take(&mut follow_sse, &message);
+    }
+    for got in [&got_ws, &got_sse] {
+        got.assert_one_reset_then_full(&last["epoch"], "history_truncated");
+    }
+
+    // Live again: each next publication is a patch of the one received right before it.
+    publish_quotes(a.addr, ch, 27..=30).await;
+    for n in 27..=30 {
+        let p = ws.push().await;
+        assert_eq!(follow_ws.take(&p), (n, true, quote(n)), "{p}");
+        let (_, p) = sse.publication().await;
+        assert_eq!(follow_sse.take(&p), (n, true, quote(n)), "{p}");
+    }
 }
