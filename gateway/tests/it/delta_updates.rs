@@ -456,8 +456,8 @@ async fn a_delta_chain_broken_by_an_epoch_change_on_redis_restarts_in_full() {
     assert_eq!(follow_ws.take(&p), (top + 1, true, quote(111)), "{p}");
 }
 
-/// What a subscriber received up to a channel's offset `top`: publications and resets, in order,
-/// each publication taken by `follower` (a reset makes it forget its value).
+/// What a subscriber received of a channel, in order: publications, each taken by a
+/// [`Follower`], and resets, each making it forget its value.
 struct Received {
     /// `(offset, was a delta, value)` of each publication, or the reset.
     items: Vec<Result<(u64, bool, Value), Value>>,
@@ -473,6 +473,7 @@ impl Received {
         }
     }
 
+    /// Whether the last thing received is a publication at `top` or after it.
     fn reached(&self, top: u64) -> bool {
         matches!(self.items.last(), Some(Ok((offset, _, _))) if *offset >= top)
     }
