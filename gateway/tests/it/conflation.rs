@@ -3,7 +3,9 @@
 //! only its newest waiting publication, which reports how many it skipped. Once the client
 //! reads again it gets, per channel, offsets that only increase, each exactly `skipped + 1`
 //! after the previous one, ending at the newest — while a fast subscriber got everything. On
-//! one node, and across two nodes sharing Redis (publisher on one, subscribers on the other).
+//! one node, and across two nodes sharing Redis (publisher on one, subscribers on the other),
+//! also for a stalled client that asked for deltas: the publication that reports a skip is
+//! full, and every patch applies to the publication received right before it.
 
 use std::collections::HashMap;
 
@@ -29,7 +31,7 @@ fn config(c: &mut gateway::Config) {
 #[tokio::test]
 async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_skips() {
     let node = Node::with(config).await;
-    stalled_client_gets_the_newest_with_honest_skips(&node, &node).await;
+    stalled_client_gets_the_newest_with_honest_skips(&node, &node, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,11 +43,32 @@ async fn across_nodes_on_redis_a_stalled_client_gets_the_newest_with_honest_skip
     };
     let publishing = Node::with(on_redis).await;
     let subscribing = Node::with(on_redis).await;
-    stalled_client_gets_the_newest_with_honest_skips(&publishing, &subscribing).await;
+    stalled_client_gets_the_newest_with_honest_skips(&publishing, &subscribing, false).await;
 }
 
-/// Publishes through `publishing` while a fast and a stalled client of `subscribing` listen.
-async fn stalled_client_gets_the_newest_with_honest_skips(publishing: &Node, subscribing: &Node) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_nodes_on_redis_a_stalled_delta_client_gets_full_skips_and_exact_patches() {
+    let redis = RedisServer::start(RedisOpts::default()).await;
+    let on_redis = |c: &mut gateway::Config| {
+        config(c);
+        // Deltas are small: with the kernel's own send buffer the client would stall only
+        // after many megabytes; a small one stalls it while publications still wait in the
+        // node's queue, where conflation acts.
+        c.server.send_buffer_bytes = 4096;
+        c.redis.url = Some(redis.url());
+    };
+    let publishing = Node::with(on_redis).await;
+    let subscribing = Node::with(on_redis).await;
+    stalled_client_gets_the_newest_with_honest_skips(&publishing, &subscribing, true).await;
+}
+
+/// Publishes through `publishing` while a fast and a stalled client of `subscribing` listen;
+/// the stalled one asks for deltas when `delta`.
+async fn stalled_client_gets_the_newest_with_honest_skips(
+    publishing: &Node,
+    subscribing: &Node,
+    delta: bool,
+) {
     let mut fast = WsClient::connect(subscribing).await;
     for ch in SYMBOLS {
         fast.subscribe(ch).await;
@@ -60,7 +83,7 @@ async fn stalled_client_gets_the_newest_with_honest_skips(publishing: &Node, sub
     .expect("slow handshake");
     for (id, ch) in SYMBOLS.iter().enumerate() {
         slow.send(Message::text(
-            json!({"id": id, "op": "subscribe", "channel": ch}).to_string(),
+            json!({"id": id, "op": "subscribe", "channel": ch, "delta": delta}).to_string(),
         ))
         .await
         .unwrap();
@@ -121,8 +144,10 @@ async fn stalled_client_gets_the_newest_with_honest_skips(publishing: &Node, sub
     );
 
     // The stalled client reads again: per channel, increasing offsets whose skips account for
-    // every publication in between, ending with the newest.
+    // every publication in between, ending with the newest, each with the data published at its
+    // offset (round n published offset n of every channel).
     let mut last: HashMap<String, u64> = HashMap::new();
+    let mut values: HashMap<String, Value> = HashMap::new();
     let mut skipped_total = 0;
     within(
         "the slow client to reach the newest of every channel",
@@ -137,14 +162,27 @@ async fn stalled_client_gets_the_newest_with_honest_skips(publishing: &Node, sub
                         let ch = p["channel"].as_str().expect("a publication").to_string();
                         let offset = p["offset"].as_u64().unwrap();
                         let skipped = p.get("skipped").map_or(0, |s| s.as_u64().unwrap());
-                        let before = last.insert(ch, offset).unwrap_or(0);
+                        let before = last.insert(ch.clone(), offset).unwrap_or(0);
+                        let head = &t.as_str()[..120.min(t.len())];
                         assert_eq!(
                             offset,
                             before + 1 + skipped,
-                            "never reordered, every skip reported: {}",
-                            &t.as_str()[..120.min(t.len())]
+                            "never reordered, every skip reported: {head}"
                         );
                         skipped_total += skipped;
+                        let value = match p.get("delta") {
+                            Some(patch) => {
+                                assert_eq!(skipped, 0, "a skip is reported in full: {head}");
+                                let mut value = values
+                                    .remove(&ch)
+                                    .unwrap_or_else(|| panic!("a delta without a base: {head}"));
+                                backplane::merge_patch::apply(&mut value, patch);
+                                value
+                            }
+                            None => p["data"].clone(),
+                        };
+                        assert_eq!(value, json!({"round": offset, "pad": pad}), "{head}");
+                        values.insert(ch, value);
                     }
                     Some(Ok(Message::Close(frame))) => panic!("closed: {frame:?}"),
                     Some(Ok(_)) => {}
@@ -157,9 +195,11 @@ async fn stalled_client_gets_the_newest_with_honest_skips(publishing: &Node, sub
     .await;
     assert!(skipped_total > 0, "the slow client was not slow");
 
-    // And it is live again: the next tick arrives in full, right after the newest.
+    // And it is live again: the next tick arrives right after the newest, a patch of it for a
+    // client that asked for deltas (the chain goes on), else in full.
+    let offset = newest[SYMBOLS[0]] + 1;
     publisher
-        .ok(json!({"op": "publish", "channel": SYMBOLS[0], "data": "next"}))
+        .ok(json!({"op": "publish", "channel": SYMBOLS[0], "data": {"round": offset, "pad": pad}}))
         .await;
     let next = loop {
         match within("next tick", slow.next()).await {
@@ -168,6 +208,11 @@ async fn stalled_client_gets_the_newest_with_honest_skips(publishing: &Node, sub
             other => panic!("the slow client's connection ended: {other:?}"),
         }
     };
-    assert_eq!(next["offset"], newest[SYMBOLS[0]] + 1, "{next}");
-    assert_eq!(next["data"], "next");
+    assert_eq!(next["offset"], offset, "{next}");
+    assert!(next.get("skipped").is_none(), "{next}");
+    if delta {
+        assert_eq!(next["delta"], json!({"round": offset}), "{next}");
+    } else {
+        assert_eq!(next["data"], json!({"round": offset, "pad": pad}), "{next}");
+    }
 }
