@@ -2,7 +2,11 @@
 //! a conflating namespace is not cut off; when its queue passes its limit each channel keeps
 //! only its newest waiting publication, which reports how many it skipped. Once the client
 //! reads again it gets, per channel, offsets that only increase, each exactly `skipped + 1`
-//! after the previous one, ending at the newest — while a fast subscriber got everything.
+//! after the previous one, ending at the newest — while a fast subscriber got everything. On
+//! one node, and across two nodes sharing Redis (publisher on one, subscribers on the other),
+//! also for a stalled client that asked for deltas: the publication that reports a skip is
+//! full, and every patch applies to the publication received right before it. And before the
+//! limit: a socket that stops taking data conflates the backlog waiting behind it.
 
 use std::collections::HashMap;
 
@@ -30,16 +34,54 @@ fn config(c: &mut gateway::Config) {
 #[tokio::test]
 async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_skips() {
     let node = Node::with(config).await;
-    let mut fast = WsClient::connect(&node).await;
+    stalled_client_gets_the_newest_with_honest_skips(&node, &node, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_nodes_on_redis_a_stalled_client_gets_the_newest_with_honest_skips() {
+    let redis = RedisServer::start(RedisOpts::default()).await;
+    let on_redis = |c: &mut gateway::Config| {
+        config(c);
+        c.redis.url = Some(redis.url());
+    };
+    let publishing = Node::with(on_redis).await;
+    let subscribing = Node::with(on_redis).await;
+    stalled_client_gets_the_newest_with_honest_skips(&publishing, &subscribing, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_nodes_on_redis_a_stalled_delta_client_gets_full_skips_and_exact_patches() {
+    let redis = RedisServer::start(RedisOpts::default()).await;
+    let on_redis = |c: &mut gateway::Config| {
+        config(c);
+        // Deltas are small: with the kernel's own send buffer the client would stall only
+        // after many megabytes; a small one stalls it while publications still wait in the
+        // node's queue, where conflation acts.
+        c.server.send_buffer_bytes = 4096;
+        c.redis.url = Some(redis.url());
+    };
+    let publishing = Node::with(on_redis).await;
+    let subscribing = Node::with(on_redis).await;
+    stalled_client_gets_the_newest_with_honest_skips(&publishing, &subscribing, true).await;
+}
+
+/// Publishes through `publishing` while a fast and a stalled client of `subscribing` listen;
+/// the stalled one asks for deltas when `delta`.
+async fn stalled_client_gets_the_newest_with_honest_skips(
+    publishing: &Node,
+    subscribing: &Node,
+    delta: bool,
+) {
+    let mut fast = WsClient::connect(subscribing).await;
     for ch in SYMBOLS {
         fast.subscribe(ch).await;
     }
 
-    let mut slow = slow_subscriber(&node, &SYMBOLS).await;
+    let mut slow = slow_subscriber(subscribing, &SYMBOLS, delta).await;
     // From here on `slow` is not read until its queue conflated.
 
     let pad = "q".repeat(PAYLOAD);
-    let mut publisher = WsClient::connect(&node).await;
+    let mut publisher = WsClient::connect(publishing).await;
     let mut newest: HashMap<&str, u64> = HashMap::new();
     let mut fast_seen: HashMap<String, u64> = HashMap::new();
     let mut round = 0u64;
@@ -64,7 +106,7 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
             );
             assert!(p.get("skipped").is_none(), "{p}");
         }
-        let text = metrics(&node).await;
+        let text = metrics(subscribing).await;
         let conflated = metric(&text, "gateway_conflated_publications_total", &[]);
         if conflated.unwrap_or(0.0) >= 3.0 {
             break;
@@ -73,7 +115,7 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
     }
     assert_eq!(
         metric(
-            &metrics(&node).await,
+            &metrics(subscribing).await,
             "gateway_slow_consumer_disconnects_total",
             &[]
         ),
@@ -82,13 +124,16 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
     );
 
     // The stalled client reads again: per channel, increasing offsets whose skips account for
-    // every publication in between, ending with the newest.
-    let skipped_total = read_to_newest(&mut slow, &newest).await;
+    // every publication in between, ending with the newest, each with the data published at its
+    // offset (round n published offset n of every channel).
+    let skipped_total = read_to_newest(&mut slow, &newest, &pad).await;
     assert!(skipped_total > 0, "the slow client was not slow");
 
-    // And it is live again: the next tick arrives in full, right after the newest.
+    // And it is live again: the next tick arrives right after the newest, a patch of it for a
+    // client that asked for deltas (the chain goes on), else in full.
+    let offset = newest[SYMBOLS[0]] + 1;
     publisher
-        .ok(json!({"op": "publish", "channel": SYMBOLS[0], "data": "next"}))
+        .ok(json!({"op": "publish", "channel": SYMBOLS[0], "data": {"round": offset, "pad": pad}}))
         .await;
     let next = loop {
         match within("next tick", slow.next()).await {
@@ -97,13 +142,22 @@ async fn a_stalled_client_on_a_conflating_namespace_gets_the_newest_with_honest_
             other => panic!("the slow client's connection ended: {other:?}"),
         }
     };
-    assert_eq!(next["offset"], newest[SYMBOLS[0]] + 1, "{next}");
-    assert_eq!(next["data"], "next");
+    assert_eq!(next["offset"], offset, "{next}");
+    assert!(next.get("skipped").is_none(), "{next}");
+    if delta {
+        assert_eq!(next["delta"], json!({"round": offset}), "{next}");
+    } else {
+        assert_eq!(next["data"], json!({"round": offset, "pad": pad}), "{next}");
+    }
 }
 
-/// A client on `channels` whose socket has a small receive buffer, subscribed, and from then on
-/// not read until the test says.
-async fn slow_subscriber(node: &Node, channels: &[&str]) -> WebSocketStream<TcpStream> {
+/// A client of `node` on `channels` (asking for deltas when `delta`) whose socket has a small
+/// receive buffer, subscribed, and from then on not read until the test says.
+async fn slow_subscriber(
+    node: &Node,
+    channels: &[&str],
+    delta: bool,
+) -> WebSocketStream<TcpStream> {
     let stream = small_buffer_stream(node.addr).await;
     let (mut slow, _) = within(
         "slow handshake",
@@ -113,7 +167,7 @@ async fn slow_subscriber(node: &Node, channels: &[&str]) -> WebSocketStream<TcpS
     .expect("slow handshake");
     for (id, ch) in channels.iter().enumerate() {
         slow.send(Message::text(
-            json!({"id": id, "op": "subscribe", "channel": ch}).to_string(),
+            json!({"id": id, "op": "subscribe", "channel": ch, "delta": delta}).to_string(),
         ))
         .await
         .unwrap();
@@ -129,11 +183,17 @@ async fn slow_subscriber(node: &Node, channels: &[&str]) -> WebSocketStream<TcpS
     slow
 }
 
-/// Reads `slow` until every channel of `newest` reached its newest offset, asserting that each
-/// channel's offsets only increase and that each skip accounts exactly for what was not
-/// delivered. Returns the publications skipped.
-async fn read_to_newest(slow: &mut WebSocketStream<TcpStream>, newest: &HashMap<&str, u64>) -> u64 {
+/// Reads `slow` until every channel of `newest` reached its newest offset: per channel,
+/// increasing offsets whose skips account for every publication in between, each with the data
+/// published at its offset (`{"round": offset, "pad": pad}`), patches applied to the
+/// publication received right before. Returns the publications skipped.
+async fn read_to_newest(
+    slow: &mut WebSocketStream<TcpStream>,
+    newest: &HashMap<&str, u64>,
+    pad: &str,
+) -> u64 {
     let mut last: HashMap<String, u64> = HashMap::new();
+    let mut values: HashMap<String, Value> = HashMap::new();
     let mut skipped_total = 0;
     within(
         "the slow client to reach the newest of every channel",
@@ -145,14 +205,27 @@ async fn read_to_newest(slow: &mut WebSocketStream<TcpStream>, newest: &HashMap<
                         let ch = p["channel"].as_str().expect("a publication").to_string();
                         let offset = p["offset"].as_u64().unwrap();
                         let skipped = p.get("skipped").map_or(0, |s| s.as_u64().unwrap());
-                        let before = last.insert(ch, offset).unwrap_or(0);
+                        let before = last.insert(ch.clone(), offset).unwrap_or(0);
+                        let head = &t.as_str()[..120.min(t.len())];
                         assert_eq!(
                             offset,
                             before + 1 + skipped,
-                            "never reordered, every skip reported: {}",
-                            &t.as_str()[..120.min(t.len())]
+                            "never reordered, every skip reported: {head}"
                         );
                         skipped_total += skipped;
+                        let value = match p.get("delta") {
+                            Some(patch) => {
+                                assert_eq!(skipped, 0, "a skip is reported in full: {head}");
+                                let mut value = values
+                                    .remove(&ch)
+                                    .unwrap_or_else(|| panic!("a delta without a base: {head}"));
+                                backplane::merge_patch::apply(&mut value, patch);
+                                value
+                            }
+                            None => p["data"].clone(),
+                        };
+                        assert_eq!(value, json!({"round": offset, "pad": pad}), "{head}");
+                        values.insert(ch, value);
                     }
                     Some(Ok(Message::Close(frame))) => panic!("closed: {frame:?}"),
                     Some(Ok(_)) => {}
@@ -166,9 +239,9 @@ async fn read_to_newest(slow: &mut WebSocketStream<TcpStream>, newest: &HashMap<
     skipped_total
 }
 
-/// With `server.send_low_water_bytes` the node sees its socket stop taking data long before the
-/// client's queue reaches its limit: the backlog conflates from then on, so a slow reader is not
-/// served publications that aged in a queue it can never fill.
+/// A socket that stops taking data conflates the backlog long before the client's queue is
+/// full (`server.send_low_water_bytes` keeps the backlog out of the kernel): a slow reader is
+/// not served publications that aged in a queue it could never fill.
 #[tokio::test]
 async fn a_stalled_socket_conflates_long_before_the_queue_is_full() {
     const PUBLICATIONS: u64 = 100;
@@ -182,23 +255,23 @@ async fn a_stalled_socket_conflates_long_before_the_queue_is_full() {
     let channel = SYMBOLS[0];
     let mut fast = WsClient::connect(&node).await;
     fast.subscribe(channel).await;
-    let mut slow = slow_subscriber(&node, &[channel]).await;
+    let mut slow = slow_subscriber(&node, &[channel], false).await;
 
     let pad = "q".repeat(PAYLOAD);
     let mut publisher = WsClient::connect(&node).await;
     let mut newest = HashMap::new();
-    for n in 1..=PUBLICATIONS {
+    for round in 1..=PUBLICATIONS {
         let ack = publisher
-            .ok(json!({"op": "publish", "channel": channel, "data": {"n": n, "pad": pad}}))
+            .ok(json!({"op": "publish", "channel": channel, "data": {"round": round, "pad": pad}}))
             .await;
         newest.insert(channel, ack["offset"].as_u64().unwrap());
         // The hub queues a publication for every subscriber of the node at once: once the fast
         // one (which keeps up, so it skips nothing) has it, so has the slow one's queue.
         let p = fast.push().await;
-        assert_eq!((&p["offset"], p.get("skipped")), (&json!(n), None));
+        assert_eq!((&p["offset"], p.get("skipped")), (&json!(round), None));
     }
 
-    let skipped = read_to_newest(&mut slow, &newest).await;
+    let skipped = read_to_newest(&mut slow, &newest, &pad).await;
     assert!(
         skipped > 0,
         "800 KB cannot all have fitted in the socket: the backlog conflated"
