@@ -239,44 +239,47 @@ async fn read_to_newest(
     skipped_total
 }
 
-/// A socket that stops taking data conflates the backlog long before the client's queue is
-/// full (`server.send_low_water_bytes` keeps the backlog out of the kernel): a slow reader is
-/// not served publications that aged in a queue it could never fill.
-#[tokio::test]
-async fn a_stalled_socket_conflates_long_before_the_queue_is_full() {
-    const PUBLICATIONS: u64 = 100;
-    let node = Node::with(|c| {
-        config(c);
-        // 100 publications of 8 KiB fit five times over: the limit is never the reason.
-        c.client.queue_max_bytes = 4 * 1024 * 1024;
-        c.server.send_low_water_bytes = Some(1024);
-    })
-    .await;
-    let channel = SYMBOLS[0];
-    let mut fast = WsClient::connect(&node).await;
-    fast.subscribe(channel).await;
-    let mut slow = slow_subscriber(&node, &[channel], false).await;
+/// A node whose conflating namespace's limit is far above what the stall tests publish (100
+/// publications of 8 KiB fit five times over), so only a stalled socket can start conflation.
+fn stall_config(c: &mut gateway::Config) {
+    config(c);
+    c.client.queue_max_bytes = 4 * 1024 * 1024;
+    c.server.send_low_water_bytes = Some(1024);
+}
 
+const STALL_PUBLICATIONS: u64 = 100;
+
+/// Publishes `STALL_PUBLICATIONS` on `channel`, each read by `fast` before the next: the hub
+/// queues a publication for every subscriber of the node at once, so once the fast one (which
+/// keeps up and skips nothing) has it, so has every other subscriber's queue.
+async fn publish_past_a_stalled_client(
+    node: &Node,
+    fast: &mut WsClient,
+    channel: &'static str,
+) -> (HashMap<&'static str, u64>, String) {
     let pad = "q".repeat(PAYLOAD);
-    let mut publisher = WsClient::connect(&node).await;
+    let mut publisher = WsClient::connect(node).await;
     let mut newest = HashMap::new();
-    for round in 1..=PUBLICATIONS {
+    for round in 1..=STALL_PUBLICATIONS {
         let ack = publisher
             .ok(json!({"op": "publish", "channel": channel, "data": {"round": round, "pad": pad}}))
             .await;
         newest.insert(channel, ack["offset"].as_u64().unwrap());
-        // The hub queues a publication for every subscriber of the node at once: once the fast
-        // one (which keeps up, so it skips nothing) has it, so has the slow one's queue.
         let p = fast.push().await;
         assert_eq!((&p["offset"], p.get("skipped")), (&json!(round), None));
     }
+    (newest, pad)
+}
 
-    let skipped = read_to_newest(&mut slow, &newest, &pad).await;
+/// What a stall test ends with: the client was told of skips (800 KB cannot all have fitted in
+/// its socket: the backlog conflated although the queue never neared its limit), the metric
+/// counts exactly those, and nobody was cut off.
+async fn assert_conflated_on_stall(node: &Node, skipped: u64) {
     assert!(
         skipped > 0,
-        "800 KB cannot all have fitted in the socket: the backlog conflated"
+        "the backlog behind the stalled socket did not conflate"
     );
-    let text = metrics(&node).await;
+    let text = metrics(node).await;
     assert_eq!(
         metric(&text, "gateway_conflated_publications_total", &[]),
         Some(skipped as f64),
@@ -286,4 +289,68 @@ async fn a_stalled_socket_conflates_long_before_the_queue_is_full() {
         metric(&text, "gateway_slow_consumer_disconnects_total", &[]),
         Some(0.0)
     );
+}
+
+/// A WebSocket whose socket stops taking data conflates the backlog long before the client's
+/// queue is full (`server.send_low_water_bytes` keeps the backlog out of the kernel): a slow
+/// reader is not served publications that aged in a queue it could never fill.
+#[tokio::test]
+async fn a_stalled_socket_conflates_long_before_the_queue_is_full() {
+    let node = Node::with(stall_config).await;
+    let channel = SYMBOLS[0];
+    let mut fast = WsClient::connect(&node).await;
+    fast.subscribe(channel).await;
+    let mut slow = slow_subscriber(&node, &[channel], false).await;
+    let (newest, pad) = publish_past_a_stalled_client(&node, &mut fast, channel).await;
+    let skipped = read_to_newest(&mut slow, &newest, &pad).await;
+    assert_conflated_on_stall(&node, skipped).await;
+}
+
+/// The same over SSE (HTTP/1.0, so the stream is its bytes as they are): the stream's writes
+/// wait for the socket, and the backlog conflates; every event's skips account for the offsets
+/// it did not get.
+#[tokio::test]
+async fn a_stalled_sse_stream_conflates_long_before_the_queue_is_full() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = Node::with(stall_config).await;
+    let channel = SYMBOLS[0];
+    let mut fast = WsClient::connect(&node).await;
+    fast.subscribe(channel).await;
+    let mut slow = small_buffer_stream(node.addr).await;
+    let head = format!("GET /sse?channel={channel} HTTP/1.0\r\n\r\n");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut parser = SseParser::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut next_block = async |parser: &mut SseParser, slow: &mut TcpStream| loop {
+        if let Some(block) = parser.next_block() {
+            return block;
+        }
+        let n = within("more of the stream", slow.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "the stream ended");
+        parser.push(&buf[..n]);
+    };
+    // The response head and `retry:` come as one block; then `connected`, once subscribed.
+    while next_block(&mut parser, &mut slow).await.kind() != "connected" {}
+
+    let (newest, pad) = publish_past_a_stalled_client(&node, &mut fast, channel).await;
+    let (mut last, mut skipped_total) = (0, 0);
+    while last != newest[channel] {
+        let block = next_block(&mut parser, &mut slow).await;
+        if block.kind() != "message" {
+            continue;
+        }
+        let p = block.json();
+        let offset = p["offset"].as_u64().unwrap();
+        let skipped = p.get("skipped").map_or(0, |s| s.as_u64().unwrap());
+        assert_eq!(
+            offset,
+            last + 1 + skipped,
+            "never reordered, every skip reported"
+        );
+        assert_eq!(p["data"], json!({"round": offset, "pad": pad}));
+        (last, skipped_total) = (offset, skipped_total + skipped);
+    }
+    assert_conflated_on_stall(&node, skipped_total).await;
 }
