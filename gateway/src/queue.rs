@@ -301,12 +301,13 @@ impl QueueReceiver {
     }
 
     /// The connection's socket stopped taking data (its peer reads slower than the channels
-    /// publish): with a backlog waiting, conflating channels conflate from now until the queue
-    /// has been emptied, as when it passes its limit, rather than let the backlog age until it
+    /// publish): with a backlog of conflating channels waiting, they conflate from now until the
+    /// queue has been emptied, as when it passes its limit, rather than let the backlog age until it
     /// reaches the limit. Returns how many waiting publications that dropped.
     pub fn conflate_backlog(&mut self) -> u64 {
         let mut waiting = self.shared.queued.lock();
-        if waiting.entries.is_empty() {
+        // A backlog of channels that never conflate stays as it is, batched as usual.
+        if !waiting.entries.iter().any(|e| e.conflate) {
             return 0;
         }
         waiting.conflating = true;
@@ -439,6 +440,10 @@ mod tests {
             0,
             "nothing waits: nothing to conflate"
         );
+        assert_eq!(tx.push(&quote("x", "e", 0), false), Pushed::Queued);
+        assert_eq!(rx.conflate_backlog(), 0);
+        assert!(!rx.conflating(), "a lossless backlog is left as it is");
+        assert_eq!(drain(&mut rx), [("x".into(), 0, 0)]);
         assert_eq!(tx.push(&quote("a", "e", 1), true), Pushed::Queued);
         assert_eq!(
             tx.push(&quote("a", "e", 2), true),
