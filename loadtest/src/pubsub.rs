@@ -304,12 +304,13 @@ pub fn sse_clients(
     let build = |h2: bool, source| {
         let b = reqwest::Client::builder()
             .local_address(Some(source))
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(0);
+            .tcp_nodelay(true);
+        // Over HTTP/2 the pool is what shares one connection among the client's streams: with
+        // it disabled (no idle connections kept), every stream opened its own connection.
         let b = if h2 {
             b.http2_prior_knowledge()
         } else {
-            b.http1_only()
+            b.http1_only().pool_max_idle_per_host(0)
         };
         b.build().expect("http client")
     };
