@@ -210,3 +210,64 @@ async fn valid_close_codes_are_echoed() {
     ws.send_frame(true, 0, OP_CLOSE, b"").await;
     assert_eq!(ws.expect_close().await, Some(1005));
 }
+
+/// Messages `i` of a burst: binary, of varied lengths (every length form, across the reader's
+/// and the writer's buffer sizes).
+fn burst_message(i: usize) -> Vec<u8> {
+    (0..(i * 997) % 3000).map(|b| (b + i) as u8).collect()
+}
+
+/// The echo endpoint answers a burst that arrives in one write frame by frame, in order: the
+/// echoes are gathered into one write, a Ping among them is answered in its place, and the
+/// Close after them comes last.
+#[tokio::test]
+async fn a_burst_is_echoed_in_order_with_its_ping_and_close() {
+    let node = Node::with(|c| c.websocket.echo = true).await;
+    let mut ws = RawWs::connect(node.addr, "/ws/echo").await;
+    let mut burst = Vec::new();
+    for i in 0..40 {
+        burst.extend(encode_frame(true, 0, OP_BINARY, &burst_message(i)));
+        if i == 20 {
+            burst.extend(encode_frame(true, 0, OP_PING, b"mid"));
+        }
+    }
+    burst.extend(encode_frame(false, 0, OP_TEXT, "fragmented ".as_bytes()));
+    burst.extend(encode_frame(true, 0, OP_CONT, "€".as_bytes()));
+    burst.extend(encode_frame(true, 0, OP_CLOSE, &close(1000, b"done")));
+    ws.send_raw(&burst).await.unwrap();
+
+    for i in 0..40 {
+        let frame = ws.read_frame().await.expect("an echo");
+        assert_eq!((frame.opcode, frame.payload), (OP_BINARY, burst_message(i)));
+        if i == 20 {
+            let pong = ws.read_frame().await.expect("the pong");
+            assert_eq!((pong.opcode, &pong.payload[..]), (OP_PONG, &b"mid"[..]));
+        }
+    }
+    let text = ws.read_frame().await.expect("the text echo");
+    assert_eq!(
+        (text.opcode, text.fin, &text.payload[..]),
+        (OP_TEXT, true, "fragmented €".as_bytes())
+    );
+    assert_eq!(ws.expect_close().await, Some(1000));
+}
+
+/// A peer that writes a burst and then shuts its side down without a Close still gets every
+/// echo of that burst.
+#[tokio::test]
+async fn a_burst_before_the_peer_half_closes_is_echoed_whole() {
+    let node = Node::with(|c| c.websocket.echo = true).await;
+    let mut ws = RawWs::connect(node.addr, "/ws/echo").await;
+    let burst: Vec<u8> = (0..40)
+        .flat_map(|i| encode_frame(true, 0, OP_BINARY, &burst_message(i)))
+        .collect();
+    ws.send_raw(&burst).await.unwrap();
+    tokio::io::AsyncWriteExt::shutdown(&mut ws.stream)
+        .await
+        .unwrap();
+    for i in 0..40 {
+        let frame = ws.read_frame().await.expect("an echo");
+        assert_eq!((frame.opcode, frame.payload), (OP_BINARY, burst_message(i)));
+    }
+    assert!(ws.read_frame().await.is_none(), "then the connection ends");
+}

@@ -13,9 +13,11 @@ pub(crate) mod frame_reader;
 pub(crate) mod message;
 
 use std::borrow::Cow;
+use std::future::poll_fn;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -327,7 +329,10 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             let step = tokio::select! {
                 _ = self.registration.closing() => Err(End::Close(close_code::GOING_AWAY, self.going_away())),
                 (code, reason) = self.guard.deadline() => Err(End::Close(code, reason.into())),
-                frame = self.frames.next(), if accepts => self.on_frame(frame, session.as_mut(), &mut out).await,
+                frame = self.frames.next(), if accepts => match session.as_mut() {
+                    Some(session) => self.on_frame(frame, Some(session), &mut out).await,
+                    None => self.echo_frames(frame, &mut out).await,
+                },
                 event = next_event(&mut session) => {
                     if let Some(session) = session.as_mut() {
                         session.apply(event, &mut out);
@@ -463,6 +468,44 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         }
     }
 
+    /// Echo mode: answers `first`, then every frame that is already read or readable without
+    /// waiting (a client with several messages in flight sends them together), and flushes once:
+    /// one write per burst rather than one per message.
+    async fn echo_frames(
+        &mut self,
+        first: Option<ReadResult>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), End> {
+        let mut frame = first;
+        let mut answered = 0;
+        let result = loop {
+            if let Err(end) = self.on_frame(frame, None, out).await {
+                break Err(end);
+            }
+            answered += 1;
+            if answered == BATCH {
+                break Ok(());
+            }
+            // Polled with this task's context: when nothing is ready the read stays registered
+            // (and in progress inside the stream) for the next `select!`.
+            match poll_fn(|cx| Poll::Ready(self.frames.poll_next_unpin(cx))).await {
+                Poll::Ready(next) => frame = next,
+                Poll::Pending => break Ok(()),
+            }
+        };
+        match result {
+            Ok(()) => self.flush().await,
+            // The peer stopped sending (or its Close was answered): what was echoed before still
+            // goes out, as it did when each echo was flushed on its own.
+            Err(End::Gone) if !self.reading => {
+                let _ = self.flush().await;
+                Err(End::Gone)
+            }
+            // A Close frame follows the echoes (see `close`), or the write failed.
+            Err(end) => Err(end),
+        }
+    }
+
     async fn on_message(
         &mut self,
         message: Message,
@@ -479,11 +522,11 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     .deflate
                     .as_ref()
                     .and_then(|d| deflate::message(data, d));
+                // Flushed by `echo_frames` once the burst is answered.
                 match &compressed {
-                    Some(deflated) => self.push_frame(opcode, true, deflated).await?,
-                    None => self.push_frame(opcode, false, data).await?,
+                    Some(deflated) => self.push_frame(opcode, true, deflated).await,
+                    None => self.push_frame(opcode, false, data).await,
                 }
-                self.flush().await
             }
             Some(session) => match message {
                 Message::Binary(_) => Err(End::Close(
