@@ -290,6 +290,16 @@ async fn node_b_behind_a_link(
     (redis, link, a, b)
 }
 
+/// A WebSocket and an SSE subscriber of `ch` on `node`, both asking for deltas, subscribed.
+async fn delta_subscribers(node: &impl Endpoint, ch: &str) -> (WsClient, Sse) {
+    let mut ws = WsClient::connect(node).await;
+    ws.ok(json!({"op": "subscribe", "channel": ch, "delta": true}))
+        .await;
+    let mut sse = Sse::open_query(node, &format!("channel={}&delta=true", enc(ch))).await;
+    sse.connected().await;
+    (ws, sse)
+}
+
 /// A gap on Redis: node B's connections to Redis freeze while node A publishes, then are cut,
 /// so what Redis sent B meanwhile is lost and B must fill the gap from history. Its delta
 /// subscribers (WebSocket and SSE) still get every publication once, in order, and every patch
@@ -299,11 +309,7 @@ async fn node_b_behind_a_link(
 async fn a_delta_chain_broken_by_a_gap_on_redis_never_patches_what_the_subscriber_lacks() {
     let (_redis, link, a, b) = node_b_behind_a_link(&PATIENT).await;
     let ch = "ticker:delta-gap";
-    let mut ws = WsClient::connect(&b).await;
-    ws.ok(json!({"op": "subscribe", "channel": ch, "delta": true}))
-        .await;
-    let mut sse = Sse::open_query(&b, &format!("channel={}&delta=true", enc(ch))).await;
-    sse.connected().await;
+    let (mut ws, mut sse) = delta_subscribers(&b, ch).await;
 
     publish_quotes(a.addr, ch, 1..=5).await;
     let mut follow_ws = Follower::new();
@@ -519,11 +525,7 @@ async fn a_delta_chain_broken_by_a_gap_past_history_on_redis_resets_then_starts_
     let env: Vec<(&str, &str)> = PATIENT.iter().chain(&short_history).copied().collect();
     let (_redis, link, a, b) = node_b_behind_a_link(&env).await;
     let ch = "brief:delta-gap";
-    let mut ws = WsClient::connect(&b).await;
-    ws.ok(json!({"op": "subscribe", "channel": ch, "delta": true}))
-        .await;
-    let mut sse = Sse::open_query(&b, &format!("channel={}&delta=true", enc(ch))).await;
-    sse.connected().await;
+    let (mut ws, mut sse) = delta_subscribers(&b, ch).await;
     publish_quotes(a.addr, ch, 1..=5).await;
     let (mut follow_ws, mut follow_sse) = (Follower::new(), Follower::new());
     let mut got_ws = Received { items: Vec::new() };
