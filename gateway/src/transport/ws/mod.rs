@@ -392,12 +392,22 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     );
                 }
             }
+            // A batch of command replies is a one-off: its output vector and write buffer are
+            // given back at once, not at the next heartbeat (most connections are idle after
+            // subscribing). Deliveries recur: room for one output, what most wakes need, is kept.
+            let replies_only = !out.is_empty() && !out.iter().any(is_delivery);
             if let Err(end) = self.write_outputs(&mut out).await {
                 break end;
             }
-            // Room for one output is what most wakes need (a live publication); what a burst or
-            // a reply grew it to is given back at once, not at the next heartbeat.
-            out.shrink_to(1);
+            if replies_only {
+                out = Vec::new();
+                // A flush with nothing to write frees the write buffer.
+                if let Err(end) = self.flush().await {
+                    break end;
+                }
+            } else {
+                out.shrink_to(1);
+            }
         };
         match end {
             // Once per connection, on the heap: see `push_frame`.
@@ -643,6 +653,15 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         })
         .await;
     }
+}
+
+/// Whether `output` carries a channel's message (a publication or presence event) rather than
+/// a reply to the client's command.
+fn is_delivery(output: &Output) -> bool {
+    matches!(
+        output,
+        Output::Live(_) | Output::History(_) | Output::Presence(_)
+    )
 }
 
 async fn next_event(session: &mut Option<Session>) -> Event {
