@@ -1,17 +1,21 @@
 //! Draining: how a stopping node lets go of its clients without a reconnect storm.
 //!
-//! Every WebSocket and SSE connection registers here and gets its own close token. A drain first
+//! Every WebSocket and SSE connection registers here and gets its own close signal. A drain first
 //! reports not ready while still serving for `drain.delay` (load balancers stop routing new
 //! clients), then closes the registered connections in batches spread evenly over `drain.window`,
 //! each with a jittered reconnect hint, so the clients arrive at the other nodes gradually.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use rand::seq::SliceRandom;
-use tokio_util::sync::CancellationToken;
 
 use crate::hub::ConnId;
 use crate::metrics::Metrics;
@@ -23,15 +27,52 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// its own. A connection's id here is its id everywhere in the node (the hub's `ConnId`).
 #[derive(Default)]
 pub(crate) struct Streams {
-    connections: Mutex<HashMap<ConnId, CancellationToken>>,
+    connections: Mutex<HashMap<ConnId, Arc<CloseSignal>>>,
     next: std::sync::atomic::AtomicU64,
+}
+
+/// A connection's close request: one task waits for it, so a flag and one waker do (a
+/// `CancellationToken` is a tree node of ~110 bytes, and its wait future ~70 bytes more in
+/// every connection's future).
+#[derive(Default)]
+struct CloseSignal {
+    closed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl CloseSignal {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
 }
 
 /// A connection's registration; dropping it unregisters the connection.
 pub(crate) struct Registration {
     streams: Arc<Streams>,
     id: ConnId,
-    token: CancellationToken,
+    signal: Arc<CloseSignal>,
+}
+
+/// Resolves once the node wants the connection closed (see [`Registration::closing`]).
+pub(crate) struct Closing<'a>(&'a CloseSignal);
+
+impl Future for Closing<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let signal = self.0;
+        if signal.closed.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        signal.waker.register(cx.waker());
+        // A close between the check and the registration woke no one: look again.
+        if signal.closed.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 impl Registration {
@@ -40,10 +81,10 @@ impl Registration {
         self.id
     }
 
-    /// Resolves when the node wants this connection closed. Owned, so a connection loop can
-    /// keep one pinned across iterations instead of registering a new waiter every time round.
-    pub(crate) fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.token.clone().cancelled_owned()
+    /// Resolves when the node wants this connection closed. One task waits for it at a time
+    /// (the waker of the latest poll is the one woken).
+    pub(crate) fn closing(&self) -> Closing<'_> {
+        Closing(&self.signal)
     }
 }
 
@@ -56,12 +97,12 @@ impl Drop for Registration {
 impl Streams {
     pub(crate) fn register(self: &Arc<Self>) -> Registration {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let token = CancellationToken::new();
-        self.connections.lock().insert(id, token.clone());
+        let signal = Arc::new(CloseSignal::default());
+        self.connections.lock().insert(id, signal.clone());
         Registration {
             streams: self.clone(),
             id,
-            token,
+            signal,
         }
     }
 
@@ -71,8 +112,8 @@ impl Streams {
 
     /// Closes every connection now.
     pub(crate) fn close_all(&self) {
-        for token in self.connections.lock().values() {
-            token.cancel();
+        for signal in self.connections.lock().values() {
+            signal.close();
         }
     }
 
@@ -90,24 +131,24 @@ impl Streams {
             ticker.tick().await;
             // Spread the remainder so batch sizes differ by at most one.
             let end = ids.len() * (batch + 1) / batches;
-            let tokens: Vec<CancellationToken> = {
+            let signals: Vec<Arc<CloseSignal>> = {
                 let connections = self.connections.lock();
                 ids[closed..end]
                     .iter()
                     .filter_map(|id| connections.get(id).cloned())
                     .collect()
             };
-            for token in &tokens {
-                token.cancel();
+            for signal in &signals {
+                signal.close();
             }
-            metrics.drain_closed.inc_by(tokens.len() as u64);
+            metrics.drain_closed.inc_by(signals.len() as u64);
             closed = end;
             let remaining = ids.len() - closed;
             metrics.drain_remaining.set(remaining as i64);
             tracing::info!(
                 batch = batch + 1,
                 batches,
-                closed = tokens.len(),
+                closed = signals.len(),
                 remaining,
                 "drain batch"
             );

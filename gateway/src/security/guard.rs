@@ -213,12 +213,20 @@ pub(crate) enum Verdict {
 /// The security state of one WebSocket connection.
 pub(crate) struct Guard {
     node: Arc<Node>,
-    identity: Option<Identity>,
     permit: Permit,
+    commands: u64,
+    /// What only a token, a command rate or an idle timeout needs: `None` until one applies,
+    /// so a connection on a node without them holds one pointer for it.
+    state: Option<Box<Secured>>,
+}
+
+/// The part of a [`Guard`] that exists once a token, a command rate or an idle timeout applies.
+#[derive(Default)]
+struct Secured {
+    identity: Option<Identity>,
     bucket: Option<TokenBucket>,
     /// Commands refused by the rate limit since the last accepted one.
     refused_in_row: u32,
-    commands: u64,
     expiry: Option<Pin<Box<Sleep>>>,
     /// `limits.idle_timeout`, when it applies to this connection.
     idle_timeout: Option<Duration>,
@@ -240,17 +248,19 @@ impl Guard {
         let bucket = (limits.command_rate > 0.0)
             .then(|| TokenBucket::new(limits.command_rate, limits.command_burst));
         let idle_timeout = (idle && !limits.idle_timeout.is_zero()).then_some(limits.idle_timeout);
-        let idle = idle_timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout)));
+        let state = (bucket.is_some() || idle_timeout.is_some()).then(|| {
+            Box::new(Secured {
+                bucket,
+                idle_timeout,
+                idle: idle_timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout))),
+                ..Secured::default()
+            })
+        });
         let mut guard = Guard {
             node,
-            identity: None,
             permit: admission.permit,
-            bucket,
-            refused_in_row: 0,
             commands: 0,
-            expiry: None,
-            idle_timeout,
-            idle,
+            state,
         };
         if let Some(identity) = admission.identity {
             guard.set_identity(identity);
@@ -259,32 +269,34 @@ impl Guard {
     }
 
     fn set_identity(&mut self, identity: Identity) {
-        self.expiry = identity.expires_at.map(|exp| {
-            Box::pin(tokio::time::sleep_until(expiry_instant(
-                exp,
-                self.node.config().auth.jwt_leeway,
-            )))
-        });
-        self.identity = Some(identity);
+        let leeway = self.node.config().auth.jwt_leeway;
+        let state = self.state.get_or_insert_with(Box::default);
+        state.expiry = identity
+            .expires_at
+            .map(|exp| Box::pin(tokio::time::sleep_until(expiry_instant(exp, leeway))));
+        state.identity = Some(identity);
     }
 
     /// Tells the guard whether the connection holds a subscription now (after every step): the
     /// idle timeout runs from the moment it holds none — at the start, and again after its last
     /// subscription ended or failed — and stops while it holds one.
     pub(crate) fn note_subscriptions(&mut self, subscribed: bool) {
-        let Some(timeout) = self.idle_timeout else {
+        let Some(state) = self.state.as_deref_mut() else {
+            return;
+        };
+        let Some(timeout) = state.idle_timeout else {
             return;
         };
         if subscribed {
-            self.idle = None;
-        } else if self.idle.is_none() {
-            self.idle = Some(Box::pin(tokio::time::sleep(timeout)));
+            state.idle = None;
+        } else if state.idle.is_none() {
+            state.idle = Some(Box::pin(tokio::time::sleep(timeout)));
         }
     }
 
     /// Who the connection is, once a token said so.
     pub(crate) fn identity(&self) -> Option<&Identity> {
-        self.identity.as_ref()
+        self.state.as_ref()?.identity.as_ref()
     }
 
     /// Whether the connection, with its current token, may subscribe to `channel`.
@@ -292,20 +304,23 @@ impl Guard {
         self.node
             .policy()
             .namespaces
-            .check(Action::Subscribe, channel, self.identity.as_ref())
+            .check(Action::Subscribe, channel, self.identity())
             .is_ok()
     }
 
     /// Resolves when the connection must close: its token expired, or it stayed idle.
     pub(crate) async fn deadline(&mut self) -> (u16, &'static str) {
+        let Some(state) = self.state.as_deref_mut() else {
+            return std::future::pending().await;
+        };
         let expiry = async {
-            match self.expiry.as_mut() {
+            match state.expiry.as_mut() {
                 Some(sleep) => sleep.as_mut().await,
                 None => std::future::pending().await,
             }
         };
         let idle = async {
-            match self.idle.as_mut() {
+            match state.idle.as_mut() {
                 Some(sleep) => sleep.as_mut().await,
                 None => std::future::pending().await,
             }
@@ -328,10 +343,13 @@ impl Guard {
             Ok(command) => command.id(),
             Err(e) => e.id,
         };
-        if let Some(bucket) = self.bucket.as_mut() {
+        let state = self.state.as_deref_mut();
+        if let Some((bucket, refused_in_row)) =
+            state.and_then(|s| Some((s.bucket.as_mut()?, &mut s.refused_in_row)))
+        {
             if let Err(wait) = bucket.take() {
                 self.node.count_limit("command_rate");
-                self.refused_in_row += 1;
+                *refused_in_row += 1;
                 let error = ErrorBody::new(
                     error_code::RATE_LIMITED,
                     format!(
@@ -340,7 +358,7 @@ impl Guard {
                     ),
                 );
                 let burst = self.node.config().limits.command_burst.max(1);
-                if self.refused_in_row > burst {
+                if *refused_in_row > burst {
                     return Verdict::Close(
                         reply_err(id, &error),
                         close_code::RATE_LIMITED,
@@ -349,7 +367,7 @@ impl Guard {
                 }
                 return Verdict::Reply(reply_err(id, &error));
             }
-            self.refused_in_row = 0;
+            *refused_in_row = 0;
         }
         let Ok(command) = parsed else {
             return Verdict::Proceed;
@@ -367,7 +385,7 @@ impl Guard {
         };
         match command {
             Command::Connect { token, .. } => {
-                if self.identity.is_some() {
+                if self.identity().is_some() {
                     return refuse(ErrorBody::new(
                         error_code::ALREADY_CONNECTED,
                         "the connection is authenticated already",
@@ -382,7 +400,7 @@ impl Guard {
                 self.authenticate(id, token, false)
             }
             Command::Refresh { token, .. } => {
-                if self.identity.is_none() {
+                if self.identity().is_none() {
                     return refuse(ErrorBody::new(
                         error_code::BAD_REQUEST,
                         "refresh needs an authenticated connection: send connect first",
@@ -392,15 +410,14 @@ impl Guard {
             }
             // Who is in a channel is shown to those who may subscribe to it.
             Command::Subscribe { channel, .. } | Command::Presence { channel, .. } => {
-                if let Err(e) = namespaces.check(Action::Subscribe, channel, self.identity.as_ref())
-                {
+                if let Err(e) = namespaces.check(Action::Subscribe, channel, self.identity()) {
                     self.node.count_auth(e.code);
                     return refuse(e);
                 }
                 Verdict::Proceed
             }
             Command::Publish { channel, data, .. } => {
-                if let Err(e) = namespaces.check(Action::Publish, channel, self.identity.as_ref()) {
+                if let Err(e) = namespaces.check(Action::Publish, channel, self.identity()) {
                     self.node.count_auth(e.code);
                     return refuse(e);
                 }
@@ -441,7 +458,7 @@ impl Guard {
             );
         }
         if refresh {
-            let current = self.identity.as_ref().map(|i| &i.user);
+            let current = self.identity().map(|i| &i.user);
             if current != Some(&identity.user) {
                 self.node.count_auth("user_mismatch");
                 let error = ErrorBody::new(

@@ -27,14 +27,13 @@
 
 use std::sync::Arc;
 
-use backplane::{BackplaneError, HistoryPage, Position, Publication};
-use bytes::Bytes;
-use rustc_hash::FxHashMap;
-
 use crate::protocol::{
     backplane_error, check_subscription_count, error_code, reset_reason, ErrorBody, Reset,
     SubscribeResult,
 };
+use crate::session::channel_map::ChannelMap;
+use backplane::{BackplaneError, HistoryPage, Position, Publication};
+use bytes::Bytes;
 
 /// What the session asks its transport to send, in order.
 #[derive(Debug)]
@@ -44,7 +43,9 @@ pub(crate) enum Output {
     /// A subscription is set up; sent before any of the channel's publications.
     Subscribed {
         id: Option<u64>,
-        result: SubscribeResult,
+        /// Boxed, as is a failure's error: every output in a batch is as large as its largest
+        /// kind, and these come once per subscription.
+        result: Box<SubscribeResult>,
         /// The offset delivery continues after, and the tag there when known: the requested
         /// position when recovered, the new epoch's start after `epoch_changed` (before the
         /// first publication delivered from it), else `result.offset`. What a cursor names
@@ -55,7 +56,7 @@ pub(crate) enum Output {
     SubscribeFailed {
         id: Option<u64>,
         channel: Arc<str>,
-        error: ErrorBody,
+        error: Box<ErrorBody>,
     },
     /// A publication read from history (resume or gap fill).
     History(Arc<Publication>),
@@ -257,9 +258,9 @@ impl Subscription {
 /// The subscriptions of one session and the rule that delivers each channel exactly once, in
 /// order.
 pub(crate) struct Deliveries {
-    /// Looked up once per delivered publication: Fx hashing rather than SipHash (the keys are
-    /// the client's own channels, at most `client.max_subscriptions` of them).
-    subs: FxHashMap<Arc<str>, Subscription>,
+    /// Looked up once per delivered publication (the keys are the client's own channels, at
+    /// most `client.max_subscriptions` of them).
+    subs: ChannelMap<Subscription>,
     next_gen: u64,
     page_size: usize,
     max_subscriptions: usize,
@@ -376,7 +377,7 @@ fn decide_latest(first_read: Option<(&Arc<str>, u64)>, page: &HistoryPage) -> Re
 impl Deliveries {
     pub(crate) fn new(page_size: usize, max_subscriptions: usize) -> Self {
         Deliveries {
-            subs: FxHashMap::default(),
+            subs: ChannelMap::default(),
             next_gen: 0,
             page_size,
             max_subscriptions,
@@ -449,7 +450,7 @@ impl Deliveries {
             delta: options.delta,
             sent: None,
         };
-        self.subs.insert(channel.clone(), sub);
+        self.subs.insert_new(channel.clone(), sub);
         Ok(gen)
     }
 
@@ -471,7 +472,7 @@ impl Deliveries {
     /// Ends every subscription; returns their channels and whether each was set up (the
     /// session is going away).
     pub(crate) fn unsubscribe_all(&mut self) -> Vec<(Arc<str>, bool)> {
-        let subs = std::mem::take(&mut self.subs);
+        let subs = self.subs.take_all();
         subs.into_iter()
             .map(|(channel, sub)| {
                 self.forget(&sub);
@@ -507,7 +508,7 @@ impl Deliveries {
         if !p.is_publication() {
             return self.on_presence_event(p, out, effects);
         }
-        let Some(sub) = self.subs.get_mut(&*p.channel) else {
+        let Some(sub) = self.subs.get_mut(&p.channel) else {
             return;
         };
         match &mut sub.state {
@@ -584,7 +585,7 @@ impl Deliveries {
         out: &mut Vec<Output>,
         effects: &mut Vec<Effect>,
     ) {
-        let Some(sub) = self.subs.get_mut(&*event.channel) else {
+        let Some(sub) = self.subs.get_mut(&event.channel) else {
             return;
         };
         let ahead = event.epoch == sub.epoch && event.offset > sub.delivered;
@@ -638,7 +639,7 @@ impl Deliveries {
                 out.push(Output::SubscribeFailed {
                     id,
                     channel,
-                    error: backplane_error(&e),
+                    error: Box::new(backplane_error(&e)),
                 });
                 return;
             }
@@ -691,7 +692,7 @@ impl Deliveries {
         out.push(Output::Subscribed {
             id,
             start: (resume.continue_after, resume.tag),
-            result: SubscribeResult {
+            result: Box::new(SubscribeResult {
                 channel: channel.clone(),
                 epoch: page.epoch.clone(),
                 offset: page.top,
@@ -699,7 +700,7 @@ impl Deliveries {
                 reason: resume.reason,
                 tag: page.top_tag,
                 latest: resume.latest,
-            },
+            }),
         });
         let more = resume.deliver_page && deliver_page(sub, &channel, &page, self.page_size, out);
         self.continue_or_go_live(channel, more, live_max, false, out, effects);
@@ -866,6 +867,13 @@ mod tests {
 
     const CHANNEL: &str = "c";
     const PAGE_SIZE: usize = 3;
+
+    /// A batch of outputs is as large as its largest kind times its length, and an idle
+    /// connection keeps room for one: the rare large kinds stay boxed.
+    #[test]
+    fn an_output_takes_at_most_64_bytes() {
+        assert!(std::mem::size_of::<Output>() <= 64);
+    }
 
     enum Step {
         /// Subscribe to `c`, from a position or from now.

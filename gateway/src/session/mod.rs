@@ -4,6 +4,7 @@
 //! (`POST /api/disconnect`, `/api/unsubscribe`). Transports feed it commands and write what it
 //! outputs.
 
+pub(crate) mod channel_map;
 pub(crate) mod delivery;
 pub(crate) mod fresh;
 
@@ -203,7 +204,11 @@ impl Session {
                 if error.code == error_code::TOO_MANY_SUBSCRIPTIONS {
                     self.node.count_limit("max_subscriptions");
                 }
-                out.push(Output::SubscribeFailed { id, channel, error });
+                out.push(Output::SubscribeFailed {
+                    id,
+                    channel,
+                    error: Box::new(error),
+                });
                 return;
             }
         };
@@ -214,7 +219,7 @@ impl Session {
                 out.push(Output::SubscribeFailed {
                     id,
                     channel,
-                    error: refusal.error(),
+                    error: Box::new(refusal.error()),
                 });
                 return;
             }

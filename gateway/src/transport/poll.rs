@@ -181,7 +181,7 @@ async fn answer(
                         .iter()
                         .position(|c| *c == result.channel)
                         .expect("outputs only name the poll's channels");
-                    subscribed[i] = Some((result, start));
+                    subscribed[i] = Some((*result, start));
                 }
                 Output::SubscribeFailed { error, .. } => {
                     return response::error(error.status(), error.code, error.message);

@@ -230,7 +230,7 @@ impl SseStream {
                         // the new epoch follows from its start, and a cursor naming the top
                         // would skip it on reconnect.
                         self.positions.set(i, &result.epoch, start.0, start.1);
-                        results[i] = Some((result, start));
+                        results[i] = Some((*result, start));
                     }
                     Output::SubscribeFailed { channel, error, .. } => {
                         let data = serde_json::to_vec(&StreamError {

@@ -156,31 +156,55 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
     deflate: Option<Deflate>,
     client_ip: IpAddr,
 ) {
-    let guard = Guard::new(node.clone(), admission, mode == Mode::Protocol);
-    let node = node.clone();
+    // What the connection is built from waits for the upgrade on the heap: a future keeps room
+    // for everything it captured for its whole life, beside the connection it was moved into.
+    let setup = Box::new(Setup {
+        guard: Guard::new(node.clone(), admission, mode == Mode::Protocol),
+        node: node.clone(),
+        deflate,
+        client_ip,
+    });
     // The task's future is most of an idle connection's memory: it holds only the upgrade, then
     // the connection and its `serve` future. Everything else is built by plain functions, whose
     // locals a future would otherwise keep room for beside the connection they were moved into.
     node.connection_tasks().clone().spawn(async move {
-        match io.await {
-            Ok(io) => {
-                let open = node
-                    .metrics()
-                    .websockets
-                    .with_label_values(&[handshake.http_version()]);
-                open.inc();
-                let transport = if mode == Mode::Echo { "echo" } else { "ws" };
-                let gauge = node.metrics().connections.with_label_values(&[transport]);
-                gauge.inc();
-                connection(node, io, transport, guard, deflate, client_ip)
-                    .serve(mode)
-                    .await;
-                gauge.dec();
-                open.dec();
+        // Not matched in place: a `match` keeps its scrutinee's room until its end.
+        let io = match io.await {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(error = %e, ?handshake, "websocket upgrade failed");
+                return;
             }
-            Err(e) => tracing::debug!(error = %e, ?handshake, "websocket upgrade failed"),
-        }
+        };
+        // Moved out of a temporary, so the box is freed here rather than with the task.
+        let Setup {
+            node,
+            guard,
+            deflate,
+            client_ip,
+        } = *{ setup };
+        let open = node
+            .metrics()
+            .websockets
+            .with_label_values(&[handshake.http_version()]);
+        open.inc();
+        let transport = if mode == Mode::Echo { "echo" } else { "ws" };
+        let gauge = node.metrics().connections.with_label_values(&[transport]);
+        gauge.inc();
+        connection(node, io, transport, guard, deflate, client_ip)
+            .serve(mode)
+            .await;
+        gauge.dec();
+        open.dec();
     });
+}
+
+/// What a connection is built from once its upgrade completes (see [`spawn_connection`]).
+struct Setup {
+    node: Arc<Node>,
+    guard: Guard,
+    deflate: Option<Deflate>,
+    client_ip: IpAddr,
 }
 
 /// The connection state of an upgraded stream; `transport` labels its metrics.
@@ -343,7 +367,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     // Give back what the last burst of traffic left allocated; a flush with
                     // nothing to write frees the write buffer.
                     out = Vec::new();
-                    match self.heartbeat.check() {
+                    match self.heartbeat.check(&self.node) {
                         Beat::Idle => self.flush().await,
                         Beat::Ping => match self.flush().await {
                             Ok(()) => self.send(OpCode::Ping, b"").await,
@@ -373,6 +397,10 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     );
                 }
             }
+            // A batch of command replies is a one-off: its output vector and write buffer are
+            // given back at once, not at the next heartbeat (most connections are idle after
+            // subscribing). Deliveries recur: room for one output, what most wakes need, is kept.
+            let replies_only = !out.is_empty() && !out.iter().any(is_delivery);
             if let Err(end) = self.write_outputs(&mut out).await {
                 break end;
             }
@@ -380,6 +408,15 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 if let Some(session) = session.as_mut() {
                     session.socket_stalled();
                 }
+            }
+            if replies_only {
+                out = Vec::new();
+                // A flush with nothing to write frees the write buffer.
+                if let Err(end) = self.flush().await {
+                    break end;
+                }
+            } else {
+                out.shrink_to(1);
             }
         };
         match end {
@@ -440,7 +477,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             // The reader already refused control frames longer than 125 bytes.
             OpCode::Ping => self.send(OpCode::Pong, &frame.payload).await,
             OpCode::Pong => {
-                self.heartbeat.pong();
+                self.heartbeat.pong(&self.node);
                 Ok(())
             }
             _ => match self.assembler.push(frame) {
@@ -666,6 +703,15 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
     }
 }
 
+/// Whether `output` carries a channel's message (a publication or presence event) rather than
+/// a reply to the client's command.
+fn is_delivery(output: &Output) -> bool {
+    matches!(
+        output,
+        Output::Live(_) | Output::History(_) | Output::Presence(_)
+    )
+}
+
 async fn next_event(session: &mut Option<Session>) -> Event {
     match session {
         Some(session) => session.next().await,
@@ -674,12 +720,11 @@ async fn next_event(session: &mut Option<Session>) -> Event {
 }
 
 /// Server-side liveness check: a connection silent for the ping interval is pinged; one still
-/// silent a pong timeout later is dead (the classic silent drop).
+/// silent a pong timeout later is dead (the classic silent drop). The interval and timeout are
+/// read from the node's config when needed rather than kept per connection.
 struct Heartbeat {
     sleep: Pin<Box<Sleep>>,
     awaiting_pong: bool,
-    interval: Duration,
-    timeout: Duration,
     /// A frame arrived since the last check.
     activity: bool,
 }
@@ -692,22 +737,20 @@ enum Beat {
 
 impl Heartbeat {
     fn new(node: &Node) -> Self {
-        let interval = node.config().websocket.ping_interval;
         Heartbeat {
-            sleep: Box::pin(tokio::time::sleep(interval)),
+            sleep: Box::pin(tokio::time::sleep(node.config().websocket.ping_interval)),
             awaiting_pong: false,
-            interval,
-            timeout: node.config().websocket.pong_timeout,
             activity: false,
         }
     }
 
     /// A pong restarts the idle period at once rather than when the pong timeout fires.
-    fn pong(&mut self) {
+    fn pong(&mut self, node: &Node) {
         if self.awaiting_pong {
             self.awaiting_pong = false;
             self.activity = false;
-            self.sleep.as_mut().reset(Instant::now() + self.interval);
+            let interval = node.config().websocket.ping_interval;
+            self.sleep.as_mut().reset(Instant::now() + interval);
         }
     }
 
@@ -719,17 +762,18 @@ impl Heartbeat {
         self.sleep.as_mut().await
     }
 
-    fn check(&mut self) -> Beat {
+    fn check(&mut self, node: &Node) -> Beat {
         let now = Instant::now();
+        let websocket = &node.config().websocket;
         if std::mem::take(&mut self.activity) {
             self.awaiting_pong = false;
-            self.sleep.as_mut().reset(now + self.interval);
+            self.sleep.as_mut().reset(now + websocket.ping_interval);
             Beat::Idle
         } else if self.awaiting_pong {
             Beat::Dead
         } else {
             self.awaiting_pong = true;
-            self.sleep.as_mut().reset(now + self.timeout);
+            self.sleep.as_mut().reset(now + websocket.pong_timeout);
             Beat::Ping
         }
     }
