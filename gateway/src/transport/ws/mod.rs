@@ -355,7 +355,9 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 (code, reason) = self.guard.deadline() => Err(End::Close(code, reason.into())),
                 frame = self.frames.next(), if accepts => match session.as_mut() {
                     Some(session) => self.on_frame(frame, Some(session), &mut out).await,
-                    None => self.echo_frames(frame, &mut out).await,
+                    // Boxed: the echo endpoint is for conformance runs, and its state inline
+                    // would enlarge every client connection's future.
+                    None => Box::pin(self.echo_frames(frame, &mut out)).await,
                 },
                 event = next_event(&mut session) => {
                     if let Some(session) = session.as_mut() {
@@ -634,8 +636,27 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         if out.is_empty() {
             return Ok(());
         }
-        let mut delivered = 0;
         let oldest_live = oldest_live(out);
+        // The frames and the flush are two futures awaited one after the other: in one, the
+        // flush's state was laid out beside the loop's, and this future is part of every
+        // connection's (idle ones included).
+        let (delivered, mut result) = self.push_outputs(out).await;
+        if result.is_ok() {
+            result = self.flush().await;
+        }
+        if delivered > 0 {
+            self.deliveries.inc_by(delivered);
+        }
+        if result.is_ok() {
+            observe_fanout(&self.fanout_latency, oldest_live);
+        }
+        result
+    }
+
+    /// Adds the outputs to the write batch as frames (writing out a batch that outgrew the
+    /// buffer); returns how many were deliveries, and whether a write failed.
+    async fn push_outputs(&mut self, out: &mut Vec<Output>) -> (u64, Result<(), End>) {
+        let mut delivered = 0;
         let mut result = Ok(());
         for output in out.drain(..) {
             let deflate = self.deflate.as_ref();
@@ -673,17 +694,8 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 break;
             }
         }
-        if result.is_ok() {
-            result = self.flush().await;
-        }
         out.clear();
-        if delivered > 0 {
-            self.deliveries.inc_by(delivered);
-        }
-        if result.is_ok() {
-            observe_fanout(&self.fanout_latency, oldest_live);
-        }
-        result
+        (delivered, result)
     }
 
     /// Sends Close and waits briefly for the peer's Close before the socket is dropped.
