@@ -603,6 +603,7 @@ async fn serve<B: RequestBody>(
                 request.headers(),
                 client_ip,
                 admission.identity.as_ref(),
+                request.extensions().get::<sse::InlineSlot>(),
             )
             .map(|body| guard::Expiring::wrap(node, body, admission)),
             Err(response) => response,
