@@ -284,7 +284,9 @@ async fn serve_connection(
     match tls {
         None => {
             let handshake = node.config().limits.handshake_timeout;
-            match sse_h1::first_request(&stream, handshake).await {
+            // Boxed: the wait for the first bytes (and its timer) would otherwise stay part of
+            // this task for as long as the SSE stream it turns out to be.
+            match Box::pin(sse_h1::first_request(&stream, handshake)).await {
                 // Both boxed: each is large, and the task holds whichever runs, not room for both.
                 FirstRequest::Sse => Box::pin(sse_h1::serve(stream, peer, node, kind)).await,
                 FirstRequest::Other => {
@@ -603,6 +605,7 @@ async fn serve<B: RequestBody>(
                 request.headers(),
                 client_ip,
                 admission.identity.as_ref(),
+                request.extensions().get::<sse::InlineSlot>(),
             )
             .map(|body| guard::Expiring::wrap(node, body, admission)),
             Err(response) => response,

@@ -3,18 +3,17 @@
 //! response (its builder has no smaller sizes), which made an idle SSE stream cost 4.4× a
 //! WebSocket. Here the request head is read and parsed (httparse) into a buffer that is gone
 //! once the request is built, the router answers it exactly as it answers hyper's requests, and
-//! the response is written straight to the socket, chunked, with a buffer that exists only while
-//! bytes move. One response per connection (`Connection: close`): an event stream lasts until
-//! one side ends it. Every other request, TLS and HTTP/2 stay with hyper.
+//! the stream's loop then runs in this connection's task, writing its events straight to the
+//! socket (`sse_socket`), chunked, with a buffer that exists only while bytes move: no second
+//! task, no body channel. One response per connection (`Connection: close`): an event stream
+//! lasts until one side ends it. Every other request, TLS and HTTP/2 stay with hyper.
 
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Body as _;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,9 +22,11 @@ use tokio::net::TcpStream;
 use crate::http::gate::Kind;
 use crate::http::response::{self, Body};
 use crate::http::server::{route, Peer};
+use crate::http::sse_socket::SocketSink;
 use crate::node::Node;
 use crate::protocol::error_code;
 use crate::transport::bounded::bounded;
+use crate::transport::sse::{Accepted, InlineSlot};
 
 /// The longest request head read: room for the longest cursor (64 KiB) in `Last-Event-ID`.
 const MAX_HEAD: usize = 96 * 1024;
@@ -53,26 +54,52 @@ pub(crate) async fn first_request(stream: &TcpStream, timeout: Duration) -> Firs
 }
 
 /// Serves the connection's one request (`GET /sse…`) and closes it.
-pub(crate) async fn serve(mut stream: TcpStream, peer: Peer, node: Arc<Node>, kind: Kind) {
+pub(crate) async fn serve(stream: TcpStream, peer: Peer, node: Arc<Node>, kind: Kind) {
+    // Boxed and gone once answered: what reading, routing and the head need (the request, the
+    // router's future sized for every route) is not part of this task while the stream runs.
+    let Some((accepted, sink)) = Box::pin(answer(stream, peer, node, kind)).await else {
+        return;
+    };
+    accepted.run(sink).await.finish().await;
+}
+
+/// Reads the request and answers it: a refusal, written whole, or the head of an accepted
+/// stream, which is returned with its socket to run.
+async fn answer(
+    mut stream: TcpStream,
+    peer: Peer,
+    node: Arc<Node>,
+    kind: Kind,
+) -> Option<(Accepted, SocketSink)> {
     let timeout = node.config().limits.handshake_timeout;
-    let (request, http10) = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
+    let (mut request, http10) = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
         Ok(Ok(read)) => read,
         Ok(Err(Some(refusal))) => {
-            let _ = write_response(&mut stream, &node, refusal, false).await;
-            return;
+            let _ = write_response(&mut stream, &node, refusal).await;
+            return None;
         }
         // The client left before its request was whole.
-        Ok(Err(None)) => return,
+        Ok(Err(None)) => return None,
         Err(_) => {
             node.count_limit("handshake_timeout");
-            return;
+            return None;
         }
     };
-    // Boxed and gone once answered: the router's future is sized for every route (a poll, a
-    // publish), and held inline it would stay part of this connection's task for the life of
-    // the stream.
+    // The router leaves an accepted stream here for this task to run.
+    let slot = InlineSlot::default();
+    request.extensions_mut().insert(slot.clone());
     let response = Box::pin(route(&node, kind, peer, request)).await;
-    let _ = write_response(&mut stream, &node, response, http10).await;
+    let Some(accepted) = slot.take() else {
+        let _ = write_response(&mut stream, &node, response).await;
+        return None;
+    };
+    let limit = node.config().sse_write_timeout();
+    let (parts, body) = response.into_parts();
+    let chunked = !http10;
+    write_within(&mut stream, &head(&parts, None, chunked), limit)
+        .await
+        .ok()?;
+    Some((accepted, SocketSink::new(stream, body, chunked, limit)))
 }
 
 /// Reads and parses the request head. `Err(None)`: the client closed; `Err(Some(_))`: the
@@ -161,18 +188,30 @@ fn refusal(status: StatusCode, message: String) -> Response<Body> {
     response::error(status, error_code::BAD_REQUEST, message)
 }
 
-/// Writes the response: the head, then the body as it comes (chunked on HTTP/1.1), until it
-/// ends or the client leaves. `Err` when the client is gone or too slow.
+/// Writes a whole response (a refusal) and closes the connection. `Err` when the client is gone
+/// or too slow.
 async fn write_response(
     stream: &mut TcpStream,
     node: &Node,
     response: Response<Body>,
-    http10: bool,
 ) -> Result<(), ()> {
     let limit = node.config().sse_write_timeout();
-    let (parts, mut body) = response.into_parts();
-    let length = body.size_hint().exact();
-    let chunked = length.is_none() && !http10;
+    let (parts, body) = response.into_parts();
+    // Refusals are whole in memory: collecting them does not wait.
+    let body = match body.collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(never) => match never {},
+    };
+    let mut bytes = head(&parts, Some(body.len() as u64), false);
+    bytes.extend_from_slice(&body);
+    write_within(stream, &bytes, limit).await?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// A response's head: its status and headers, then the framing: `length` bytes, chunked, or
+/// (HTTP/1.0) until the connection closes.
+fn head(parts: &hyper::http::response::Parts, length: Option<u64>, chunked: bool) -> Vec<u8> {
     let mut head = Vec::with_capacity(256);
     let reason = parts.status.canonical_reason().unwrap_or("");
     let _ = write!(head, "HTTP/1.1 {} {reason}\r\n", parts.status.as_u16());
@@ -195,72 +234,12 @@ async fn write_response(
         None => {}
     }
     head.extend_from_slice(b"connection: close\r\n\r\n");
-    // Not kept for the stream's life: the headers are in `head` now.
-    drop(parts);
-    write_within(stream, &head, limit).await?;
-    drop(head);
-
-    loop {
-        tokio::select! {
-            frame = body.frame() => {
-                let Some(Ok(frame)) = frame else { break };
-                // What else is ready goes in the same chunk and write: an event is three frames.
-                let mut pieces: Vec<Bytes> = frame.into_data().into_iter().collect();
-                while let Some(Some(Ok(frame))) = body.frame().now_or_never() {
-                    pieces.extend(frame.into_data());
-                }
-                let out = framed(&pieces, chunked);
-                if !out.is_empty() {
-                    write_within(stream, &out, limit).await?;
-                }
-            }
-            gone = client_gone(stream) => if gone { return Err(()) },
-        }
-    }
-    if chunked {
-        write_within(stream, b"0\r\n\r\n", limit).await?;
-    }
-    let _ = stream.shutdown().await;
-    Ok(())
-}
-
-/// The bytes of `pieces` as one write: one chunk when chunked (none for no bytes, since an
-/// empty chunk would end the body).
-fn framed(pieces: &[Bytes], chunked: bool) -> Vec<u8> {
-    let total: usize = pieces.iter().map(Bytes::len).sum();
-    let mut out = Vec::with_capacity(total + 12);
-    if total == 0 {
-        return out;
-    }
-    if chunked {
-        let _ = write!(out, "{total:x}\r\n");
-    }
-    for piece in pieces {
-        out.extend_from_slice(piece);
-    }
-    if chunked {
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+    head
 }
 
 async fn write_within(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> Result<(), ()> {
     match bounded(limit, stream.write_all(bytes)).await {
         Some(Ok(())) => Ok(()),
         _ => Err(()),
-    }
-}
-
-/// Waits until the client sends something: `true` when it closed or the connection broke;
-/// `false` after bytes that are read and dropped (nothing is served after this response).
-async fn client_gone(stream: &TcpStream) -> bool {
-    if stream.readable().await.is_err() {
-        return true;
-    }
-    let mut sink = [0u8; 256];
-    match stream.try_read(&mut sink) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
 }

@@ -6,5 +6,6 @@ pub(crate) mod body_channel;
 pub(crate) mod bounded;
 pub(crate) mod poll;
 pub(crate) mod sse;
+pub(crate) mod sse_sink;
 pub(crate) mod stream_query;
 pub(crate) mod ws;

@@ -6,15 +6,23 @@
 //! The server may end a channel of the stream (`POST /api/unsubscribe`: an `unsubscribed` event)
 //! or the whole stream (`POST /api/disconnect`: a `disconnect` event saying not to reconnect,
 //! then the end; a reconnect with the same token is refused with 403).
+//!
+//! The stream's loop is the same on every path; only where its bytes go differs (`sse_sink`):
+//! over HTTP/2 and TLS a task of its own feeds a body that hyper writes, on the own HTTP/1.x
+//! path (`http::sse_h1`) the connection's task runs the loop and writes to the socket itself.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backplane::Kind;
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use hyper::{header, HeaderMap, Response, StatusCode};
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::cursor::{Cursor, StreamCursor};
@@ -26,19 +34,58 @@ use crate::security::auth::Identity;
 use crate::security::guard::too_many;
 use crate::session::fresh;
 use crate::session::{oldest_live, Output, Session};
-use crate::transport::body_channel::{body_channel, BodySender};
-use crate::transport::bounded::bounded;
+use crate::transport::body_channel::body_channel;
+use crate::transport::sse_sink::{ChannelSink, EventSink};
 use crate::transport::stream_query::{decode_cursor, verify_compact, StreamQuery, Subscribed};
 
 const BATCH: usize = 256;
 
-/// Validates the request and starts the stream.
+/// Where `open` leaves an accepted stream for the connection's task to run (the own HTTP/1.x
+/// path puts one in the request's extensions) instead of spawning a task and a body channel.
+#[derive(Clone, Default)]
+pub(crate) struct InlineSlot(Arc<Mutex<Option<Accepted>>>);
+
+impl InlineSlot {
+    pub(crate) fn take(&self) -> Option<Accepted> {
+        self.0.lock().take()
+    }
+}
+
+/// A stream accepted and subscribing, before it writes anything.
+pub(crate) struct Accepted {
+    node: Arc<Node>,
+    session: Session,
+    cursor: Cursor,
+    registration: Registration,
+    positions: StreamCursor,
+}
+
+impl Accepted {
+    /// Runs the stream into `sink` until it ends; gives the sink back to finish the response.
+    /// A plain function: an async one would keep room for `self` beside the stream it becomes.
+    pub(crate) fn run<S: EventSink>(self, sink: S) -> impl Future<Output = S> {
+        let metrics = self.node.metrics();
+        let stream = SseStream {
+            deliveries: metrics.deliveries.with_label_values(&["sse"]),
+            fanout_latency: metrics.fanout_latency.with_label_values(&["sse"]),
+            node: self.node,
+            sink,
+            positions: self.positions,
+            head: String::new(),
+        };
+        stream.run(self.session, self.cursor, self.registration)
+    }
+}
+
+/// Validates the request and starts the stream: in a task of its own, or with `inline` left
+/// there for the caller to run (the response's body then carries no bytes, only what wraps it).
 pub(crate) fn open(
     node: &Arc<Node>,
     query: Option<&str>,
     headers: &HeaderMap,
     client_ip: IpAddr,
     identity: Option<&Identity>,
+    inline: Option<&InlineSlot>,
 ) -> Response<Body> {
     if !accepts_event_stream(headers) {
         return response::error(
@@ -78,21 +125,35 @@ pub(crate) fn open(
     session.set_identity(identity);
     session.subscribe_from_cursor(&channels, &cursor, options);
 
-    let (tx, body) = body_channel(64);
-    let stream = SseStream {
-        deliveries: node.metrics().deliveries.with_label_values(&["sse"]),
-        fanout_latency: node.metrics().fanout_latency.with_label_values(&["sse"]),
+    let accepted = Accepted {
         node: node.clone(),
-        tx,
+        session,
+        cursor,
+        registration,
         positions: StreamCursor::new(channels),
     };
-    node.connection_tasks()
-        .spawn(stream.run(session, cursor, registration));
+    let body = match inline {
+        Some(slot) => {
+            *slot.0.lock() = Some(accepted);
+            StreamBody::new(futures_util::stream::pending::<
+                Result<Frame<Bytes>, Infallible>,
+            >())
+            .boxed_unsync()
+        }
+        None => {
+            let (tx, body) = body_channel(64);
+            let timeout = node.config().sse_write_timeout();
+            // The task's output, the sink, is dropped as the task ends: the body ends with it.
+            node.connection_tasks()
+                .spawn(accepted.run(ChannelSink { tx, timeout }));
+            body.boxed_unsync()
+        }
+    };
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
-        .body(body.boxed_unsync())
+        .body(body)
         .expect("static parts are valid")
 }
 
@@ -117,12 +178,14 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
     !present
 }
 
-/// One SSE response's task: its session and the position of every channel for the cursor.
-struct SseStream {
+/// One SSE response's loop: its session and the position of every channel for the cursor.
+struct SseStream<S> {
     node: Arc<Node>,
-    tx: BodySender,
+    sink: S,
     /// Every channel's position, in request order: what each event's id says.
     positions: StreamCursor,
+    /// An event's head (`id:`, `event:`), reused within a burst and freed after it.
+    head: String,
     /// Metric children looked up once, not per batch (a lookup hashes the labels).
     deliveries: prometheus::IntCounter,
     fanout_latency: prometheus::Histogram,
@@ -146,8 +209,8 @@ struct StreamError<'a> {
     message: &'a str,
 }
 
-impl SseStream {
-    async fn run(mut self, mut session: Session, cursor: Cursor, registration: Registration) {
+impl<S: EventSink> SseStream<S> {
+    async fn run(mut self, mut session: Session, cursor: Cursor, registration: Registration) -> S {
         let gauge = self.node.metrics().connections.with_label_values(&["sse"]);
         gauge.inc();
         let closing = tokio::select! {
@@ -158,9 +221,13 @@ impl SseStream {
             // Tell EventSource when to come back (jittered), then end the stream.
             let hint = reconnect_hint(self.node.config().drain.reconnect_jitter);
             let retry = hint.max(Duration::from_millis(1)).as_millis();
-            let _ = self.send(Bytes::from(format!("retry: {retry}\n\n"))).await;
+            let retry = format!("retry: {retry}\n\n");
+            if self.sink.send(retry.as_bytes()).await.is_ok() {
+                let _ = self.sink.flush(true).await;
+            }
         }
         gauge.dec();
+        self.sink
     }
 
     /// Runs until the client leaves, the node shuts down or the client falls too far behind.
@@ -173,11 +240,11 @@ impl SseStream {
         heartbeat.reset();
         loop {
             tokio::select! {
-                _ = self.tx.closed() => return Err(()),
+                _ = self.sink.closed() => return Err(()),
                 _ = heartbeat.tick() => {
                     // Give back what the last burst left allocated (as the WebSocket does).
                     out = Vec::new();
-                    self.send(Bytes::from_static(b": heartbeat\n\n")).await?;
+                    self.sink.send_shared(Bytes::from_static(b": heartbeat\n\n")).await?;
                 }
                 event = session.next() => session.apply(event, &mut out),
             }
@@ -186,8 +253,15 @@ impl SseStream {
                 // The client reconnects with its Last-Event-ID and resumes losslessly.
                 return Ok(());
             }
-            self.emit(&mut out).await?;
-            if self.tx.take_waited() {
+            if out.is_empty() {
+                // A heartbeat, or steps that produced nothing to send.
+                self.sink.flush(true).await?;
+            } else {
+                // Boxed: writing a burst is the loop's largest state, and an idle stream need
+                // not hold room for it.
+                Box::pin(self.emit(&mut out)).await?;
+            }
+            if self.sink.take_waited() {
                 session.socket_stalled();
             }
             if session.disconnected() {
@@ -199,15 +273,17 @@ impl SseStream {
     /// The server disconnected the stream's user: say so, then end the stream.
     async fn disconnect(&mut self) -> Result<(), ()> {
         let data = Bytes::from_static(DISCONNECTED_REASON.as_bytes());
-        self.send_event(Some("disconnect"), false, data).await
+        self.send_event(Some("disconnect"), false, data).await?;
+        self.sink.flush(true).await
     }
 
     /// The stream's start: `retry:`, every channel subscribed (so the `connected` event's id is
     /// a cursor), `connected`, the resets of positions not recovered, then what arrived meanwhile.
     async fn open(&mut self, session: &mut Session, cursor: Cursor) -> Result<(), ()> {
         let retry = self.node.config().sse.retry.as_millis();
-        self.send(Bytes::from(format!("retry: {retry}\n\n")))
-            .await?;
+        let retry = format!("retry: {retry}\n\n");
+        self.sink.send(retry.as_bytes()).await?;
+        self.sink.flush(true).await?;
 
         // Every channel's starting position first, so the `connected` event's id is a cursor.
         let mut out = Vec::new();
@@ -216,7 +292,7 @@ impl SseStream {
         let mut results: Vec<Option<Subscribed>> = vec![None; count];
         while results.iter().any(Option::is_none) {
             tokio::select! {
-                _ = self.tx.closed() => return Err(()),
+                _ = self.sink.closed() => return Err(()),
                 event = session.next() => session.apply(event, &mut out),
             }
             if session.disconnected() {
@@ -241,7 +317,7 @@ impl SseStream {
                         .expect("cannot fail");
                         self.send_event(Some("error"), false, Bytes::from(data))
                             .await?;
-                        return Ok(());
+                        return self.sink.flush(true).await;
                     }
                     other => held.push(other),
                 }
@@ -321,6 +397,12 @@ impl SseStream {
         }
         .await;
         outputs.clear();
+        // The burst is over: write it out, and free its head.
+        let result = match result {
+            Ok(()) => self.sink.flush(true).await,
+            Err(()) => Err(()),
+        };
+        self.head = String::new();
         if result.is_ok() {
             crate::metrics::observe_fanout(&self.fanout_latency, oldest_live);
         }
@@ -349,17 +431,20 @@ impl SseStream {
         self.send_event(Some("reset"), true, data).await
     }
 
-    /// Sends one event; `data` is one line of compact JSON, shared, not copied.
+    /// Queues one event; `data` is one line of compact JSON, shared, not copied where the sink
+    /// need not.
     async fn send_event(
         &mut self,
         event: Option<&str>,
         with_id: bool,
         data: Bytes,
     ) -> Result<(), ()> {
-        let mut head = String::with_capacity(128);
+        let head = &mut self.head;
+        head.clear();
+        head.reserve(128);
         if with_id {
             head.push_str("id: ");
-            self.positions.write(&mut head);
+            self.positions.write(head);
             head.push('\n');
         }
         if let Some(event) = event {
@@ -368,18 +453,9 @@ impl SseStream {
             head.push('\n');
         }
         head.push_str("data: ");
-        self.send(Bytes::from(head)).await?;
-        self.send(data).await?;
-        self.send(Bytes::from_static(b"\n\n")).await
-    }
-
-    /// Queues a chunk for the response body; a client that takes longer than the write timeout
-    /// to make room is dropped.
-    async fn send(&self, chunk: Bytes) -> Result<(), ()> {
-        let timeout = self.node.config().sse_write_timeout();
-        match bounded(timeout, self.tx.send(chunk)).await {
-            Some(Ok(())) => Ok(()),
-            _ => Err(()),
-        }
+        self.sink.send(self.head.as_bytes()).await?;
+        self.sink.send_shared(data).await?;
+        self.sink.send_shared(Bytes::from_static(b"\n\n")).await?;
+        self.sink.flush(false).await
     }
 }
