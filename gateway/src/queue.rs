@@ -44,6 +44,11 @@ struct Shared {
     closed: AtomicBool,
     /// Control commands not yet taken; boxed, so an idle connection pays one pointer for it.
     control: Mutex<Option<Box<Mailbox>>>,
+    /// The queue passed its limit (or its socket stalled) and has not been empty since:
+    /// conflating channels replace their waiting publication instead of queueing another.
+    /// Written only under the `queued` lock, so it agrees with the entries; an atomic so the
+    /// connection task can ask on every wake-up without taking the lock.
+    conflating: AtomicBool,
 }
 
 /// The control commands left for a connection, oldest first.
@@ -61,9 +66,6 @@ pub(crate) enum Received {
 #[derive(Default)]
 struct Waiting {
     entries: VecDeque<Entry>,
-    /// The queue passed its limit and has not been empty since: conflating channels replace
-    /// their waiting publication instead of queueing another.
-    conflating: bool,
 }
 
 /// A waiting publication.
@@ -142,6 +144,7 @@ pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
         overflowed: AtomicBool::new(false),
+        conflating: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         control: Mutex::new(None),
     });
@@ -189,7 +192,7 @@ impl QueueSender {
         let len = publication.json().len();
         if entry.conflate {
             let mut waiting = shared.queued.lock();
-            if waiting.conflating {
+            if shared.conflating.load(Ordering::Relaxed) {
                 if let Some(freed) = replace_in_place(&mut waiting.entries, &entry) {
                     shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
                     shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed);
@@ -202,7 +205,7 @@ impl QueueSender {
             if entry.conflate {
                 let mut waiting = shared.queued.lock();
                 waiting.entries.push_back(entry);
-                waiting.conflating = true;
+                shared.conflating.store(true, Ordering::Relaxed);
                 let (freed, dropped) = compact(&mut waiting.entries);
                 let now = shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed) - freed;
                 if now <= shared.max_bytes {
@@ -276,7 +279,7 @@ impl QueueReceiver {
             let entry = waiting.entries.pop_front()?;
             if waiting.entries.is_empty() {
                 // Caught up: queue normally again.
-                waiting.conflating = false;
+                self.shared.conflating.store(false, Ordering::Relaxed);
                 if waiting.entries.capacity() > KEEP_CAPACITY {
                     waiting.entries.shrink_to(KEEP_CAPACITY);
                 }
@@ -297,7 +300,7 @@ impl QueueReceiver {
     /// what it writes is the newest of its channel at that moment rather than a batch that
     /// ages in the socket's buffers.
     pub fn conflating(&self) -> bool {
-        self.shared.queued.lock().conflating
+        self.shared.conflating.load(Ordering::Relaxed)
     }
 
     /// The connection's socket stopped taking data (its peer reads slower than the channels
@@ -310,7 +313,7 @@ impl QueueReceiver {
         if !waiting.entries.iter().any(|e| e.conflate) {
             return 0;
         }
-        waiting.conflating = true;
+        self.shared.conflating.store(true, Ordering::Relaxed);
         let (freed, dropped) = compact(&mut waiting.entries);
         self.shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed);
         dropped

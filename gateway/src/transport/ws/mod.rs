@@ -401,7 +401,8 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             }
             // A batch of command replies is a one-off: its output vector and write buffer are
             // given back at once, not at the next heartbeat (most connections are idle after
-            // subscribing). Deliveries recur: room for one output, what most wakes need, is kept.
+            // subscribing). Deliveries recur: their room is kept until the heartbeat, so a
+            // busy connection does not allocate per wake-up.
             let replies_only = !out.is_empty() && !out.iter().any(is_delivery);
             if let Err(end) = self.write_outputs(&mut out).await {
                 break end;
@@ -417,8 +418,6 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 if let Err(end) = self.flush().await {
                     break end;
                 }
-            } else {
-                out.shrink_to(1);
             }
         };
         match end {
