@@ -168,6 +168,34 @@ fn channel(symbol: usize) -> String {
     format!("ticks:S{symbol:03}")
 }
 
+/// A running publisher of ticks (see [`publish_ticks`]).
+struct Ticks {
+    stop: Arc<AtomicBool>,
+    newest: Arc<Vec<AtomicU64>>,
+    publisher: tokio::task::JoinHandle<Result<u64, String>>,
+}
+
+/// Starts publishing ticks through the node at `addr`.
+fn start_ticks(addr: SocketAddr, a: &Args) -> Ticks {
+    let stop = Arc::new(AtomicBool::new(false));
+    let newest = Arc::new(
+        (0..a.symbols)
+            .map(|_| AtomicU64::new(0))
+            .collect::<Vec<_>>(),
+    );
+    let publisher = tokio::spawn(publish_ticks(
+        format!("http://{addr}"),
+        a.clone(),
+        stop.clone(),
+        newest.clone(),
+    ));
+    Ticks {
+        stop,
+        newest,
+        publisher,
+    }
+}
+
 /// Publishes one batch per tick, every symbol once, until `stop`; the newest offset of each
 /// symbol lands in `newest`. Returns the publications acknowledged.
 async fn publish_ticks(
@@ -387,18 +415,11 @@ async fn run_mode(bin: &Path, a: &Args, mode: Mode) -> Result<Value, String> {
 
     let cpu_before = cpu_seconds(node.pid()).unwrap_or(0.0);
     let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let newest = Arc::new(
-        (0..a.symbols)
-            .map(|_| AtomicU64::new(0))
-            .collect::<Vec<_>>(),
-    );
-    let publisher = tokio::spawn(publish_ticks(
-        format!("http://{addr}"),
-        a.clone(),
-        stop.clone(),
-        newest.clone(),
-    ));
+    let Ticks {
+        stop,
+        newest,
+        publisher,
+    } = start_ticks(addr, a);
     tokio::time::sleep(crate::secs(a.duration)).await;
     stop.store(true, Ordering::Relaxed);
     let published = publisher.await.map_err(|e| e.to_string())??;
@@ -504,18 +525,11 @@ async fn run_conflation(bin: &Path, a: &Args, setting: SocketSetting) -> Result<
         slow.frame().await.ok_or("closed while subscribing")?;
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let newest = Arc::new(
-        (0..a.symbols)
-            .map(|_| AtomicU64::new(0))
-            .collect::<Vec<_>>(),
-    );
-    let publisher = tokio::spawn(publish_ticks(
-        format!("http://{addr}"),
-        a.clone(),
-        stop.clone(),
-        newest.clone(),
-    ));
+    let Ticks {
+        stop,
+        newest,
+        publisher,
+    } = start_ticks(addr, a);
     let mut behind = Vec::new();
     let mut last = vec![0u64; a.symbols];
     let (mut skipped_total, mut honest) = (0u64, true);
