@@ -185,11 +185,6 @@ impl EventSink for SocketSink {
         if self.sealed_from.is_some() {
             self.write_sealed().await?;
         }
-        if all {
-            // The burst is over: an idle stream keeps no buffer (nor what a burst written out
-            // in pieces left allocated).
-            self.buf = Vec::new();
-        }
         Ok(())
     }
 
@@ -206,6 +201,13 @@ impl EventSink for SocketSink {
 
     fn take_waited(&mut self) -> bool {
         std::mem::take(&mut self.waited)
+    }
+
+    /// An idle stream keeps no buffer (nor what a burst written out in pieces left allocated).
+    fn release(&mut self) {
+        if self.sealed_from.is_none() {
+            self.buf = Vec::new();
+        }
     }
 }
 
@@ -253,6 +255,8 @@ mod tests {
         sink.flush(false).await.unwrap();
         assert_eq!(sink.gathered(), Some(16));
         sink.flush(true).await.unwrap();
+        assert!(sink.buf.capacity() > 0, "kept for the next burst");
+        sink.release();
         assert_eq!(sink.buf.capacity(), 0, "an idle sink holds no buffer");
         // Nothing gathered: no empty chunk, which would end the body.
         sink.flush(true).await.unwrap();
@@ -280,6 +284,7 @@ mod tests {
         assert!(sink.buf.capacity() > 0);
         sink.send(b"end").await.unwrap();
         sink.flush(true).await.unwrap();
+        sink.release();
         assert_eq!(sink.buf.capacity(), 0);
         sink.finish().await;
         let mut got = Vec::new();

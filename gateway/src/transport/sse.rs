@@ -184,7 +184,8 @@ struct SseStream<S> {
     sink: S,
     /// Every channel's position, in request order: what each event's id says.
     positions: StreamCursor,
-    /// An event's head (`id:`, `event:`), reused within a burst and freed after it.
+    /// An event's head (`id:`, `event:`), reused from event to event and freed when the stream
+    /// goes idle.
     head: String,
     /// Metric children looked up once, not per batch (a lookup hashes the labels).
     deliveries: prometheus::IntCounter,
@@ -246,6 +247,7 @@ impl<S: EventSink> SseStream<S> {
     async fn stream(&mut self, session: &mut Session, cursor: Cursor) -> Result<(), ()> {
         // Its own future: what it gathers is freed before the stream settles into its loop.
         Box::pin(self.open(session, cursor)).await?;
+        self.release();
         let mut out = Vec::new();
         let mut heartbeat = tokio::time::interval(self.node.config().sse.heartbeat_interval);
         heartbeat.reset();
@@ -265,12 +267,12 @@ impl<S: EventSink> SseStream<S> {
                 return Ok(());
             }
             if out.is_empty() {
-                // A heartbeat, or steps that produced nothing to send.
+                // A heartbeat, or steps that produced nothing to send: idle.
                 self.sink.flush(true).await?;
+                self.release();
             } else {
-                // Boxed: writing a burst is the loop's largest state, and an idle stream need
-                // not hold room for it.
-                Box::pin(self.emit(&mut out)).await?;
+                // Not boxed: that would be an allocation per burst on the fan-out path.
+                self.emit(&mut out).await?;
             }
             if self.sink.take_waited() {
                 session.socket_stalled();
@@ -356,6 +358,12 @@ impl<S: EventSink> SseStream<S> {
         self.emit(&mut held).await
     }
 
+    /// Gives back what bursts left allocated (the event head, the sink's buffer).
+    fn release(&mut self) {
+        self.head = String::new();
+        self.sink.release();
+    }
+
     fn index(&self, channel: &str) -> usize {
         self.positions
             .index(channel)
@@ -408,12 +416,11 @@ impl<S: EventSink> SseStream<S> {
         }
         .await;
         outputs.clear();
-        // The burst is over: write it out, and free its head.
+        // The burst is over: write it out.
         let result = match result {
             Ok(()) => self.sink.flush(true).await,
             Err(()) => Err(()),
         };
-        self.head = String::new();
         if result.is_ok() {
             crate::metrics::observe_fanout(&self.fanout_latency, oldest_live);
         }

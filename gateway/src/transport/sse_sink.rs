@@ -27,6 +27,10 @@ pub(crate) trait EventSink {
 
     /// Whether a write had to wait for the client since the last call.
     fn take_waited(&mut self) -> bool;
+
+    /// Gives back what bursts left allocated: the stream is idle (its start is written, or a
+    /// heartbeat). Kept between bursts otherwise, so a busy stream does not allocate per event.
+    fn release(&mut self) {}
 }
 
 /// A response body fed through a [`body_channel`](crate::transport::body_channel); a client
