@@ -345,6 +345,10 @@ pub struct ServerConfig {
     /// where each channel keeps only its newest publication. Unset: 4096 when a namespace
     /// conflates (see [`Config::send_low_water`]), else the kernel's default.
     pub send_low_water_bytes: Option<u32>,
+    /// Threads that run the connections: 0 is one per CPU the process may use (its cgroup's
+    /// quota counts); 1 runs the whole node on one thread, which costs the least CPU per
+    /// delivery (no connection is handed between threads) when one core is all it gets.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -521,6 +525,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             send_buffer_bytes: 0,
             send_low_water_bytes: None,
+            worker_threads: 0,
         }
     }
 }

@@ -170,7 +170,7 @@ fn run_node(cli: NodeArgs) -> ExitCode {
         }
     };
     init_logging(&config);
-    let runtime = tokio::runtime::Runtime::new().expect("cannot start the Tokio runtime");
+    let runtime = runtime(config.server.worker_threads).expect("cannot start the Tokio runtime");
     runtime.block_on(async {
         // Installed before the node announces itself, so a SIGTERM right after start is graceful.
         use tokio::signal::unix::{signal, SignalKind};
@@ -195,6 +195,20 @@ fn run_node(cli: NodeArgs) -> ExitCode {
         }
         ExitCode::SUCCESS
     })
+}
+
+/// The runtime for `server.worker_threads`: one thread runs everything on the main thread (no
+/// task is ever handed to another thread); otherwise a work-stealing pool of that many
+/// threads, or one per CPU.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if worker_threads > 1 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
 }
 
 fn init_logging(config: &Config) {

@@ -23,10 +23,11 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use backplane::Publication;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use crate::control::Control;
 
@@ -35,8 +36,11 @@ const KEEP_CAPACITY: usize = 64;
 
 struct Shared {
     queued: Mutex<Waiting>,
-    /// Wakes the connection task; a notification sent while it is busy is kept for it.
-    ready: Notify,
+    /// Set by a push or a control command since the connection task last looked; the task is
+    /// woken only by the one that sets it, so a burst of pushes costs one wake-up.
+    woken: AtomicBool,
+    /// The connection task, woken when `woken` is set.
+    task: AtomicWaker,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
     overflowed: AtomicBool,
@@ -44,6 +48,8 @@ struct Shared {
     closed: AtomicBool,
     /// Control commands not yet taken; boxed, so an idle connection pays one pointer for it.
     control: Mutex<Option<Box<Mailbox>>>,
+    /// Whether `control` holds a command: read on every wake-up instead of taking its lock.
+    has_control: AtomicBool,
     /// The queue passed its limit (or its socket stalled) and has not been empty since:
     /// conflating channels replace their waiting publication instead of queueing another.
     /// Written only under the `queued` lock, so it agrees with the entries; an atomic so the
@@ -140,13 +146,15 @@ pub struct QueueReceiver {
 pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
     let shared = Arc::new(Shared {
         queued: Mutex::new(Waiting::default()),
-        ready: Notify::new(),
+        woken: AtomicBool::new(false),
+        task: AtomicWaker::new(),
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
         overflowed: AtomicBool::new(false),
         conflating: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         control: Mutex::new(None),
+        has_control: AtomicBool::new(false),
     });
     (
         QueueSender {
@@ -210,7 +218,7 @@ impl QueueSender {
                 let now = shared.queued_bytes.fetch_sub(freed, Ordering::Relaxed) - freed;
                 if now <= shared.max_bytes {
                     drop(waiting);
-                    shared.ready.notify_one();
+                    shared.wake();
                     return Pushed::Conflated { dropped };
                 }
                 // Too full even so: cut off like any other, as the queue stands (its bytes are
@@ -225,7 +233,7 @@ impl QueueSender {
             };
         }
         shared.queued.lock().entries.push_back(entry);
-        shared.ready.notify_one();
+        shared.wake();
         Pushed::Queued
     }
 
@@ -236,13 +244,21 @@ impl QueueSender {
         if shared.closed.load(Ordering::Relaxed) {
             return;
         }
-        shared
-            .control
-            .lock()
-            .get_or_insert_with(Default::default)
-            .0
-            .push(command);
-        shared.ready.notify_one();
+        let mut slot = shared.control.lock();
+        slot.get_or_insert_with(Default::default).0.push(command);
+        shared.has_control.store(true, Ordering::Relaxed);
+        drop(slot);
+        shared.wake();
+    }
+}
+
+impl Shared {
+    /// Tells the connection task something is waiting; only the push that finds it not yet
+    /// told wakes it.
+    fn wake(&self) {
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            self.task.wake();
+        }
     }
 }
 
@@ -250,23 +266,36 @@ impl QueueReceiver {
     /// Waits for the next control command or publication. Cancel-safe.
     pub async fn recv(&mut self) -> Received {
         loop {
+            // Cleared before looking: whatever is pushed after this sets it again.
+            self.shared.woken.swap(false, Ordering::AcqRel);
             if let Some(command) = self.try_control() {
                 return Received::Control(command);
             }
             if let Some(publication) = self.try_recv() {
                 return Received::Publication(publication);
             }
-            self.shared.ready.notified().await;
+            std::future::poll_fn(|cx| {
+                self.shared.task.register(cx.waker());
+                match self.shared.woken.load(Ordering::Acquire) {
+                    true => Poll::Ready(()),
+                    false => Poll::Pending,
+                }
+            })
+            .await;
         }
     }
 
     /// The oldest control command left for the connection, if any.
     pub(crate) fn try_control(&mut self) -> Option<Control> {
+        if !self.shared.has_control.load(Ordering::Acquire) {
+            return None;
+        }
         let mut slot = self.shared.control.lock();
         let commands = &mut slot.as_mut()?.0;
         let command = commands.remove(0);
         if commands.is_empty() {
             *slot = None;
+            self.shared.has_control.store(false, Ordering::Relaxed);
         }
         Some(command)
     }
@@ -274,6 +303,11 @@ impl QueueReceiver {
     /// The next publication if one is queued now; one that replaced others by conflation
     /// says how many ([`Publication::skipped`]).
     pub fn try_recv(&mut self) -> Option<Arc<Publication>> {
+        // Bytes are counted before an entry is queued and uncounted after it is taken (and no
+        // publication is empty), so none counted means none waiting: no lock to find nothing.
+        if self.shared.queued_bytes.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let entry = {
             let mut waiting = self.shared.queued.lock();
             let entry = waiting.entries.pop_front()?;

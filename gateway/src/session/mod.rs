@@ -579,6 +579,9 @@ impl Session {
         let busy = self.pending.as_ref().is_some_and(|p| !p.is_empty());
         let (queue, pending) = (&mut self.queue, &mut self.pending);
         let completion = tokio::select! {
+            // The queue first, without a random start: a command's step in flight is rare, and
+            // the queue is asked on every delivery.
+            biased;
             received = queue.recv() => return match received {
                 Received::Publication(p) => Event::Live(p),
                 Received::Control(command) => Event::Control(command),

@@ -215,3 +215,43 @@ async fn sigterm_right_after_listening_is_graceful() {
         proc.logs().join("\n")
     );
 }
+
+/// `server.worker_threads = 1` runs the whole node on one thread (a current-thread runtime):
+/// it delivers over WebSocket and SSE and drains on SIGTERM as the default runtime does.
+#[tokio::test]
+async fn the_binary_on_one_thread_delivers_and_drains() {
+    let mut proc = GatewayProcess::start(
+        "one-thread",
+        &[],
+        &[
+            ("GATEWAY__SERVER__WORKER_THREADS", "1"),
+            ("GATEWAY__SERVER__SHUTDOWN_TIMEOUT", "5s"),
+            ("GATEWAY__DRAIN__WINDOW", "0s"),
+        ],
+    )
+    .await;
+    let ch = channel("one-thread");
+    let mut ws = WsClient::connect(&proc).await;
+    ws.subscribe(&ch).await;
+    let mut sse = Sse::open(&proc, &[&ch]).await;
+    sse.connected().await;
+    for n in 0..3 {
+        let (status, ack) = publish_http(&proc, &ch, &json!({ "n": n })).await;
+        assert_eq!(status, 200, "{ack}");
+    }
+    for n in 0..3 {
+        assert_eq!(ws.push().await["data"], json!({ "n": n }));
+        assert_eq!(sse.publication().await.1["data"], json!({ "n": n }));
+    }
+
+    proc.signal("TERM").await;
+    let (code, _) = ws.until_close().await;
+    assert_eq!(code, Some(1001), "WebSocket close code on SIGTERM");
+    assert_sse_ends(&mut sse).await;
+    let status = proc.wait().await;
+    assert!(
+        status.success(),
+        "exit status {status:?}; output:\n{}",
+        proc.logs().join("\n")
+    );
+}

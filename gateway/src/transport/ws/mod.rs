@@ -11,6 +11,7 @@ pub(crate) mod extension;
 pub(crate) mod frame;
 pub(crate) mod frame_reader;
 pub(crate) mod message;
+pub(crate) mod read_gate;
 
 use std::borrow::Cow;
 use std::future::poll_fn;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::WebSocketError;
+use futures_util::future::BoxFuture;
 use futures_util::stream::{Stream, StreamExt};
 use hyper::header::SEC_WEBSOCKET_EXTENSIONS;
 use hyper::upgrade::Upgraded;
@@ -40,6 +42,7 @@ use crate::transport::ws::extension::Deflate;
 use crate::transport::ws::frame::{close_code_allowed, server_header, Frame, OpCode};
 use crate::transport::ws::frame_reader::{FrameReader, ReadError, ReadLimits};
 use crate::transport::ws::message::{Assembler, Message, MessageError};
+use crate::transport::ws::read_gate::ReadGate;
 
 /// What the connection does with the messages it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,7 +218,7 @@ fn connection(
     guard: Guard,
     deflate: Option<Deflate>,
     client_ip: IpAddr,
-) -> Connection<Frames> {
+) -> Connection<ReadGate<Frames>> {
     let (read, write) = tokio::io::split(io);
     let max_message_size = node.config().websocket.max_message_size;
     let limits = ReadLimits {
@@ -236,7 +239,7 @@ fn connection(
         heartbeat: Heartbeat::new(&node),
         registration: node.streams().register(),
         assembler: Assembler::new(max_message_size),
-        frames: Box::pin(frames(read, limits)),
+        frames: ReadGate::new(Box::pin(frames(read, limits))),
         reading: true,
         deflate,
         guard,
@@ -351,20 +354,13 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         let end = loop {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
             let step = tokio::select! {
+                // In a fixed order, not from a random start (one wake-up per delivery is the
+                // hot path): timers and signals first, then the peer's frames, so a queue that
+                // never runs dry starves neither the heartbeat nor the reads; deliveries are
+                // also taken after every branch (`apply_ready`).
+                biased;
                 _ = self.registration.closing() => Err(End::Close(close_code::GOING_AWAY, self.going_away())),
                 (code, reason) = self.guard.deadline() => Err(End::Close(code, reason.into())),
-                frame = self.frames.next(), if accepts => match session.as_mut() {
-                    Some(session) => self.on_frame(frame, Some(session), &mut out).await,
-                    // Boxed: the echo endpoint is for conformance runs, and its state inline
-                    // would enlarge every client connection's future.
-                    None => Box::pin(self.echo_frames(frame, &mut out)).await,
-                },
-                event = next_event(&mut session) => {
-                    if let Some(session) = session.as_mut() {
-                        session.apply(event, &mut out);
-                    }
-                    Ok(())
-                }
                 _ = self.heartbeat.expired() => {
                     // Give back what the last burst of traffic left allocated; a flush with
                     // nothing to write frees the write buffer.
@@ -377,6 +373,18 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         },
                         Beat::Dead => Err(End::Close(close_code::HEARTBEAT_TIMEOUT, "no pong".into())),
                     }
+                }
+                frame = self.frames.next(), if accepts => match session.as_mut() {
+                    Some(session) => self.on_frame(frame, Some(session), &mut out).await,
+                    // Boxed: the echo endpoint is for conformance runs, and its state inline
+                    // would enlarge every client connection's future.
+                    None => Box::pin(self.echo_frames(frame, &mut out)).await,
+                },
+                event = next_event(&mut session) => {
+                    if let Some(session) = session.as_mut() {
+                        session.apply(event, &mut out);
+                    }
+                    Ok(())
                 }
             };
             if let Err(end) = step {
@@ -562,8 +570,8 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     .and_then(|d| deflate::message(data, d));
                 // Flushed by `echo_frames` once the burst is answered.
                 match &compressed {
-                    Some(deflated) => self.push_frame(opcode, true, deflated).await,
-                    None => self.push_frame(opcode, false, data).await,
+                    Some(deflated) => written(self.push_frame(opcode, true, deflated)).await,
+                    None => written(self.push_frame(opcode, false, data)).await,
                 }
             }
             Some(session) => match message {
@@ -602,18 +610,24 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
 
     /// Writes one control frame and flushes, bounded by the write timeout.
     async fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), End> {
-        self.push_frame(opcode, false, payload).await?;
+        written(self.push_frame(opcode, false, payload)).await?;
         self.flush().await
     }
 
-    /// Adds one unfragmented frame to the batch. Almost every frame joins it in memory, with no
-    /// await; one that does not fit writes the batch out first (and one the buffer's size or
-    /// more is written straight after it), on the heap: held inline, that rare write would
-    /// enlarge every connection's future, idle or not.
-    async fn push_frame(&mut self, opcode: OpCode, rsv1: bool, payload: &[u8]) -> Result<(), End> {
+    /// Adds one unfragmented frame to the batch: `None` when it joined the batch in memory, as
+    /// almost every frame does; else the write that must happen first (the batch written out,
+    /// and a frame of the buffer's size or more straight after it), on the heap. A plain
+    /// function, so a caller's future holds one pointer for that rare write rather than its
+    /// state, which would enlarge every connection's future, idle or not.
+    fn push_frame<'a>(
+        &'a mut self,
+        opcode: OpCode,
+        rsv1: bool,
+        payload: &'a [u8],
+    ) -> Option<BoxFuture<'a, Result<(), End>>> {
         let (head, len) = server_header(true, rsv1, opcode, payload.len());
         if self.writer.buffer(&head[..len], payload) {
-            return Ok(());
+            return None;
         }
         let timeout = self.node.config().websocket.write_timeout;
         let writer = &mut self.writer;
@@ -621,7 +635,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             writer.write_all(&head[..len]).await?;
             writer.write_all(payload).await
         };
-        Box::pin(bounded(timeout, write)).await
+        Some(Box::pin(bounded(timeout, write)))
     }
 
     /// Flushes, bounded by the write timeout.
@@ -659,19 +673,23 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
         let mut result = Ok(());
         for output in out.drain(..) {
             let deflate = self.deflate.as_ref();
-            let (text, compressed) = match output {
+            // A publication's text is borrowed, not cloned: its count is shared by every
+            // subscriber, and touching it per delivery bounces it between cores.
+            let owned: Bytes;
+            let compressed: Option<Bytes>;
+            let text: &[u8] = match &output {
                 Output::History(p) | Output::Live(p) => {
                     delivered += 1;
                     // Compressed once per publication and window size, shared by all.
-                    let compressed = deflate.and_then(|d| deflate::shared(&p, d));
-                    (p.json().clone(), compressed)
+                    compressed = deflate.and_then(|d| deflate::shared(p, d));
+                    p.json()
                 }
                 Output::Presence(event) => {
-                    let compressed = deflate.and_then(|d| deflate::shared(&event, d));
-                    (event.json().clone(), compressed)
+                    compressed = deflate.and_then(|d| deflate::shared(event, d));
+                    event.json()
                 }
-                other => {
-                    let text = match other {
+                _ => {
+                    owned = match output {
                         Output::Reply(bytes) => bytes,
                         Output::Subscribed { id, result, .. } => reply_ok(id, &result),
                         Output::SubscribeFailed { id, error, .. } => reply_err(id, &error),
@@ -680,13 +698,13 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         }
                         reset => reset.reset_push().expect("a reset has a push form"),
                     };
-                    let compressed = deflate.and_then(|d| deflate::message(&text, d));
-                    (text, compressed)
+                    compressed = deflate.and_then(|d| deflate::message(&owned, d));
+                    &owned
                 }
             };
             let pushed = match &compressed {
-                Some(deflated) => self.push_frame(OpCode::Text, true, deflated).await,
-                None => self.push_frame(OpCode::Text, false, &text).await,
+                Some(deflated) => written(self.push_frame(OpCode::Text, true, deflated)).await,
+                None => written(self.push_frame(OpCode::Text, false, text)).await,
             };
             if let Err(end) = pushed {
                 result = Err(end);
@@ -711,6 +729,14 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             }
         })
         .await;
+    }
+}
+
+/// Waits for the write [`Connection::push_frame`] left, if it left one.
+async fn written(write: Option<BoxFuture<'_, Result<(), End>>>) -> Result<(), End> {
+    match write {
+        Some(write) => write.await,
+        None => Ok(()),
     }
 }
 
