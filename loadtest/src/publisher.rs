@@ -166,7 +166,7 @@ impl Publisher {
                     Err(e) => Err(format!("reply: {e}")),
                 },
                 Ok(r) => Err(format!("status {}", r.status())),
-                Err(e) => Err(format!("request: {e}")),
+                Err(e) => Err(format!("request: {}", with_causes(&e))),
             };
             match outcome {
                 Ok(offset) => {
@@ -181,4 +181,17 @@ impl Publisher {
             }
         }
     }
+}
+
+/// An error and its causes, `outer: inner: …`: reqwest's own message ("error sending request")
+/// says nothing of what went wrong.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }

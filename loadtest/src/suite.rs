@@ -276,6 +276,10 @@ fn why_failed(v: &Value) -> String {
             parts.push(format!("{key} {n}"));
         }
     }
+    if let Some(n) = v["publish_errors"].as_u64().filter(|&n| n > 0) {
+        let first = v["first_publish_error"].as_str().unwrap_or("no message");
+        parts.push(format!("{n} publishes failed (the first: {first})"));
+    }
     if parts.is_empty() {
         "the scenario reported ok = false without a count that explains it".into()
     } else {
@@ -472,4 +476,27 @@ fn targets(results: &[Value]) -> String {
         md.push_str(&format!("| {t} | {m} | {v} |\n"));
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_says_why() {
+        let short = json!({"opened": 9243, "requested": 19000, "failed": 9757, "first_errors": []});
+        assert_eq!(
+            why_failed(&short),
+            "9243 of 19000 connections opened, failed 9757"
+        );
+        let publishes = json!({"lost": 0, "publish_errors": 69,
+                               "first_publish_error": "request: error sending request"});
+        assert_eq!(
+            why_failed(&publishes),
+            "69 publishes failed (the first: request: error sending request)"
+        );
+        let errors = json!({"first_errors": ["connect: refused"], "lost": 3});
+        assert_eq!(why_failed(&errors), "connect: refused");
+        assert!(why_failed(&json!({"ok": false})).contains("without a count"));
+    }
 }

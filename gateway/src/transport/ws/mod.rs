@@ -355,12 +355,19 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             let accepts = session.as_ref().is_none_or(Session::accepts_commands);
             let step = tokio::select! {
                 // In a fixed order, not from a random start (one wake-up per delivery is the
-                // hot path): timers and signals first, then the peer's frames, so a queue that
-                // never runs dry starves neither the heartbeat nor the reads; deliveries are
-                // also taken after every branch (`apply_ready`).
+                // hot path): the queue last, so one that never runs dry starves neither the
+                // reads nor the heartbeat (deliveries are also taken after every branch, by
+                // `apply_ready`); the peer's frames before the heartbeat, so a pong already
+                // read counts before the heartbeat judges the connection.
                 biased;
                 _ = self.registration.closing() => Err(End::Close(close_code::GOING_AWAY, self.going_away())),
                 (code, reason) = self.guard.deadline() => Err(End::Close(code, reason.into())),
+                frame = self.frames.next(), if accepts => match session.as_mut() {
+                    Some(session) => self.on_frame(frame, Some(session), &mut out).await,
+                    // Boxed: the echo endpoint is for conformance runs, and its state inline
+                    // would enlarge every client connection's future.
+                    None => Box::pin(self.echo_frames(frame, &mut out)).await,
+                },
                 _ = self.heartbeat.expired() => {
                     // Give back what the last burst of traffic left allocated; a flush with
                     // nothing to write frees the write buffer.
@@ -374,12 +381,6 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                         Beat::Dead => Err(End::Close(close_code::HEARTBEAT_TIMEOUT, "no pong".into())),
                     }
                 }
-                frame = self.frames.next(), if accepts => match session.as_mut() {
-                    Some(session) => self.on_frame(frame, Some(session), &mut out).await,
-                    // Boxed: the echo endpoint is for conformance runs, and its state inline
-                    // would enlarge every client connection's future.
-                    None => Box::pin(self.echo_frames(frame, &mut out)).await,
-                },
                 event = next_event(&mut session) => {
                     if let Some(session) = session.as_mut() {
                         session.apply(event, &mut out);
