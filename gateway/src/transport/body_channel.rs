@@ -69,26 +69,35 @@ pub fn body_channel(limit: usize) -> (BodySender, ChannelBody) {
 
 impl BodySender {
     /// Queues a chunk, waiting for room. If cancelled while waiting, the chunk is dropped.
-    pub async fn send(&self, chunk: Bytes) -> Result<(), BodyGone> {
+    pub async fn send(&self, mut chunk: Bytes) -> Result<(), BodyGone> {
         loop {
-            {
-                let mut state = self.shared.state.lock();
-                if state.body_gone {
-                    return Err(BodyGone);
-                }
-                if state.chunks.len() < self.shared.limit {
-                    state.chunks.push_back(chunk);
-                    let waker = state.body_waker.take();
-                    drop(state);
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
-                    return Ok(());
-                }
-                state.sender_waited = true;
+            match self.try_send(chunk)? {
+                None => return Ok(()),
+                // A notification sent before this wait starts is kept for it.
+                Some(back) => chunk = back,
             }
             self.shared.sender_wake.notified().await;
         }
+    }
+
+    /// Queues a chunk if there is room now; gives it back when there is none (the send had to
+    /// wait, as [`BodySender::take_waited`] then reports).
+    pub fn try_send(&self, chunk: Bytes) -> Result<Option<Bytes>, BodyGone> {
+        let mut state = self.shared.state.lock();
+        if state.body_gone {
+            return Err(BodyGone);
+        }
+        if state.chunks.len() >= self.shared.limit {
+            state.sender_waited = true;
+            return Ok(Some(chunk));
+        }
+        state.chunks.push_back(chunk);
+        let waker = state.body_waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(None)
     }
 
     /// Whether a send had to wait for room (the client reads slower than the stream writes)
@@ -203,5 +212,20 @@ mod tests {
         tokio::task::yield_now().await;
         drop(body);
         assert!(waiting.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn try_send_gives_a_chunk_back_when_full_and_fails_once_the_body_is_gone() {
+        let (tx, mut body) = body_channel(1);
+        assert!(tx.try_send(Bytes::from_static(b"a")).unwrap().is_none());
+        assert!(!tx.take_waited());
+        let back = tx.try_send(Bytes::from_static(b"b")).unwrap();
+        assert_eq!(back.as_deref(), Some(&b"b"[..]), "full: given back");
+        assert!(tx.take_waited(), "a full channel counts as a wait");
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, &b"a"[..]);
+        assert!(tx.try_send(Bytes::from_static(b"b")).unwrap().is_none());
+        drop(body);
+        assert!(tx.try_send(Bytes::from_static(b"c")).is_err());
     }
 }
