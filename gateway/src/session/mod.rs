@@ -579,14 +579,15 @@ impl Session {
         let busy = self.pending.as_ref().is_some_and(|p| !p.is_empty());
         let (queue, pending) = (&mut self.queue, &mut self.pending);
         let completion = tokio::select! {
-            // The queue first, without a random start: a command's step in flight is rare, and
-            // the queue is asked on every delivery.
+            // In a fixed order, without a random start (this runs on every delivery): steps in
+            // flight first, as they are rare and finite, while a busy channel's queue may never
+            // run dry and would starve a subscribe's history read behind it.
             biased;
+            Some(c) = async { pending.as_mut()?.next().await }, if busy => c,
             received = queue.recv() => return match received {
                 Received::Publication(p) => Event::Live(p),
                 Received::Control(command) => Event::Control(command),
             },
-            Some(c) = async { pending.as_mut()?.next().await }, if busy => c,
         };
         self.release_pending();
         Event::Done(completion)
@@ -805,6 +806,47 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["subscribed", "server"]);
         assert!(!session.has_subscriptions());
+    }
+
+    /// A subscribe's read in flight is taken before queued publications: a busy channel whose
+    /// queue never runs dry must not hold up another channel's subscribe behind it.
+    #[tokio::test]
+    async fn a_subscribe_is_not_held_up_behind_a_busy_queue() {
+        let node = Node::start(Config::default()).await.unwrap();
+        let mut session = Session::new(node.clone(), 1);
+        let mut out = Vec::new();
+        session.subscribe(Some(1), "busy".into(), None, Default::default(), &mut out);
+        run_until(&mut session, &mut out, |o| {
+            matches!(o, Output::Subscribed { .. })
+        })
+        .await;
+        for n in 0..100 {
+            let data = bytes::Bytes::from(n.to_string());
+            node.publish("busy", data, None, None).await.unwrap();
+        }
+        out.clear();
+        session.subscribe(Some(2), "other".into(), None, Default::default(), &mut out);
+        let mut live_before = 0;
+        let wait = async {
+            loop {
+                match session.next().await {
+                    Event::Live(_) => live_before += 1,
+                    event => {
+                        session.apply(event, &mut out);
+                        if out.iter().any(|o| matches!(o, Output::Subscribed { .. })) {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the subscribe completed");
+        assert!(
+            live_before < 100,
+            "the subscribe waited for all {live_before} queued publications"
+        );
     }
 
     /// A disconnect marks the session; an unsubscribe of a channel it does not hold is nothing.
