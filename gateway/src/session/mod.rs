@@ -598,12 +598,13 @@ impl Session {
         if let Some(command) = self.queue.try_control() {
             return Some(Event::Control(command));
         }
-        if let Some(p) = self.queue.try_recv() {
-            return Some(Event::Live(p));
+        // Steps in flight before the queue, as in `next`.
+        let done = self.pending.as_mut().and_then(|p| p.next().now_or_never());
+        if let Some(completion) = done.flatten() {
+            self.release_pending();
+            return Some(Event::Done(completion));
         }
-        let completion = self.pending.as_mut()?.next().now_or_never().flatten()?;
-        self.release_pending();
-        Some(Event::Done(completion))
+        self.queue.try_recv().map(Event::Live)
     }
 
     /// Applies whatever is ready now until `out` holds `batch` outputs, so a transport writes
