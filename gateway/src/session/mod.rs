@@ -827,23 +827,15 @@ mod tests {
         }
         out.clear();
         session.subscribe(Some(2), "other".into(), None, Default::default(), &mut out);
-        let mut live_before = 0;
-        let wait = async {
-            loop {
-                match session.next().await {
-                    Event::Live(_) => live_before += 1,
-                    event => {
-                        session.apply(event, &mut out);
-                        if out.iter().any(|o| matches!(o, Output::Subscribed { .. })) {
-                            return;
-                        }
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .expect("the subscribe completed");
+        run_until(&mut session, &mut out, |o| {
+            matches!(o, Output::Subscribed { .. })
+        })
+        .await;
+        let live_before = out
+            .iter()
+            .take_while(|o| !matches!(o, Output::Subscribed { .. }))
+            .filter(|o| matches!(o, Output::Live(_)))
+            .count();
         assert!(
             live_before < 100,
             "the subscribe waited for all {live_before} queued publications"
