@@ -1,6 +1,8 @@
 //! The hub: which local connections subscribe to which channel, and the fan-out of live
 //! publications to them. Fan-out takes a shard's read lock, pushes the same `Arc<Publication>`
-//! (serialised once) into each subscriber's bounded queue and never awaits.
+//! (serialised once) into each subscriber's bounded queue — or, for a connection that handed its
+//! socket over, appends its frame there, written once per socket after the fan-out
+//! ([`crate::express`]) — and never awaits.
 //!
 //! Local membership changes synchronously; the node's interest at the backplane follows it through
 //! [`Hub::reconcile`], which re-reads the membership under a per-channel stripe lock, so racing
@@ -19,6 +21,7 @@ use indexmap::IndexMap;
 use parking_lot::RwLock;
 
 use crate::control::CONTROL_CHANNEL;
+use crate::express::Flushes;
 use crate::metrics::Metrics;
 use crate::queue::{Pushed, QueueSender};
 
@@ -49,6 +52,8 @@ pub struct Hub {
     control: OnceLock<Arc<dyn PublicationSink>>,
     /// The namespaces, to tell the channels whose slow consumers conflate (none without).
     namespaces: Option<crate::security::namespace::Namespaces>,
+    /// The sockets express delivery appended to, written after each fan-out.
+    flushes: Arc<Flushes>,
 }
 
 impl Hub {
@@ -60,6 +65,7 @@ impl Hub {
             metrics,
             control: OnceLock::new(),
             namespaces: None,
+            flushes: Arc::default(),
         }
     }
 
@@ -226,14 +232,19 @@ impl PublicationSink for Hub {
         }
         let conflate = self.conflates(&publication.channel);
         let (mut slow, mut conflated) = (0, 0);
+        let mut touched = Vec::new();
         for queue in entry.subscribers.values() {
             match queue.push(&publication, conflate) {
                 Pushed::Overflowed => slow += 1,
                 Pushed::Conflated { dropped } => conflated += dropped,
-                Pushed::Queued | Pushed::Dropped => {}
+                Pushed::Express { first: true } => touched.push(queue.clone()),
+                Pushed::Queued | Pushed::Express { first: false } | Pushed::Dropped => {}
             }
         }
         drop(shard);
+        if !touched.is_empty() {
+            self.flushes.add(touched);
+        }
         if slow > 0 {
             self.metrics.slow_consumer_disconnects.inc_by(slow);
         }

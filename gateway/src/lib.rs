@@ -10,6 +10,7 @@ mod control;
 pub mod cursor;
 mod demo;
 mod drain;
+mod express;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;

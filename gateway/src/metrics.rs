@@ -19,6 +19,7 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     pub slow_consumer_disconnects: IntCounter,
     pub conflated_publications: IntCounter,
+    pub express_handovers: IntCounter,
     pub resumes: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub catching_up: IntGauge,
@@ -189,6 +190,11 @@ impl Metrics {
                 "gateway_conflated_publications_total",
                 "Publications a slow consumer's queue dropped for a newer one of the same \
                  channel (namespaces with slow_consumer = conflate).",
+            ),
+            express_handovers: f.counter(
+                "gateway_express_handovers_total",
+                "Times a WebSocket connection handed its socket to the fan-out, which then \
+                 writes its live publications without waking its task (express delivery).",
             ),
             resumes: f.counter_vec(
                 "gateway_resumes_total",

@@ -30,6 +30,7 @@ use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 use crate::control::Control;
+use crate::express::{Express, Offer};
 
 /// A drained deque keeps at most this capacity, so a burst's memory does not outlive it.
 const KEEP_CAPACITY: usize = 64;
@@ -55,6 +56,9 @@ struct Shared {
     /// Written only under the `queued` lock, so it agrees with the entries; an atomic so the
     /// connection task can ask on every wake-up without taking the lock.
     conflating: AtomicBool,
+    /// Whether `queued` holds an [`Express`] (the fan-out writes to the socket): read on every
+    /// push, and on every wake-up of the task, instead of taking the lock.
+    express: AtomicBool,
 }
 
 /// The control commands left for a connection, oldest first.
@@ -66,12 +70,18 @@ struct Mailbox(Vec<Control>);
 pub(crate) enum Received {
     Publication(Arc<Publication>),
     Control(Control),
+    /// The fan-out gave the socket back ([`crate::express`]) with nothing queued: a write it
+    /// could not finish waits for the task.
+    HandedBack,
 }
 
 /// What waits to be sent.
 #[derive(Default)]
 struct Waiting {
     entries: VecDeque<Entry>,
+    /// The connection's socket, while the fan-out writes to it. Only live with no entry waiting,
+    /// so an express frame never overtakes a queued publication.
+    express: Option<Box<Express>>,
 }
 
 /// A waiting publication.
@@ -155,6 +165,7 @@ pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
         closed: AtomicBool::new(false),
         control: Mutex::new(None),
         has_control: AtomicBool::new(false),
+        express: AtomicBool::new(false),
     });
     (
         QueueSender {
@@ -168,6 +179,11 @@ pub fn outbound(max_bytes: usize) -> (QueueSender, QueueReceiver) {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
+    /// Appended to the connection's express buffer ([`crate::express`]); `first` when the
+    /// connection now has something to write.
+    Express {
+        first: bool,
+    },
     /// The publication replaced waiting ones of its channel (the queue passed its limit);
     /// `dropped` publications will not be sent.
     Conflated {
@@ -198,6 +214,27 @@ impl QueueSender {
             conflate: conflate && publication.is_publication(),
         };
         let len = publication.json().len();
+        if shared.express.load(Ordering::Acquire) {
+            let mut waiting = shared.queued.lock();
+            if let Some(express) = waiting.express.as_mut().filter(|e| e.is_live()) {
+                match express.offer(publication, shared.max_bytes) {
+                    Offer::Taken { first } => return Pushed::Express { first },
+                    Offer::Stale => return Pushed::Dropped,
+                    // Queued under the same lock hold (the queue is empty while express is
+                    // live), so the task, taking the socket back, finds it after what was
+                    // appended.
+                    Offer::Refused if len <= shared.max_bytes => {
+                        express.refuse();
+                        shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
+                        waiting.entries.push_back(entry);
+                        drop(waiting);
+                        shared.wake();
+                        return Pushed::Queued;
+                    }
+                    Offer::Refused => express.refuse(),
+                }
+            }
+        }
         if entry.conflate {
             let mut waiting = shared.queued.lock();
             if shared.conflating.load(Ordering::Relaxed) {
@@ -252,6 +289,23 @@ impl QueueSender {
     }
 }
 
+impl QueueSender {
+    /// Writes what the express path appended, without waiting; a socket that did not take it
+    /// all is handed back to the connection's task.
+    pub(crate) fn flush_express(&self, now_us: u64) {
+        let shared = &*self.shared;
+        let mut waiting = shared.queued.lock();
+        let Some(express) = waiting.express.as_mut() else {
+            return;
+        };
+        if !express.flush(now_us) {
+            express.refuse();
+            drop(waiting);
+            shared.wake();
+        }
+    }
+}
+
 impl Shared {
     /// Tells the connection task something is waiting; only the push that finds it not yet
     /// told wakes it.
@@ -273,6 +327,9 @@ impl QueueReceiver {
             }
             if let Some(publication) = self.try_recv() {
                 return Received::Publication(publication);
+            }
+            if self.handed_back() {
+                return Received::HandedBack;
             }
             std::future::poll_fn(|cx| {
                 self.shared.task.register(cx.waker());
@@ -359,9 +416,52 @@ impl QueueReceiver {
     }
 }
 
+impl QueueReceiver {
+    /// Hands the connection's socket to the fan-out ([`crate::express`]), unless something
+    /// waits in the queue or the connection is cut off.
+    pub(crate) fn hand_over(&mut self, express: Box<Express>) -> bool {
+        let shared = &*self.shared;
+        let mut waiting = shared.queued.lock();
+        if !waiting.entries.is_empty()
+            || shared.overflowed.load(Ordering::Relaxed)
+            || shared.closed.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        waiting.express = Some(express);
+        shared.express.store(true, Ordering::Release);
+        true
+    }
+
+    /// Whether the fan-out holds the socket but gave up on it.
+    fn handed_back(&self) -> bool {
+        self.shared.express.load(Ordering::Acquire)
+            && self
+                .shared
+                .queued
+                .lock()
+                .express
+                .as_ref()
+                .is_some_and(|e| !e.is_live())
+    }
+
+    /// Takes the socket back from the fan-out, with what it appended and did not write.
+    pub(crate) fn take_back(&mut self) -> Option<Box<Express>> {
+        let shared = &*self.shared;
+        if !shared.express.load(Ordering::Acquire) {
+            return None;
+        }
+        let express = shared.queued.lock().express.take();
+        shared.express.store(false, Ordering::Release);
+        express
+    }
+}
+
 impl Drop for QueueReceiver {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Relaxed);
+        // The socket goes with the connection, not with the fan-out's last handle.
+        self.take_back();
     }
 }
 

@@ -96,6 +96,14 @@ impl<V> ChannelMap<V> {
         }
     }
 
+    /// Every entry, in no order.
+    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = (&Arc<str>, &V)> + '_> {
+        match self {
+            ChannelMap::Few(entries) => Box::new(entries.iter().map(|(c, v)| (c, v))),
+            ChannelMap::Many(map) => Box::new(map.iter()),
+        }
+    }
+
     /// Every entry, leaving the map empty.
     pub(crate) fn take_all(&mut self) -> Vec<(Arc<str>, V)> {
         match std::mem::take(self) {

@@ -27,6 +27,7 @@
 
 use std::sync::Arc;
 
+use crate::express::Lane;
 use crate::protocol::{
     backplane_error, check_subscription_count, error_code, reset_reason, ErrorBody, Reset,
     SubscribeResult,
@@ -391,6 +392,52 @@ impl Deliveries {
         self.subs
             .get(channel)
             .map(|s| (&s.epoch, s.delivered, s.tag))
+    }
+
+    /// Every channel's position, when each subscription is live and plain (no delta, no latest
+    /// value pending, nothing held): what express delivery needs to continue every channel
+    /// exactly as [`Deliveries::apply`] would ([`crate::express`]). `None` otherwise, or with
+    /// no subscription.
+    pub(crate) fn lanes(&self) -> Option<Vec<Lane>> {
+        if self.subs.len() == 0 {
+            return None;
+        }
+        let mut lanes = Vec::with_capacity(self.subs.len());
+        for (channel, sub) in self.subs.iter() {
+            let plain = matches!(sub.state, State::Live)
+                && !sub.delta
+                && sub.held_events.is_empty()
+                && sub.newer_epoch.is_none()
+                && matches!(sub.latest, Latest::No);
+            if !plain {
+                return None;
+            }
+            lanes.push(Lane {
+                channel: channel.clone(),
+                epoch: sub.epoch.clone(),
+                delivered: sub.delivered,
+                tag: sub.tag,
+            });
+        }
+        Some(lanes)
+    }
+
+    /// Takes back the positions express delivery reached: what it delivered counts as
+    /// delivered here, so the next publication continues after it.
+    pub(crate) fn resume_lanes(&mut self, lanes: Vec<Lane>) {
+        for lane in lanes {
+            let Some(sub) = self.subs.get_mut(&lane.channel) else {
+                continue;
+            };
+            if matches!(sub.state, State::Live)
+                && sub.epoch == lane.epoch
+                && lane.delivered > sub.delivered
+            {
+                sub.delivered = lane.delivered;
+                sub.tag = lane.tag;
+                sub.sent = lane.tag.map(|tag| (lane.delivered, tag));
+            }
+        }
     }
 
     /// Whether the channel's subscription is still being set up (its first read in flight).
@@ -1237,6 +1284,71 @@ mod tests {
         for (name, script) in cases {
             run(name, script);
         }
+    }
+
+    /// Express delivery takes over only plain live subscriptions, and hands back positions the
+    /// rule then continues from: no gap read for what it delivered, nothing delivered twice.
+    #[test]
+    fn lanes_are_plain_live_subscriptions_and_resume_where_express_stopped() {
+        let mut deliveries = Deliveries::new(PAGE_SIZE, 4);
+        let channel: Arc<str> = CHANNEL.into();
+        assert_eq!(deliveries.lanes(), None, "no subscription");
+        let gen = deliveries.subscribe(&channel).unwrap();
+        assert_eq!(deliveries.lanes(), None, "still subscribing");
+        let subscribed = Input::Subscribed {
+            gen,
+            channel: channel.clone(),
+            id: None,
+            since: None,
+            from_start: false,
+            page: page("e1", 5, &[]),
+        };
+        deliveries.apply(subscribed, &mut Vec::new(), &mut Vec::new());
+        let lanes = deliveries.lanes().expect("live and plain");
+        assert_eq!(
+            lanes,
+            vec![Lane {
+                channel: channel.clone(),
+                epoch: "e1".into(),
+                delivered: 5,
+                tag: Some(5),
+            }]
+        );
+
+        // Express delivered 6 and 7.
+        let mut moved = lanes;
+        moved[0].delivered = 7;
+        moved[0].tag = Some(7);
+        deliveries.resume_lanes(moved);
+        let (mut out, mut effects) = (Vec::new(), Vec::new());
+        deliveries.apply(Input::Live(publication("e1", 7)), &mut out, &mut effects);
+        assert!(out.is_empty() && effects.is_empty(), "7 went out already");
+        deliveries.apply(Input::Live(publication("e1", 8)), &mut out, &mut effects);
+        assert!(matches!(&out[..], [Output::Live(p)] if p.offset == 8));
+        assert!(effects.is_empty(), "no gap to read");
+
+        // A gap makes the subscription catch up: no lanes until it is live again.
+        deliveries.apply(Input::Live(publication("e1", 10)), &mut out, &mut effects);
+        assert_eq!(deliveries.catching_up(), 1);
+        assert_eq!(deliveries.lanes(), None);
+
+        // A delta subscription stays with the session.
+        let mut deltas = Deliveries::new(PAGE_SIZE, 4);
+        let options = SubscribeOptions {
+            delta: true,
+            ..SubscribeOptions::default()
+        };
+        let gen = deltas.subscribe_with(&channel, options).unwrap();
+        let subscribed = Input::Subscribed {
+            gen,
+            channel,
+            id: None,
+            since: None,
+            from_start: false,
+            page: page("e1", 5, &[]),
+        };
+        deltas.apply(subscribed, &mut Vec::new(), &mut Vec::new());
+        assert_eq!(deltas.lanes(), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use futures_util::FutureExt;
 
 use crate::control::Control;
 use crate::cursor::Cursor;
+use crate::express::{Express, Lane, Unsent};
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::presence::{self, Who};
@@ -42,6 +43,9 @@ pub(crate) enum Event {
     Done(Completion),
     /// A command of the node's control handler ([`crate::control`]).
     Control(Control),
+    /// The fan-out gave the connection's socket back ([`Session::take_back`]); nothing to
+    /// apply.
+    HandedBack,
 }
 
 /// An asynchronous step of a command or a catch-up, finished.
@@ -574,6 +578,30 @@ impl Session {
         }
     }
 
+    /// Hands the connection's socket to the fan-out ([`crate::express`]) when nothing is in
+    /// flight and every subscription is live and plain; `make` builds the express state from
+    /// the channels' positions. Returns whether it was handed over.
+    pub(crate) fn hand_over(&mut self, make: impl FnOnce(Vec<Lane>) -> Box<Express>) -> bool {
+        if self.pending.is_some()
+            || !self.unsubscribe_when_subscribed.is_empty()
+            || self.queue.conflating()
+        {
+            return false;
+        }
+        match self.deliveries.lanes() {
+            Some(lanes) => self.queue.hand_over(make(lanes)),
+            None => false,
+        }
+    }
+
+    /// Takes the socket back from the fan-out, if it has it: the channels continue after what
+    /// it delivered, and what it did not write yet is returned, to be written first.
+    pub(crate) fn take_back(&mut self) -> Option<Unsent> {
+        let (lanes, unsent) = self.queue.take_back()?.into_parts();
+        self.deliveries.resume_lanes(lanes);
+        Some(unsent)
+    }
+
     /// Waits for the next live publication or finished step. Cancel-safe.
     pub(crate) async fn next(&mut self) -> Event {
         let busy = self.pending.as_ref().is_some_and(|p| !p.is_empty());
@@ -587,6 +615,7 @@ impl Session {
             received = queue.recv() => return match received {
                 Received::Publication(p) => Event::Live(p),
                 Received::Control(command) => Event::Control(command),
+                Received::HandedBack => Event::HandedBack,
             },
         };
         self.release_pending();
@@ -640,6 +669,7 @@ impl Session {
         let input = match event {
             Event::Control(command) => return self.control(command, out),
             Event::Live(p) => Input::Live(p),
+            Event::HandedBack => return,
             Event::Done(Completion::Read(input)) => input,
             Event::Done(Completion::Published { id, result }) => {
                 out.push(Output::Reply(match result {

@@ -450,3 +450,59 @@ async fn echo_endpoint_enforces_the_size_limit() {
     };
     assert_eq!(code, Some(1009));
 }
+
+/// Live publications to an idle subscriber are written by the fan-out itself (express
+/// delivery). A subscriber whose task keeps taking its socket back for commands in between —
+/// subscribes, pings, unsubscribes, a publication of its own — and one that only listens both get
+/// every publication once, in order.
+#[tokio::test]
+async fn express_delivery_keeps_each_stream_exact_while_commands_interleave() {
+    const N: u64 = 400;
+    let node = Node::default().await;
+    let ch = channel("express");
+    let mut quiet = WsClient::connect(&node).await;
+    let mut busy = WsClient::connect(&node).await;
+    quiet.subscribe(&ch).await;
+    busy.subscribe(&ch).await;
+    let before = metric_of(&node, "gateway_express_handovers_total").await;
+
+    let publisher = {
+        let (addr, ch) = (node.addr(), ch.clone());
+        tokio::spawn(async move {
+            for i in 1..=N {
+                publish(&addr, &ch, json!(i)).await;
+            }
+        })
+    };
+    for round in 0..20 {
+        let other = format!("{ch}-other-{round}");
+        busy.subscribe(&other).await;
+        busy.ping().await;
+        busy.publish(&other, json!(round)).await;
+        busy.ok(json!({"op": "unsubscribe", "channel": other}))
+            .await;
+    }
+    publisher.await.unwrap();
+
+    for (name, client) in [("quiet", &mut quiet), ("busy", &mut busy)] {
+        let mut offsets = Vec::new();
+        while offsets.len() < N as usize {
+            let push = client.push().await;
+            if push["channel"] == ch.as_str() {
+                offsets.push(push["offset"].as_u64().unwrap());
+                assert_eq!(push["data"], json!(offsets.len()), "{name}: {push}");
+            }
+        }
+        let expected: Vec<u64> = (1..=N).collect();
+        assert_eq!(
+            offsets, expected,
+            "{name}: every publication once, in order"
+        );
+    }
+    // The quiet one's last delivery at the latest left its queue empty: its socket was handed
+    // over (right after that write, which the client may read first).
+    wait_metric(&node, "gateway_express_handovers_total", &[], |v| {
+        v > before
+    })
+    .await;
+}

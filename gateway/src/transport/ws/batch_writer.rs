@@ -33,6 +33,28 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         }
     }
 
+    /// The stream written to.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    /// Whether everything written so far is out (nothing gathered or half written).
+    pub fn is_flushed(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Puts `bytes` before anything gathered since, to be written with the next flush, whatever
+    /// their size (express delivery's unsent frames, bounded by the connection's queue).
+    pub fn adopt(&mut self, mut bytes: Vec<u8>) {
+        if self.buf.is_empty() {
+            self.buf = bytes;
+        } else {
+            let unwritten = self.buf.split_off(self.written);
+            bytes.extend_from_slice(&unwritten);
+            self.buf.extend_from_slice(&bytes);
+        }
+    }
+
     /// Whether a write had to wait for the socket (the peer is not reading as fast as the node
     /// writes) since the last call.
     pub fn take_waited(&mut self) -> bool {

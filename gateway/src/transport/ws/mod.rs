@@ -12,6 +12,7 @@ pub(crate) mod frame;
 pub(crate) mod frame_reader;
 pub(crate) mod message;
 pub(crate) mod read_gate;
+pub(crate) mod socket;
 
 use std::borrow::Cow;
 use std::future::poll_fn;
@@ -28,10 +29,11 @@ use futures_util::stream::{Stream, StreamExt};
 use hyper::header::SEC_WEBSOCKET_EXTENSIONS;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
 
 use crate::drain::{reconnect_hint, Registration};
+use crate::express::Express;
 use crate::metrics::observe_fanout;
 use crate::node::Node;
 use crate::protocol::{close_code, reply_err, reply_ok, Command, DISCONNECTED_REASON};
@@ -43,6 +45,7 @@ use crate::transport::ws::frame::{close_code_allowed, server_header, Frame, OpCo
 use crate::transport::ws::frame_reader::{FrameReader, ReadError, ReadLimits};
 use crate::transport::ws::message::{Assembler, Message, MessageError};
 use crate::transport::ws::read_gate::ReadGate;
+use crate::transport::ws::socket::{SocketRead, SocketWrite};
 
 /// What the connection does with the messages it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +57,7 @@ pub(crate) enum Mode {
 }
 
 type Io = TokioIo<Upgraded>;
-type Writer = BatchWriter<WriteHalf<Io>>;
+type Writer = BatchWriter<SocketWrite>;
 type ReadResult = Result<Frame, ReadError>;
 
 /// Longest wait for the peer's Close after the server sent its own.
@@ -219,7 +222,7 @@ fn connection(
     deflate: Option<Deflate>,
     client_ip: IpAddr,
 ) -> Connection<ReadGate<Frames>> {
-    let (read, write) = tokio::io::split(io);
+    let (read, write) = socket::split(io);
     let max_message_size = node.config().websocket.max_message_size;
     let limits = ReadLimits {
         // A compressed frame may be a little longer than what it inflates to (stored blocks);
@@ -255,7 +258,7 @@ type Frames = Pin<Box<dyn Stream<Item = ReadResult> + Send>>;
 /// The peer's frames, one at a time. The read in progress lives inside the stream, so a
 /// `select!` that picks another branch never loses part of a frame. Pings and Closes come too:
 /// the connection task answers them itself, in order with its other writes.
-fn frames(read: ReadHalf<Io>, limits: ReadLimits) -> impl Stream<Item = ReadResult> + Send {
+fn frames(read: SocketRead, limits: ReadLimits) -> impl Stream<Item = ReadResult> + Send {
     let reader = FrameReader::new(read, limits);
     futures_util::stream::unfold(reader, |mut reader| async move {
         let result = reader.next().await;
@@ -363,12 +366,18 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 _ = self.registration.closing() => Err(End::Close(close_code::GOING_AWAY, self.going_away())),
                 (code, reason) = self.guard.deadline() => Err(End::Close(code, reason.into())),
                 frame = self.frames.next(), if accepts => match session.as_mut() {
-                    Some(session) => self.on_frame(frame, Some(session), &mut out).await,
+                    Some(session) => {
+                        self.take_back(session);
+                        self.on_frame(frame, Some(session), &mut out).await
+                    }
                     // Boxed: the echo endpoint is for conformance runs, and its state inline
                     // would enlarge every client connection's future.
                     None => Box::pin(self.echo_frames(frame, &mut out)).await,
                 },
                 _ = self.heartbeat.expired() => {
+                    if let Some(session) = session.as_mut() {
+                        self.take_back(session);
+                    }
                     // Give back what the last burst of traffic left allocated; a flush with
                     // nothing to write frees the write buffer.
                     out = Vec::new();
@@ -383,6 +392,7 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 }
                 event = next_event(&mut session) => {
                     if let Some(session) = session.as_mut() {
+                        self.take_back(session);
                         session.apply(event, &mut out);
                     }
                     Ok(())
@@ -412,9 +422,16 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
             // given back at once, not at the next heartbeat (most connections are idle after
             // subscribing). Deliveries recur: their room is kept until the heartbeat, so a
             // busy connection does not allocate per wake-up.
-            let replies_only = !out.is_empty() && !out.iter().any(is_delivery);
+            let delivered = out.iter().any(is_delivery);
+            let replies_only = !out.is_empty() && !delivered;
             if let Err(end) = self.write_outputs(&mut out).await {
                 break end;
+            }
+            // What express delivery left unwritten, taken back with nothing else to send.
+            if !self.writer.is_flushed() {
+                if let Err(end) = self.flush().await {
+                    break end;
+                }
             }
             if self.writer.take_waited() {
                 if let Some(session) = session.as_mut() {
@@ -428,7 +445,17 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                     break end;
                 }
             }
+            // A connection that just delivered is likely to deliver again: the fan-out may
+            // write to its socket until something needs the task.
+            if delivered {
+                if let Some(session) = session.as_mut() {
+                    self.hand_over(session);
+                }
+            }
         };
+        if let Some(session) = session.as_mut() {
+            self.take_back(session);
+        }
         match end {
             // Once per connection, on the heap: see `push_frame`.
             End::Close(code, reason) => Box::pin(self.close(code, &reason)).await,
@@ -438,6 +465,37 @@ impl<F: Stream<Item = ReadResult> + Unpin> Connection<F> {
                 }
             }
             End::Gone => {}
+        }
+    }
+
+    /// Hands the socket to express delivery ([`crate::express`]) if the session is ready for
+    /// it: a plain TCP socket without compression, every write done.
+    fn hand_over(&mut self, session: &mut Session) {
+        if self.deflate.is_some() || !self.writer.is_flushed() {
+            return;
+        }
+        let Some(socket) = self.writer.get_ref().tcp() else {
+            return;
+        };
+        let (deliveries, latency) = (&self.deliveries, &self.fanout_latency);
+        let handed = session.hand_over(|lanes| {
+            Express::new(socket.clone(), lanes, deliveries.clone(), latency.clone())
+        });
+        if handed {
+            self.node.metrics().express_handovers.inc();
+        }
+    }
+
+    /// Takes the socket back from express delivery, if it has it, before the task applies or
+    /// writes anything: what it did not write yet goes first.
+    fn take_back(&mut self, session: &mut Session) {
+        let Some(unsent) = session.take_back() else {
+            return;
+        };
+        if unsent.frames > 0 {
+            self.deliveries.inc_by(unsent.frames);
+            observe_fanout(&self.fanout_latency, unsent.oldest_us);
+            self.writer.adopt(unsent.bytes);
         }
     }
 
