@@ -97,6 +97,22 @@ impl AsyncRead for SocketRead {
     }
 }
 
+/// Writes with `write` once the socket is writable; readiness that turned out stale (the write
+/// would block, which clears it) is waited for again.
+fn poll_tcp_write(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    write: impl Fn(&TcpStream) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        match write(stream) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            written => return Poll::Ready(written),
+        }
+    }
+}
+
 impl AsyncWrite for SocketWrite {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -104,13 +120,7 @@ impl AsyncWrite for SocketWrite {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            SocketWrite::Tcp(stream) => loop {
-                ready!(stream.poll_write_ready(cx))?;
-                match stream.try_write(data) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    written => return Poll::Ready(written),
-                }
-            },
+            SocketWrite::Tcp(stream) => poll_tcp_write(stream, cx, |s| s.try_write(data)),
             SocketWrite::Other(write) => Pin::new(write).poll_write(cx, data),
         }
     }
@@ -121,13 +131,7 @@ impl AsyncWrite for SocketWrite {
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            SocketWrite::Tcp(stream) => loop {
-                ready!(stream.poll_write_ready(cx))?;
-                match stream.try_write_vectored(data) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    written => return Poll::Ready(written),
-                }
-            },
+            SocketWrite::Tcp(stream) => poll_tcp_write(stream, cx, |s| s.try_write_vectored(data)),
             SocketWrite::Other(write) => Pin::new(write).poll_write_vectored(cx, data),
         }
     }
