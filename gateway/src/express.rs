@@ -15,7 +15,6 @@
 //! or applies anything. So a connection's frames keep one order, and its session sees every
 //! offset the express path delivered.
 
-use std::io;
 use std::sync::Arc;
 
 use backplane::Publication;
@@ -154,18 +153,19 @@ impl Express {
             return true;
         }
         // Straight to the socket rather than through tokio's readiness (which the task's own
-        // writes keep): a socket that would block is found by the send itself.
-        let sent = socket2::SockRef::from(&*self.socket).send(&self.out);
-        let result = match sent {
-            Ok(n) if n == self.out.len() => Ok(()),
+        // writes keep): a socket that would block is found by the send itself. MSG_NOSIGNAL, as
+        // std's own sends: a peer gone is an error, not a signal.
+        let socket = socket2::SockRef::from(&*self.socket);
+        let sent = socket.send_with_flags(&self.out, libc::MSG_NOSIGNAL);
+        match sent {
+            Ok(n) if n == self.out.len() => {}
+            // The rest waits for the task, which waits for the socket.
             Ok(n) => {
                 self.out.drain(..n);
-                Err(io::ErrorKind::WouldBlock.into())
+                return false;
             }
-            Err(e) => Err(e),
-        };
-        if result.is_err() {
-            return false;
+            // Would block, or failed: the task's own write finds out which.
+            Err(_) => return false,
         }
         // Kept for the next publication: freeing it here, on another thread than the fan-out
         // that allocates it, made the two threads contend for the allocator. It goes when the
@@ -242,29 +242,27 @@ impl Flushes {
     /// Writes the connections touched so far, each socket once (what is touched while a round
     /// is written goes out in the next). False when there was none: the writing task ends.
     fn round(&self) -> bool {
-        {
-            let mut round = {
-                let mut state = self.state.lock();
-                if state.touched.is_empty() {
-                    state.running = false;
-                    return false;
-                }
-                std::mem::take(&mut state.touched)
-            };
-            // Beyond one task's share, the rest goes to other tasks that other worker threads
-            // may take.
-            while round.len() > WRITES_PER_TASK {
-                let rest = round.split_off(WRITES_PER_TASK);
-                let share = std::mem::replace(&mut round, rest);
-                match tokio::runtime::Handle::try_current() {
-                    Ok(runtime) => {
-                        runtime.spawn(async move { write_all(share) });
-                    }
-                    Err(_) => write_all(share),
-                }
+        let mut round = {
+            let mut state = self.state.lock();
+            if state.touched.is_empty() {
+                state.running = false;
+                return false;
             }
-            write_all(round);
+            std::mem::take(&mut state.touched)
+        };
+        // Beyond one task's share, the rest goes to other tasks that other worker threads may
+        // take.
+        while round.len() > WRITES_PER_TASK {
+            let rest = round.split_off(WRITES_PER_TASK);
+            let share = std::mem::replace(&mut round, rest);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move { write_all(share) });
+                }
+                Err(_) => write_all(share),
+            }
         }
+        write_all(round);
         true
     }
 }
@@ -476,6 +474,36 @@ mod tests {
         let mut write = crate::transport::ws::socket::SocketWrite::Tcp(socket);
         write.write_all(&unsent.bytes).await.unwrap();
         reader.await.unwrap();
+    }
+
+    /// A peer gone is found by a send: the socket goes back to the task, whose own write then
+    /// ends the connection.
+    #[tokio::test]
+    async fn a_socket_whose_peer_is_gone_is_handed_back() {
+        let (socket, client) = socket_pair().await;
+        drop(client);
+        let (tx, mut rx) = outbound(1 << 20);
+        assert!(rx.hand_over(express(socket, vec![lane("a", "e1", 0)])));
+        // The first sends may still be taken: the peer's reset answers them. Bounded only as a
+        // guard against a hang, not as a measure of speed.
+        let refused = async {
+            let mut offset = 0;
+            while !matches!(recv_now(&mut rx), Some(Received::HandedBack)) {
+                offset += 1;
+                let p = publication("a", "e1", offset);
+                assert!(matches!(tx.push(&p, false), Pushed::Express { .. }));
+                tx.flush_express(backplane::now_us());
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), refused)
+            .await
+            .expect("sends to a closed peer kept succeeding");
+        let (_, unsent) = rx.take_back().unwrap().into_parts();
+        assert!(
+            !unsent.bytes.is_empty(),
+            "what was refused stays for the task"
+        );
     }
 
     fn recv_now(rx: &mut crate::queue::QueueReceiver) -> Option<Received> {
