@@ -173,10 +173,7 @@ impl Express {
         self.out.clear();
         self.deliveries.inc_by(std::mem::take(&mut self.frames));
         let oldest_us = std::mem::take(&mut self.oldest_us);
-        if oldest_us > 0 {
-            let latency_us = now_us.saturating_sub(oldest_us);
-            self.latency.observe(latency_us as f64 / 1e6);
-        }
+        crate::metrics::observe_fanout_at(&self.latency, oldest_us, now_us);
         true
     }
 
@@ -235,6 +232,7 @@ impl Flushes {
                     }
                 });
             }
+            // A fan-out driven by plain code (unit tests): every round here and now.
             Err(_) => while self.round() {},
         }
     }

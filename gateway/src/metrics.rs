@@ -334,6 +334,13 @@ pub(crate) fn observe_fanout(histogram: &prometheus::Histogram, oldest_published
     if oldest_published_us == 0 {
         return;
     }
-    let latency_us = backplane::now_us().saturating_sub(oldest_published_us);
-    histogram.observe(latency_us as f64 / 1e6);
+    observe_fanout_at(histogram, oldest_published_us, backplane::now_us());
+}
+
+/// [`observe_fanout`] with the time of writing read once by the caller, for a round of writes.
+pub(crate) fn observe_fanout_at(histogram: &prometheus::Histogram, oldest_us: u64, now_us: u64) {
+    if oldest_us == 0 {
+        return;
+    }
+    histogram.observe(now_us.saturating_sub(oldest_us) as f64 / 1e6);
 }

@@ -45,13 +45,11 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
 
     /// Puts `bytes` before anything gathered since, to be written with the next flush, whatever
     /// their size (express delivery's unsent frames, bounded by the connection's queue).
-    pub fn adopt(&mut self, mut bytes: Vec<u8>) {
+    pub fn adopt(&mut self, bytes: Vec<u8>) {
         if self.buf.is_empty() {
             self.buf = bytes;
         } else {
-            let unwritten = self.buf.split_off(self.written);
-            bytes.extend_from_slice(&unwritten);
-            self.buf.extend_from_slice(&bytes);
+            self.buf.splice(self.written..self.written, bytes);
         }
     }
 
