@@ -122,13 +122,17 @@ impl CompactCursor {
     }
 }
 
+/// A channel's position in a stream: epoch, offset, the tag there when known.
+type Position = (Arc<str>, u64, Option<u32>);
+
 /// The positions of one stream's channels and their group checks, kept up to date as positions
 /// move, so writing an event's id hashes nothing and a move rehashes only its own group.
 #[derive(Debug)]
 pub struct StreamCursor {
-    channels: Vec<Arc<str>>,
-    /// Per channel: epoch, offset, the tag there when known.
-    positions: Vec<(Arc<str>, u64, Option<u32>)>,
+    /// Exactly as long as the list: it lives as long as the stream (a parsed list keeps room
+    /// to grow).
+    channels: Box<[Arc<str>]>,
+    positions: Box<[Position]>,
     fingerprint: u32,
     checks: Vec<u32>,
     scratch: Vec<u8>,
@@ -140,9 +144,9 @@ impl StreamCursor {
         let empty: Arc<str> = Arc::from("");
         let mut cursor = StreamCursor {
             fingerprint: fingerprint(&channels),
-            positions: vec![(empty, 0, None); channels.len()],
+            positions: vec![(empty, 0, None); channels.len()].into_boxed_slice(),
             checks: vec![0; channels.len().div_ceil(GROUP)],
-            channels,
+            channels: channels.into_boxed_slice(),
             scratch: Vec::new(),
         };
         for group in 0..cursor.checks.len() {

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use hyper::service::service_fn;
 use hyper::{header, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -325,10 +326,13 @@ where
         service_fn(move |request| {
             requested.store(true, Ordering::Relaxed);
             let node = node.clone();
-            // Boxed, and freed once answered: the router's future is sized for its largest
-            // route, and hyper keeps the service's future inline in every HTTP/2 stream's task
-            // (and in the HTTP/1.1 connection) for as long as the response's body runs.
-            async move { Ok::<_, Infallible>(Box::pin(route(&node, kind, peer, request)).await) }
+            // Boxed whole, and freed once answered: the router's future is sized for its
+            // largest route and the request, and hyper keeps the service's future inline in
+            // every HTTP/2 stream's task (and in the HTTP/1.1 connection) for as long as the
+            // response's body runs (~220 B more in every stream's task, inline).
+            let answer: BoxFuture<'static, Result<Response<Body>, Infallible>> =
+                Box::pin(async move { Ok(route(&node, kind, peer, request).await) });
+            answer
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());

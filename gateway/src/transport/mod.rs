@@ -2,7 +2,6 @@
 //! session's commands and writes the session's outputs in its own framing; the query of the two
 //! plain-HTTP ones is read once (`stream_query`); their writes are bounded in time (`bounded`).
 
-pub(crate) mod body_channel;
 pub(crate) mod bounded;
 pub(crate) mod poll;
 pub(crate) mod sse;

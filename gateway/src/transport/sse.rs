@@ -8,22 +8,29 @@
 //! then the end; a reconnect with the same token is refused with 403).
 //!
 //! The stream's loop is the same on every path; only where its bytes go differs (`sse_sink`):
-//! over HTTP/2 and TLS a task of its own feeds a body that hyper writes, on the own HTTP/1.x
-//! path (`http::sse_h1`) the connection's task runs the loop and writes to the socket itself.
+//! over HTTP/2 and TLS the stream is the body hyper writes ([`SseBody`], driven by hyper's polls
+//! in hyper's task), on the own HTTP/1.x path (`http::sse_h1`) the connection's task runs the
+//! loop and writes to the socket itself.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use backplane::Kind;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{header, HeaderMap, Response, StatusCode};
 use parking_lot::Mutex;
 use serde::Serialize;
+use tokio::time::{Interval, MissedTickBehavior};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::cursor::{Cursor, StreamCursor};
 use crate::drain::{reconnect_hint, Registration};
@@ -34,14 +41,14 @@ use crate::security::auth::Identity;
 use crate::security::guard::too_many;
 use crate::session::fresh;
 use crate::session::{oldest_live, Output, Session};
-use crate::transport::body_channel::body_channel;
-use crate::transport::sse_sink::{ChannelSink, EventSink};
+use crate::transport::sse_sink::{BufferSink, EventSink};
 use crate::transport::stream_query::{decode_cursor, verify_compact, StreamQuery, Subscribed};
 
 const BATCH: usize = 256;
+const HEARTBEAT: &[u8] = b": heartbeat\n\n";
 
 /// Where `open` leaves an accepted stream for the connection's task to run (the own HTTP/1.x
-/// path puts one in the request's extensions) instead of spawning a task and a body channel.
+/// path puts one in the request's extensions) instead of making it the response's body.
 #[derive(Clone, Default)]
 pub(crate) struct InlineSlot(Arc<Mutex<Option<Accepted>>>);
 
@@ -77,8 +84,202 @@ impl Accepted {
     }
 }
 
-/// Validates the request and starts the stream: in a task of its own, or with `inline` left
-/// there for the caller to run (the response's body then carries no bytes, only what wraps it).
+/// An SSE stream as the response body hyper sends (HTTP/2, and HTTP/1.x over TLS). hyper's task
+/// for the stream polls it when the client has room; each poll applies what is ready and hands
+/// over its events as one frame. No task or channel of its own: an idle stream is this struct,
+/// its session and its heartbeat timer (a task and a body channel cost ~1.7 KB per stream).
+pub(crate) struct SseBody {
+    node: Arc<Node>,
+    registration: Registration,
+    state: BodyState,
+    gauge: prometheus::IntGauge,
+    /// Counts the stream among the node's connection tasks, which a shutdown waits for.
+    _tracked: TaskTrackerToken,
+}
+
+enum BodyState {
+    /// Subscribing and writing the stream's start: a future of its own, freed once done.
+    Opening(BoxFuture<'static, Opened>),
+    Live(Box<LiveStream>),
+    /// The last bytes are handed over: the body ends.
+    Done,
+}
+
+type Opened = (SseStream<BufferSink>, Session, Result<(), ()>);
+
+/// A started stream: what the body's polls drive.
+struct LiveStream {
+    stream: SseStream<BufferSink>,
+    session: Session,
+    heartbeat: Interval,
+    outputs: Vec<Output>,
+}
+
+/// What a poll of a started stream gives.
+enum Burst {
+    More(Bytes),
+    /// The stream is over, after these bytes.
+    Last(Option<Bytes>),
+}
+
+impl SseBody {
+    fn new(accepted: Accepted) -> Self {
+        let node = accepted.node.clone();
+        let metrics = node.metrics();
+        let gauge = metrics.connections.with_label_values(&["sse"]);
+        gauge.inc();
+        let mut stream = SseStream {
+            deliveries: metrics.deliveries.with_label_values(&["sse"]),
+            fanout_latency: metrics.fanout_latency.with_label_values(&["sse"]),
+            node: accepted.node,
+            sink: BufferSink::default(),
+            positions: accepted.positions,
+            head: String::new(),
+        };
+        let (mut session, cursor) = (accepted.session, accepted.cursor);
+        let opening = async move {
+            let result = stream.open(&mut session, cursor).await;
+            (stream, session, result)
+        };
+        SseBody {
+            _tracked: node.connection_tasks().token(),
+            node,
+            registration: accepted.registration,
+            state: BodyState::Opening(Box::pin(opening)),
+            gauge,
+        }
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl hyper::body::Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        let frame = |bytes| Poll::Ready(Some(Ok(Frame::data(bytes))));
+        loop {
+            if matches!(this.state, BodyState::Done) {
+                return Poll::Ready(None);
+            }
+            if Pin::new(&mut this.registration.closing())
+                .poll(cx)
+                .is_ready()
+            {
+                // Tell EventSource when to come back (jittered), after what is whole; then end.
+                this.state = BodyState::Done;
+                return frame(Bytes::from(retry_hint(&this.node)));
+            }
+            match &mut this.state {
+                BodyState::Opening(opening) => {
+                    let (mut stream, session, result) = ready!(opening.as_mut().poll(cx));
+                    let start = stream.sink.take();
+                    // What the start gathered is gone with its frame: an idle stream holds none.
+                    stream.release();
+                    // A user disconnected during the start has had its `disconnect` event.
+                    this.state = match result {
+                        Ok(()) if !session.disconnected() => {
+                            BodyState::Live(Box::new(LiveStream::new(stream, session)))
+                        }
+                        _ => BodyState::Done,
+                    };
+                    if let Some(start) = start {
+                        return frame(start);
+                    }
+                }
+                BodyState::Live(live) => match ready!(live.poll_burst(cx)) {
+                    Burst::More(bytes) => return frame(bytes),
+                    Burst::Last(bytes) => {
+                        this.state = BodyState::Done;
+                        if let Some(bytes) = bytes {
+                            return frame(bytes);
+                        }
+                    }
+                },
+                BodyState::Done => {}
+            }
+        }
+    }
+}
+
+impl LiveStream {
+    fn new(stream: SseStream<BufferSink>, session: Session) -> Self {
+        let mut heartbeat = tokio::time::interval(stream.node.config().sse.heartbeat_interval);
+        heartbeat.reset();
+        // Looked at only when idle: ticks missed while busy are not made up in a burst.
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        LiveStream {
+            stream,
+            session,
+            heartbeat,
+            outputs: Vec::new(),
+        }
+    }
+
+    /// The stream's loop (as [`SseStream::stream`] runs it), one burst per call.
+    fn poll_burst(&mut self, cx: &mut Context<'_>) -> Poll<Burst> {
+        loop {
+            if self.session.disconnected() {
+                let _ = at_once(self.stream.disconnect());
+                return Poll::Ready(Burst::Last(self.stream.sink.take()));
+            }
+            // Cancel-safe, so a fresh one per poll loses nothing.
+            let next = std::pin::pin!(self.session.next()).poll(cx);
+            match next {
+                Poll::Ready(event) => self.session.apply(event, &mut self.outputs),
+                Poll::Pending => {
+                    ready!(self.heartbeat.poll_tick(cx));
+                    // Give back what the last bursts left allocated (as the WebSocket does).
+                    self.outputs = Vec::new();
+                    self.stream.release();
+                    let _ = at_once(self.stream.sink.send(HEARTBEAT));
+                }
+            }
+            self.session.apply_ready(&mut self.outputs, BATCH);
+            if self.session.overflowed() {
+                // The client reconnects with its Last-Event-ID and resumes losslessly.
+                return Poll::Ready(Burst::Last(self.stream.sink.take()));
+            }
+            if self.outputs.len() >= BATCH {
+                // A whole batch waited for this poll: the client reads slower than the channels
+                // publish (hyper polls only when it has room), so conflating channels conflate
+                // what is still behind it, as when a socket stalls.
+                self.session.socket_stalled();
+            }
+            if !self.outputs.is_empty() {
+                let _ = at_once(self.stream.emit(&mut self.outputs));
+            }
+            if let Some(bytes) = self.stream.sink.take() {
+                return Poll::Ready(Burst::More(bytes));
+            }
+        }
+    }
+}
+
+/// The `retry:` that ends a drained stream: when EventSource is to come back (jittered).
+fn retry_hint(node: &Node) -> String {
+    let hint = reconnect_hint(node.config().drain.reconnect_jitter);
+    let retry = hint.max(Duration::from_millis(1)).as_millis();
+    format!("retry: {retry}\n\n")
+}
+
+/// Runs a write into a [`BufferSink`], which never waits, to its end.
+fn at_once<T>(write: impl Future<Output = T>) -> T {
+    write.now_or_never().expect("a buffer sink never waits")
+}
+
+/// Validates the request and starts the stream: as the response's body ([`SseBody`]), or with
+/// `inline` left there for the caller to run (the response's body then carries no bytes, only
+/// what wraps it).
 pub(crate) fn open(
     node: &Arc<Node>,
     query: Option<&str>,
@@ -140,14 +341,7 @@ pub(crate) fn open(
             >())
             .boxed_unsync()
         }
-        None => {
-            let (tx, body) = body_channel(64);
-            let timeout = node.config().sse_write_timeout();
-            // The task's output, the sink, is dropped as the task ends: the body ends with it.
-            node.connection_tasks()
-                .spawn(accepted.run(ChannelSink { tx, timeout }));
-            body.boxed_unsync()
-        }
+        None => SseBody::new(accepted).boxed_unsync(),
     };
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -230,10 +424,12 @@ impl<S: EventSink> SseStream<S> {
             };
             if closing {
                 // Tell EventSource when to come back (jittered), then end the stream.
-                let hint = reconnect_hint(self.node.config().drain.reconnect_jitter);
-                let retry = hint.max(Duration::from_millis(1)).as_millis();
-                let retry = format!("retry: {retry}\n\n");
-                if self.sink.send(retry.as_bytes()).await.is_ok() {
+                if self
+                    .sink
+                    .send(retry_hint(&self.node).as_bytes())
+                    .await
+                    .is_ok()
+                {
                     let _ = self.sink.flush(true).await;
                 }
             }
@@ -257,7 +453,7 @@ impl<S: EventSink> SseStream<S> {
                 _ = heartbeat.tick() => {
                     // Give back what the last burst left allocated (as the WebSocket does).
                     out = Vec::new();
-                    self.sink.send_shared(Bytes::from_static(b": heartbeat\n\n")).await?;
+                    self.sink.send_shared(Bytes::from_static(HEARTBEAT)).await?;
                 }
                 event = session.next() => session.apply(event, &mut out),
             }

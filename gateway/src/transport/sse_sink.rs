@@ -1,13 +1,9 @@
-//! Where an SSE stream's bytes go. Over HTTP/2 and TLS the stream writes into a response body
-//! that hyper sends ([`ChannelSink`]); on the gateway's own HTTP/1.x path it writes straight to
-//! the socket from the connection's task (`http::sse_socket`). One stream loop serves both.
+//! Where an SSE stream's bytes go. Over HTTP/2 and TLS the stream is the response body hyper
+//! sends, and each poll's events are gathered into one frame ([`BufferSink`]); on the gateway's
+//! own HTTP/1.x path it writes straight to the socket from the connection's task
+//! (`http::sse_socket`). One stream loop serves both.
 
-use std::time::Duration;
-
-use bytes::Bytes;
-
-use crate::transport::body_channel::BodySender;
-use crate::transport::bounded::bounded;
+use bytes::{Bytes, BytesMut};
 
 /// An event stream's output. `Err(())` from any method: the client is gone or too slow, and
 /// the stream ends.
@@ -33,42 +29,48 @@ pub(crate) trait EventSink {
     fn release(&mut self) {}
 }
 
-/// A response body fed through a [`body_channel`](crate::transport::body_channel); a client
-/// that takes longer than `timeout` to make room is dropped.
-pub(crate) struct ChannelSink {
-    pub(crate) tx: BodySender,
-    pub(crate) timeout: Duration,
+/// The events of one poll of a [`SseBody`](crate::transport::sse::SseBody), gathered for hyper
+/// as one frame. It never waits: hyper polls the body only when the client has room, so its
+/// HTTP/2 flow control (or the socket, on HTTP/1.x over TLS) is the stream's back-pressure.
+#[derive(Default)]
+pub(crate) struct BufferSink {
+    /// What is gathered; a taken frame shares its allocation until hyper has written it, and
+    /// the room after it is reused, so a busy stream does not allocate per burst.
+    buf: BytesMut,
 }
 
-impl EventSink for ChannelSink {
+impl BufferSink {
+    /// The bytes gathered since the last call, as one frame; `None` if there are none.
+    pub(crate) fn take(&mut self) -> Option<Bytes> {
+        (!self.buf.is_empty()).then(|| self.buf.split().freeze())
+    }
+}
+
+impl EventSink for BufferSink {
     async fn send(&mut self, bytes: &[u8]) -> Result<(), ()> {
-        self.send_shared(Bytes::copy_from_slice(bytes)).await
+        self.buf.extend_from_slice(bytes);
+        Ok(())
     }
 
     async fn send_shared(&mut self, bytes: Bytes) -> Result<(), ()> {
-        let bytes = match self.tx.try_send(bytes) {
-            Ok(None) => return Ok(()),
-            Ok(Some(full)) => full,
-            Err(_) => return Err(()),
-        };
-        // The client is behind: wait for room on the heap. Held inline, the wait and its timer
-        // (~450 B) were part of every stream's future, idle or not.
-        match Box::pin(bounded(self.timeout, self.tx.send(bytes))).await {
-            Some(Ok(())) => Ok(()),
-            _ => Err(()),
-        }
+        self.buf.extend_from_slice(&bytes);
+        Ok(())
     }
 
-    /// Each chunk is hyper's to write as soon as it is queued.
     async fn flush(&mut self, _all: bool) -> Result<(), ()> {
         Ok(())
     }
 
+    /// A client that leaves drops the body, and this with it.
     async fn closed(&mut self) {
-        self.tx.closed().await
+        std::future::pending().await
     }
 
     fn take_waited(&mut self) -> bool {
-        self.tx.take_waited()
+        false
+    }
+
+    fn release(&mut self) {
+        self.buf = BytesMut::new();
     }
 }

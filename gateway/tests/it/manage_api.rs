@@ -129,8 +129,8 @@ async fn close_of(ws: &mut WsClient) -> (u16, Value) {
 
 // --- disconnect ---------------------------------------------------------------------------------
 
-/// Alice has WebSockets (token in the handshake, and by `connect`) and an SSE stream on every
-/// node; Bob one of each on the first. A disconnect of Alice through the last node closes all of
+/// Alice has WebSockets (token in the handshake, and by `connect`) and SSE streams (HTTP/1.1 and
+/// HTTP/2) on every node; Bob one of each on the first. A disconnect of Alice through the last node closes all of
 /// hers and none of Bob's, and her token no longer opens anything anywhere.
 async fn disconnect_reaches_every_node(nodes: &[GatewayProcess]) {
     let (alice, bob) = (token("alice"), token("bob"));
@@ -145,6 +145,12 @@ async fn disconnect_reaches_every_node(nodes: &[GatewayProcess]) {
         by_connect.subscribe(room).await;
         alice_ws.push(by_connect);
         alice_sse.push(sse_of(node, &alice, &[room]).await);
+        // And one over HTTP/2, where the stream is the response's body.
+        let query = format!("{}&token={alice}", channel_query(&[room]));
+        let mut over_h2 = Sse::open_with(&sse_client_h2(), node, &query, &[]).await;
+        assert_eq!(over_h2.version, reqwest::Version::HTTP_2);
+        over_h2.connected().await;
+        alice_sse.push(over_h2);
     }
     let mut bob_ws = ws_of(&nodes[0], &bob).await;
     bob_ws.subscribe(room).await;

@@ -371,3 +371,88 @@ async fn works_over_http2_prior_knowledge() {
     assert_eq!(status, 200);
     assert_eq!(body["top"], 2);
 }
+
+/// Over HTTP/2 the stream is the body hyper sends, one frame per burst: the start (`retry:`,
+/// `connected`) comes as one DATA frame, a publication as one frame holding its whole event; a
+/// client that resets its stream frees it (and only it); a drain ends the others with a
+/// `retry:` hint and the end of their streams.
+#[tokio::test]
+async fn http2_streams_send_whole_bursts_free_a_reset_stream_and_drain_with_a_hint() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let mut node = Node::default().await;
+    let ch = channel("h2-body");
+    let tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let next_frame = async |body: &mut hyper::body::Incoming| -> Option<String> {
+        let frame = within("a frame of the stream", body.frame()).await?;
+        let data = frame
+            .expect("body error")
+            .into_data()
+            .expect("a DATA frame");
+        Some(String::from_utf8(data.to_vec()).unwrap())
+    };
+
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let request = hyper::Request::get(node.url(&format!("/sse?{}", channel_query(&[&ch]))))
+            .header("accept", "text/event-stream")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender.ready().await.unwrap();
+        let response = within("SSE response", sender.send_request(request))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let start = next_frame(&mut body).await.expect("the stream's start");
+        assert!(start.starts_with("retry: "), "{start:?}");
+        assert!(start.contains("\nevent: connected\n"), "{start:?}");
+        assert!(start.ends_with("\n\n"), "{start:?}");
+        bodies.push(body);
+    }
+
+    publish(&node, &ch, json!({"n": 1})).await;
+    for body in &mut bodies {
+        let event = next_frame(body).await.expect("the publication");
+        assert!(event.starts_with("id: "), "{event:?}");
+        assert!(
+            event.contains("\ndata: {") && event.contains("\"n\":1"),
+            "{event:?}"
+        );
+        assert!(event.ends_with("}\n\n"), "one whole event: {event:?}");
+    }
+
+    // Dropping a response's body resets its stream: the gateway frees it, the others live on.
+    drop(bodies.pop());
+    wait_metric(&node, "gateway_connections", &[("transport", "sse")], |v| {
+        v == 2.0
+    })
+    .await;
+    publish(&node, &ch, json!({"n": 2})).await;
+    for body in &mut bodies {
+        let event = next_frame(body).await.expect("the publication");
+        assert!(event.contains("\"n\":2"), "{event:?}");
+    }
+
+    let shutdown = tokio::spawn(node.take().shutdown());
+    for body in &mut bodies {
+        let hint = next_frame(body).await.expect("the drain's hint");
+        let millis = hint
+            .strip_prefix("retry: ")
+            .and_then(|rest| rest.strip_suffix("\n\n"))
+            .unwrap_or_else(|| panic!("a retry hint, alone: {hint:?}"));
+        millis.parse::<u64>().expect("milliseconds");
+        // The end of the stream may come as an empty DATA frame that carries END_STREAM.
+        while let Some(rest) = next_frame(body).await {
+            assert_eq!(rest, "", "nothing after the hint");
+        }
+    }
+    within("shutdown to finish", shutdown).await.unwrap();
+}
