@@ -378,8 +378,7 @@ async fn works_over_http2_prior_knowledge() {
 /// `retry:` hint and the end of their streams.
 #[tokio::test]
 async fn http2_streams_send_whole_bursts_free_a_reset_stream_and_drain_with_a_hint() {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::BodyExt;
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let mut node = Node::default().await;
@@ -401,16 +400,8 @@ async fn http2_streams_send_whole_bursts_free_a_reset_stream_and_drain_with_a_hi
 
     let mut bodies = Vec::new();
     for _ in 0..3 {
-        let request = hyper::Request::get(node.url(&format!("/sse?{}", channel_query(&[&ch]))))
-            .header("accept", "text/event-stream")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        sender.ready().await.unwrap();
-        let response = within("SSE response", sender.send_request(request))
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let mut body = response.into_body();
+        let uri = node.url(&format!("/sse?{}", channel_query(&[&ch])));
+        let mut body = open_h2_stream(&mut sender, uri).await;
         let start = next_frame(&mut body).await.expect("the stream's start");
         assert!(start.starts_with("retry: "), "{start:?}");
         assert!(start.contains("\nevent: connected\n"), "{start:?}");

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::*;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpStream;
@@ -124,17 +123,8 @@ async fn many_sse_streams_multiplex_over_one_http2_connection() {
     const STREAMS: usize = 40;
     let mut bodies = Vec::new();
     for i in 0..STREAMS {
-        let request = hyper::Request::get(https(&node, &format!("/sse?channel=tls-{i}")))
-            .header("accept", "text/event-stream")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        sender.ready().await.unwrap();
-        let response = within("SSE response", sender.send_request(request))
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        assert_eq!(response.version(), hyper::Version::HTTP_2);
-        let mut body = response.into_body();
+        let uri = https(&node, &format!("/sse?channel=tls-{i}"));
+        let mut body = open_h2_stream(&mut sender, uri).await;
         read_until(&mut body, "event: connected").await;
         bodies.push(body);
     }
