@@ -34,8 +34,8 @@ pub(crate) trait EventSink {
 /// HTTP/2 flow control (or the socket, on HTTP/1.x over TLS) is the stream's back-pressure.
 #[derive(Default)]
 pub(crate) struct BufferSink {
-    /// What is gathered; a taken frame shares its allocation until hyper has written it, and
-    /// the room after it is reused, so a busy stream does not allocate per burst.
+    /// What is gathered. A taken frame shares its allocation until hyper has written it; after
+    /// that the whole buffer is reused, so a busy stream allocates only while frames wait.
     buf: BytesMut,
 }
 

@@ -182,24 +182,28 @@ fn spawn_connection<E: std::fmt::Display + Send + 'static>(
                 return;
             }
         };
-        // Moved out of a temporary, so the box is freed here rather than with the task.
-        let Setup {
-            node,
-            guard,
-            deflate,
-            client_ip,
-        } = *{ setup };
-        let open = node
-            .metrics()
-            .websockets
-            .with_label_values(&[handshake.http_version()]);
-        open.inc();
-        let transport = if mode == Mode::Echo { "echo" } else { "ws" };
-        let gauge = node.metrics().connections.with_label_values(&[transport]);
-        gauge.inc();
-        connection(node, io, transport, guard, deflate, client_ip)
-            .serve(mode)
-            .await;
+        // In a block of its own: `node`, moved into the connection, would otherwise keep its
+        // room in the task beside it (8 B that made every idle connection's cell 128 B larger).
+        let (mut connection, open, gauge) = {
+            // Moved out of a temporary, so the box is freed here rather than with the task.
+            let Setup {
+                node,
+                guard,
+                deflate,
+                client_ip,
+            } = *{ setup };
+            let open = node
+                .metrics()
+                .websockets
+                .with_label_values(&[handshake.http_version()]);
+            open.inc();
+            let transport = if mode == Mode::Echo { "echo" } else { "ws" };
+            let gauge = node.metrics().connections.with_label_values(&[transport]);
+            gauge.inc();
+            let connection = connection(node, io, transport, guard, deflate, client_ip);
+            (connection, open, gauge)
+        };
+        connection.serve(mode).await;
         gauge.dec();
         open.dec();
     });
