@@ -71,15 +71,7 @@ impl Accepted {
     /// Runs the stream into `sink` until it ends; gives the sink back to finish the response.
     /// A plain function: an async one would keep room for `self` beside the stream it becomes.
     pub(crate) fn run<S: EventSink>(self, sink: S) -> impl Future<Output = S> {
-        let metrics = self.node.metrics();
-        let stream = SseStream {
-            deliveries: metrics.deliveries.with_label_values(&["sse"]),
-            fanout_latency: metrics.fanout_latency.with_label_values(&["sse"]),
-            node: self.node,
-            sink,
-            positions: self.positions,
-            head: String::new(),
-        };
+        let stream = SseStream::new(self.node, sink, self.positions);
         stream.run(self.session, self.cursor, self.registration)
     }
 }
@@ -125,17 +117,9 @@ enum Burst {
 impl SseBody {
     fn new(accepted: Accepted) -> Self {
         let node = accepted.node.clone();
-        let metrics = node.metrics();
-        let gauge = metrics.connections.with_label_values(&["sse"]);
+        let gauge = node.metrics().connections.with_label_values(&["sse"]);
         gauge.inc();
-        let mut stream = SseStream {
-            deliveries: metrics.deliveries.with_label_values(&["sse"]),
-            fanout_latency: metrics.fanout_latency.with_label_values(&["sse"]),
-            node: accepted.node,
-            sink: BufferSink::default(),
-            positions: accepted.positions,
-            head: String::new(),
-        };
+        let mut stream = SseStream::new(accepted.node, BufferSink::default(), accepted.positions);
         let (mut session, cursor) = (accepted.session, accepted.cursor);
         let opening = async move {
             let result = stream.open(&mut session, cursor).await;
@@ -405,6 +389,18 @@ struct StreamError<'a> {
 }
 
 impl<S: EventSink> SseStream<S> {
+    fn new(node: Arc<Node>, sink: S, positions: StreamCursor) -> Self {
+        let metrics = node.metrics();
+        SseStream {
+            deliveries: metrics.deliveries.with_label_values(&["sse"]),
+            fanout_latency: metrics.fanout_latency.with_label_values(&["sse"]),
+            node,
+            sink,
+            positions,
+            head: String::new(),
+        }
+    }
+
     /// The stream until it ends; gives back the sink. A plain function returning the future:
     /// an async fn keeps room for its arguments beside the locals they are moved into (the
     /// stream and its session twice, ~530 B of every idle stream).
