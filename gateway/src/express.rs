@@ -15,6 +15,7 @@
 //! or applies anything. So a connection's frames keep one order, and its session sees every
 //! offset the express path delivered.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use backplane::Publication;
@@ -22,6 +23,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
 use crate::queue::QueueSender;
+use crate::send_batch;
 use crate::transport::ws::frame::{server_header, OpCode};
 
 /// Touched connections one task writes before the rest are left to other tasks, so a
@@ -145,27 +147,46 @@ impl Express {
         self.live = false;
     }
 
+    /// The socket and the bytes to write, if any.
+    pub(crate) fn pending(&self) -> Option<(RawFd, &[u8])> {
+        (!self.out.is_empty()).then(|| (self.socket.as_raw_fd(), &self.out[..]))
+    }
+
     /// Writes what is buffered without waiting. False when the socket did not take all of it
     /// (it would block, or failed): the task must take over, and write the rest itself. `now_us`
     /// is when the round of writes began, for the fan-out latency.
     pub(crate) fn flush(&mut self, now_us: u64) -> bool {
-        if self.out.is_empty() {
+        let Some((_, bytes)) = self.pending() else {
             return true;
-        }
+        };
         // Straight to the socket rather than through tokio's readiness (which the task's own
         // writes keep): a socket that would block is found by the send itself. MSG_NOSIGNAL, as
         // std's own sends: a peer gone is an error, not a signal.
         let socket = socket2::SockRef::from(&*self.socket);
-        let sent = socket.send_with_flags(&self.out, libc::MSG_NOSIGNAL);
-        match sent {
-            Ok(n) if n == self.out.len() => {}
+        let sent = match socket.send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+            Ok(n) => n.min(i32::MAX as usize) as i32,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        };
+        self.sent(sent, now_us)
+    }
+
+    /// Takes in what a send of [`Express::pending`] returned (bytes sent, a negative errno, or
+    /// [`send_batch::UNKNOWN`]); false as for [`Express::flush`].
+    pub(crate) fn sent(&mut self, result: i32, now_us: u64) -> bool {
+        if result == send_batch::UNKNOWN {
+            // Whether the bytes went out cannot be told: the connection ends (its task's write
+            // fails) and the client resumes from what it received.
+            let _ = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Both);
+            return false;
+        }
+        // Would block, or failed: the task's own write finds out which.
+        let Ok(sent) = usize::try_from(result) else {
+            return false;
+        };
+        if sent < self.out.len() {
             // The rest waits for the task, which waits for the socket.
-            Ok(n) => {
-                self.out.drain(..n);
-                return false;
-            }
-            // Would block, or failed: the task's own write finds out which.
-            Err(_) => return false,
+            self.out.drain(..sent);
+            return false;
         }
         // Kept for the next publication: freeing it here, on another thread than the fan-out
         // that allocates it, made the two threads contend for the allocator. It goes when the
@@ -267,8 +288,8 @@ impl Flushes {
 
 fn write_all(touched: Vec<QueueSender>) {
     let now_us = backplane::now_us();
-    for queue in touched {
-        queue.flush_express(now_us);
+    for batch in touched.chunks(send_batch::BATCH) {
+        crate::queue::flush_express(batch, now_us);
     }
 }
 
@@ -427,10 +448,32 @@ mod tests {
         assert!(rx.take_back().is_none());
     }
 
-    /// A socket that stops taking data is handed back: the task is woken with nothing queued,
-    /// and what the socket did not take comes back to it, so the peer gets every frame in order.
+    /// How a test writes a round: in one batch (io_uring, where allowed) or one socket at a time.
+    #[derive(Clone, Copy)]
+    enum Sends {
+        Batched,
+        OneByOne,
+    }
+
+    fn flush(tx: &QueueSender, sends: Sends) {
+        let batch = std::slice::from_ref(tx);
+        match sends {
+            Sends::Batched => crate::queue::flush_express(batch, backplane::now_us()),
+            Sends::OneByOne => {
+                crate::queue::flush_express_by(batch, backplane::now_us(), |_, _| false)
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_socket_that_would_block_is_handed_back_with_what_it_did_not_take() {
+        would_block_hands_back(Sends::Batched).await;
+        would_block_hands_back(Sends::OneByOne).await;
+    }
+
+    /// A socket that stops taking data is handed back: the task is woken with nothing queued,
+    /// and what the socket did not take comes back to it, so the peer gets every frame in order.
+    async fn would_block_hands_back(sends: Sends) {
         let (socket, mut client) = socket_pair().await;
         socket2::SockRef::from(&*socket)
             .set_send_buffer_size(4096)
@@ -451,7 +494,7 @@ mod tests {
                 Pushed::Express { first: true }
             ));
             expected.extend(frame(&p));
-            tx.flush_express(backplane::now_us());
+            flush(&tx, sends);
             assert!(offset < 1_000_000, "the buffers never filled");
         }
         let next = publication("a", "e1", offset + 1);
@@ -474,10 +517,15 @@ mod tests {
         reader.await.unwrap();
     }
 
-    /// A peer gone is found by a send: the socket goes back to the task, whose own write then
-    /// ends the connection.
     #[tokio::test]
     async fn a_socket_whose_peer_is_gone_is_handed_back() {
+        peer_gone_hands_back(Sends::Batched).await;
+        peer_gone_hands_back(Sends::OneByOne).await;
+    }
+
+    /// A peer gone is found by a send: the socket goes back to the task, whose own write then
+    /// ends the connection.
+    async fn peer_gone_hands_back(sends: Sends) {
         let (socket, client) = socket_pair().await;
         drop(client);
         let (tx, mut rx) = outbound(1 << 20);
@@ -490,7 +538,7 @@ mod tests {
                 offset += 1;
                 let p = publication("a", "e1", offset);
                 assert!(matches!(tx.push(&p, false), Pushed::Express { .. }));
-                tx.flush_express(backplane::now_us());
+                flush(&tx, sends);
                 tokio::task::yield_now().await;
             }
         };
@@ -502,6 +550,30 @@ mod tests {
             !unsent.bytes.is_empty(),
             "what was refused stays for the task"
         );
+    }
+
+    /// When what a batch sent cannot be told, the connection ends rather than risk a frame sent
+    /// twice or never: its client reads the end of the stream, reconnects and resumes.
+    #[tokio::test]
+    async fn a_send_whose_outcome_is_unknown_ends_the_connection() {
+        let (socket, mut client) = socket_pair().await;
+        let (tx, mut rx) = outbound(1 << 20);
+        assert!(rx.hand_over(express(socket, vec![lane("a", "e1", 0)])));
+        let p = publication("a", "e1", 1);
+        assert!(matches!(
+            tx.push(&p, false),
+            Pushed::Express { first: true }
+        ));
+        let batch = std::slice::from_ref(&tx);
+        crate::queue::flush_express_by(batch, backplane::now_us(), |sends, results| {
+            results.clear();
+            results.resize(sends.len(), send_batch::UNKNOWN);
+            true
+        });
+        assert!(matches!(recv_now(&mut rx), Some(Received::HandedBack)));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the stream ended, with nothing sent");
     }
 
     fn recv_now(rx: &mut crate::queue::QueueReceiver) -> Option<Received> {

@@ -21,6 +21,7 @@ mod presence;
 mod protocol;
 mod queue;
 mod security;
+mod send_batch;
 mod session;
 mod transport;
 

@@ -19,6 +19,7 @@
 //! (a presence event stays between the publications around it), so no channel is reordered.
 
 use std::collections::VecDeque;
+use std::os::fd::RawFd;
 
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +32,7 @@ use parking_lot::Mutex;
 
 use crate::control::Control;
 use crate::express::{Express, Offer};
+use crate::send_batch;
 
 /// A drained deque keeps at most this capacity, so a burst's memory does not outlive it.
 const KEEP_CAPACITY: usize = 64;
@@ -289,20 +291,56 @@ impl QueueSender {
     }
 }
 
-impl QueueSender {
-    /// Writes what the express path appended, without waiting; a socket that did not take it
-    /// all is handed back to the connection's task.
-    pub(crate) fn flush_express(&self, now_us: u64) {
-        let shared = &*self.shared;
-        let mut waiting = shared.queued.lock();
-        let Some(express) = waiting.express.as_mut() else {
-            return;
-        };
-        if !express.flush(now_us) {
-            express.refuse();
-            drop(waiting);
-            shared.wake();
+/// Writes what the express path appended to each connection, without waiting: one system call
+/// for the batch where io_uring is allowed ([`send_batch`]), else one per socket. A socket that
+/// did not take it all is handed back to its connection's task. Each connection's lock is held
+/// until its bytes are written, so nothing is appended behind bytes still being sent.
+pub(crate) fn flush_express(batch: &[QueueSender], now_us: u64) {
+    flush_express_by(batch, now_us, send_batch::send_all)
+}
+
+/// [`flush_express`], the batch sent by `send_all` (false: one by one).
+pub(crate) fn flush_express_by(
+    batch: &[QueueSender],
+    now_us: u64,
+    send_all: impl FnOnce(&[(RawFd, &[u8])], &mut Vec<i32>) -> bool,
+) {
+    // Locked in one order (and each once: a connection handed back and over again can be in a
+    // round twice), so two batches written at once never wait for each other in a circle.
+    let mut batch: Vec<&Shared> = batch.iter().map(|q| &*q.shared).collect();
+    batch.sort_unstable_by_key(|shared| *shared as *const Shared);
+    batch.dedup_by_key(|shared| *shared as *const Shared);
+    let mut held: Vec<_> = batch.iter().map(|shared| shared.queued.lock()).collect();
+    // The connections with bytes to write (by their place in `held`), and their sends.
+    let (mut at, mut sends) = (
+        Vec::with_capacity(held.len()),
+        Vec::with_capacity(held.len()),
+    );
+    for (i, waiting) in held.iter().enumerate() {
+        if let Some(send) = waiting.express.as_ref().and_then(|e| e.pending()) {
+            at.push(i);
+            sends.push(send);
         }
+    }
+    let mut results = Vec::new();
+    let batched = send_all(&sends, &mut results);
+    drop(sends);
+    let mut refused = Vec::new();
+    for (n, i) in at.into_iter().enumerate() {
+        let express = held[i].express.as_mut().expect("pending above");
+        let written = if batched {
+            express.sent(results[n], now_us)
+        } else {
+            express.flush(now_us)
+        };
+        if !written {
+            express.refuse();
+            refused.push(i);
+        }
+    }
+    drop(held);
+    for i in refused {
+        batch[i].wake();
     }
 }
 
