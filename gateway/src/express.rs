@@ -216,10 +216,20 @@ impl Express {
     }
 }
 
+/// How a round's sockets are written: in io_uring batches ([`send_batch`], where the kernel
+/// allows it) or one `send` each (`server.batched_sends = false`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Sends {
+    #[default]
+    Batched,
+    OneByOne,
+}
+
 /// The connections the fan-out appended to and has not written yet, and the task writing them.
 #[derive(Default)]
 pub(crate) struct Flushes {
     state: Mutex<Pending>,
+    sends: Sends,
 }
 
 #[derive(Default)]
@@ -230,6 +240,13 @@ struct Pending {
 }
 
 impl Flushes {
+    pub(crate) fn new(sends: Sends) -> Self {
+        Flushes {
+            state: Mutex::default(),
+            sends,
+        }
+    }
+
     /// Writes `touched` soon: by the task already writing, or a new one.
     pub(crate) fn add(self: &Arc<Self>, mut touched: Vec<QueueSender>) {
         let mut state = self.state.lock();
@@ -274,22 +291,31 @@ impl Flushes {
         while round.len() > WRITES_PER_TASK {
             let rest = round.split_off(WRITES_PER_TASK);
             let share = std::mem::replace(&mut round, rest);
+            let sends = self.sends;
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
-                    runtime.spawn(async move { write_all(share) });
+                    runtime.spawn(async move { write_all(&share, sends) });
                 }
-                Err(_) => write_all(share),
+                Err(_) => write_all(&share, sends),
             }
         }
-        write_all(round);
+        write_all(&round, self.sends);
         true
     }
 }
 
-fn write_all(touched: Vec<QueueSender>) {
+fn write_all(touched: &[QueueSender], sends: Sends) {
     let now_us = backplane::now_us();
     for batch in touched.chunks(send_batch::BATCH) {
-        crate::queue::flush_express(batch, now_us);
+        flush(batch, now_us, sends);
+    }
+}
+
+/// Writes one batch of connections, each socket once.
+fn flush(batch: &[QueueSender], now_us: u64, sends: Sends) {
+    match sends {
+        Sends::Batched => crate::queue::flush_express(batch, now_us, send_batch::send_all),
+        Sends::OneByOne => crate::queue::flush_express(batch, now_us, |_, _| false),
     }
 }
 
@@ -448,21 +474,8 @@ mod tests {
         assert!(rx.take_back().is_none());
     }
 
-    /// How a test writes a round: in one batch (io_uring, where allowed) or one socket at a time.
-    #[derive(Clone, Copy)]
-    enum Sends {
-        Batched,
-        OneByOne,
-    }
-
-    fn flush(tx: &QueueSender, sends: Sends) {
-        let batch = std::slice::from_ref(tx);
-        match sends {
-            Sends::Batched => crate::queue::flush_express(batch, backplane::now_us()),
-            Sends::OneByOne => {
-                crate::queue::flush_express_by(batch, backplane::now_us(), |_, _| false)
-            }
-        }
+    fn flush_one(tx: &QueueSender, sends: Sends) {
+        flush(std::slice::from_ref(tx), backplane::now_us(), sends);
     }
 
     #[tokio::test]
@@ -494,7 +507,7 @@ mod tests {
                 Pushed::Express { first: true }
             ));
             expected.extend(frame(&p));
-            flush(&tx, sends);
+            flush_one(&tx, sends);
             assert!(offset < 1_000_000, "the buffers never filled");
         }
         let next = publication("a", "e1", offset + 1);
@@ -538,7 +551,7 @@ mod tests {
                 offset += 1;
                 let p = publication("a", "e1", offset);
                 assert!(matches!(tx.push(&p, false), Pushed::Express { .. }));
-                flush(&tx, sends);
+                flush_one(&tx, sends);
                 tokio::task::yield_now().await;
             }
         };
@@ -565,7 +578,7 @@ mod tests {
             Pushed::Express { first: true }
         ));
         let batch = std::slice::from_ref(&tx);
-        crate::queue::flush_express_by(batch, backplane::now_us(), |sends, results| {
+        crate::queue::flush_express(batch, backplane::now_us(), |sends, results| {
             results.clear();
             results.resize(sends.len(), send_batch::UNKNOWN);
             true

@@ -69,6 +69,12 @@ impl Hub {
         }
     }
 
+    /// The hub writing its fan-out's sockets as `sends` says (`server.batched_sends`).
+    pub(crate) fn with_sends(mut self, sends: crate::express::Sends) -> Self {
+        self.flushes = Arc::new(Flushes::new(sends));
+        self
+    }
+
     /// The hub with the namespaces that say which channels conflate for slow consumers.
     pub(crate) fn with_namespaces(
         mut self,

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::control::{self, CONTROL_CHANNEL};
 use crate::drain::Streams;
+use crate::express::Sends;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::security::policy::Policy;
@@ -60,7 +61,15 @@ impl Node {
     pub(crate) async fn start(config: Config) -> Result<Arc<Node>, StartError> {
         let policy = Policy::load(&config).map_err(StartError::Security)?;
         let metrics = Metrics::new();
-        let hub = Arc::new(Hub::new(metrics.clone()).with_namespaces(policy.namespaces.clone()));
+        let sends = if config.server.batched_sends {
+            Sends::Batched
+        } else {
+            Sends::OneByOne
+        };
+        let hub = Hub::new(metrics.clone())
+            .with_namespaces(policy.namespaces.clone())
+            .with_sends(sends);
+        let hub = Arc::new(hub);
         let control = Arc::new(control::Registry::new(config.api.disconnect_window));
         hub.set_control(control.clone());
         let backplane: Arc<dyn Backplane> = match config.redis() {

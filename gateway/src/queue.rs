@@ -32,7 +32,6 @@ use parking_lot::Mutex;
 
 use crate::control::Control;
 use crate::express::{Express, Offer};
-use crate::send_batch;
 
 /// A drained deque keeps at most this capacity, so a burst's memory does not outlive it.
 const KEEP_CAPACITY: usize = 64;
@@ -291,16 +290,12 @@ impl QueueSender {
     }
 }
 
-/// Writes what the express path appended to each connection, without waiting: one system call
-/// for the batch where io_uring is allowed ([`send_batch`]), else one per socket. A socket that
-/// did not take it all is handed back to its connection's task. Each connection's lock is held
-/// until its bytes are written, so nothing is appended behind bytes still being sent.
-pub(crate) fn flush_express(batch: &[QueueSender], now_us: u64) {
-    flush_express_by(batch, now_us, send_batch::send_all)
-}
-
-/// [`flush_express`], the batch sent by `send_all` (false: one by one).
-pub(crate) fn flush_express_by(
+/// Writes what the express path appended to each connection, without waiting, the batch sent by
+/// `send_all`: one system call for all of it ([`crate::send_batch::send_all`], where io_uring is
+/// allowed), or, where it returns false, one per socket. A socket that did not take it all is
+/// handed back to its connection's task. Each connection's lock is held until its bytes are
+/// written, so nothing is appended behind bytes still being sent.
+pub(crate) fn flush_express(
     batch: &[QueueSender],
     now_us: u64,
     send_all: impl FnOnce(&[(RawFd, &[u8])], &mut Vec<i32>) -> bool,

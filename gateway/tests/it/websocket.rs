@@ -454,11 +454,17 @@ async fn echo_endpoint_enforces_the_size_limit() {
 /// Live publications to an idle subscriber are written by the fan-out itself (express
 /// delivery). A subscriber whose task keeps taking its socket back for commands in between —
 /// subscribes, pings, unsubscribes, a publication of its own — and one that only listens both get
-/// every publication once, in order.
+/// every publication once, in order. The same with the fan-out's sockets written one by one
+/// (`server.batched_sends = false`) instead of in io_uring batches.
 #[tokio::test]
 async fn express_delivery_keeps_each_stream_exact_while_commands_interleave() {
+    express_keeps_each_stream_exact(Node::default().await).await;
+    let one_by_one = Node::with(|c| c.server.batched_sends = false).await;
+    express_keeps_each_stream_exact(one_by_one).await;
+}
+
+async fn express_keeps_each_stream_exact(node: Node) {
     const N: u64 = 400;
-    let node = Node::default().await;
     let ch = channel("express");
     let mut quiet = WsClient::connect(&node).await;
     let mut busy = WsClient::connect(&node).await;
