@@ -51,8 +51,8 @@ macro_rules! col {
     };
 }
 
-/// "gateway", "gateway (sse-h2)", "uws, 100 channels": the system, a non-WebSocket transport
-/// and the suite's variant.
+/// "gateway", "gateway (sse-h2)", "uws, 100 channels, round 2": the system, a non-WebSocket
+/// transport, the suite's variant and round.
 pub fn label(v: &Value) -> String {
     let mut l = v["system"].as_str().unwrap_or("?").to_string();
     if let Some(t) = v["transport"].as_str().filter(|t| *t != "ws") {
@@ -60,6 +60,9 @@ pub fn label(v: &Value) -> String {
     }
     if let Some(variant) = v["variant"].as_str() {
         l.push_str(&format!(", {variant}"));
+    }
+    if let Some(round) = v["round"].as_u64() {
+        l.push_str(&format!(", round {round}"));
     }
     l
 }
@@ -231,7 +234,11 @@ pub fn markdown(results: &[Value]) -> String {
     }
     let mut out = String::new();
     for s in scenarios {
-        let cols = columns(s);
+        let mut cols = columns(s);
+        let rows = || results.iter().filter(|v| v["scenario"] == s);
+        if rows().any(|v| v.get("cpu_steal_pct").is_some()) {
+            cols.push(col!("host steal %", ["cpu_steal_pct"]));
+        }
         out.push_str(&format!("\n**{s}**\n\n|"));
         for c in &cols {
             out.push_str(&format!(" {} |", c.header));
@@ -241,7 +248,7 @@ pub fn markdown(results: &[Value]) -> String {
             out.push_str(if i == 0 { "---|" } else { "---:|" });
         }
         out.push('\n');
-        for v in results.iter().filter(|v| v["scenario"] == s) {
+        for v in rows() {
             out.push('|');
             for c in &cols {
                 out.push_str(&format!(" {} |", (c.cell)(v)));
@@ -275,6 +282,18 @@ mod tests {
         );
         assert!(md.contains("| uws | 2 | – | – | 99.50 |"), "{md}");
         assert!(md.find("**echo**") < md.find("**fanout**"));
+    }
+
+    #[test]
+    fn a_table_shows_the_hosts_steal_where_it_was_measured() {
+        let results = vec![
+            json!({"scenario": "echo", "system": "gateway", "cpu_steal_pct": 12.5}),
+            json!({"scenario": "echo", "system": "uws"}),
+            json!({"scenario": "storm", "system": "gateway"}),
+        ];
+        let md = markdown(&results);
+        assert_eq!(md.matches("host steal %").count(), 1, "{md}");
+        assert!(md.contains("| 12.50 |\n| uws |"), "{md}");
     }
 
     #[test]

@@ -51,8 +51,8 @@ fn suite_runs_every_scenario_on_every_system() {
     };
     // The plan: gateway and peers side by side in every scenario they take part in.
     for (scenario, system, runs) in [
-        ("fanout", "gateway", 4),
-        ("fanout", "uws", 2),
+        ("fanout", "gateway", 6),
+        ("fanout", "uws", 4),
         ("fanout", "ws", 2),
         ("fanout", "socketio", 1),
         ("echo", "gateway", 1),
