@@ -226,7 +226,6 @@ pub(crate) enum Sends {
 }
 
 /// The connections the fan-out appended to and has not written yet, and the task writing them.
-#[derive(Default)]
 pub(crate) struct Flushes {
     state: Mutex<Pending>,
     sends: Sends,

@@ -65,11 +65,12 @@ impl Hub {
             metrics,
             control: OnceLock::new(),
             namespaces: None,
-            flushes: Arc::default(),
+            flushes: Arc::new(Flushes::new(crate::express::Sends::default())),
         }
     }
 
-    /// The hub writing its fan-out's sockets as `sends` says (`server.batched_sends`).
+    /// The hub writing its fan-out's sockets as `sends` says (`server.batched_sends`), instead
+    /// of in io_uring batches.
     pub(crate) fn with_sends(mut self, sends: crate::express::Sends) -> Self {
         self.flushes = Arc::new(Flushes::new(sends));
         self
